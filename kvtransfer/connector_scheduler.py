@@ -1,0 +1,111 @@
+"""Scheduler side of GrpcKVConnector: plans sends and loads, never touches KV bytes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from pdserve.kvtransfer import params as kvparams
+from pdserve.kvtransfer.connector_meta import (
+    GrpcConnectorMetadata,
+    GrpcWorkerMetadata,
+    LoadJob,
+    SendJob,
+    TransferReport,
+)
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerSide:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.kv_cache_manager: KVCacheManager | None = None
+        self._sending: dict[str, tuple[Request, kvparams.SendParams]] = {}
+        self._sent_any: set[str] = set()
+        self._loads: list[LoadJob] = []
+        self._load_attempted: set[str] = set()
+        self._reports: dict[str, TransferReport] = {}
+
+    def _blocks(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    # --- decode (consumer) ------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        p = kvparams.parse(request.kv_transfer_params)
+        if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_attempted:
+            return 0, False
+        remote = request.num_prompt_tokens - num_computed_tokens
+        return (remote, True) if remote > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        p = kvparams.parse(request.kv_transfer_params)
+        if isinstance(p, kvparams.SendParams):
+            self._sending[request.request_id] = (request, p)
+            return
+        if not isinstance(p, kvparams.RecvParams) or num_external_tokens == 0:
+            return
+        self._load_attempted.add(request.request_id)
+        n = request.num_prompt_tokens
+        first = (n - num_external_tokens) // self.block_size
+        (block_ids,) = blocks.get_block_ids()
+        job = LoadJob(request.request_id, p.transfer_id, p.lease_ms, n, first, list(block_ids[first : self._blocks(n)]))
+        log.debug("load plan %s: transfer %s blocks %d..%d", job.req_id, job.transfer_id, first, self._blocks(n))
+        self._loads.append(job)
+
+    # --- prefill (producer) -----------------------------------------------
+    def _send_jobs(self, out: SchedulerOutput) -> list[SendJob]:
+        assert self.kv_cache_manager is not None
+        jobs = []
+        for req_id, n_sched in out.num_scheduled_tokens.items():
+            entry = self._sending.get(req_id)
+            if entry is None:
+                continue
+            request, p = entry
+            n = request.num_prompt_tokens
+            start = request.num_computed_tokens  # before this step (vLLM advances it after)
+            end = min(start + n_sched, n)
+            if start >= n:
+                continue
+            # The first step also sends blocks that came from the local prefix cache.
+            first = 0 if req_id not in self._sent_any else start // self.block_size
+            last = self._blocks(end)
+            (block_ids,) = self.kv_cache_manager.get_block_ids(req_id)
+            jobs.append(SendJob(req_id, p.transfer_id, p.dest, p.lease_ms, n, first, list(block_ids[first:last]), end == n))
+            self._sent_any.add(req_id)
+        return jobs
+
+    def build_connector_meta(self, out: SchedulerOutput) -> GrpcConnectorMetadata:
+        meta = GrpcConnectorMetadata(sends=self._send_jobs(out), loads=self._loads)
+        self._loads = []
+        return meta
+
+    # --- both ---------------------------------------------------------------
+    def update_connector_output(self, worker_meta: GrpcWorkerMetadata | None) -> None:
+        if worker_meta is None:
+            return
+        for req_id, report in worker_meta.reports.items():
+            if req_id in self._load_attempted:  # ignore requests that already went away
+                self._reports[req_id] = report
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        req_id = request.request_id
+        self._load_attempted.discard(req_id)
+        self._sending.pop(req_id, None)
+        sent = req_id in self._sent_any
+        self._sent_any.discard(req_id)
+        p = kvparams.parse(request.kv_transfer_params)
+        if p is None:
+            return False, None
+        report = self._reports.pop(req_id, None)
+        out: dict[str, Any] = {"op": "send" if isinstance(p, kvparams.SendParams) else "recv", "transfer_id": p.transfer_id}
+        if report is not None:
+            out.update(asdict(report))
+        # A producer keeps its blocks until the worker reports the push finished.
+        return sent, {kvparams.KEY: out}

@@ -1,0 +1,230 @@
+"""Worker side of GrpcKVConnector: moves KV bytes between the paged cache and the wire.
+
+Producer: `save_kv_layer` pushes each layer's blocks as soon as the layer is
+computed, so the transfer overlaps the rest of the forward pass.
+Consumer: received transfers are staged by the receiver; between steps,
+`get_transfer_results` copies finished ones into the blocks vLLM allocated.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import torch
+
+from pdserve.kvtransfer.block_layout import BlockLayout
+from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, LoadJob, SendJob, TransferReport
+from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.receiver import KVReceiver
+from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
+from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.kvtransfer.transfer import IncomingTransfer, TransferState
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    def __init__(
+        self,
+        settings: KVTransferSettings,
+        *,
+        model_id: str,
+        block_size: int,
+        num_kv_heads: int,
+        head_size: int,
+        num_blocks: int,
+        produce: bool,
+        consume: bool,
+    ):
+        self.settings = settings
+        self.model_id = model_id
+        self.block_size = block_size
+        self.num_kv_heads = num_kv_heads
+        self.head_size = head_size
+        self.num_blocks = num_blocks
+        self.produce, self.consume = produce, consume
+        self.layers: list[BlockLayout] = []
+        self.layer_index: dict[str, int] = {}
+        self.fingerprint: KVFingerprint | None = None
+        self.sender: KVSender | None = None
+        self.receiver: KVReceiver | None = None
+        self._meta = GrpcConnectorMetadata()
+        self._outgoing: dict[str, OutgoingTransfer] = {}
+        self._compute_start_ns: dict[str, int] = {}
+        self._finished_by_scheduler: set[str] = set()
+        self._loads: dict[str, LoadJob] = {}
+        self._invalid_blocks: set[int] = set()
+        self._reports: dict[str, TransferReport] = {}
+        self.counters = {"sent_bytes": 0, "send_copies_bytes": 0, "loaded_bytes": 0, "load_copies_bytes": 0,
+                         "loads_done": 0, "loads_failed": 0, "sends_done": 0, "sends_failed": 0}
+
+    # --- setup --------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        names = list(kv_caches)
+        self.layer_index = {name: i for i, name in enumerate(names)}
+        self.layers = [BlockLayout(kv_caches[n], self.num_blocks) for n in names]
+        first = kv_caches[names[0]]
+        lay = self.layers[0]
+        self.fingerprint = KVFingerprint(
+            model=self.model_id,
+            dtype=str(first.dtype).removeprefix("torch."),
+            block_size=self.block_size,
+            kv_layout=f"{first.device.type}:block_dim={lay.block_dim}:block_shape={tuple(lay.block_shape)}",
+            num_layers=len(names),
+            num_kv_heads=self.num_kv_heads,
+            head_size=self.head_size,
+        )
+        if self.fingerprint.block_bytes_per_layer != lay.block_bytes:
+            raise ValueError(
+                f"KV block is {lay.block_bytes} B but the fingerprint implies "
+                f"{self.fingerprint.block_bytes_per_layer} B: unsupported KV layout {tuple(first.shape)}"
+            )
+        if self.consume:
+            self.receiver = KVReceiver(self.settings, self.fingerprint)
+            self.receiver.start()
+        if self.produce:
+            self.sender = KVSender(self.settings, self.fingerprint)
+        log.info("GrpcKVConnector worker ready: %s", self.fingerprint)
+
+    def shutdown(self) -> None:
+        for t in self._outgoing.values():
+            t.abort("engine shutting down")
+        if self.sender is not None:
+            self.sender.close()
+        if self.receiver is not None:
+            self.receiver.stop()
+
+    # --- per step -------------------------------------------------------------
+    def bind(self, meta: GrpcConnectorMetadata) -> None:
+        self._meta = meta
+        now_ns = time.time_ns()
+        for job in meta.sends:
+            if job.req_id not in self._outgoing:
+                assert self.sender is not None, "send job on an engine without the producer role"
+                self._outgoing[job.req_id] = self.sender.open(job.transfer_id, job.dest, job.num_tokens, job.lease_ms)
+                self._compute_start_ns[job.req_id] = now_ns
+        for job in meta.loads:
+            assert self.receiver is not None, "load job on an engine without the consumer role"
+            self.receiver.expect(job.transfer_id, job.lease_ms)
+            self._loads[job.req_id] = job
+
+    def _chunks(self, job: SendJob) -> Iterator[tuple[int, list[int]]]:
+        per_chunk = max(1, self.settings.chunk_bytes // self.layers[0].block_bytes)
+        for i in range(0, len(job.block_ids), per_chunk):
+            yield job.first_block + i, job.block_ids[i : i + per_chunk]
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor) -> None:
+        if not self._meta.sends:
+            return
+        idx = self.layer_index[layer_name]
+        layout = self.layers[idx]
+        for job in self._meta.sends:
+            t = self._outgoing[job.req_id]
+            for block_start, ids in self._chunks(job):
+                parts = layout.read(ids)
+                t.send_chunk(idx, block_start, len(ids), parts)
+                self.counters["send_copies_bytes"] += sum(p.nbytes for p in parts)
+
+    def wait_for_save(self) -> None:
+        end_ns = time.time_ns()
+        for job in self._meta.sends:
+            if job.is_last:
+                self._outgoing[job.req_id].finish(self._compute_start_ns.get(job.req_id, 0), end_ns)
+
+    def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(finished_sending, finished_recving) for vLLM; also fills load errors and reports."""
+        return self._finished_sends(finished_req_ids), self._finished_loads(finished_req_ids)
+
+    def _finished_sends(self, finished_req_ids: set[str]) -> set[str]:
+        self._finished_by_scheduler |= finished_req_ids & self._outgoing.keys()
+        done = set()
+        for req_id in list(self._finished_by_scheduler):
+            t = self._outgoing[req_id]
+            if not t.result.done() and not t.finished_marked:
+                t.abort("request finished before its prompt was fully computed")
+            if not t.result.done():
+                continue
+            res = t.result.result()
+            ok = res.state is TransferState.DONE
+            self.counters["sends_done" if ok else "sends_failed"] += 1
+            self.counters["sent_bytes"] += res.bytes
+            log.info(
+                "KV push %s for %s: %s, %d chunks, %.1f MiB in %.1f ms%s",
+                res.transfer_id, req_id, res.state.name, res.chunks, res.bytes / 2**20,
+                res.elapsed_s * 1e3, f" ({res.error})" if res.error else "",
+            )
+            del self._outgoing[req_id]
+            self._compute_start_ns.pop(req_id, None)
+            self._finished_by_scheduler.discard(req_id)
+            done.add(req_id)
+        return done
+
+    def _finished_loads(self, finished_req_ids: set[str]) -> set[str]:
+        if self.receiver is None:
+            return set()
+        done = set()
+        for req_id, job in list(self._loads.items()):
+            if req_id in finished_req_ids:  # aborted while waiting: free its staging too
+                self.receiver.discard(job.transfer_id)
+            else:
+                t = self.receiver.take(job.transfer_id)
+                if t is None:
+                    continue
+                self._complete_load(job, t)
+            del self._loads[req_id]
+            done.add(req_id)
+        return done
+
+    def _complete_load(self, job: LoadJob, t: IncomingTransfer) -> None:
+        error = t.error
+        if t.state is TransferState.DONE and t.num_tokens != job.num_tokens:
+            error = f"prefill sent {t.num_tokens} prompt tokens, decode expects {job.num_tokens}"
+        load_ms = 0.0
+        copied = 0
+        if not error:
+            start = time.perf_counter()
+            last = job.first_block + len(job.block_ids)
+            for chunk in t.chunks.values():
+                lo, hi = chunk.block_start, chunk.block_start + chunk.num_blocks
+                if hi <= job.first_block or lo >= last:
+                    continue
+                ids = [job.block_ids[b - job.first_block] if job.first_block <= b < last else None for b in range(lo, hi)]
+                copied += self.layers[chunk.layer].write(ids, chunk.payload)
+            load_ms = (time.perf_counter() - start) * 1e3
+        t.chunks.clear()
+        ready_ns = time.time_ns()
+        c_start, c_end = t.compute_ns
+        report = TransferReport(
+            transfer_id=job.transfer_id,
+            state="FAILED" if error else "DONE",
+            tokens=0 if error else job.num_tokens,
+            bytes=copied,
+            error=error,
+            prefill_compute_ms=(c_end - c_start) / 1e6 if c_end else 0.0,
+            exposed_ms=(ready_ns - c_end) / 1e6 if c_end and not error else 0.0,
+            load_ms=load_ms,
+        )
+        self._reports[job.req_id] = report
+        if error:
+            self._invalid_blocks.update(job.block_ids)
+            self.counters["loads_failed"] += 1
+            log.warning("KV load for %s failed (%s): %d blocks reported invalid", job.req_id, error, len(job.block_ids))
+        else:
+            self.counters["loads_done"] += 1
+            self.counters["loaded_bytes"] += copied
+            self.counters["load_copies_bytes"] += copied
+            log.info(
+                "KV load %s for %s: %d tokens, %.1f MiB copied in %.1f ms, exposed %.1f ms of %.1f ms prefill",
+                job.transfer_id, job.req_id, job.num_tokens, copied / 2**20, load_ms,
+                report.exposed_ms, report.prefill_compute_ms,
+            )
+
+    def take_invalid_blocks(self) -> set[int]:
+        out, self._invalid_blocks = self._invalid_blocks, set()
+        return out
+
+    def take_reports(self) -> dict[str, TransferReport]:
+        out, self._reports = self._reports, {}
+        return out

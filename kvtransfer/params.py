@@ -1,0 +1,60 @@
+"""The `kv_transfer_params` a caller puts on a request to route its KV through pdserve.
+
+vLLM carries them in `SamplingParams.extra_args["kv_transfer_params"]`; the
+connector reads the `pdserve_kv` entry and ignores everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+KEY = "pdserve_kv"
+
+
+@dataclass(frozen=True)
+class SendParams:
+    """Prefill side: push this request's prompt KV to `dest` under `transfer_id`."""
+
+    transfer_id: str
+    dest: str
+    lease_ms: int
+
+
+@dataclass(frozen=True)
+class RecvParams:
+    """Decode side: the prompt KV arrives under `transfer_id`; wait at most `lease_ms`."""
+
+    transfer_id: str
+    lease_ms: int
+
+
+def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000) -> dict[str, Any]:
+    return {KEY: {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}}
+
+
+def for_decode(transfer_id: str, lease_ms: int = 30_000) -> dict[str, Any]:
+    return {KEY: {"op": "recv", "transfer_id": transfer_id, "lease_ms": lease_ms}}
+
+
+def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams | None:
+    """The request's pdserve params, or None; raises ValueError naming a malformed field."""
+    if not kv_transfer_params or KEY not in kv_transfer_params:
+        return None
+    p = kv_transfer_params[KEY]
+    if not isinstance(p, dict):
+        raise ValueError(f"{KEY} must be a mapping, got {type(p).__name__}")
+    tid, lease = p.get("transfer_id"), p.get("lease_ms", 30_000)
+    if not isinstance(tid, str) or not tid:
+        raise ValueError(f"{KEY}.transfer_id must be a non-empty string")
+    if not isinstance(lease, int) or lease <= 0:
+        raise ValueError(f"{KEY}.lease_ms must be a positive integer, got {lease!r}")
+    op = p.get("op")
+    if op == "send":
+        dest = p.get("dest")
+        if not isinstance(dest, str) or ":" not in dest:
+            raise ValueError(f"{KEY}.dest must be 'host:port', got {dest!r}")
+        return SendParams(tid, dest, lease)
+    if op == "recv":
+        return RecvParams(tid, lease)
+    raise ValueError(f"{KEY}.op must be 'send' or 'recv', got {op!r}")

@@ -1,0 +1,227 @@
+"""Decode-side KV receiver: a grpc.aio server on its own thread and event loop.
+
+vLLM's worker is synchronous, so the server lives on a background thread; the
+worker talks to it only through the thread-safe `TransferTable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+
+import grpc
+
+from pdserve.kvtransfer import auth, framing
+from pdserve.kvtransfer.malloc_tuning import tune_malloc
+from pdserve.kvtransfer.fingerprint import KVFingerprint, mismatches
+from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferState, TransferTable
+from pdserve.proto import kvtransfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SERVICE = "pdserve.kvtransfer.v1.KVTransfer"
+_REAP_INTERVAL_S = 0.05
+
+
+class KVReceiver:
+    """Accepts pushed transfers for one engine and stages them until the engine loads them."""
+
+    def __init__(self, settings: KVTransferSettings, fingerprint: KVFingerprint, receiver_id: str = ""):
+        if settings.require_secret and not settings.secret_value:
+            raise ValueError(
+                "the KV receiver needs a cluster secret (kv_transfer.secret); "
+                "set require_secret=false only for local tests"
+            )
+        if settings.tune_malloc:
+            tune_malloc()
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.receiver_id = receiver_id or f"receiver-{uuid.uuid4().hex[:8]}"
+        self.epoch = uuid.uuid4().hex
+        self.table = TransferTable(fingerprint, settings.max_staging_bytes, settings.max_lease_ms)
+        self.address = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: grpc.aio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._events: dict[str, asyncio.Event] = {}
+
+    # --- lifecycle -------------------------------------------------------
+    def start(self) -> str:
+        """Bind and serve; returns the bound `host:port`."""
+        ready = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self._start_server())
+            except BaseException as exc:  # surfaced to the caller below
+                errors.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_until_complete(self._serve())
+
+        self._thread = threading.Thread(target=run, name="pdserve-kv-receiver", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if errors:
+            raise RuntimeError(f"KV receiver could not bind {self.settings.listen_addr}: {errors[0]}")
+        log.info("KV receiver %s listening on %s (epoch %s)", self.receiver_id, self.address, self.epoch[:8])
+        return self.address
+
+    async def _start_server(self) -> None:
+        limit = self.settings.max_frame_bytes
+        self._server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20)]
+        )
+        handlers = {
+            "Handshake": grpc.unary_unary_rpc_method_handler(
+                self._handshake,
+                request_deserializer=pb.HandshakeRequest.FromString,
+                response_serializer=pb.HandshakeReply.SerializeToString,
+            ),
+            "Push": grpc.stream_unary_rpc_method_handler(
+                self._push, request_deserializer=None, response_serializer=pb.PushAck.SerializeToString
+            ),
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+        creds = auth.server_credentials(self.settings)
+        host, _, port = self.settings.listen_addr.rpartition(":")
+        if creds is None:
+            bound = self._server.add_insecure_port(self.settings.listen_addr)
+        else:
+            bound = self._server.add_secure_port(self.settings.listen_addr, creds)
+        if bound == 0:
+            raise OSError(f"port {port} unavailable")
+        self.address = f"{host}:{bound}"
+        await self._server.start()
+        self._stopping = asyncio.Event()
+
+    async def _serve(self) -> None:
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            for tid in self.table.expire(now):
+                log.warning("KV transfer %s failed: lease expired; staging freed", tid)
+                self._notify(tid)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), _REAP_INTERVAL_S)
+            except TimeoutError:
+                pass
+        assert self._server is not None
+        await self._server.stop(grace=0.5)
+
+    def stop(self) -> None:
+        if self._loop is None or self._thread is None:
+            return
+        self._loop.call_soon_threadsafe(self._stopping.set)
+        self._thread.join(timeout=10)
+        self._loop = None
+
+    # --- engine-facing API (any thread) ---------------------------------
+    def expect(self, transfer_id: str, lease_ms: int) -> None:
+        self.table.expect(transfer_id, time.monotonic() + lease_ms / 1000)
+
+    def take(self, transfer_id: str) -> IncomingTransfer | None:
+        return self.table.take(transfer_id)
+
+    def discard(self, transfer_id: str) -> None:
+        self.table.discard(transfer_id)
+
+    # --- gRPC handlers (event-loop thread) ------------------------------
+    def _notify(self, transfer_id: str) -> None:
+        ev = self._events.get(transfer_id)
+        if ev is not None:
+            ev.set()
+
+    async def _handshake(self, req: pb.HandshakeRequest, ctx: grpc.aio.ServicerContext) -> pb.HandshakeReply:
+        if not auth.is_authorized(self.settings, ctx.invocation_metadata()):
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster secret")
+        diff = mismatches(self.fingerprint, KVFingerprint.from_proto(req.fingerprint))
+        if diff:
+            log.warning("refused KV sender %s: fingerprint mismatch: %s", req.sender_id, "; ".join(diff))
+            await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV fingerprint mismatch: " + "; ".join(diff))
+        return pb.HandshakeReply(
+            receiver_id=self.receiver_id, epoch=self.epoch, max_frame_bytes=self.settings.max_frame_bytes
+        )
+
+    async def _push(self, frames, ctx: grpc.aio.ServicerContext) -> pb.PushAck:
+        # Authenticate before reading a single frame.
+        if not auth.is_authorized(self.settings, ctx.invocation_metadata()):
+            await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster secret")
+        try:
+            return await self._consume(frames, ctx)
+        finally:
+            self._forget_finished_events()
+
+    def _forget_finished_events(self) -> None:
+        for tid in list(self._events):
+            state = self.table.state_of(tid)
+            if state is None or state.terminal:
+                self._events.pop(tid, None)
+
+    async def _consume(self, frames, ctx: grpc.aio.ServicerContext) -> pb.PushAck:
+        transfer: IncomingTransfer | None = None
+        chunks = nbytes = 0
+        carried_end = False
+        try:
+            async for raw in frames:
+                header, payload = framing.decode(raw)
+                kind = header.WhichOneof("kind")
+                if transfer is None:
+                    if kind != "open":
+                        raise TransferRefused("INVALID_ARGUMENT", "the first frame of a Push must be `open`")
+                    diff = mismatches(self.fingerprint, KVFingerprint.from_proto(header.open.fingerprint))
+                    if diff:
+                        raise TransferRefused("FAILED_PRECONDITION", "KV fingerprint mismatch: " + "; ".join(diff))
+                    transfer = self.table.open(header.open, time.monotonic())
+                    self._events.setdefault(transfer.transfer_id, asyncio.Event())
+                    continue
+                if kind == "chunk":
+                    if header.chunk.transfer_id != transfer.transfer_id:
+                        raise TransferRefused("INVALID_ARGUMENT", "chunk for another transfer on this stream")
+                    chunks += 1
+                    nbytes += payload.nbytes
+                    self.table.add_chunk(transfer, header.chunk, payload)
+                elif kind == "end":
+                    carried_end = True
+                    self.table.end(transfer, header.end)
+                else:
+                    raise TransferRefused("INVALID_ARGUMENT", f"unexpected `{kind}` frame after open")
+                if transfer.state.terminal:
+                    self._notify(transfer.transfer_id)
+        except framing.FrameError as exc:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}")
+        except TransferRefused as exc:
+            if transfer is not None:
+                self._notify(transfer.transfer_id)
+            await ctx.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        if transfer is None:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Push stream")
+        assert transfer is not None
+        if carried_end and not transfer.state.terminal:
+            ev = self._events.setdefault(transfer.transfer_id, asyncio.Event())
+            remaining = max(transfer.deadline_s - time.monotonic(), 0.0)
+            try:
+                await asyncio.wait_for(ev.wait(), remaining + 2 * _REAP_INTERVAL_S)
+            except TimeoutError:
+                pass
+        return pb.PushAck(
+            transfer_id=transfer.transfer_id,
+            state=transfer.state.value,
+            chunks_received=chunks,
+            bytes_received=nbytes,
+            error=transfer.error,
+        )
+
+    def stats(self) -> dict[str, int]:
+        return self.table.snapshot()
+
+
+def state_name(value: int) -> str:
+    return TransferState(value).name

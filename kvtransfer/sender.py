@@ -1,0 +1,285 @@
+"""Prefill-side KV sender: pushes chunks to a receiver over N gRPC streams.
+
+The engine thread calls `send_chunk` as each layer is computed; the call
+copies the blocks into a frame (the one copy on this side) and returns. A
+background event loop owns the channels and streams, so sending overlaps the
+rest of the forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from pdserve.kvtransfer import auth, framing
+from pdserve.kvtransfer.malloc_tuning import tune_malloc
+from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.receiver import SERVICE
+from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.kvtransfer.transfer import TransferState
+from pdserve.proto import kvtransfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+_CLOSE = object()
+
+
+@dataclass
+class SendResult:
+    transfer_id: str
+    state: TransferState
+    error: str
+    chunks: int
+    bytes: int
+    elapsed_s: float
+
+
+class _Peer:
+    """One receiver: one HTTP/2 connection per stream, plus the epoch its handshake returned.
+
+    Separate connections (not streams multiplexed on one) let gRPC's I/O threads
+    move the streams in parallel; one shared connection serializes them.
+    """
+
+    def __init__(self, address: str, settings: KVTransferSettings):
+        opts = [
+            ("grpc.max_send_message_length", settings.max_frame_bytes),
+            ("grpc.max_receive_message_length", 1 << 20),
+            ("grpc.use_local_subchannel_pool", 1),  # do not share connections between channels
+        ]
+        creds = auth.channel_credentials(settings)
+        self.channels = [
+            grpc.aio.insecure_channel(address, options=opts)
+            if creds is None
+            else grpc.aio.secure_channel(address, creds, options=opts)
+            for _ in range(settings.num_streams)
+        ]
+        self.handshake = self.channels[0].unary_unary(
+            f"/{SERVICE}/Handshake",
+            request_serializer=pb.HandshakeRequest.SerializeToString,
+            response_deserializer=pb.HandshakeReply.FromString,
+        )
+        self.pushes = [
+            ch.stream_unary(f"/{SERVICE}/Push", request_serializer=None, response_deserializer=pb.PushAck.FromString)
+            for ch in self.channels
+        ]
+        self.epoch = ""
+        self.lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        for ch in self.channels:
+            await ch.close()
+
+
+class OutgoingTransfer:
+    """A transfer being pushed. Thread-safe for the engine thread; streams run on the sender loop."""
+
+    def __init__(self, sender: "KVSender", transfer_id: str, dest: str, open_msg: pb.TransferOpen):
+        self.transfer_id = transfer_id
+        self.dest = dest
+        self._sender = sender
+        self._open = open_msg
+        n = sender.settings.num_streams
+        self._queues: list[asyncio.Queue] = []
+        self._next = 0
+        self.chunks_sent = 0
+        self.bytes_sent = 0
+        self.bytes_copied = 0
+        self.failed = ""
+        self.finished_marked = False
+        self.started_s = time.monotonic()
+        self.result: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
+        self._ready = concurrent.futures.Future()
+        sender._call(self._start(n))
+
+    async def _start(self, n: int) -> None:
+        self._queues = [asyncio.Queue() for _ in range(n)]
+        self._ready.set_result(None)
+        asyncio.ensure_future(self._run())
+
+    def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview]) -> None:
+        """Frame and enqueue `num_blocks` blocks of `layer`; `parts` are views of the KV cache."""
+        if self.failed:
+            return
+        hdr = pb.KVFrame(
+            chunk=pb.ChunkHeader(
+                transfer_id=self.transfer_id,
+                layer=layer,
+                block_start=block_start,
+                num_blocks=num_blocks,
+                crc32c=framing.checksum(parts),
+            )
+        )
+        frame = framing.encode(hdr, parts)
+        size = sum(p.nbytes for p in parts)
+        self.chunks_sent += 1
+        self.bytes_sent += size
+        self.bytes_copied += size
+        self._enqueue(frame)
+
+    def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
+        """All chunks are enqueued: send the end marker with the totals."""
+        self.finished_marked = True
+        end = pb.KVFrame(
+            end=pb.TransferEnd(
+                transfer_id=self.transfer_id,
+                num_chunks=self.chunks_sent,
+                total_bytes=self.bytes_sent,
+                compute_start_unix_ns=compute_start_ns,
+                compute_end_unix_ns=compute_end_ns,
+            )
+        )
+        self._ready.result()
+        for i, q in enumerate(self._queues):
+            payload = framing.encode(end) if i == 0 else None
+            self._sender._loop.call_soon_threadsafe(_put_last, q, payload)
+
+    def abort(self, reason: str) -> None:
+        """Stop sending (the request went away); the receiver's lease cleans up its side."""
+        self.failed = self.failed or reason
+        self._ready.result()
+        for q in self._queues:
+            self._sender._loop.call_soon_threadsafe(_put_last, q, None)
+
+    def _enqueue(self, frame: bytes) -> None:
+        self._ready.result()
+        q = self._queues[self._next % len(self._queues)]
+        self._next += 1
+        self._sender._loop.call_soon_threadsafe(q.put_nowait, frame)
+
+    async def _run(self) -> None:
+        sender = self._sender
+        try:
+            peer = await sender._peer(self.dest)
+            timeout_s = self._open.lease_ms / 1000
+            acks = await asyncio.gather(
+                *(self._stream(peer.pushes[i], q, timeout_s) for i, q in enumerate(self._queues)),
+                return_exceptions=True,
+            )
+            errors = [a for a in acks if isinstance(a, BaseException)]
+            if errors:
+                raise errors[0]
+            final = acks[0]
+            state = TransferState(final.state)
+            error = final.error
+        except grpc.aio.AioRpcError as exc:
+            state, error = TransferState.FAILED, f"{exc.code().name}: {exc.details()}"
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                sender._forget(self.dest)
+        except Exception as exc:  # noqa: BLE001 - any failure fails this transfer only
+            state, error = TransferState.FAILED, f"{type(exc).__name__}: {exc}"
+        if state is not TransferState.DONE:
+            self.failed = error or state.name
+            log.warning("KV transfer %s to %s failed: %s", self.transfer_id, self.dest, self.failed)
+            for q in self._queues:  # unblock producers' queued frames
+                while not q.empty():
+                    q.get_nowait()
+        elapsed = time.monotonic() - self.started_s
+        self.result.set_result(
+            SendResult(self.transfer_id, state, error, self.chunks_sent, self.bytes_sent, elapsed)
+        )
+        sender._done(self)
+
+    async def _stream(self, push, q: asyncio.Queue, timeout_s: float) -> pb.PushAck:
+        open_frame = framing.encode(pb.KVFrame(open=self._open))
+
+        async def frames():
+            yield open_frame
+            while True:
+                item = await q.get()
+                if item is _CLOSE:
+                    return
+                yield item
+                if self.failed:
+                    return
+
+        return await push(frames(), metadata=self._sender.metadata, timeout=timeout_s)
+
+
+def _put_last(q: asyncio.Queue, end_frame: bytes | None) -> None:
+    if end_frame is not None:
+        q.put_nowait(end_frame)
+    q.put_nowait(_CLOSE)
+
+
+class KVSender:
+    """Owns the background loop and one channel per receiver address."""
+
+    def __init__(self, settings: KVTransferSettings, fingerprint: KVFingerprint, sender_id: str = ""):
+        if settings.tune_malloc:
+            tune_malloc()
+        self.settings = settings
+        self.fingerprint = fingerprint
+        self.sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
+        self.metadata = auth.call_metadata(settings)
+        self._peers: dict[str, _Peer] = {}
+        self._active: dict[str, OutgoingTransfer] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-sender", daemon=True)
+        self._thread.start()
+
+    def _call(self, coro) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def open(self, transfer_id: str, dest: str, num_tokens: int, lease_ms: int, trace_parent: str = "") -> OutgoingTransfer:
+        num_blocks = -(-num_tokens // self.fingerprint.block_size)
+        msg = pb.TransferOpen(
+            transfer_id=transfer_id,
+            fingerprint=self.fingerprint.to_proto(),
+            num_tokens=num_tokens,
+            num_blocks=num_blocks,
+            lease_ms=lease_ms,
+            trace_parent=trace_parent,
+        )
+        t = OutgoingTransfer(self, transfer_id, dest, msg)
+        with self._lock:
+            self._active[transfer_id] = t
+        return t
+
+    async def _peer(self, address: str) -> _Peer:
+        peer = self._peers.get(address)
+        if peer is None:
+            peer = self._peers[address] = _Peer(address, self.settings)
+        async with peer.lock:
+            if not peer.epoch:
+                reply = await peer.handshake(
+                    pb.HandshakeRequest(fingerprint=self.fingerprint.to_proto(), sender_id=self.sender_id),
+                    metadata=self.metadata,
+                    timeout=self.settings.connect_timeout_s,
+                )
+                peer.epoch = reply.epoch
+                log.info("KV peer %s: receiver %s epoch %s", address, reply.receiver_id, reply.epoch[:8])
+        return peer
+
+    def handshake(self, address: str) -> str:
+        """Handshake with `address` now (fail fast on a bad secret or fingerprint); returns its epoch."""
+        return self._call(self._peer(address)).result().epoch
+
+    def _forget(self, address: str) -> None:
+        """Drop a peer that went away, so the next transfer re-handshakes (and sees its new epoch)."""
+        peer = self._peers.pop(address, None)
+        if peer is not None:
+            asyncio.ensure_future(peer.close())
+
+    def _done(self, t: OutgoingTransfer) -> None:
+        with self._lock:
+            self._active.pop(t.transfer_id, None)
+
+    def close(self) -> None:
+        async def _close():
+            for p in self._peers.values():
+                await p.close()
+
+        if self._loop.is_running():
+            self._call(_close()).result(timeout=5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)

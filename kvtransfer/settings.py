@@ -1,0 +1,77 @@
+"""Typed settings of the KV transfer layer, shared by sender, receiver and connector."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+
+class KVTransferSettings(BaseModel):
+    """How KV bytes move between a prefill and a decode engine.
+
+    Read from the connector's `kv_connector_extra_config` (or a pdserve config
+    file); every field has a default that works on one machine over loopback.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_id: str = ""
+    """Model name both sides put in the KV fingerprint; empty uses the served model name."""
+
+    listen_addr: str = "127.0.0.1:0"
+    """host:port the decode-side receiver binds; port 0 picks a free port."""
+
+    secret: SecretStr = SecretStr("")
+    """Cluster secret every KV call must carry; empty disables the check (tests only)."""
+
+    require_secret: bool = True
+    """Refuse to start a receiver without a secret, so a misconfigured cluster fails loudly."""
+
+    chunk_bytes: int = Field(default=8 << 20, ge=4096, le=256 << 20)
+    """Target payload bytes per chunk; a chunk always holds whole blocks (at least one)."""
+
+    num_streams: int = Field(default=2, ge=1, le=16)
+    """Concurrent Push streams per transfer; chunks are spread over them round-robin."""
+
+    lease_ms: int = Field(default=30_000, ge=100)
+    """How long a receiver keeps a transfer's staging memory before declaring it FAILED."""
+
+    max_lease_ms: int = Field(default=300_000, ge=100)
+    """Upper bound the receiver applies to any lease a sender asks for."""
+
+    max_frame_bytes: int = Field(default=64 << 20, ge=64 << 10)
+    """Largest single gRPC message accepted; frames above it are refused."""
+
+    max_staging_bytes: int = Field(default=4 << 30, ge=1 << 20)
+    """Receiver-wide budget for staged payloads; new transfers are refused beyond it."""
+
+    connect_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a sender waits for the receiver's handshake before failing the transfer."""
+
+    tune_malloc: bool = True
+    """Keep freed frame buffers in the heap (see malloc_tuning); frames must stay under 32 MiB."""
+
+    tls_cert_file: Path | None = None
+    """PEM certificate; with tls_key_file enables TLS on the receiver."""
+
+    tls_key_file: Path | None = None
+    """PEM private key of the receiver's certificate."""
+
+    tls_ca_file: Path | None = None
+    """PEM CA bundle the sender trusts; setting it makes the sender use TLS."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "KVTransferSettings":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.chunk_bytes > self.max_frame_bytes - 4096:
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) must leave room for the frame header "
+                f"within max_frame_bytes ({self.max_frame_bytes})"
+            )
+        return self
+
+    @property
+    def secret_value(self) -> str:
+        return self.secret.get_secret_value()

@@ -1,0 +1,246 @@
+"""Receiver-side state of incoming transfers: staging, verification, leases.
+
+Pure bookkeeping with a lock: the gRPC handlers (event-loop thread) add
+chunks, the engine's worker thread takes finished transfers, and a reaper
+expires leases. No I/O happens here.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from dataclasses import dataclass, field
+
+from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.framing import checksum
+from pdserve.proto import kvtransfer_pb2 as pb
+
+
+class TransferState(enum.Enum):
+    WAITING = pb.WAITING
+    TRANSFERRING = pb.TRANSFERRING
+    DONE = pb.DONE
+    FAILED = pb.FAILED
+
+    @property
+    def terminal(self) -> bool:
+        return self in (TransferState.DONE, TransferState.FAILED)
+
+
+class TransferRefused(Exception):
+    """A transfer (or frame) that the receiver will not accept; `code` is a gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class StagedChunk:
+    layer: int
+    block_start: int
+    num_blocks: int
+    payload: memoryview  # view into the received gRPC message; no copy
+
+
+@dataclass
+class IncomingTransfer:
+    transfer_id: str
+    deadline_s: float
+    opened: bool = False
+    num_tokens: int = 0
+    num_blocks: int = 0
+    state: TransferState = TransferState.WAITING
+    error: str = ""
+    chunks: dict[tuple[int, int], StagedChunk] = field(default_factory=dict)
+    chunks_received: int = 0
+    bytes_received: int = 0
+    staged_bytes: int = 0
+    reserved_bytes: int = 0
+    end_totals: tuple[int, int] | None = None
+    compute_ns: tuple[int, int] = (0, 0)  # sender's prefill forward start/end, unix ns
+    opened_at_s: float = 0.0
+    finished_at_s: float = 0.0
+    trace_parent: str = ""
+
+    def covered_blocks(self, num_layers: int) -> int:
+        """Number of leading logical blocks staged in every layer."""
+        per_layer = [set() for _ in range(num_layers)]
+        for c in self.chunks.values():
+            per_layer[c.layer].update(range(c.block_start, c.block_start + c.num_blocks))
+        n = 0
+        while n < self.num_blocks and all(n in s for s in per_layer):
+            n += 1
+        return n
+
+
+class TransferTable:
+    """All transfers a receiver knows, keyed by transfer id."""
+
+    def __init__(self, fingerprint: KVFingerprint, max_staging_bytes: int, max_lease_ms: int):
+        self.fingerprint = fingerprint
+        self.max_staging_bytes = max_staging_bytes
+        self.max_lease_ms = max_lease_ms
+        self._lock = threading.Lock()
+        self._transfers: dict[str, IncomingTransfer] = {}
+        self.reserved_bytes = 0
+        self.counters = {"opened": 0, "done": 0, "failed": 0, "expired": 0, "bytes": 0, "chunks": 0}
+
+    # --- gRPC side -------------------------------------------------------
+    def open(self, msg: pb.TransferOpen, now_s: float) -> IncomingTransfer:
+        """Create the transfer, or join it from another stream; reserve its staging bytes."""
+        block_bytes = self.fingerprint.block_bytes_per_layer
+        bs = self.fingerprint.block_size
+        if msg.num_tokens <= 0 or msg.num_blocks != -(-msg.num_tokens // bs):
+            raise TransferRefused(
+                "INVALID_ARGUMENT",
+                f"num_blocks={msg.num_blocks} does not cover num_tokens={msg.num_tokens} "
+                f"at block_size={bs}",
+            )
+        need = msg.num_blocks * block_bytes * self.fingerprint.num_layers
+        lease_s = min(max(msg.lease_ms, 1), self.max_lease_ms) / 1000
+        with self._lock:
+            t = self._transfers.get(msg.transfer_id)
+            if t is not None and t.opened:
+                if (t.num_tokens, t.num_blocks) != (msg.num_tokens, msg.num_blocks):
+                    raise TransferRefused("INVALID_ARGUMENT", "stream disagrees with the transfer's size")
+                if t.state.terminal:
+                    raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}")
+                return t
+            if self.reserved_bytes + need > self.max_staging_bytes:
+                raise TransferRefused(
+                    "RESOURCE_EXHAUSTED",
+                    f"staging budget: {self.reserved_bytes} B reserved + {need} B needed "
+                    f"> {self.max_staging_bytes} B",
+                )
+            if t is None:
+                t = IncomingTransfer(msg.transfer_id, deadline_s=now_s + lease_s)
+                self._transfers[msg.transfer_id] = t
+            t.opened, t.num_tokens, t.num_blocks = True, msg.num_tokens, msg.num_blocks
+            t.reserved_bytes, t.opened_at_s, t.trace_parent = need, now_s, msg.trace_parent
+            self.reserved_bytes += need
+            self.counters["opened"] += 1
+            return t
+
+    def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview) -> None:
+        """Verify and stage one chunk; a bad chunk fails the whole transfer."""
+        fp = self.fingerprint
+        with self._lock:
+            if t.state.terminal:
+                return
+            t.chunks_received += 1
+            t.bytes_received += payload.nbytes
+            self.counters["chunks"] += 1
+            self.counters["bytes"] += payload.nbytes
+            problem = ""
+            if not 0 <= hdr.layer < fp.num_layers:
+                problem = f"layer {hdr.layer} out of range [0, {fp.num_layers})"
+            elif hdr.num_blocks <= 0 or not 0 <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
+                problem = f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [0, {t.num_blocks})"
+            elif payload.nbytes != hdr.num_blocks * fp.block_bytes_per_layer:
+                problem = f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {fp.block_bytes_per_layer} B"
+            elif checksum([payload]) != hdr.crc32c:
+                problem = f"checksum mismatch in layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks})"
+            if problem:
+                self._fail(t, problem)
+                raise TransferRefused("DATA_LOSS", problem)
+            key = (hdr.layer, hdr.block_start)
+            old = t.chunks.get(key)
+            if old is not None:
+                t.staged_bytes -= old.payload.nbytes
+            t.chunks[key] = StagedChunk(hdr.layer, hdr.block_start, hdr.num_blocks, payload)
+            t.staged_bytes += payload.nbytes
+            if t.state is TransferState.WAITING:
+                t.state = TransferState.TRANSFERRING
+            self._maybe_complete(t)
+
+    def end(self, t: IncomingTransfer, msg: pb.TransferEnd) -> None:
+        with self._lock:
+            if t.state.terminal:
+                return
+            t.end_totals = (msg.num_chunks, msg.total_bytes)
+            t.compute_ns = (msg.compute_start_unix_ns, msg.compute_end_unix_ns)
+            self._maybe_complete(t)
+
+    def _maybe_complete(self, t: IncomingTransfer) -> None:
+        if t.end_totals is None:
+            return
+        want_chunks, want_bytes = t.end_totals
+        if t.chunks_received < want_chunks:
+            return
+        if (t.chunks_received, t.bytes_received) != (want_chunks, want_bytes):
+            self._fail(
+                t, f"totals: got {t.chunks_received} chunks/{t.bytes_received} B, "
+                f"sender sent {want_chunks}/{want_bytes}"
+            )
+            return
+        covered = t.covered_blocks(self.fingerprint.num_layers)
+        if covered < t.num_blocks:
+            self._fail(t, f"only {covered} of {t.num_blocks} blocks arrived in every layer")
+            return
+        t.state = TransferState.DONE
+        self.counters["done"] += 1
+
+    def _fail(self, t: IncomingTransfer, error: str) -> None:
+        t.state, t.error = TransferState.FAILED, error
+        self.counters["failed"] += 1
+        self._free(t)
+
+    def _free(self, t: IncomingTransfer) -> None:
+        t.chunks.clear()
+        t.staged_bytes = 0
+        self.reserved_bytes -= t.reserved_bytes
+        t.reserved_bytes = 0
+
+    # --- engine side -----------------------------------------------------
+    def expect(self, transfer_id: str, deadline_s: float) -> None:
+        """The decode engine waits for this transfer until `deadline_s` (its lease)."""
+        with self._lock:
+            if transfer_id not in self._transfers:
+                self._transfers[transfer_id] = IncomingTransfer(transfer_id, deadline_s=deadline_s)
+
+    def state_of(self, transfer_id: str) -> TransferState | None:
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            return None if t is None else t.state
+
+    def take(self, transfer_id: str) -> IncomingTransfer | None:
+        """Remove and return a DONE or FAILED transfer; the caller owns its chunks now."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None or not t.state.terminal:
+                return None
+            del self._transfers[transfer_id]
+            self.reserved_bytes -= t.reserved_bytes
+            t.reserved_bytes = 0
+            return t
+
+    def discard(self, transfer_id: str) -> None:
+        """Forget a transfer whose request went away; its memory is released."""
+        with self._lock:
+            t = self._transfers.pop(transfer_id, None)
+            if t is not None:
+                self._free(t)
+
+    def expire(self, now_s: float, tombstone_s: float = 60.0) -> list[str]:
+        """Fail every transfer past its lease; drop long-dead ones nobody claimed."""
+        expired = []
+        with self._lock:
+            for tid, t in list(self._transfers.items()):
+                if now_s > t.deadline_s and t.state is not TransferState.FAILED:
+                    self._fail(t, f"lease expired in state {t.state.name}")
+                    t.finished_at_s = now_s
+                    self.counters["expired"] += 1
+                    expired.append(tid)
+                elif t.state is TransferState.FAILED and now_s > t.deadline_s + tombstone_s:
+                    del self._transfers[tid]
+        return expired
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                **self.counters,
+                "active": sum(not t.state.terminal for t in self._transfers.values()),
+                "reserved_bytes": self.reserved_bytes,
+                "staged_bytes": sum(t.staged_bytes for t in self._transfers.values()),
+            }

@@ -1,0 +1,229 @@
+"""A decode vLLM engine fed KV by a prefill vLLM engine in another process, over
+pdserve's gRPC transfer layer, against one plain engine (float32, greedy)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+
+from pdserve.deployments.engine_process import EngineProcess, EngineSpec, free_port
+from pdserve.deployments.model_store import resolve_model
+from pdserve.kvtransfer import params
+from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.sender import KVSender
+from pdserve.kvtransfer.settings import KVTransferSettings
+from tests.kvtransfer.fake_corrupting_proxy import FakeCorruptingProxy
+
+pytestmark = pytest.mark.slow
+
+SECRET = "e2e-cluster-secret"
+LENGTHS = [1, 42, 127, 128, 129, 1000]
+MAX_TOKENS = 16
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based inks and a wooden screw press into a system that could "
+    "produce books faster than any scribe. Within decades, presses spread across Europe, prices of "
+    "books fell, literacy rose, and ideas travelled further than ever before. "
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> str:
+    return str(resolve_model(None))
+
+
+# Forged KV (noise with a valid checksum) is believed by the decode engine and
+# enters its prefix cache, so that test gets a prompt no other test shares; so does
+# the kill test, whose whole prompt must travel (no prefix-cache hit).
+FORGED_TEXT = "Bees communicate the direction of flowers to their hive mates by dancing. " * 3
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> dict:
+    ids = tokenizer(TEXT * 40)["input_ids"]
+    assert len(ids) > max(LENGTHS)
+    doomed = tokenizer(" ".join(reversed(TEXT.split())) * 40)["input_ids"][:1000]
+    return {**{n: ids[:n] for n in LENGTHS}, "forged": tokenizer(FORGED_TEXT)["input_ids"], "doomed": doomed}
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir, prompts) -> dict[int, list[int]]:
+    """Greedy output of one plain engine, computed before the P/D engines start."""
+    plain = EngineProcess(EngineSpec(model_dir, "plain", cpu_bind="0-1"))
+    try:
+        return {k: plain.generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS})["token_ids"] for k, ids in prompts.items()}
+    finally:
+        plain.stop()
+
+
+class PD:
+    def __init__(self, model_dir: str):
+        self.port = free_port()
+        self.addr = f"127.0.0.1:{self.port}"
+        self.model_dir = model_dir
+        self.decode = EngineProcess(
+            EngineSpec(model_dir, "decode", {"secret": SECRET, "listen_addr": self.addr}, cpu_bind="1"), wait=False
+        )
+        self.prefill = self.new_prefill()
+        self.decode.wait_ready()
+
+    def new_prefill(self, wait: bool = True) -> EngineProcess:
+        return EngineProcess(EngineSpec(self.model_dir, "prefill", {"secret": SECRET}, cpu_bind="0"), wait=wait)
+
+    def run(self, ids, dest=None, lease_ms=30_000, prefill=None):
+        tid = uuid.uuid4().hex
+        self.decode.send_generate(
+            {"prompt_token_ids": ids, "max_tokens": MAX_TOKENS, "kv_transfer_params": params.for_decode(tid, lease_ms)}
+        )
+        p = prefill or self.prefill
+        pr = p.generate(
+            {"prompt_token_ids": ids, "max_tokens": 1,
+             "kv_transfer_params": params.for_prefill(tid, dest or self.addr, lease_ms)}
+        )
+        return pr, self.decode.result()
+
+    def stop(self):
+        self.prefill.stop()
+        self.decode.stop()
+
+
+@pytest.fixture(scope="module")
+def pd(model_dir, reference):
+    pair = PD(model_dir)
+    yield pair
+    pair.stop()
+
+
+def _report(result) -> dict:
+    return result["kv_transfer_params"][params.KEY]
+
+
+def _assert_no_leak(pd: PD) -> None:
+    assert pd.decode.call("free_blocks") == pd.decode.idle_free_blocks
+    assert pd.prefill.call("free_blocks") == pd.prefill.idle_free_blocks
+    rx = pd.decode.call("connector")["receiver"]
+    assert (rx["active"], rx["reserved_bytes"], rx["staged_bytes"]) == (0, 0, 0), rx
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+def test_decode_fed_by_prefill_is_token_identical_to_plain_engine(pd, prompts, reference, n):
+    pr, dr = pd.run(prompts[n])
+    rep = _report(dr)
+    print(f"n={n}: {rep}")
+    assert rep["state"] == "DONE", rep
+    assert dr["token_ids"] == reference[n]
+    assert pr["token_ids"][0] == reference[n][0]  # prefill's own first token agrees too
+    # Not recomputed: the connector loaded every prompt token, and the engine's own
+    # counter shows them as cached (vLLM always recomputes the last one for logits).
+    assert rep["tokens"] == n
+    assert dr["num_cached_tokens"] >= n - 1
+    _assert_no_leak(pd)
+
+
+def test_noise_in_flight_fails_the_checksum_and_decode_recomputes(pd, prompts, reference):
+    proxy = FakeCorruptingProxy(pd.addr, mode="noise")
+    try:
+        _, dr = pd.run(prompts[129], dest=proxy.start())
+    finally:
+        proxy.stop()
+    rep = _report(dr)
+    assert proxy.corrupted_chunks > 0
+    assert rep["state"] == "FAILED" and "checksum mismatch" in rep["error"], rep
+    assert rep["tokens"] == 0
+    assert dr["token_ids"] == reference[129]  # recomputed, not garbage
+    _assert_no_leak(pd)
+
+
+def test_noise_with_a_valid_checksum_changes_the_output_so_decode_uses_received_kv(pd, prompts, reference):
+    proxy = FakeCorruptingProxy(pd.addr, mode="noise_valid_crc")
+    try:
+        _, dr = pd.run(prompts["forged"], dest=proxy.start())
+    finally:
+        proxy.stop()
+    assert _report(dr)["state"] == "DONE"
+    assert dr["token_ids"] != reference["forged"]
+    _assert_no_leak(pd)
+
+
+def _fingerprint(pd: PD, **changes) -> KVFingerprint:
+    fp = dict(pd.decode.call("connector")["fingerprint"])
+    fp.update(changes)
+    return KVFingerprint(**fp)
+
+
+def test_peer_without_the_secret_is_refused_before_any_payload(pd):
+    before = pd.decode.call("connector")["receiver"]
+    for secret in ("", "wrong-secret"):
+        sender = KVSender(KVTransferSettings(secret=secret), _fingerprint(pd))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                sender.handshake(pd.addr)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            t = sender.open(uuid.uuid4().hex, pd.addr, num_tokens=200, lease_ms=5_000)
+            t.send_chunk(0, 0, 1, [memoryview(bytes(_fingerprint(pd).block_bytes_per_layer))])
+            t.finish()
+            res = t.result.result(timeout=30)
+            assert res.state.name == "FAILED" and "UNAUTHENTICATED" in res.error
+        finally:
+            sender.close()
+    after = pd.decode.call("connector")["receiver"]
+    assert (after["opened"], after["chunks"]) == (before["opened"], before["chunks"])
+
+
+@pytest.mark.parametrize("change", [{"block_size": 64}, {"dtype": "bfloat16"}])
+def test_peer_with_a_different_block_size_or_dtype_is_refused_naming_the_field(pd, change):
+    sender = KVSender(KVTransferSettings(secret=SECRET), _fingerprint(pd, **change))
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            sender.handshake(pd.addr)
+    finally:
+        sender.close()
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    (field,) = change
+    assert f"{field}:" in err.value.details()
+
+
+def test_prefill_killed_mid_transfer_decode_recovers_within_the_lease(pd, prompts, reference):
+    doomed = pd.new_prefill()
+    try:
+        _kill_prefill_mid_transfer(pd, doomed, prompts, reference)
+    finally:
+        doomed.stop()
+
+
+def _kill_prefill_mid_transfer(pd: PD, doomed: EngineProcess, prompts, reference) -> None:
+    lease_ms = 5_000
+    n = "doomed"
+    tid = uuid.uuid4().hex
+    chunks_before = pd.decode.call("connector")["receiver"]["chunks"]
+    pd.decode.send_generate(
+        {"prompt_token_ids": prompts[n], "max_tokens": MAX_TOKENS, "kv_transfer_params": params.for_decode(tid, lease_ms)}
+    )
+    doomed.send_generate(
+        {"prompt_token_ids": prompts[n], "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, pd.addr, lease_ms)}
+    )
+    deadline = time.monotonic() + 120
+    while pd.decode.call("connector")["receiver"]["chunks"] == chunks_before:  # wait until KV is in flight
+        assert time.monotonic() < deadline, "the doomed prefill never started pushing"
+        time.sleep(0.02)
+    killed_at = time.monotonic()
+    doomed.kill()
+    dr = pd.decode.result(timeout_s=300)
+    waited_s = time.monotonic() - killed_at
+    rep = _report(dr)
+    print(f"decode ended {waited_s:.1f} s after the kill: {rep}")
+    assert rep["state"] == "FAILED" and "lease expired" in rep["error"], rep
+    assert dr["token_ids"] == reference[n]
+    rx = pd.decode.call("connector")["receiver"]
+    assert rx["chunks"] > chunks_before  # some of the KV had arrived when the prefill died
+    _assert_no_leak(pd)
