@@ -1,0 +1,1 @@
+"""Benchmarks: KV transfer, load generation, goodput."""

@@ -1,0 +1,1 @@
+"""The global controller: routing, admission, autoscaling and expert buffering decisions."""

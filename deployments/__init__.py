@@ -1,0 +1,1 @@
+"""Ray Serve application builders, ingress, config schema, CLI, local engine processes."""

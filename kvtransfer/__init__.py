@@ -1,0 +1,1 @@
+"""KV-cache transfer over gRPC and the vLLM connector built on it."""
