@@ -143,8 +143,14 @@ def _convert(out_dir: Path, progress: bool) -> None:
         steps.set_postfix_str("load gguf")
         import torch
         import transformers
-        from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GgufConfig,
-                                  LlamaConfig, LlamaForCausalLM)
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoTokenizer,
+            GenerationConfig,
+            GgufConfig,
+            LlamaConfig,
+            LlamaForCausalLM,
+        )
 
         bars = transformers.utils.logging
         bars_were_on = bars.is_progress_bar_enabled()

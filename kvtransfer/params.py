@@ -47,7 +47,7 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
     tid, lease = p.get("transfer_id"), p.get("lease_ms", 30_000)
     if not isinstance(tid, str) or not tid:
         raise ValueError(f"{KEY}.transfer_id must be a non-empty string")
-    if not isinstance(lease, int) or lease <= 0:
+    if isinstance(lease, bool) or not isinstance(lease, int) or lease <= 0:
         raise ValueError(f"{KEY}.lease_ms must be a positive integer, got {lease!r}")
     op = p.get("op")
     if op == "send":

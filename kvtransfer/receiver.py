@@ -15,10 +15,10 @@ import uuid
 import grpc
 
 from pdserve.kvtransfer import auth, framing
-from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.fingerprint import KVFingerprint, mismatches
+from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.settings import KVTransferSettings
-from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferState, TransferTable
+from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,3 @@ class KVReceiver:
 
     def stats(self) -> dict[str, int]:
         return self.table.snapshot()
-
-
-def state_name(value: int) -> str:
-    return TransferState(value).name

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.kvtransfer import auth, framing
-from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.receiver import SERVICE
 from pdserve.kvtransfer.settings import KVTransferSettings
 from pdserve.kvtransfer.transfer import TransferState
@@ -73,6 +73,8 @@ class _Peer:
         ]
         self.epoch = ""
         self.lock = asyncio.Lock()
+        self.active = 0  # transfers using these connections
+        self.retired = False  # replaced after the peer went away; close once idle
 
     async def close(self) -> None:
         for ch in self.channels:
@@ -92,7 +94,6 @@ class OutgoingTransfer:
         self._next = 0
         self.chunks_sent = 0
         self.bytes_sent = 0
-        self.bytes_copied = 0
         self.failed = ""
         self.finished_marked = False
         self.started_s = time.monotonic()
@@ -122,7 +123,6 @@ class OutgoingTransfer:
         size = sum(p.nbytes for p in parts)
         self.chunks_sent += 1
         self.bytes_sent += size
-        self.bytes_copied += size
         self._enqueue(frame)
 
     def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
@@ -157,8 +157,11 @@ class OutgoingTransfer:
 
     async def _run(self) -> None:
         sender = self._sender
+        state, error = TransferState.FAILED, ""
+        peer: _Peer | None = None
         try:
             peer = await sender._peer(self.dest)
+            peer.active += 1
             timeout_s = self._open.lease_ms / 1000
             acks = await asyncio.gather(
                 *(self._stream(peer.pushes[i], q, timeout_s) for i, q in enumerate(self._queues)),
@@ -167,26 +170,31 @@ class OutgoingTransfer:
             errors = [a for a in acks if isinstance(a, BaseException)]
             if errors:
                 raise errors[0]
-            final = acks[0]
-            state = TransferState(final.state)
-            error = final.error
+            state, error = TransferState(acks[0].state), acks[0].error
         except grpc.aio.AioRpcError as exc:
-            state, error = TransferState.FAILED, f"{exc.code().name}: {exc.details()}"
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                sender._forget(self.dest)
-        except Exception as exc:  # noqa: BLE001 - any failure fails this transfer only
-            state, error = TransferState.FAILED, f"{type(exc).__name__}: {exc}"
+            error = f"{exc.code().name}: {exc.details()}"
+            if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                sender._retire(self.dest)  # the peer went away: re-handshake (new epoch) next time
+        except (Exception, asyncio.CancelledError) as exc:  # any failure fails this transfer only
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if peer is not None:
+                peer.active -= 1
+                sender._close_if_retired(peer)
         if state is not TransferState.DONE:
-            self.failed = error or state.name
+            self._fail_fast(error or state.name)
             log.warning("KV transfer %s to %s failed: %s", self.transfer_id, self.dest, self.failed)
-            for q in self._queues:  # unblock producers' queued frames
-                while not q.empty():
-                    q.get_nowait()
         elapsed = time.monotonic() - self.started_s
-        self.result.set_result(
-            SendResult(self.transfer_id, state, error, self.chunks_sent, self.bytes_sent, elapsed)
-        )
+        self.result.set_result(SendResult(self.transfer_id, state, error, self.chunks_sent, self.bytes_sent, elapsed))
         sender._done(self)
+
+    def _fail_fast(self, reason: str) -> None:
+        """Stop copying and sending: drop queued frames and end every stream (loop thread)."""
+        self.failed = self.failed or reason
+        for q in self._queues:
+            while not q.empty():
+                q.get_nowait()
+            q.put_nowait(_CLOSE)
 
     async def _stream(self, push, q: asyncio.Queue, timeout_s: float) -> pb.PushAck:
         open_frame = framing.encode(pb.KVFrame(open=self._open))
@@ -201,7 +209,12 @@ class OutgoingTransfer:
                 if self.failed:
                     return
 
-        return await push(frames(), metadata=self._sender.metadata, timeout=timeout_s)
+        try:
+            return await push(frames(), metadata=self._sender.metadata, timeout=timeout_s)
+        except BaseException as exc:
+            # One refused stream dooms the transfer: end the others now, not at the lease.
+            self._fail_fast(f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def _put_last(q: asyncio.Queue, end_frame: bytes | None) -> None:
@@ -211,7 +224,7 @@ def _put_last(q: asyncio.Queue, end_frame: bytes | None) -> None:
 
 
 class KVSender:
-    """Owns the background loop and one channel per receiver address."""
+    """Owns the background event loop and the connections to each receiver address."""
 
     def __init__(self, settings: KVTransferSettings, fingerprint: KVFingerprint, sender_id: str = ""):
         if settings.tune_malloc:
@@ -264,10 +277,15 @@ class KVSender:
         """Handshake with `address` now (fail fast on a bad secret or fingerprint); returns its epoch."""
         return self._call(self._peer(address)).result().epoch
 
-    def _forget(self, address: str) -> None:
-        """Drop a peer that went away, so the next transfer re-handshakes (and sees its new epoch)."""
+    def _retire(self, address: str) -> None:
+        """Stop using a peer that went away; its connections close once no transfer uses them."""
         peer = self._peers.pop(address, None)
         if peer is not None:
+            peer.retired = True
+            self._close_if_retired(peer)
+
+    def _close_if_retired(self, peer: _Peer) -> None:
+        if peer.retired and peer.active == 0:
             asyncio.ensure_future(peer.close())
 
     def _done(self, t: OutgoingTransfer) -> None:

@@ -32,7 +32,7 @@ class KVTransferSettings(BaseModel):
     """Target payload bytes per chunk; a chunk always holds whole blocks (at least one)."""
 
     num_streams: int = Field(default=2, ge=1, le=16)
-    """Concurrent Push streams per transfer; chunks are spread over them round-robin."""
+    """Concurrent Push streams per transfer, each on its own connection; chunks go round-robin."""
 
     lease_ms: int = Field(default=30_000, ge=100)
     """How long a receiver keeps a transfer's staging memory before declaring it FAILED."""

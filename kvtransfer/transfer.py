@@ -101,11 +101,11 @@ class TransferTable:
         lease_s = min(max(msg.lease_ms, 1), self.max_lease_ms) / 1000
         with self._lock:
             t = self._transfers.get(msg.transfer_id)
+            if t is not None and t.state.terminal:  # e.g. a late sender after the lease expired
+                raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}: {t.error}")
             if t is not None and t.opened:
                 if (t.num_tokens, t.num_blocks) != (msg.num_tokens, msg.num_blocks):
                     raise TransferRefused("INVALID_ARGUMENT", "stream disagrees with the transfer's size")
-                if t.state.terminal:
-                    raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}")
                 return t
             if self.reserved_bytes + need > self.max_staging_bytes:
                 raise TransferRefused(
@@ -233,6 +233,7 @@ class TransferTable:
                     self.counters["expired"] += 1
                     expired.append(tid)
                 elif t.state is TransferState.FAILED and now_s > t.deadline_s + tombstone_s:
+                    self._free(t)
                     del self._transfers[tid]
         return expired
 
