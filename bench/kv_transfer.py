@@ -1,9 +1,12 @@
 """`pdserve bench kv`: gRPC KV transfer throughput against a plain TCP socket.
 
-Both transports move the same bytes between the same two processes over
+All transports move the same bytes between the same two processes over
 loopback: this process sends, a spawned process receives (the real
 `KVReceiver`, and a TCP server that reads into a preallocated buffer). Each
 size is timed from the first byte offered to the receiver's acknowledgement.
+A third figure, a bare grpcio stream of the same bytes in chunk-sized messages
+that the receiver drops, is grpcio's own ceiling: it separates what pdserve's
+protocol costs (framing, checksums, staging) from what the library costs.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import struct
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import grpc
 import torch
 
 from pdserve.kvtransfer.fingerprint import KVFingerprint
@@ -26,6 +31,7 @@ from pdserve.kvtransfer.settings import KVTransferSettings
 # tokens x 2 x 128 dims x fp32), one layer, so a payload of N MiB is N blocks.
 BENCH_FINGERPRINT = KVFingerprint("bench", "float32", 128, "bench", 1, 8, 128)
 MIB = 1 << 20
+_RAW_SINK = "/pdserve.bench.RawSink/Push"
 
 
 @dataclass
@@ -36,6 +42,7 @@ class SizeResult:
     ratio: float
     grpc_ms: float
     tcp_ms: float
+    grpcio_raw_mib_s: float  # bare grpcio, same bytes and message size: the library's ceiling
 
 
 def _tcp_server(sock: socket.socket, stop: threading.Event, max_bytes: int) -> None:
@@ -61,6 +68,18 @@ def _tcp_server(sock: socket.socket, stop: threading.Event, max_bytes: int) -> N
                 conn.sendall(b"k")
 
 
+def _raw_grpc_server(max_frame_bytes: int) -> tuple[grpc.Server, int]:
+    def sink(messages, ctx):
+        return struct.pack("!Q", sum(len(m) for m in messages))
+
+    server = grpc.server(ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", max_frame_bytes)])
+    handler = grpc.method_handlers_generic_handler("pdserve.bench.RawSink", {"Push": grpc.stream_unary_rpc_method_handler(sink)})
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
 def _receiver_main(settings: KVTransferSettings, max_bytes: int, conn) -> None:
     from pdserve.kvtransfer.receiver import KVReceiver
 
@@ -71,7 +90,8 @@ def _receiver_main(settings: KVTransferSettings, max_bytes: int, conn) -> None:
     tcp.listen(1)
     stop = threading.Event()
     threading.Thread(target=_tcp_server, args=(tcp, stop, max_bytes), daemon=True).start()
-    conn.send((addr, tcp.getsockname()[1]))
+    raw, raw_port = _raw_grpc_server(settings.max_frame_bytes)
+    conn.send((addr, tcp.getsockname()[1], raw_port))
     while True:
         msg = conn.recv()
         if msg == "stop":
@@ -80,6 +100,7 @@ def _receiver_main(settings: KVTransferSettings, max_bytes: int, conn) -> None:
         conn.send("ok")
     stop.set()
     tcp.close()
+    raw.stop(0)
     rx.stop()
 
 
@@ -112,6 +133,12 @@ def _time_tcp(sock: socket.socket, payload: torch.Tensor, size_mib: int) -> floa
     return time.perf_counter() - start
 
 
+def _time_raw_grpc(push, messages: list[bytes]) -> float:
+    start = time.perf_counter()
+    push(iter(messages))
+    return time.perf_counter() - start
+
+
 def run(sizes_mib: list[int], repeats: int, settings: KVTransferSettings, progress=None) -> list[SizeResult]:
     """Median of `repeats` runs per size for each transport, alternating them."""
     from pdserve.kvtransfer.sender import KVSender
@@ -120,26 +147,36 @@ def run(sizes_mib: list[int], repeats: int, settings: KVTransferSettings, progre
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver_main, args=(settings, max(sizes_mib) * MIB, child), daemon=True)
     proc.start()
-    addr, tcp_port = parent.recv()
+    addr, tcp_port, raw_port = parent.recv()
+    raw_channel = grpc.insecure_channel(
+        f"127.0.0.1:{raw_port}", options=[("grpc.max_send_message_length", settings.max_frame_bytes)]
+    )
+    raw_push = raw_channel.stream_unary(_RAW_SINK, request_serializer=None, response_deserializer=None)
     sender = KVSender(settings, BENCH_FINGERPRINT, sender_id="bench-sender")
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     payload = torch.randint(0, 255, (max(sizes_mib) * MIB,), dtype=torch.uint8)
     results = []
     try:
-        _time_grpc(sender, parent, addr, payload, 1)  # warm up channel and handshake
+        _time_grpc(sender, parent, addr, payload, 1)  # warm up channels and handshake
         _time_tcp(sock, payload, 1)
+        chunk = settings.chunk_bytes
         for size in sizes_mib:
-            g, t = [], []
+            flat = memoryview(payload[: size * MIB].numpy()).cast("B")
+            messages = [bytes(flat[i : i + chunk]) for i in range(0, size * MIB, chunk)]
+            _time_raw_grpc(raw_push, messages)
+            g, t, r = [], [], []
             for _ in range(repeats):
                 g.append(_time_grpc(sender, parent, addr, payload, size))
                 t.append(_time_tcp(sock, payload, size))
+                r.append(_time_raw_grpc(raw_push, messages))
                 if progress:
                     progress(1)
-            gm, tm = statistics.median(g), statistics.median(t)
-            results.append(SizeResult(size, size / gm, size / tm, (size / gm) / (size / tm), gm * 1e3, tm * 1e3))
+            gm, tm, rm = statistics.median(g), statistics.median(t), statistics.median(r)
+            results.append(SizeResult(size, size / gm, size / tm, tm / gm, gm * 1e3, tm * 1e3, size / rm))
     finally:
         sock.close()
+        raw_channel.close()
         sender.close()
         parent.send("stop")
         proc.join(10)

@@ -27,15 +27,16 @@ def run(model: str, prompts: list[str], max_tokens: int = 48, out=sys.stdout) ->
     addr = f"127.0.0.1:{free_port()}"
     print(f"Starting a prefill engine (core 0) and a decode engine (core 1, KV receiver on {addr}) ...", file=out)
     start = time.monotonic()
-    decode = EngineProcess(EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, dtype="bfloat16", cpu_bind="1"), wait=False)
-    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, dtype="bfloat16", cpu_bind="0"), wait=False)
+    decode = EngineProcess(EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, dtype="bfloat16", cpu_bind="1", log_level="WARNING"), wait=False)
+    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, dtype="bfloat16", cpu_bind="0", log_level="WARNING"), wait=False)
     try:
         decode.wait_ready()
         prefill.wait_ready()
         print(f"Engines ready in {time.monotonic() - start:.0f} s.\n", file=out)
         for prompt in prompts:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            ids = list(tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True
+            )["input_ids"])
             tid = uuid.uuid4().hex
             t0 = time.monotonic()
             decode.send_generate({"prompt_token_ids": ids, "max_tokens": max_tokens, "kv_transfer_params": params.for_decode(tid)})

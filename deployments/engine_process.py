@@ -35,6 +35,7 @@ class EngineSpec:
     max_num_batched_tokens: int | None = None
     block_size: int | None = None
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    log_level: str = "INFO"  # vLLM's logging level inside the engine process
 
 
 def free_port() -> int:
@@ -51,6 +52,7 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
+        VLLM_LOGGING_LEVEL=spec.log_level,
     )
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig

@@ -32,20 +32,32 @@ class SchedulerSide:
         self._loads: list[LoadJob] = []
         self._load_attempted: set[str] = set()
         self._reports: dict[str, TransferReport] = {}
+        self._malformed: set[str] = set()
+
+    def _params(self, request: Request) -> kvparams.SendParams | kvparams.RecvParams | None:
+        """The request's params; malformed ones cost that request its transfer (its KV is
+        computed locally), never the engine."""
+        try:
+            return kvparams.parse(request.kv_transfer_params)
+        except ValueError as exc:
+            if request.request_id not in self._malformed:
+                self._malformed.add(request.request_id)
+                log.warning("request %s: ignoring malformed kv_transfer_params: %s", request.request_id, exc)
+            return None
 
     def _blocks(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
     # --- decode (consumer) ------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
-        p = kvparams.parse(request.kv_transfer_params)
+        p = self._params(request)
         if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_attempted:
             return 0, False
         remote = request.num_prompt_tokens - num_computed_tokens
         return (remote, True) if remote > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
-        p = kvparams.parse(request.kv_transfer_params)
+        p = self._params(request)
         if isinstance(p, kvparams.SendParams):
             self._sending[request.request_id] = (request, p)
             return
@@ -100,7 +112,8 @@ class SchedulerSide:
         self._sending.pop(req_id, None)
         sent = req_id in self._sent_any
         self._sent_any.discard(req_id)
-        p = kvparams.parse(request.kv_transfer_params)
+        p = self._params(request)
+        self._malformed.discard(req_id)
         if p is None:
             return False, None
         report = self._reports.pop(req_id, None)

@@ -82,15 +82,21 @@ class _Peer:
 
 
 class OutgoingTransfer:
-    """A transfer being pushed. Thread-safe for the engine thread; streams run on the sender loop."""
+    """A transfer being pushed. The engine thread frames and enqueues; the sender loop streams.
+
+    A stream starts only once it has a frame to carry (stream 0 always carries the
+    end marker). A stream that carries chunks therefore opens before the transfer can
+    be DONE; an empty one could otherwise arrive after the receiver finished with it.
+    """
 
     def __init__(self, sender: "KVSender", transfer_id: str, dest: str, open_msg: pb.TransferOpen):
         self.transfer_id = transfer_id
         self.dest = dest
         self._sender = sender
-        self._open = open_msg
-        n = sender.settings.num_streams
-        self._queues: list[asyncio.Queue] = []
+        self._loop = sender._loop
+        self._open_frame = framing.encode(pb.KVFrame(open=open_msg))
+        self._timeout_s = open_msg.lease_ms / 1000
+        self._num_streams = sender.settings.num_streams
         self._next = 0
         self.chunks_sent = 0
         self.bytes_sent = 0
@@ -98,14 +104,23 @@ class OutgoingTransfer:
         self.finished_marked = False
         self.started_s = time.monotonic()
         self.result: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
-        self._ready = concurrent.futures.Future()
-        sender._call(self._start(n))
+        # Loop-thread state, created on the loop.
+        self._queues: list[asyncio.Queue] = []
+        self._tasks: dict[int, asyncio.Task] = {}
+        self._peer: asyncio.Future | None = None
+        self._closed: asyncio.Event | None = None
+        ready = concurrent.futures.Future()
+        self._loop.call_soon_threadsafe(self._setup, ready)
+        ready.result()
 
-    async def _start(self, n: int) -> None:
-        self._queues = [asyncio.Queue() for _ in range(n)]
-        self._ready.set_result(None)
+    def _setup(self, ready: concurrent.futures.Future) -> None:
+        self._queues = [asyncio.Queue() for _ in range(self._num_streams)]
+        self._peer = self._loop.create_future()
+        self._closed = asyncio.Event()
         asyncio.ensure_future(self._run())
+        ready.set_result(None)
 
+    # --- engine thread ----------------------------------------------------
     def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview]) -> None:
         """Frame and enqueue `num_blocks` blocks of `layer`; `parts` are views of the KV cache."""
         if self.failed:
@@ -120,40 +135,51 @@ class OutgoingTransfer:
             )
         )
         frame = framing.encode(hdr, parts)
-        size = sum(p.nbytes for p in parts)
         self.chunks_sent += 1
-        self.bytes_sent += size
-        self._enqueue(frame)
+        self.bytes_sent += sum(p.nbytes for p in parts)
+        stream = self._next % self._num_streams
+        self._next += 1
+        self._loop.call_soon_threadsafe(self._put, stream, frame)
 
     def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
         """All chunks are enqueued: send the end marker with the totals."""
         self.finished_marked = True
-        end = pb.KVFrame(
-            end=pb.TransferEnd(
-                transfer_id=self.transfer_id,
-                num_chunks=self.chunks_sent,
-                total_bytes=self.bytes_sent,
-                compute_start_unix_ns=compute_start_ns,
-                compute_end_unix_ns=compute_end_ns,
-            )
+        end = pb.TransferEnd(
+            transfer_id=self.transfer_id,
+            num_chunks=self.chunks_sent,
+            total_bytes=self.bytes_sent,
+            compute_start_unix_ns=compute_start_ns,
+            compute_end_unix_ns=compute_end_ns,
         )
-        self._ready.result()
-        for i, q in enumerate(self._queues):
-            payload = framing.encode(end) if i == 0 else None
-            self._sender._loop.call_soon_threadsafe(_put_last, q, payload)
+        self._loop.call_soon_threadsafe(self._put, 0, framing.encode(pb.KVFrame(end=end)))
+        self._loop.call_soon_threadsafe(self._close)
 
     def abort(self, reason: str) -> None:
         """Stop sending (the request went away); the receiver's lease cleans up its side."""
         self.failed = self.failed or reason
-        self._ready.result()
-        for q in self._queues:
-            self._sender._loop.call_soon_threadsafe(_put_last, q, None)
+        self._loop.call_soon_threadsafe(self._close)
 
-    def _enqueue(self, frame: bytes) -> None:
-        self._ready.result()
-        q = self._queues[self._next % len(self._queues)]
-        self._next += 1
-        self._sender._loop.call_soon_threadsafe(q.put_nowait, frame)
+    # --- sender loop ------------------------------------------------------
+    def _put(self, stream: int, frame: bytes) -> None:
+        if self.failed or self._closed.is_set():
+            return
+        if stream not in self._tasks:
+            self._tasks[stream] = asyncio.ensure_future(self._stream(stream))
+        self._queues[stream].put_nowait(frame)
+
+    def _close(self) -> None:
+        """No more frames: end every started stream."""
+        for q in self._queues:
+            q.put_nowait(_CLOSE)
+        self._closed.set()
+
+    def _fail_fast(self, reason: str) -> None:
+        """Stop copying and sending: drop queued frames and end every stream."""
+        self.failed = self.failed or reason
+        for q in self._queues:
+            while not q.empty():
+                q.get_nowait()
+        self._close()
 
     async def _run(self) -> None:
         sender = self._sender
@@ -162,15 +188,16 @@ class OutgoingTransfer:
         try:
             peer = await sender._peer(self.dest)
             peer.active += 1
-            timeout_s = self._open.lease_ms / 1000
-            acks = await asyncio.gather(
-                *(self._stream(peer.pushes[i], q, timeout_s) for i, q in enumerate(self._queues)),
-                return_exceptions=True,
-            )
+            self._peer.set_result(peer)
+            await self._closed.wait()  # after this no stream starts
+            acks = await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             errors = [a for a in acks if isinstance(a, BaseException)]
             if errors:
                 raise errors[0]
-            state, error = TransferState(acks[0].state), acks[0].error
+            if self.failed or 0 not in self._tasks:
+                raise RuntimeError(self.failed or "closed before the end marker")
+            ack = self._tasks[0].result()
+            state, error = TransferState(ack.state), ack.error
         except grpc.aio.AioRpcError as exc:
             error = f"{exc.code().name}: {exc.details()}"
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
@@ -183,44 +210,31 @@ class OutgoingTransfer:
                 sender._close_if_retired(peer)
         if state is not TransferState.DONE:
             self._fail_fast(error or state.name)
+            self._peer.cancel()  # streams still waiting for the handshake give up
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
             log.warning("KV transfer %s to %s failed: %s", self.transfer_id, self.dest, self.failed)
         elapsed = time.monotonic() - self.started_s
         self.result.set_result(SendResult(self.transfer_id, state, error, self.chunks_sent, self.bytes_sent, elapsed))
         sender._done(self)
 
-    def _fail_fast(self, reason: str) -> None:
-        """Stop copying and sending: drop queued frames and end every stream (loop thread)."""
-        self.failed = self.failed or reason
-        for q in self._queues:
-            while not q.empty():
-                q.get_nowait()
-            q.put_nowait(_CLOSE)
-
-    async def _stream(self, push, q: asyncio.Queue, timeout_s: float) -> pb.PushAck:
-        open_frame = framing.encode(pb.KVFrame(open=self._open))
+    async def _stream(self, index: int) -> pb.PushAck:
+        q = self._queues[index]
 
         async def frames():
-            yield open_frame
+            yield self._open_frame
             while True:
                 item = await q.get()
-                if item is _CLOSE:
+                if item is _CLOSE or self.failed:
                     return
                 yield item
-                if self.failed:
-                    return
 
         try:
-            return await push(frames(), metadata=self._sender.metadata, timeout=timeout_s)
+            peer = await self._peer
+            return await peer.pushes[index](frames(), metadata=self._sender.metadata, timeout=self._timeout_s)
         except BaseException as exc:
             # One refused stream dooms the transfer: end the others now, not at the lease.
             self._fail_fast(f"{type(exc).__name__}: {exc}")
             raise
-
-
-def _put_last(q: asyncio.Queue, end_frame: bytes | None) -> None:
-    if end_frame is not None:
-        q.put_nowait(end_frame)
-    q.put_nowait(_CLOSE)
 
 
 class KVSender:

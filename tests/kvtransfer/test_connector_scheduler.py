@@ -1,0 +1,89 @@
+"""The connector's scheduler side plans loads and pushes from constructed request states."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from pdserve.kvtransfer import params
+from pdserve.kvtransfer.connector_meta import GrpcWorkerMetadata, TransferReport
+from pdserve.kvtransfer.connector_scheduler import SchedulerSide
+
+BS = 128
+
+
+def _request(req_id: str, n_tokens: int, kv_params, computed: int = 0):
+    return SimpleNamespace(request_id=req_id, num_prompt_tokens=n_tokens, kv_transfer_params=kv_params,
+                           num_computed_tokens=computed)
+
+
+def _blocks(ids):
+    return SimpleNamespace(get_block_ids=lambda: (list(ids),))
+
+
+def _side(block_table: dict[str, list[int]] | None = None) -> SchedulerSide:
+    side = SchedulerSide(BS)
+    side.kv_cache_manager = SimpleNamespace(get_block_ids=lambda rid: (list((block_table or {})[rid]),))
+    return side
+
+
+def test_decode_request_loads_every_prompt_block_including_the_partial_last_one_once():
+    side = _side()
+    req = _request("r1", 129, params.for_decode("t1", 5_000))
+    assert side.get_num_new_matched_tokens(req, 0) == (129, True)
+    side.update_state_after_alloc(req, _blocks([7, 3]), 129)
+    (job,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (job.transfer_id, job.first_block, job.block_ids, job.num_tokens, job.lease_ms) == ("t1", 0, [7, 3], 129, 5_000)
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads == []
+    # After a failed load vLLM asks again: the request is recomputed, not loaded twice.
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+
+
+def test_decode_load_skips_blocks_already_in_the_local_prefix_cache():
+    side = _side()
+    req = _request("r1", 300, params.for_decode("t1"))
+    assert side.get_num_new_matched_tokens(req, 256) == (44, True)
+    side.update_state_after_alloc(req, _blocks([4, 5, 6]), 44)
+    (job,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (job.first_block, job.block_ids) == (2, [6])
+
+
+def test_malformed_params_cost_the_request_its_transfer_not_the_engine():
+    side = _side()
+    req = _request("r1", 50, {params.KEY: {"op": "recv", "transfer_id": "t", "lease_ms": -1}})
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    side.update_state_after_alloc(req, _blocks([1]), 0)
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads == []
+    assert side.request_finished(req, [1]) == (False, None)
+
+
+def test_prefill_pushes_chunk_by_chunk_from_block_zero_and_marks_the_last_chunk():
+    side = _side({"p1": [10, 11, 12, 13]})
+    # 200 prompt tokens already in the local prefix cache, the rest in two chunks.
+    req = _request("p1", 400, params.for_prefill("t9", "10.0.0.2:7500"), computed=200)
+    side.update_state_after_alloc(req, _blocks([10, 11, 12, 13]), 0)
+    (first,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 100})).sends
+    assert (first.first_block, first.block_ids, first.is_last) == (0, [10, 11, 12], False)
+    req.num_computed_tokens = 300
+    (second,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 100})).sends
+    assert (second.first_block, second.block_ids, second.is_last) == (2, [12, 13], True)
+    assert (second.dest, second.transfer_id, second.num_tokens) == ("10.0.0.2:7500", "t9", 400)
+    # The producer keeps its blocks until the worker reports the push finished.
+    hold, out = side.request_finished(req, [10, 11, 12, 13])
+    assert hold and out[params.KEY]["transfer_id"] == "t9"
+
+
+def test_prefill_request_finished_before_any_push_frees_its_blocks_at_once():
+    side = _side()
+    req = _request("p1", 40, params.for_prefill("t1", "h:1"))
+    assert side.request_finished(req, [])[0] is False
+
+
+def test_decode_outcome_reaches_the_request_output_and_late_reports_are_dropped():
+    side = _side()
+    req = _request("r1", 10, params.for_decode("t1"))
+    side.update_state_after_alloc(req, _blocks([2]), 10)
+    report = TransferReport("t1", "DONE", 10, 4096, exposed_ms=3.0)
+    side.update_connector_output(GrpcWorkerMetadata({"r1": report, "gone": report}))
+    hold, out = side.request_finished(req, [2])
+    assert not hold and out[params.KEY]["state"] == "DONE" and out[params.KEY]["tokens"] == 10
+    assert "gone" not in side._reports
