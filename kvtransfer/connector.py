@@ -114,6 +114,7 @@ class GrpcKVConnector(KVConnectorBase_V1):
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        """Worker: the older form of get_transfer_results, still called by some wrappers."""
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending, r.finished_recving
 
@@ -142,6 +143,8 @@ class GrpcKVConnector(KVConnectorBase_V1):
         return self.sched.get_num_new_matched_tokens(request, num_computed_tokens)
 
     def get_loaded_kv_cache_group_ids(self, request: Request) -> tuple[int, ...]:
+        """Scheduler: a load fills the request's own blocks of the (single) KV cache group,
+        so vLLM need not zero them."""
         return (0,)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:

@@ -57,7 +57,8 @@ class WorkerSide:
         self._loads: dict[str, LoadJob] = {}
         self._invalid_blocks: set[int] = set()
         self._reports: dict[str, TransferReport] = {}
-        self.counters = {"sent_bytes": 0, "send_copies_bytes": 0, "loaded_bytes": 0, "load_copies_bytes": 0,
+        # Payload bytes against bytes pdserve copied on each side: one copy per byte is the design.
+        self.counters = {"sent_bytes": 0, "send_copies_bytes": 0, "received_bytes": 0, "load_copies_bytes": 0,
                          "loads_done": 0, "loads_failed": 0, "sends_done": 0, "sends_failed": 0}
 
     # --- setup --------------------------------------------------------------
@@ -213,7 +214,7 @@ class WorkerSide:
             log.warning("KV load for %s failed (%s): %d blocks reported invalid", job.req_id, error, len(job.block_ids))
         else:
             self.counters["loads_done"] += 1
-            self.counters["loaded_bytes"] += copied
+            self.counters["received_bytes"] += t.bytes_received
             self.counters["load_copies_bytes"] += copied
             log.info(
                 "KV load %s for %s: %d tokens, %.1f MiB copied in %.1f ms, exposed %.1f ms of %.1f ms prefill",

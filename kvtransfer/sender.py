@@ -199,11 +199,11 @@ class OutgoingTransfer:
             ack = self._tasks[0].result()
             state, error = TransferState(ack.state), ack.error
         except grpc.aio.AioRpcError as exc:
-            error = f"{exc.code().name}: {exc.details()}"
+            error = _describe(exc)
             if exc.code() is grpc.StatusCode.UNAVAILABLE:
                 sender._retire(self.dest)  # the peer went away: re-handshake (new epoch) next time
         except (Exception, asyncio.CancelledError) as exc:  # any failure fails this transfer only
-            error = f"{type(exc).__name__}: {exc}"
+            error = _describe(exc)
         finally:
             if peer is not None:
                 peer.active -= 1
@@ -233,8 +233,14 @@ class OutgoingTransfer:
             return await peer.pushes[index](frames(), metadata=self._sender.metadata, timeout=self._timeout_s)
         except BaseException as exc:
             # One refused stream dooms the transfer: end the others now, not at the lease.
-            self._fail_fast(f"{type(exc).__name__}: {exc}")
+            self._fail_fast(_describe(exc))
             raise
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 class KVSender:

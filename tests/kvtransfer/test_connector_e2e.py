@@ -130,6 +130,15 @@ def test_decode_fed_by_prefill_is_token_identical_to_plain_engine(pd, prompts, r
     _assert_no_leak(pd)
 
 
+def test_each_side_copies_each_kv_byte_at_most_once(pd):
+    sent = pd.prefill.call("connector")["counters"]
+    got = pd.decode.call("connector")["counters"]
+    print(f"prefill {sent}\ndecode {got}")
+    assert sent["sent_bytes"] > 0 and sent["send_copies_bytes"] == sent["sent_bytes"]
+    # Blocks the decode engine already had cached are skipped, so it may copy less.
+    assert 0 < got["load_copies_bytes"] <= got["received_bytes"]
+
+
 def test_noise_in_flight_fails_the_checksum_and_decode_recomputes(pd, prompts, reference):
     proxy = FakeCorruptingProxy(pd.addr, mode="noise")
     try:
