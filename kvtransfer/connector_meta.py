@@ -42,6 +42,9 @@ class LoadJob:
 class GrpcConnectorMetadata(KVConnectorMetadata):
     sends: list[SendJob] = field(default_factory=list)
     loads: list[LoadJob] = field(default_factory=list)
+    # Decode: transfers no request will load (aborted while queued, or prompt fully
+    # cached here); the receiver frees or refuses them instead of holding them a lease.
+    cancels: dict[str, str] = field(default_factory=dict)  # transfer_id -> reason
 
 
 @dataclass

@@ -30,7 +30,8 @@ class SchedulerSide:
         self._sending: dict[str, tuple[Request, kvparams.SendParams]] = {}
         self._sent_any: set[str] = set()
         self._loads: list[LoadJob] = []
-        self._load_attempted: set[str] = set()
+        self._cancels: dict[str, str] = {}
+        self._load_decided: set[str] = set()  # decode requests whose load was planned or cancelled
         self._reports: dict[str, TransferReport] = {}
         self._malformed: set[str] = set()
 
@@ -51,7 +52,7 @@ class SchedulerSide:
     # --- decode (consumer) ------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         p = self._params(request)
-        if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_attempted:
+        if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_decided:
             return 0, False
         remote = request.num_prompt_tokens - num_computed_tokens
         return (remote, True) if remote > 0 else (0, False)
@@ -61,9 +62,12 @@ class SchedulerSide:
         if isinstance(p, kvparams.SendParams):
             self._sending[request.request_id] = (request, p)
             return
-        if not isinstance(p, kvparams.RecvParams) or num_external_tokens == 0:
+        if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_decided:
             return
-        self._load_attempted.add(request.request_id)
+        self._load_decided.add(request.request_id)
+        if num_external_tokens == 0:
+            self._cancel(p.transfer_id, "decode had the whole prompt cached")
+            return
         n = request.num_prompt_tokens
         first = (n - num_external_tokens) // self.block_size
         (block_ids,) = blocks.get_block_ids()
@@ -93,9 +97,13 @@ class SchedulerSide:
             self._sent_any.add(req_id)
         return jobs
 
+    def _cancel(self, transfer_id: str, reason: str) -> None:
+        log.info("KV transfer %s not needed: %s", transfer_id, reason)
+        self._cancels[transfer_id] = reason
+
     def build_connector_meta(self, out: SchedulerOutput) -> GrpcConnectorMetadata:
-        meta = GrpcConnectorMetadata(sends=self._send_jobs(out), loads=self._loads)
-        self._loads = []
+        meta = GrpcConnectorMetadata(sends=self._send_jobs(out), loads=self._loads, cancels=self._cancels)
+        self._loads, self._cancels = [], {}
         return meta
 
     # --- both ---------------------------------------------------------------
@@ -103,17 +111,19 @@ class SchedulerSide:
         if worker_meta is None:
             return
         for req_id, report in worker_meta.reports.items():
-            if req_id in self._load_attempted:  # ignore requests that already went away
+            if req_id in self._load_decided:  # ignore requests that already went away
                 self._reports[req_id] = report
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
-        self._load_attempted.discard(req_id)
         self._sending.pop(req_id, None)
         sent = req_id in self._sent_any
         self._sent_any.discard(req_id)
         p = self._params(request)
         self._malformed.discard(req_id)
+        if isinstance(p, kvparams.RecvParams) and req_id not in self._load_decided:
+            self._cancel(p.transfer_id, "the decode request ended before it was scheduled")
+        self._load_decided.discard(req_id)
         if p is None:
             return False, None
         report = self._reports.pop(req_id, None)

@@ -106,6 +106,9 @@ class WorkerSide:
                 assert self.sender is not None, "send job on an engine without the producer role"
                 self._outgoing[job.req_id] = self.sender.open(job.transfer_id, job.dest, job.num_tokens, job.lease_ms)
                 self._compute_start_ns[job.req_id] = now_ns
+        for transfer_id, reason in meta.cancels.items():
+            assert self.receiver is not None, "cancel on an engine without the consumer role"
+            self.receiver.cancel(transfer_id, reason)
         for job in meta.loads:
             assert self.receiver is not None, "load job on an engine without the consumer role"
             self.receiver.expect(job.transfer_id, job.lease_ms)

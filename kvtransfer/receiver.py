@@ -133,6 +133,11 @@ class KVReceiver:
     def discard(self, transfer_id: str) -> None:
         self.table.discard(transfer_id)
 
+    def cancel(self, transfer_id: str, reason: str) -> None:
+        self.table.cancel(transfer_id, reason, time.monotonic())
+        if self._loop is not None:  # wake a stream waiting for this transfer's outcome
+            self._loop.call_soon_threadsafe(self._notify, transfer_id)
+
     # --- gRPC handlers (event-loop thread) ------------------------------
     def _notify(self, transfer_id: str) -> None:
         ev = self._events.get(transfer_id)

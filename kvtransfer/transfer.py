@@ -222,6 +222,19 @@ class TransferTable:
             if t is not None:
                 self._free(t)
 
+    def cancel(self, transfer_id: str, reason: str, now_s: float) -> None:
+        """No request will load this transfer: free it now, or refuse it if it has not
+        arrived yet (a FAILED tombstone that a late `open` runs into)."""
+        with self._lock:
+            t = self._transfers.get(transfer_id)
+            if t is None:
+                self._transfers[transfer_id] = IncomingTransfer(
+                    transfer_id, deadline_s=now_s, state=TransferState.FAILED, error=reason
+                )
+            elif t.state is not TransferState.FAILED:
+                self._fail(t, reason)
+                t.deadline_s = min(t.deadline_s, now_s)
+
     def expire(self, now_s: float, tombstone_s: float = 60.0) -> list[str]:
         """Fail every transfer past its lease; drop long-dead ones nobody claimed."""
         expired = []

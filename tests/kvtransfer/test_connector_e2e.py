@@ -202,6 +202,21 @@ def test_peer_with_a_different_block_size_or_dtype_is_refused_naming_the_field(p
     assert f"{field}:" in err.value.details()
 
 
+def test_with_the_fail_policy_a_lost_transfer_ends_the_request_with_an_error_not_garbage(model_dir, prompts, pd):
+    strict = EngineProcess(
+        EngineSpec(model_dir, "decode", {"secret": SECRET, "listen_addr": f"127.0.0.1:{free_port()}"},
+                   cpu_bind="1", kv_load_failure_policy="fail")
+    )
+    try:
+        # No prefill ever pushes this transfer: its lease runs out.
+        dr = strict.generate({"prompt_token_ids": prompts[129], "max_tokens": MAX_TOKENS,
+                              "kv_transfer_params": params.for_decode(uuid.uuid4().hex, 1_000)})
+        assert (dr["finish_reason"], dr["token_ids"]) == ("error", [])
+        assert strict.call("free_blocks") == strict.idle_free_blocks
+    finally:
+        strict.stop()
+
+
 def test_prefill_killed_mid_transfer_decode_recovers_within_the_lease(pd, prompts, reference):
     doomed = pd.new_prefill()
     try:

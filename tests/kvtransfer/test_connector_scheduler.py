@@ -47,6 +47,32 @@ def test_decode_load_skips_blocks_already_in_the_local_prefix_cache():
     assert (job.first_block, job.block_ids) == (2, [6])
 
 
+def test_decode_request_with_the_whole_prompt_cached_cancels_its_transfer():
+    side = _side()
+    req = _request("r1", 256, params.for_decode("t1"))
+    assert side.get_num_new_matched_tokens(req, 256) == (0, False)
+    side.update_state_after_alloc(req, _blocks([4, 5]), 0)
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert meta.loads == [] and list(meta.cancels) == ["t1"]
+
+
+def test_decode_request_ending_before_it_was_scheduled_cancels_its_transfer():
+    side = _side()
+    req = _request("r1", 50, params.for_decode("t1"))
+    side.request_finished(req, [])
+    assert list(side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).cancels) == ["t1"]
+
+
+def test_a_loaded_decode_request_cancels_nothing_when_it_finishes():
+    side = _side()
+    req = _request("r1", 50, params.for_decode("t1"))
+    side.update_state_after_alloc(req, _blocks([1]), 50)
+    side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    side.update_state_after_alloc(req, _blocks([1]), 0)  # vLLM's second call once the load is done
+    side.request_finished(req, [1])
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).cancels == {}
+
+
 def test_malformed_params_cost_the_request_its_transfer_not_the_engine():
     side = _side()
     req = _request("r1", 50, {params.KEY: {"op": "recv", "transfer_id": "t", "lease_ms": -1}})

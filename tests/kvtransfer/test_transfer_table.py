@@ -272,3 +272,24 @@ def test_discard_frees_an_active_transfer_and_ignores_unknown_ids():
     table.discard("unknown")
     assert table.reserved_bytes == 0 and t.staged_bytes == 0 and table.state_of("t") is None
     assert table.snapshot()["active"] == 0
+
+
+def test_cancel_frees_an_arriving_transfer_and_refuses_its_late_streams():
+    table = make_table()
+    t = table.open(open_msg(), 0.0)
+    table.add_chunk(t, *chunk(0, 0, 2))
+    table.cancel("t", "not needed", 0.5)
+    assert t.state is TransferState.FAILED and table.reserved_bytes == 0 and t.staged_bytes == 0
+    with pytest.raises(TransferRefused) as err:
+        table.open(open_msg(), 0.6)
+    assert err.value.code == "FAILED_PRECONDITION" and "not needed" in str(err.value)
+
+
+def test_cancel_before_the_transfer_arrives_refuses_it_without_reserving_and_is_forgotten_later():
+    table = make_table()
+    table.cancel("t", "decode request ended", 1.0)
+    with pytest.raises(TransferRefused):
+        table.open(open_msg(), 1.1)
+    assert table.reserved_bytes == 0
+    table.expire(1.0 + 61.0)
+    assert table.state_of("t") is None

@@ -303,3 +303,12 @@ def test_transfer_succeeds_over_tls_and_a_plaintext_sender_is_refused(make_recei
     res = send(plain, rx.address, "plain", src, ids).result.result(WAIT_S)
     assert res.state is TransferState.FAILED
     assert rx.stats()["opened"] == 1
+
+
+def test_a_cancelled_transfer_is_refused_to_its_sender_at_once_not_at_the_lease(make_receiver, make_sender):
+    rx = make_receiver()
+    rx.cancel("gone", "the decode request ended before it was scheduled")
+    res = send(make_sender(), rx.address, "gone", caches(4, 0), [0, 1], lease_ms=60_000).result.result(WAIT_S)
+    assert res.state is TransferState.FAILED
+    assert "FAILED_PRECONDITION" in res.error and "decode request ended" in res.error
+    assert rx.stats()["reserved_bytes"] == 0
