@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerSide:
+    """Per-request bookkeeping in the engine core: which blocks to push or load each step."""
+
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.kv_cache_manager: KVCacheManager | None = None

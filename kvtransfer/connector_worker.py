@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class WorkerSide:
+    """Next to the paged KV cache: owns the sender and/or receiver and the per-step copies."""
+
     def __init__(
         self,
         settings: KVTransferSettings,

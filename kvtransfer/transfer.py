@@ -59,9 +59,7 @@ class IncomingTransfer:
     reserved_bytes: int = 0
     end_totals: tuple[int, int] | None = None
     compute_ns: tuple[int, int] = (0, 0)  # sender's prefill forward start/end, unix ns
-    opened_at_s: float = 0.0
-    finished_at_s: float = 0.0
-    trace_parent: str = ""
+    trace_parent: str = ""  # the request's W3C traceparent, for the tracing issue's spans
 
     def covered_blocks(self, num_layers: int) -> int:
         """Number of leading logical blocks staged in every layer."""
@@ -117,7 +115,7 @@ class TransferTable:
                 t = IncomingTransfer(msg.transfer_id, deadline_s=now_s + lease_s)
                 self._transfers[msg.transfer_id] = t
             t.opened, t.num_tokens, t.num_blocks = True, msg.num_tokens, msg.num_blocks
-            t.reserved_bytes, t.opened_at_s, t.trace_parent = need, now_s, msg.trace_parent
+            t.reserved_bytes, t.trace_parent = need, msg.trace_parent
             self.reserved_bytes += need
             self.counters["opened"] += 1
             return t
@@ -242,7 +240,6 @@ class TransferTable:
             for tid, t in list(self._transfers.items()):
                 if now_s > t.deadline_s and t.state is not TransferState.FAILED:
                     self._fail(t, f"lease expired in state {t.state.name}")
-                    t.finished_at_s = now_s
                     self.counters["expired"] += 1
                     expired.append(tid)
                 elif t.state is TransferState.FAILED and now_s > t.deadline_s + tombstone_s:
