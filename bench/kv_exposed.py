@@ -67,5 +67,9 @@ def run(model: str, secret: str, prompt_tokens: int = 1000, runs: int = 3, progr
     finally:
         prefill.stop()
         decode.stop()
-    med = lambda key: statistics.median(r[key] for r in reports)  # noqa: E731
-    return ExposedResult(prompt_tokens, runs, med("prefill_compute_ms"), med("exposed_ms"), med("load_ms"), med("bytes") / 2**20)
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in reports)
+
+    return ExposedResult(
+        prompt_tokens, runs, median("prefill_compute_ms"), median("exposed_ms"), median("load_ms"), median("bytes") / 2**20
+    )
