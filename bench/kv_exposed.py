@@ -46,8 +46,10 @@ def run(model: str, secret: str, prompt_tokens: int = 1000, runs: int = 3, progr
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     addr = f"127.0.0.1:{free_port()}"
-    decode = EngineProcess(EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, cpu_bind="1"), wait=False)
-    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0"), wait=False)
+    decode = EngineProcess(
+        EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, cpu_bind="1", log_level="WARNING"), wait=False
+    )
+    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", log_level="WARNING"), wait=False)
     reports = []
     try:
         decode.wait_ready()

@@ -53,6 +53,7 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
         VLLM_LOGGING_LEVEL=spec.log_level,
+        VLLM_LOGGING_STREAM="ext://sys.stderr",  # stdout is for results (answers, JSON reports)
     )
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
