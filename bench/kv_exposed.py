@@ -12,7 +12,7 @@ import statistics
 import uuid
 from dataclasses import dataclass
 
-from pdserve.deployments.engine_process import EngineProcess, EngineSpec, free_port
+from pdserve.deployments.engine_process import DisaggregatedPair
 from pdserve.kvtransfer import params
 
 _TEXT = (
@@ -45,30 +45,17 @@ def run(model: str, secret: str, prompt_tokens: int = 1000, runs: int = 3, progr
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    addr = f"127.0.0.1:{free_port()}"
-    decode = EngineProcess(
-        EngineSpec(model, "decode", {"secret": secret, "listen_addr": addr}, cpu_bind="1", log_level="WARNING"), wait=False
-    )
-    prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", log_level="WARNING"), wait=False)
     reports = []
-    try:
-        decode.wait_ready()
-        prefill.wait_ready()
+    with DisaggregatedPair(model, secret, log_level="WARNING") as pair:
         for i in range(runs + 1):  # the first run warms both engines up and is not counted
-            ids = _prompt(tokenizer, i, prompt_tokens)
-            tid = uuid.uuid4().hex
-            decode.send_generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_decode(tid)})
-            prefill.generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, addr)})
-            rep = decode.result()["kv_transfer_params"][params.KEY]
+            rep = pair.generate(_prompt(tokenizer, i, prompt_tokens), max_tokens=1)["kv_transfer_params"][params.KEY]
             if rep["state"] != "DONE":
                 raise RuntimeError(f"transfer failed: {rep['error']}")
             if i:
                 reports.append(rep)
             if progress:
                 progress(1)
-    finally:
-        prefill.stop()
-        decode.stop()
+
     def median(key: str) -> float:
         return statistics.median(r[key] for r in reports)
 

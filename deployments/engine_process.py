@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -242,3 +243,46 @@ class EngineProcess:
         if self.proc.is_alive():
             self.kill()
         self._conn.close()
+
+
+class DisaggregatedPair:
+    """A prefill engine (core 0) pushing KV to a decode engine (core 1) over pdserve's
+    gRPC layer: one request is prefilled on one and continued on the other."""
+
+    def __init__(self, model: str, secret: str, dtype: str = "float32", log_level: str = "INFO"):
+        self.model, self.secret = model, secret
+        self.addr = f"127.0.0.1:{free_port()}"
+        common = {"dtype": dtype, "log_level": log_level}
+        self.decode = EngineProcess(
+            EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1", **common), wait=False
+        )
+        self.prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", **common), wait=False)
+        try:
+            self.decode.wait_ready()
+            self.prefill.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def generate(self, prompt_token_ids: list[int], max_tokens: int) -> dict[str, Any]:
+        """The decode engine's result; its `kv_transfer_params` say how the KV travelled."""
+        from pdserve.kvtransfer import params
+
+        tid = uuid.uuid4().hex
+        self.decode.send_generate(
+            {"prompt_token_ids": prompt_token_ids, "max_tokens": max_tokens, "kv_transfer_params": params.for_decode(tid)}
+        )
+        self.prefill.generate(
+            {"prompt_token_ids": prompt_token_ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, self.addr)}
+        )
+        return self.decode.result()
+
+    def stop(self) -> None:
+        self.prefill.stop()
+        self.decode.stop()
+
+    def __enter__(self) -> "DisaggregatedPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -114,7 +114,7 @@ class GrpcKVConnector(KVConnectorBase_V1):
         return KVConnectorTransferResults(finished_sending=sending, finished_recving=recving)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Worker: the older form of get_transfer_results, still called by some wrappers."""
+        """Worker: the base interface's older form; answers exactly as get_transfer_results."""
         r = self.get_transfer_results(finished_req_ids)
         return r.finished_sending, r.finished_recving
 

@@ -129,9 +129,7 @@ class WorkerSide:
         for job in self._meta.sends:
             t = self._outgoing[job.req_id]
             for block_start, ids in self._chunks(job):
-                parts = layout.read(ids)
-                t.send_chunk(idx, block_start, len(ids), parts)
-                self.counters["send_copies_bytes"] += sum(p.nbytes for p in parts)
+                self.counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), layout.read(ids))
 
     def wait_for_save(self) -> None:
         end_ns = time.time_ns()

@@ -121,10 +121,11 @@ class OutgoingTransfer:
         ready.set_result(None)
 
     # --- engine thread ----------------------------------------------------
-    def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview]) -> None:
-        """Frame and enqueue `num_blocks` blocks of `layer`; `parts` are views of the KV cache."""
+    def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview]) -> int:
+        """Frame and enqueue `num_blocks` blocks of `layer`; `parts` are views of the KV cache.
+        Returns the bytes copied into the frame (0 once the transfer has failed)."""
         if self.failed:
-            return
+            return 0
         hdr = pb.KVFrame(
             chunk=pb.ChunkHeader(
                 transfer_id=self.transfer_id,
@@ -140,6 +141,7 @@ class OutgoingTransfer:
         stream = self._next % self._num_streams
         self._next += 1
         self._loop.call_soon_threadsafe(self._put, stream, frame)
+        return len(frame)
 
     def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
         """All chunks are enqueued: send the end marker with the totals."""
@@ -215,7 +217,6 @@ class OutgoingTransfer:
             log.warning("KV transfer %s to %s failed: %s", self.transfer_id, self.dest, self.failed)
         elapsed = time.monotonic() - self.started_s
         self.result.set_result(SendResult(self.transfer_id, state, error, self.chunks_sent, self.bytes_sent, elapsed))
-        sender._done(self)
 
     async def _stream(self, index: int) -> pb.PushAck:
         q = self._queues[index]
@@ -254,8 +255,6 @@ class KVSender:
         self.sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
         self.metadata = auth.call_metadata(settings)
         self._peers: dict[str, _Peer] = {}
-        self._active: dict[str, OutgoingTransfer] = {}
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-sender", daemon=True)
         self._thread.start()
@@ -273,10 +272,7 @@ class KVSender:
             lease_ms=lease_ms,
             trace_parent=trace_parent,
         )
-        t = OutgoingTransfer(self, transfer_id, dest, msg)
-        with self._lock:
-            self._active[transfer_id] = t
-        return t
+        return OutgoingTransfer(self, transfer_id, dest, msg)
 
     async def _peer(self, address: str) -> _Peer:
         peer = self._peers.get(address)
@@ -307,10 +303,6 @@ class KVSender:
     def _close_if_retired(self, peer: _Peer) -> None:
         if peer.retired and peer.active == 0:
             asyncio.ensure_future(peer.close())
-
-    def _done(self, t: OutgoingTransfer) -> None:
-        with self._lock:
-            self._active.pop(t.transfer_id, None)
 
     def close(self) -> None:
         async def _close():

@@ -9,7 +9,7 @@ import uuid
 import grpc
 import pytest
 
-from pdserve.deployments.engine_process import EngineProcess, EngineSpec, free_port
+from pdserve.deployments.engine_process import DisaggregatedPair, EngineProcess, EngineSpec, free_port
 from pdserve.deployments.model_store import resolve_model
 from pdserve.kvtransfer import params
 from pdserve.kvtransfer.fingerprint import KVFingerprint
@@ -66,35 +66,25 @@ def reference(model_dir, prompts) -> dict[int, list[int]]:
         plain.stop()
 
 
-class PD:
+class PD(DisaggregatedPair):
+    """The pair, plus what the tests vary: another prefill engine, the push's destination."""
+
     def __init__(self, model_dir: str):
-        self.port = free_port()
-        self.addr = f"127.0.0.1:{self.port}"
-        self.model_dir = model_dir
-        self.decode = EngineProcess(
-            EngineSpec(model_dir, "decode", {"secret": SECRET, "listen_addr": self.addr}, cpu_bind="1"), wait=False
-        )
-        self.prefill = self.new_prefill()
-        self.decode.wait_ready()
+        super().__init__(model_dir, SECRET)
 
-    def new_prefill(self, wait: bool = True) -> EngineProcess:
-        return EngineProcess(EngineSpec(self.model_dir, "prefill", {"secret": SECRET}, cpu_bind="0"), wait=wait)
+    def new_prefill(self) -> EngineProcess:
+        return EngineProcess(EngineSpec(self.model, "prefill", {"secret": self.secret}, cpu_bind="0"))
 
-    def run(self, ids, dest=None, lease_ms=30_000, prefill=None):
+    def run(self, ids, dest=None):
+        """Like generate, but returns both results and can push through another address."""
         tid = uuid.uuid4().hex
         self.decode.send_generate(
-            {"prompt_token_ids": ids, "max_tokens": MAX_TOKENS, "kv_transfer_params": params.for_decode(tid, lease_ms)}
+            {"prompt_token_ids": ids, "max_tokens": MAX_TOKENS, "kv_transfer_params": params.for_decode(tid)}
         )
-        p = prefill or self.prefill
-        pr = p.generate(
-            {"prompt_token_ids": ids, "max_tokens": 1,
-             "kv_transfer_params": params.for_prefill(tid, dest or self.addr, lease_ms)}
+        pr = self.prefill.generate(
+            {"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, dest or self.addr)}
         )
         return pr, self.decode.result()
-
-    def stop(self):
-        self.prefill.stop()
-        self.decode.stop()
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +124,8 @@ def test_each_side_copies_each_kv_byte_at_most_once(pd):
     sent = pd.prefill.call("connector")["counters"]
     got = pd.decode.call("connector")["counters"]
     print(f"prefill {sent}\ndecode {got}")
-    assert sent["sent_bytes"] > 0 and sent["send_copies_bytes"] == sent["sent_bytes"]
+    # Each chunk is framed once: the frames hold the payload plus headers of a few dozen bytes.
+    assert 0 < sent["sent_bytes"] <= sent["send_copies_bytes"] < 1.01 * sent["sent_bytes"]
     # Blocks the decode engine already had cached are skipped, so it may copy less.
     assert 0 < got["load_copies_bytes"] <= got["received_bytes"]
 
