@@ -31,8 +31,10 @@ $(STAMP): pyproject.toml requirements/lock.txt Makefile
 model: venv
 	$(BIN)/pdserve model prepare
 
+# Ray Serve: one prefill and one decode engine (one core each), HTTP on :8000, gRPC on :50051.
+# CONFIG=cluster.yaml serves another configuration.
 serve: model
-	$(BIN)/pdserve demo
+	$(BIN)/pdserve serve $(if $(CONFIG),--config $(CONFIG))
 
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
 test: model
@@ -47,7 +49,7 @@ bench-kv: model
 
 # Regenerate the protobuf modules after editing proto/*.proto (they are committed).
 proto: venv
-	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/kvtransfer.proto
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto proto/*.proto
 
 clean:
 	rm -rf $(VENV)

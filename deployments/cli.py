@@ -29,6 +29,53 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pdserve.deployments import service
+    from pdserve.deployments.config import ConfigError, load_config
+    from pdserve.deployments.model_store import resolve_model
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"pdserve serve: {err}", file=sys.stderr)
+        return 2
+    if args.ray_address:
+        cfg = cfg.model_copy(update={"ray_address": args.ray_address})
+    model_path = str(resolve_model(None if cfg.model == "default" else cfg.model))
+    print(f"starting pdserve ({cfg.mode}, model {model_path}); engines take about a minute to load", file=sys.stderr)
+    svc = service.start(cfg, model_path)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pools = ", ".join(f"{role} x{pool.replicas}" for role, pool in cfg.pools().items())
+    print(f"pdserve is serving {os.path.basename(model_path)} ({cfg.mode}: {pools})\n"
+          f"  OpenAI HTTP API: {svc.http_url}/v1  (docs {svc.http_url}/docs, health {svc.http_url}/health, "
+          f"metrics {svc.http_url}/metrics)\n"
+          f"  gRPC API:        {svc.grpc_addr}  (pdserve.v1.Generation, health, reflection)\n"
+          "Press Ctrl-C to stop.", flush=True)
+    stop.wait()
+    svc.stop()
+    print("pdserve stopped", file=sys.stderr)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    from pdserve.deployments.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as err:
+        print(f"pdserve config: {err}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
 def _hardware() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -99,6 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three examples)")
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="serve a model: prefill and decode pools on Ray Serve, HTTP and gRPC APIs")
+    serve.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    serve.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    serve.set_defaults(func=_cmd_serve)
+
+    config = sub.add_parser("config", help="cluster configuration").add_subparsers(dest="config_cmd", required=True)
+    show = config.add_parser("show", help="validate a config and print it with every default filled in")
+    show.add_argument("--config", help="cluster YAML (default: the built-in config)")
+    show.set_defaults(func=_cmd_config_show)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     kv = bench.add_parser("kv", help="KV transfer: gRPC vs plain TCP throughput, exposed transfer time")

@@ -23,6 +23,7 @@ class SendJob:
     first_block: int
     block_ids: list[int]
     is_last: bool  # this step computes the prompt's last token: send the end marker
+    trace_parent: str = ""
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TransferReport:
     prefill_compute_ms: float = 0.0
     exposed_ms: float = 0.0  # end of prefill compute -> KV ready in the decode cache
     load_ms: float = 0.0  # copy from staging into the paged cache
+    trace_parent: str = ""  # the prefill span's W3C traceparent, as the sender sent it
+    start_unix_ns: int = 0  # prefill forward start: the push overlaps it from here
+    ready_unix_ns: int = 0  # KV in the decode cache
 
 
 @dataclass

@@ -95,7 +95,10 @@ class SchedulerSide:
             first = 0 if req_id not in self._sent_any else start // self.block_size
             last = self._blocks(end)
             (block_ids,) = self.kv_cache_manager.get_block_ids(req_id)
-            jobs.append(SendJob(req_id, p.transfer_id, p.dest, p.lease_ms, n, first, list(block_ids[first:last]), end == n))
+            jobs.append(
+                SendJob(req_id, p.transfer_id, p.dest, p.lease_ms, n, first, list(block_ids[first:last]), end == n,
+                        p.trace_parent)
+            )
             self._sent_any.add(req_id)
         return jobs
 

@@ -106,7 +106,9 @@ class WorkerSide:
         for job in meta.sends:
             if job.req_id not in self._outgoing:
                 assert self.sender is not None, "send job on an engine without the producer role"
-                self._outgoing[job.req_id] = self.sender.open(job.transfer_id, job.dest, job.num_tokens, job.lease_ms)
+                self._outgoing[job.req_id] = self.sender.open(
+                    job.transfer_id, job.dest, job.num_tokens, job.lease_ms, job.trace_parent
+                )
                 self._compute_start_ns[job.req_id] = now_ns
         for transfer_id, reason in meta.cancels.items():
             assert self.receiver is not None, "cancel on an engine without the consumer role"
@@ -209,6 +211,9 @@ class WorkerSide:
             prefill_compute_ms=(c_end - c_start) / 1e6 if c_end else 0.0,
             exposed_ms=(ready_ns - c_end) / 1e6 if c_end and not error else 0.0,
             load_ms=load_ms,
+            trace_parent=t.trace_parent,
+            start_unix_ns=c_start,
+            ready_unix_ns=ready_ns,
         )
         self._reports[job.req_id] = report
         if error:

@@ -19,6 +19,7 @@ class SendParams:
     transfer_id: str
     dest: str
     lease_ms: int
+    trace_parent: str = ""  # W3C traceparent of the prefill span; carried in TransferOpen
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,11 @@ class RecvParams:
     lease_ms: int
 
 
-def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000) -> dict[str, Any]:
-    return {KEY: {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}}
+def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_parent: str = "") -> dict[str, Any]:
+    p = {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}
+    if trace_parent:
+        p["trace_parent"] = trace_parent
+    return {KEY: p}
 
 
 def for_decode(transfer_id: str, lease_ms: int = 30_000) -> dict[str, Any]:
@@ -54,7 +58,10 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
         dest = p.get("dest")
         if not isinstance(dest, str) or ":" not in dest:
             raise ValueError(f"{KEY}.dest must be 'host:port', got {dest!r}")
-        return SendParams(tid, dest, lease)
+        trace_parent = p.get("trace_parent", "")
+        if not isinstance(trace_parent, str) or len(trace_parent) > 256:
+            raise ValueError(f"{KEY}.trace_parent must be a W3C traceparent string")
+        return SendParams(tid, dest, lease, trace_parent)
     if op == "recv":
         return RecvParams(tid, lease)
     raise ValueError(f"{KEY}.op must be 'send' or 'recv', got {op!r}")

@@ -1,0 +1,205 @@
+"""The cluster configuration: one YAML file, validated here, read by `pdserve serve`.
+
+Errors name the field and the problem (`pools.decode.replicas: Input should be
+greater than or equal to 1`) so an operator can fix a file without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pdserve.kvtransfer.settings import KVTransferSettings
+
+# Engine arguments pdserve sets itself; a pool may not override them.
+_RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name"}
+
+
+@cache
+def _engine_arg_names() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+class PoolConfig(BaseModel):
+    """One pool of identical engine replicas (prefill, decode or colocated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, le=1024)
+    """Number of engine replicas in the pool."""
+    accelerator_type: str | None = None
+    """Ray accelerator type (e.g. "H100", "L4"): replicas only land on nodes that carry
+    the resource `accelerator_type:<type>`, so prefill and decode can sit on different GPUs."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves per replica (0 on CPU-only clusters)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Extra custom Ray resources each replica needs."""
+    cpu_binds: list[str] = Field(default_factory=list)
+    """CPU engines only: cores for each replica's compute (vLLM's VLLM_CPU_OMP_THREADS_BIND),
+    indexed by the replica's rank on its node, e.g. ["0"] or ["0", "1"]; empty lets vLLM choose."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """CPU engines only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica runs at once; the router treats a full replica as unavailable."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Further vLLM engine arguments (AsyncEngineArgs fields), e.g. max_num_seqs,
+    max_num_batched_tokens, gpu_memory_utilization, enforce_eager."""
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(set(v) & _RESERVED_ENGINE_ARGS)
+        if reserved:
+            raise ValueError(f"{reserved} are set by pdserve from the top-level config, not per pool")
+        unknown = sorted(set(v) - _engine_arg_names())
+        if unknown:
+            raise ValueError(f"unknown vLLM engine arguments {unknown}")
+        return v
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        return opts
+
+
+class SLOConfig(BaseModel):
+    """Default latency objectives for requests that do not state their own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float = Field(2000.0, gt=0)
+    """Time to first token."""
+    tpot_ms: float = Field(200.0, gt=0)
+    """Time per output token after the first."""
+
+
+class IngressConfig(BaseModel):
+    """Where clients reach the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Address the HTTP and gRPC ingresses bind."""
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_\-/]*$")
+    """HTTP path prefix of this application, so several can share one Serve proxy."""
+    replicas: int = Field(1, ge=1)
+    """Ingress replicas (tokenize, route, stream); each is light."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Longest a request may run end to end before it is cancelled."""
+
+
+class TracingConfig(BaseModel):
+    """OpenTelemetry traces: one per request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exporter: Literal["none", "otlp", "memory"] = "none"
+    """"otlp" sends spans to `otlp_endpoint`; "memory" keeps them in each process,
+    readable through the deployments' `finished_spans()` (tests)."""
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    """OTLP/gRPC collector address."""
+    service_name: str = "pdserve"
+
+
+class ClusterConfig(BaseModel):
+    """Everything `pdserve serve` deploys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    """Checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct."""
+    served_model_name: str = ""
+    """Name clients put in `model`; empty uses the checkpoint directory's name."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
+    """Weights and KV cache dtype; prefill and decode must agree for KV to move."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context length: prompt plus generated tokens."""
+    enforce_eager: bool | None = None
+    """Run engines without graph capture/compilation; None: eager on CPUs (where vLLM's
+    compiled mode starts minutes slower and is no faster), compiled on GPUs. A pool's
+    engine_args may still set it."""
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    """disaggregated: prefill and decode pools with KV moving between them;
+    colocated: one pool of plain engines doing both (baseline and fallback)."""
+    ray_address: str | None = None
+    """Join this Ray cluster ("auto" or host:port); None starts a local one."""
+    app_name: str = "pdserve"
+    """Ray Serve application name."""
+    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binds=["0"]))
+    """The prefill pool (disaggregated mode)."""
+    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binds=["1"]))
+    """The decode pool (disaggregated mode)."""
+    colocated: PoolConfig = Field(default_factory=lambda: PoolConfig(replicas=2, cpu_binds=["0", "1"],
+                                                                     engine_args={"max_num_batched_tokens": 256}))
+    """The plain engine pool (colocated mode); a small prefill chunk keeps decode steps short."""
+    kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
+    """KV channel between the pools (secret, chunking, lease). An empty secret makes
+    `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    log_level: str = "INFO"
+    """pdserve's and vLLM's log level inside the replicas."""
+
+    @model_validator(mode="after")
+    def _pools_fit_mode(self) -> "ClusterConfig":
+        if self.kv_transfer.listen_addr != "127.0.0.1:0":
+            raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
+        if self.ingress.http_port == self.ingress.grpc_port:
+            raise ValueError("ingress.http_port and ingress.grpc_port must differ")
+        return self
+
+    def pools(self) -> dict[str, PoolConfig]:
+        """The pools this mode deploys, by role."""
+        if self.mode == "colocated":
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message lists every problem."""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{_describe(err)}") from None
+
+
+def load_config(path: str | Path | None) -> ClusterConfig:
+    """The config in `path` (YAML), or the defaults when `path` is None."""
+    if path is None:
+        return parse_config({}, "default config")
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {p}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p} is not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{p} must hold a mapping of settings, got {type(data).__name__}")
+    return parse_config(data, str(p))

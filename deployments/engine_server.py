@@ -1,0 +1,133 @@
+"""What every engine replica shares: a vLLM AsyncLLM built from its pool's config,
+pinned to its cores, reporting its load to the controller, shut down with the replica.
+
+The prefill and decode deployments (`prefill/server.py`, `decode/server.py`) add the
+phase they serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+from pdserve.controller.registry import LoadReport
+from pdserve.deployments import telemetry
+from pdserve.deployments.config import ClusterConfig
+
+log = logging.getLogger("pdserve.engine")
+
+REPORT_INTERVAL_S = 0.5
+
+
+def served_model_name(cfg: ClusterConfig, model_path: str) -> str:
+    return cfg.served_model_name or os.path.basename(model_path.rstrip("/"))
+
+
+class EngineServer:
+    """Base of the engine deployments; `role` is the pool name ("prefill", "decode", "colocated")."""
+
+    role = ""
+
+    async def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, kv_listen_addr: str = ""):
+        import ray
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        pool = cfg.pools()[self.role]
+        telemetry.setup_tracing(cfg.tracing, f"{self.role}:{self.replica_id}")
+        cpu_bind = pool.cpu_binds[ctx.rank.local_rank % len(pool.cpu_binds)] if pool.cpu_binds else ""
+        os.environ.update(
+            VLLM_CPU_KVCACHE_SPACE=str(pool.kv_cache_gib),
+            VLLM_LOGGING_LEVEL=cfg.log_level,
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        if cpu_bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        self.engine = self._build_engine(cfg, pool.engine_args, model_path, kv_listen_addr)
+        self.controller = controller
+        self.kv_addr = kv_listen_addr
+        self.running = 0
+        node_id = ray.get_runtime_context().get_node_id()
+        self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
+                                  pool.max_ongoing_requests, 0, time.time())
+        self._reporter = asyncio.create_task(self._report_loop())
+        log.info("%s replica %s ready (cores %s, node %s, kv %s)", self.role, self.replica_id, cpu_bind or "any",
+                 node_id[:8], kv_listen_addr or "-")
+
+    def _build_engine(self, cfg: ClusterConfig, engine_args: dict[str, Any], model_path: str, kv_listen_addr: str):
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kv_cfg = None
+        if self.role in ("prefill", "decode"):
+            settings = cfg.kv_transfer.model_dump(mode="json", exclude={"secret", "listen_addr"})
+            settings["secret"] = cfg.kv_transfer.secret_value
+            if kv_listen_addr:
+                settings["listen_addr"] = kv_listen_addr
+            kv_cfg = KVTransferConfig(
+                kv_connector="GrpcKVConnector",
+                kv_connector_module_path="pdserve.kvtransfer.connector",
+                kv_role="kv_producer" if self.role == "prefill" else "kv_consumer",
+                kv_connector_extra_config=settings,
+            )
+        from vllm.platforms import current_platform
+
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else current_platform.is_cpu()
+        engine_args = {"enforce_eager": eager, **engine_args}
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=served_model_name(cfg, model_path),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            kv_transfer_config=kv_cfg,
+            **engine_args,
+        )
+        return AsyncLLM.from_engine_args(args)
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                await self.controller.report.remote(self._load_report())
+            except Exception as exc:  # the controller restarting must not stop the replica
+                log.warning("load report to the controller failed: %s", exc)
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    def _load_report(self) -> LoadReport:
+        r = self._report
+        return LoadReport(r.replica_id, r.pool, r.node_id, r.accelerator_type, r.kv_addr, r.max_ongoing,
+                          self.running, r.started_at_s)
+
+    def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+        )
+
+    def finished_spans(self) -> list[dict]:
+        return telemetry.finished_spans()
+
+    def check_health(self) -> None:
+        if self.engine.errored:
+            raise RuntimeError(f"{self.role} engine errored: {self.engine.dead_error}")
+
+    async def __del__(self) -> None:
+        if reporter := getattr(self, "_reporter", None):
+            reporter.cancel()
+        if engine := getattr(self, "engine", None):  # absent when the constructor failed
+            log.info("%s replica %s shutting down its engine", self.role, self.replica_id)
+            engine.shutdown()
+        telemetry.shutdown_tracing()

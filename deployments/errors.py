@@ -1,0 +1,78 @@
+"""Errors a request can end with, and how each one reads in HTTP and in gRPC.
+
+One table so that the two ingresses answer the same failure the same way:
+OpenAI's error body and status code over HTTP, the matching status code over gRPC.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ServeError(Exception):
+    """Base of the errors a client sees; `message` never carries secrets."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    error_type = "server_error"  # OpenAI's `error.type`
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param  # the offending request field, when there is one
+        self.code = code  # OpenAI's `error.code`
+
+    def openai_body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class InvalidRequest(ServeError):
+    """The request cannot be served as written (bad field, prompt too long, ...)."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+
+
+class ModelNotFound(ServeError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+
+    def __init__(self, model: str, served: str):
+        super().__init__(f"The model {model!r} does not exist; this service serves {served!r}", param="model",
+                         code="model_not_found")
+
+
+class Overloaded(ServeError):
+    """Every instance that could take the request is at its limit: retry later."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class Unavailable(ServeError):
+    """No instance can serve at all right now (none registered, or the chosen one died)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "service_unavailable"
+
+
+class EngineFailure(ServeError):
+    """The engine failed while serving the request."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    error_type = "server_error"

@@ -1,0 +1,273 @@
+"""The ingress's core, shared by the HTTP and gRPC APIs: tokenize and validate a
+request, route it to engines, stream the answer back.
+
+Each API module only translates its wire format to and from these calls, so both
+APIs validate, route and fail the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from pdserve.controller.least_load import Decision, Outcome
+from pdserve.deployments import telemetry
+from pdserve.deployments.config import ClusterConfig
+from pdserve.deployments.engine_server import served_model_name
+from pdserve.deployments.errors import (
+    EngineFailure,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+    ServeError,
+    Unavailable,
+)
+from pdserve.deployments.metrics import IngressMetrics
+from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Sampling
+
+log = logging.getLogger("pdserve.ingress")
+
+
+class FrontendAPI(Protocol):
+    """What an API module needs from the ingress. Every method raises a
+    `pdserve.deployments.errors.ServeError` subclass for a request it will not serve."""
+
+    model_name: str
+    """The one model this service serves (OpenAI's `model` field)."""
+    max_model_len: int
+    """Context length in tokens: prompt plus generated tokens."""
+
+    def check_model(self, model: str) -> None:
+        """Raise ModelNotFound unless `model` is the served model's name."""
+
+    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+        """Apply the chat template to `messages` ({"role", "content"} dicts), tokenize and
+        validate lengths (InvalidRequest when the prompt does not fit the context)."""
+
+    def completion_request(self, prompt: str | list[int], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+        """Tokenize a text prompt (or take token ids as given) and validate lengths."""
+
+    def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Route the request and stream its chunks; the last one has a finish_reason.
+        Raises before the first chunk when the request cannot be routed (Overloaded,
+        Unavailable), EngineFailure when an engine fails mid-stream."""
+
+    async def health(self) -> dict:
+        """{"status": "ok" | "unavailable", ...pool sizes}: ok when every pool has a live instance."""
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        """Prometheus exposition of this ingress's metrics, and its content type."""
+
+
+class Frontend:
+    """The FrontendAPI over a controller and the engine pools' Serve handles."""
+
+    def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any]):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.model_name = served_model_name(cfg, model_path)
+        self.max_model_len = cfg.max_model_len
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.controller = controller
+        self.pools = pools
+        self.metrics = IngressMetrics()
+        self._snapshot: list[dict] = []
+        self._poller: asyncio.Task | None = None
+
+    # --- validation ----------------------------------------------------------
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            self.metrics.requests.labels("not_found").inc()
+            raise ModelNotFound(model, self.model_name)
+
+    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message", param="messages")
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=True)["input_ids"]
+        except Exception as exc:  # a template that rejects these messages is the client's problem
+            self.metrics.requests.labels("invalid").inc()
+            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
+        return self._request(list(ids), sampling, trace_carrier)
+
+    def completion_request(self, prompt: str | list[int], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt) if prompt else []
+        else:
+            vocab = len(self.tokenizer)
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                self.metrics.requests.labels("invalid").inc()
+                raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
+            ids = list(prompt)
+        return self._request(ids, sampling, trace_carrier)
+
+    def _request(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None) -> GenerateRequest:
+        try:
+            return self._checked(ids, sampling, carrier)
+        except InvalidRequest:
+            self.metrics.requests.labels("invalid").inc()
+            raise
+
+    def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None) -> GenerateRequest:
+        if not ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = self.max_model_len - len(ids)
+        if room < 1:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
+                "tokens, leaving no room to generate", param="messages", code="context_length_exceeded")
+        if sampling.max_tokens is None:
+            sampling = sampling.model_copy(update={"max_tokens": room})
+        elif sampling.max_tokens > room:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
+                f"tokens and max_tokens asks for {sampling.max_tokens} more", param="max_tokens",
+                code="context_length_exceeded")
+        return GenerateRequest(uuid.uuid4().hex, ids, sampling, dict(carrier or {}))
+
+    # --- serving -------------------------------------------------------------
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        tracer = telemetry.tracer()
+        root = tracer.start_span("ingress", context=telemetry.extract(req.trace_carrier),
+                                 attributes={"pdserve.request_id": req.request_id,
+                                             "pdserve.prompt_tokens": len(req.prompt_token_ids)})
+        req.trace_carrier = telemetry.inject(root)
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            with tracer.start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
+                decision = await self.controller.choose.remote(req.request_id, len(req.prompt_token_ids))
+                span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
+            if decision.outcome is not Outcome.ROUTED:
+                outcome = "rejected"
+                if decision.outcome is Outcome.OVERLOADED:
+                    raise Overloaded(f"all instances are busy: {decision.reason}")
+                raise Unavailable(f"no instance can serve the request: {decision.reason}")
+            try:
+                async with asyncio.timeout(self.cfg.ingress.request_timeout_s):
+                    async for chunk in self._run(req, decision, start):
+                        yield chunk
+                outcome = "ok"
+            finally:
+                self.controller.release.remote([t.replica_id for t in decision.targets()])
+        except ServeError as err:
+            outcome = {400: "invalid", 429: "rejected", 503: "unavailable"}.get(err.http_status, outcome)
+            root.set_status(trace.StatusCode.ERROR, err.message)
+            raise
+        except TimeoutError:
+            outcome = "timeout"
+            raise Unavailable(f"the request did not finish within {self.cfg.ingress.request_timeout_s:.0f} s") from None
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            self.metrics.requests.labels(outcome).inc()
+            root.set_attribute("pdserve.outcome", outcome)
+            root.end()
+
+    async def _run(self, req: GenerateRequest, decision: Decision, start: float) -> AsyncIterator[GenerateChunk]:
+        assert decision.decode is not None and req.sampling.max_tokens is not None
+        lease_ms = self.cfg.kv_transfer.lease_ms
+        prefill_task = None
+        if decision.prefill is None:
+            pool, ttft_pool = self.pools["colocated"], "colocated"
+        else:
+            pool, ttft_pool = self.pools["decode"], "prefill"
+            prefill_task = asyncio.ensure_future(_await(self.pools["prefill"].prefill.remote(
+                req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id)))
+        stream = pool.options(stream=True).generate.remote(
+            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id)
+        first_at = last_at = 0.0
+        n = 0
+        try:
+            async for chunk in _stream_checked(stream, prefill_task):
+                now = time.perf_counter()
+                if not first_at and chunk.token_ids:
+                    first_at = now
+                    self.metrics.ttft_s.labels(ttft_pool).observe(now - start)
+                last_at, n = now, chunk.completion_tokens
+                if chunk.kv_transfer:
+                    self.metrics.observe_kv(chunk.kv_transfer)
+                yield chunk
+        finally:
+            if prefill_task is not None and not prefill_task.done():
+                prefill_task.cancel()
+        pool_name = "colocated" if decision.prefill is None else "decode"
+        if n > 1:
+            self.metrics.tpot_s.labels(pool_name).observe((last_at - first_at) / (n - 1))
+        self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - start)
+
+    # --- health and metrics --------------------------------------------------
+    async def start_polling(self, interval_s: float = 1.0) -> None:
+        """Keep a fresh copy of the controller's instance list for health and metrics."""
+        async def poll() -> None:
+            while True:
+                try:
+                    self._snapshot = await self.controller.snapshot.remote()
+                    self.metrics.observe_instances(self._snapshot)
+                except Exception as exc:
+                    log.warning("controller snapshot failed: %s", exc)
+                await asyncio.sleep(interval_s)
+
+        self._poller = asyncio.create_task(poll())
+
+    async def health(self) -> dict:
+        snapshot = await self.controller.snapshot.remote()
+        live = {pool: 0 for pool in self.cfg.pools()}
+        for inst in snapshot:
+            if inst["live"] and inst["pool"] in live:
+                live[inst["pool"]] += 1
+        status = "ok" if all(live.values()) else "unavailable"
+        return {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live}
+
+    def metrics_text(self) -> tuple[bytes, str]:
+        return self.metrics.render()
+
+
+async def _await(response: Any) -> Any:
+    return await response
+
+
+async def _stream_checked(stream: Any, prefill_task: asyncio.Future | None) -> AsyncIterator[GenerateChunk]:
+    """The decode stream, failed fast when the prefill call fails before the first token
+    (the decode replica would otherwise wait out the transfer's lease)."""
+    try:
+        it = stream.__aiter__()
+        while True:
+            step = asyncio.ensure_future(it.__anext__())
+            if prefill_task is not None and not prefill_task.done():
+                await asyncio.wait({step, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task.done() and prefill_task.exception() is not None and not step.done():
+                    step.cancel()
+                    raise _as_serve_error(prefill_task.exception(), "prefill")
+            try:
+                yield await step
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise _as_serve_error(exc, "decode") from None
+    finally:
+        stream.cancel()
+
+
+def _as_serve_error(exc: BaseException, phase: str) -> ServeError:
+    if isinstance(exc, ServeError):
+        return exc
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, ServeError):
+        return cause
+    log.warning("%s failed: %s", phase, exc)
+    return EngineFailure(f"the {phase} engine failed ({type(cause or exc).__name__})")

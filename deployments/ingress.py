@@ -1,0 +1,48 @@
+"""The ingress deployment: the OpenAI HTTP API (through Ray Serve's proxy) and the gRPC
+API (its own server in the replica), both over one `Frontend`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+
+from pdserve.deployments import telemetry
+from pdserve.deployments.config import ClusterConfig
+from pdserve.deployments.errors import Unavailable
+from pdserve.deployments.frontend import Frontend
+from pdserve.deployments.grpc_api import start_grpc_server
+from pdserve.deployments.http_api import build_http_app
+
+log = logging.getLogger("pdserve.ingress")
+
+# One ingress replica per process: the HTTP routes reach its frontend through here.
+_frontend: Frontend | None = None
+
+
+def _current_frontend() -> Frontend:
+    if _frontend is None:
+        raise Unavailable("the ingress is still starting")
+    return _frontend
+
+
+@serve.ingress(build_http_app(_current_frontend))
+class Ingress:
+    async def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any]):
+        global _frontend
+        telemetry.setup_tracing(cfg.tracing, "ingress")
+        self.frontend = Frontend(cfg, model_path, controller, pools)
+        await self.frontend.start_polling()
+        _frontend = self.frontend
+        self.grpc = await start_grpc_server(_current_frontend, cfg.ingress.grpc_port, cfg.ingress.host)
+        log.info("ingress ready: model %s, gRPC on %s:%d", self.frontend.model_name, cfg.ingress.host,
+                 cfg.ingress.grpc_port)
+
+    def finished_spans(self) -> list[dict]:
+        return telemetry.finished_spans()
+
+    async def __del__(self) -> None:
+        await self.grpc.stop(grace=5)
+        telemetry.shutdown_tracing()
+        await super().__del__()

@@ -1,0 +1,55 @@
+"""The ingress's Prometheus metrics: what a platform team graphs and alerts on.
+
+Latencies are measured where the client sees them (the ingress), per pool: TTFT
+belongs to the pool that produced the first token's KV (prefill, or colocated),
+TPOT and end-to-end latency to the pool that streamed the answer.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TPOT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
+
+
+class IngressMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft_s = Histogram("pdserve_ttft_seconds", "Time to first token", ["pool"], buckets=_LATENCY_BUCKETS_S,
+                                registry=r)
+        self.tpot_s = Histogram("pdserve_tpot_seconds", "Mean time per output token after the first, per request",
+                                ["pool"], buckets=_TPOT_BUCKETS_S, registry=r)
+        self.e2e_s = Histogram("pdserve_e2e_latency_seconds", "Request latency, first byte in to last token out",
+                               ["pool"], buckets=_LATENCY_BUCKETS_S, registry=r)
+        self.requests = Counter("pdserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.queue_depth = Gauge("pdserve_queue_depth", "Requests routed to an instance and not finished",
+                                 ["pool", "replica"], registry=r)
+        self.live_instances = Gauge("pdserve_live_instances", "Instances reporting to the controller", ["pool"],
+                                    registry=r)
+        self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode", registry=r)
+        self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers by final state", ["state"], registry=r)
+        self.kv_exposed_s = Histogram("pdserve_kv_transfer_exposed_seconds",
+                                      "KV transfer time not hidden behind prefill compute",
+                                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
+                                      registry=r)
+
+    def observe_instances(self, snapshot: list[dict]) -> None:
+        self.queue_depth.clear()
+        live: dict[str, int] = {}
+        for inst in snapshot:
+            self.queue_depth.labels(inst["pool"], inst["replica_id"]).set(inst["load"])
+            live[inst["pool"]] = live.get(inst["pool"], 0) + int(inst["live"])
+        for pool, n in live.items():
+            self.live_instances.labels(pool).set(n)
+
+    def observe_kv(self, report: dict) -> None:
+        state = str(report.get("state", "UNKNOWN"))
+        self.kv_transfers.labels(state).inc()
+        if state == "DONE":
+            self.kv_bytes.inc(int(report.get("bytes", 0)))
+            self.kv_exposed_s.observe(float(report.get("exposed_ms", 0.0)) / 1e3)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,70 @@
+"""The request and its streamed chunks as they travel between pdserve's processes.
+
+The ingresses (HTTP, gRPC) turn their wire formats into a `GenerateRequest`; the
+engine replicas answer with `GenerateChunk`s. Both are plain dataclasses because
+Ray pickles them between the ingress and the engine replicas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Sampling(BaseModel):
+    """Sampling options shared by every API; validated once, here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(None, ge=1)
+    """Tokens to generate at most; None means up to the model's context length."""
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    """0 is greedy."""
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list, max_length=4)
+    """Generation ends before the first of these strings; it is not returned."""
+    seed: int | None = None
+    """Per-request sampling seed, for repeatable sampling at temperature > 0."""
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [v]
+        return [] if v is None else v
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must not be empty")
+        return v
+
+
+@dataclass
+class GenerateRequest:
+    """One request, tokenized and validated by the ingress."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: Sampling
+    trace_carrier: dict[str, str] = field(default_factory=dict)
+    """W3C trace context of the ingress span, so engine spans join the request's trace."""
+
+
+@dataclass
+class GenerateChunk:
+    """A piece of the answer: new text and tokens since the previous chunk."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    """Tokens generated so far, this chunk's included."""
+    finish_reason: str | None = None
+    """'stop' or 'length' on the last chunk; None before."""
+    kv_transfer: dict[str, Any] | None = None
+    """Last chunk of a disaggregated request: how the prompt's KV travelled
+    (state, tokens, bytes, prefill_compute_ms, exposed_ms, load_ms)."""

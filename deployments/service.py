@@ -1,0 +1,90 @@
+"""Start and stop a whole pdserve service: Ray (local or joined), Serve's HTTP proxy
+and the application. `pdserve serve` and the end-to-end tests both use it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+
+from pdserve.deployments.config import ClusterConfig
+
+log = logging.getLogger("pdserve.service")
+
+
+@dataclass
+class Service:
+    cfg: ClusterConfig
+    http_url: str
+    """Base URL of the application (OpenAI's API lives under `/v1`)."""
+    grpc_addr: str
+    started_ray: bool
+
+    def delete(self) -> None:
+        """Delete the application (if still there); its engines shut down in their replicas."""
+        from ray import serve
+
+        if self.cfg.app_name in serve.status().applications:
+            serve.delete(self.cfg.app_name)
+
+    def stop(self) -> None:
+        """Delete the application, then Serve and, if this process started it, Ray."""
+        import ray
+        from ray import serve
+
+        log.info("shutting down pdserve")
+        try:
+            self.delete()
+        finally:
+            serve.shutdown()
+            if self.started_ray:
+                ray.shutdown()
+
+
+def with_secret(cfg: ClusterConfig) -> ClusterConfig:
+    """`cfg` with a KV secret: the configured one, PDSERVE_KV_SECRET, or a fresh one for this run."""
+    if cfg.kv_transfer.secret_value:
+        return cfg
+    secret = os.environ.get("PDSERVE_KV_SECRET") or secrets.token_hex(32)
+    return cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"secret": SecretStr(secret)})})
+
+
+def start(cfg: ClusterConfig, model_path: str) -> Service:
+    """Deploy `cfg` and return once every replica is up."""
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
+    import ray
+    from ray import serve
+
+    cfg = with_secret(cfg)
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        if cfg.ray_address:
+            ray.init(address=cfg.ray_address, log_to_driver=False)
+        else:
+            need = sum(p.replicas * p.num_cpus for p in cfg.pools().values())
+            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
+                     log_to_driver=False)
+    try:
+        serve.start(http_options={"host": cfg.ingress.host, "port": cfg.ingress.http_port})
+        return deploy(cfg, model_path, started_ray)
+    except BaseException:
+        serve.shutdown()
+        if started_ray:
+            ray.shutdown()
+        raise
+
+
+def deploy(cfg: ClusterConfig, model_path: str, started_ray: bool = False) -> Service:
+    """Deploy `cfg` as one more application on the running Serve instance."""
+    from ray import serve
+
+    from pdserve.deployments.app import build_app
+
+    cfg = with_secret(cfg)
+    serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix)
+    host, prefix = cfg.ingress.host, cfg.ingress.route_prefix.rstrip("/")
+    return Service(cfg, f"http://{host}:{cfg.ingress.http_port}{prefix}", f"{host}:{cfg.ingress.grpc_port}",
+                   started_ray)

@@ -1,0 +1,39 @@
+"""Helpers for the end-to-end tests that run a whole pdserve service on real engines."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from pdserve.deployments.config import ClusterConfig, parse_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def service_config(**overrides) -> ClusterConfig:
+    """The default cluster in float32 (greedy output is deterministic), with in-memory
+    tracing and free ports, so tests can compare outputs and read spans."""
+    base = {
+        "dtype": "float32",
+        "max_model_len": 1024,
+        "tracing": {"exporter": "memory"},
+        "ingress": {"http_port": free_port(), "grpc_port": free_port()},
+        "log_level": "WARNING",
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return parse_config(base)
+
+
+def init_ray(num_cpus: int = 4, **kwargs) -> None:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)

@@ -1,0 +1,55 @@
+import pytest
+
+from pdserve.deployments.config import ConfigError, load_config, parse_config
+
+
+def test_default_config_is_one_prefill_and_one_decode_engine_each_on_its_own_core():
+    cfg = load_config(None)
+    pools = cfg.pools()
+    assert cfg.mode == "disaggregated" and set(pools) == {"prefill", "decode"}
+    assert (pools["prefill"].replicas, pools["decode"].replicas) == (1, 1)
+    assert pools["prefill"].cpu_binds == ["0"] and pools["decode"].cpu_binds == ["1"]
+
+
+def test_colocated_mode_deploys_only_the_colocated_pool_with_small_prefill_chunks():
+    cfg = parse_config({"mode": "colocated"})
+    assert list(cfg.pools()) == ["colocated"]
+    assert cfg.colocated.engine_args["max_num_batched_tokens"] == 256
+
+
+def test_accelerator_types_place_pools_on_different_node_types():
+    cfg = parse_config({"prefill": {"accelerator_type": "H100", "num_gpus": 1},
+                        "decode": {"accelerator_type": "L4", "num_gpus": 1, "resources": {"decode_slot": 1}}})
+    assert cfg.prefill.ray_actor_options() == {"num_cpus": 1.0, "num_gpus": 1.0, "accelerator_type": "H100"}
+    assert cfg.decode.ray_actor_options()["resources"] == {"decode_slot": 1}
+
+
+def test_errors_name_every_bad_field(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("mode: split\ndecode:\n  replicas: 0\n  engine_args: {not_an_arg: 1}\nkv_transfer: {lease_ms: 5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    msg = str(err.value)
+    for expected in ("mode:", "decode.replicas:", "not_an_arg", "kv_transfer.lease_ms:"):
+        assert expected in msg
+
+
+def test_pool_may_not_override_what_must_agree_across_pools():
+    with pytest.raises(ConfigError, match="dtype"):
+        parse_config({"prefill": {"engine_args": {"dtype": "float16"}}})
+
+
+def test_unknown_top_level_field_and_non_mapping_file_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="replcas"):
+        parse_config({"prefill": {"replcas": 2}})
+    path = tmp_path / "c.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_secret_is_not_printed_in_a_dump():
+    cfg = parse_config({"kv_transfer": {"secret": "s3cr3t-value"}})
+    assert "s3cr3t-value" not in str(cfg.model_dump(mode="json")) and "s3cr3t-value" not in repr(cfg)

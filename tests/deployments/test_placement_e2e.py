@@ -1,0 +1,57 @@
+"""Heterogeneous placement: on a Ray cluster whose nodes carry different accelerator
+types, the prefill pool lands only on one node type and the decode pool only on the other."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pdserve.deployments import service
+from pdserve.deployments.model_store import resolve_model
+from tests.deployments.service_fixtures import service_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_prefill_and_decode_replicas_land_on_their_own_accelerator_type():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        # Two nodes of each type, one CPU each: the pools must pick by type, not by free room.
+        nodes = {
+            "fast": [cluster.add_node(num_cpus=1, resources={"accelerator_type:FASTGPU": 1}) for _ in range(2)],
+            "cheap": [cluster.add_node(num_cpus=1, resources={"accelerator_type:CHEAPGPU": 1}) for _ in range(2)],
+        }
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, log_to_driver=False)
+        cfg = service_config(
+            ray_address=cluster.address,
+            prefill={"accelerator_type": "FASTGPU", "cpu_binds": ["0"]},
+            decode={"accelerator_type": "CHEAPGPU", "cpu_binds": ["1"]},
+        )
+        svc = service.start(cfg, str(resolve_model(None)))
+        try:
+            node_ids = {kind: {n.node_id for n in ns} for kind, ns in nodes.items()}
+            instances = serve.get_deployment_handle("controller", cfg.app_name).snapshot.remote().result()
+            by_pool = {i["pool"]: i for i in instances}
+            assert by_pool["prefill"]["node_id"] in node_ids["fast"]
+            assert by_pool["decode"]["node_id"] in node_ids["cheap"]
+            assert (by_pool["prefill"]["accelerator_type"], by_pool["decode"]["accelerator_type"]) == (
+                "FASTGPU", "CHEAPGPU")
+
+            import openai
+
+            client = openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+            r = client.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=12, temperature=0,
+                                               messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert "Paris" in r.choices[0].message.content
+        finally:
+            svc.stop()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

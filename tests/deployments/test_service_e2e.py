@@ -1,0 +1,200 @@
+"""A whole disaggregated pdserve service on real engines (one prefill, one decode,
+float32), driven through its public HTTP and gRPC APIs."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from pdserve.deployments import service
+from pdserve.deployments.model_store import resolve_model
+from tests.deployments.service_fixtures import free_port, init_ray, service_config
+
+pytestmark = pytest.mark.slow
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def svc():
+    import ray
+    from ray import serve
+
+    init_ray(num_cpus=4)
+    s = None
+    try:
+        s = service.start(service_config(), str(resolve_model(None)))
+        yield s
+    finally:
+        if s is not None:
+            s.delete()
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(svc):
+    return openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+def _post(url: str, body: bytes, content_type: str = "application/json") -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_models_health_and_openapi(svc, model):
+    assert model == "SmolLM2-135M-Instruct"
+    with urllib.request.urlopen(f"{svc.http_url}/health") as r:
+        body = json.loads(r.read())
+    assert body["status"] == "ok" and body["live_instances"] == {"prefill": 1, "decode": 1}
+    with urllib.request.urlopen(f"{svc.http_url}/openapi.json") as r:
+        paths = json.loads(r.read())["paths"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(paths)
+
+
+def test_chat_completion_answers_with_usage(client, model):
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       max_tokens=20, temperature=0)
+    assert "Paris" in r.choices[0].message.content
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streamed_chat_equals_unstreamed(client, model):
+    kw = {"model": model, "messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 24, "temperature": 0}
+    whole = client.chat.completions.create(**kw)
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+
+
+def test_completions_streamed_and_not_with_length_limit(client, model):
+    whole = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0)
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 12
+    streamed = client.completions.create(model=model, prompt="Once upon a time", max_tokens=12, temperature=0,
+                                         stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == whole.choices[0].text
+
+
+def test_stop_sequence_ends_the_answer_before_it(client, model):
+    free = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
+    text = free.choices[0].text
+    assert "," in text.strip(), f"the test needs a comma in the free answer: {text!r}"
+    stop = text.strip().split(",")[0] and ","
+    r = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[stop])
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[: text.index(stop)]
+
+
+def test_bad_requests_get_clear_4xx_and_service_keeps_serving(svc, client, model):
+    url = f"{svc.http_url}/v1/chat/completions"
+    status, body = _post(url, b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    ok_msgs = [{"role": "user", "content": "hi"}]
+    status, body = _post(url, json.dumps({"model": model, "messages": ok_msgs, "max_tokens": "many"}).encode())
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = _post(url, json.dumps({"model": model, "messages": ok_msgs, "max_tokens": -3}).encode())
+    assert status == 400 and "max_tokens" in body["error"]["message"]
+    status, body = _post(url, json.dumps({"model": "gpt-none", "messages": ok_msgs}).encode())
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+    long_prompt = "hello " * 3000
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        client.completions.create(model=model, prompt=long_prompt, max_tokens=4)
+    r = client.chat.completions.create(model=model, messages=ok_msgs, max_tokens=4, temperature=0)
+    assert r.usage.completion_tokens > 0
+
+
+def test_grpc_streams_a_generation_and_answers_health_and_reflection(svc, client, model):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from pdserve.proto import pdserve_pb2 as pb
+
+    expected = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0)
+    with grpc.insecure_channel(svc.grpc_addr) as ch:
+        gen = ch.unary_stream("/pdserve.v1.Generation/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+                              response_deserializer=pb.GenerateResponse.FromString)
+        msgs = list(gen(pb.GenerateRequest(model=model, prompt="Once upon a time", max_tokens=10, temperature=0),
+                        timeout=120))
+        assert len(msgs) > 1 and msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == 10
+        assert "".join(m.text for m in msgs) == expected.choices[0].text
+        with pytest.raises(grpc.RpcError) as err:
+            list(gen(pb.GenerateRequest(model=model, prompt="x", max_tokens=-1), timeout=30))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"))
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+        (resp,) = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        assert "pdserve.v1.Generation" in {s.name for s in resp.list_services_response.service}
+
+
+def test_one_trace_spans_ingress_routing_prefill_kv_transfer_and_decode_across_processes(svc, client, model):
+    from ray import serve
+
+    r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[2]}],
+                                       max_tokens=8, temperature=0)
+    request_id = r.id.removeprefix("chatcmpl-")
+    spans = []
+    for name in ("ingress", "prefill", "decode"):
+        spans += serve.get_deployment_handle(name, svc.cfg.app_name).finished_spans.remote().result()
+    (root,) = [s for s in spans if s["name"] == "ingress" and s["attributes"].get("pdserve.request_id") == request_id]
+    mine = {s["name"]: s for s in spans if s["trace_id"] == root["trace_id"]}
+    assert set(mine) == {"ingress", "routing", "prefill", "kv_transfer", "decode"}
+    for child in ("routing", "prefill", "decode"):
+        assert mine[child]["parent_id"] == root["span_id"], child
+    assert mine["kv_transfer"]["parent_id"] == mine["prefill"]["span_id"]
+    assert mine["kv_transfer"]["attributes"]["pdserve.kv_state"] == "DONE"
+    procs = {mine[n]["process"].split(":")[0] for n in ("ingress", "prefill", "decode")}
+    assert procs == {"ingress", "prefill", "decode"}
+
+
+def test_metrics_report_latencies_outcomes_and_kv_bytes(svc, client, model):
+    client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=model, prompt="Hello", max_tokens=10_000)
+    with urllib.request.urlopen(f"{svc.http_url}/metrics") as r:
+        text = r.read().decode()
+    for needle in ('pdserve_ttft_seconds_count{pool="prefill"}', 'pdserve_tpot_seconds_count{pool="decode"}',
+                   'pdserve_e2e_latency_seconds_count{pool="decode"}', 'pdserve_requests_total{outcome="ok"}',
+                   'pdserve_requests_total{outcome="invalid"}', 'pdserve_kv_transfers_total{state="DONE"}',
+                   "pdserve_kv_transfer_bytes_total", 'pdserve_queue_depth{pool="decode"'):
+        assert needle in text, needle
+    kv_bytes = next(line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes_total"))
+    assert float(kv_bytes.split()[-1]) > 0
+
+
+# Last in this file: it replaces the disaggregated application with a colocated one, so
+# that only two engines share the two cores.
+def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, client, model):
+    requests = [{"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 32, "temperature": 0}
+                for p in PROMPTS]
+    disagg = [client.chat.completions.create(**kw).choices[0].message.content for kw in requests]
+    svc.delete()
+    colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
+                           ingress={"http_port": svc.cfg.ingress.http_port, "grpc_port": free_port(),
+                                    "route_prefix": "/colocated"})
+    colo = service.deploy(colo_cfg, str(resolve_model(None)))
+    try:
+        colo_client = openai.OpenAI(base_url=f"{colo.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
+        colocated = [colo_client.chat.completions.create(**kw).choices[0].message.content for kw in requests]
+    finally:
+        colo.delete()
+    assert disagg == colocated
+    assert all(disagg)
