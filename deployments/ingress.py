@@ -12,7 +12,7 @@ from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.errors import Unavailable
 from pdserve.deployments.frontend import Frontend
-from pdserve.deployments.grpc_api import start_grpc_server
+from pdserve.deployments.grpc_api import GrpcHealth, start_grpc_server
 from pdserve.deployments.http_api import build_http_app
 
 log = logging.getLogger("pdserve.ingress")
@@ -35,7 +35,9 @@ class Ingress:
         self.frontend = Frontend(cfg, model_path, controller, pools)
         await self.frontend.start_polling()
         _frontend = self.frontend
-        self.grpc = await start_grpc_server(_current_frontend, cfg.ingress.grpc_port, cfg.ingress.host)
+        self.grpc_health = GrpcHealth()
+        self.grpc = await start_grpc_server(_current_frontend, cfg.ingress.grpc_port, cfg.ingress.host,
+                                            self.grpc_health)
         log.info("ingress ready: model %s, gRPC on %s:%d", self.frontend.model_name, cfg.ingress.host,
                  cfg.ingress.grpc_port)
 
@@ -43,6 +45,7 @@ class Ingress:
         return telemetry.finished_spans()
 
     async def __del__(self) -> None:
+        await self.grpc_health.set_serving(False)  # probes move traffic away while streams finish
         await self.grpc.stop(grace=5)
         telemetry.shutdown_tracing()
         await super().__del__()

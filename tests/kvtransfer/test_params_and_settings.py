@@ -19,6 +19,12 @@ def test_for_prefill_round_trips_through_parse():
     assert params.parse(params.for_prefill("tid-1", "host:1")).lease_ms == 30_000
 
 
+def test_prefill_params_carry_the_trace_parent_for_the_transfer():
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert params.parse(params.for_prefill("t", "h:1", trace_parent=tp)).trace_parent == tp
+    assert "trace_parent" not in params.for_prefill("t", "h:1")[params.KEY]
+
+
 def test_for_decode_round_trips_through_parse():
     assert params.parse(params.for_decode("tid-2", lease_ms=50)) == RecvParams("tid-2", 50)
     assert params.parse(params.for_decode("tid-2")) == RecvParams("tid-2", 30_000)
@@ -57,6 +63,8 @@ def _with(**entry):
         (_with(dest=7000), "dest"),
         (_with(op="push"), "op"),
         (_with(op=None), "op"),
+        (_with(trace_parent=7), "trace_parent"),
+        (_with(trace_parent="x" * 300), "trace_parent"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

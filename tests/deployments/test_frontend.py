@@ -1,0 +1,59 @@
+"""The ingress frontend's validation with the default model's real tokenizer: what is
+refused before any engine is asked, and how defaults are filled in."""
+
+from __future__ import annotations
+
+import pytest
+
+from pdserve.deployments.config import parse_config
+from pdserve.deployments.errors import InvalidRequest, ModelNotFound
+from pdserve.deployments.frontend import Frontend
+from pdserve.deployments.model_store import resolve_model
+from pdserve.deployments.requests import Sampling
+
+pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model)
+
+
+@pytest.fixture(scope="module")
+def frontend():
+    return Frontend(parse_config({"max_model_len": 64}), str(resolve_model(None)), controller=None, pools={})
+
+
+def test_chat_goes_through_the_chat_template(frontend):
+    req = frontend.chat_request([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4))
+    text = frontend.tokenizer.decode(req.prompt_token_ids)
+    assert "Hi" in text and text.rstrip().endswith("assistant")
+
+
+def test_max_tokens_defaults_to_the_room_left_in_the_context(frontend):
+    req = frontend.completion_request("Hello there", Sampling())
+    assert req.sampling.max_tokens == 64 - len(req.prompt_token_ids)
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_refused_with_the_numbers(frontend):
+    with pytest.raises(InvalidRequest, match="maximum context length is 64") as err:
+        frontend.completion_request("Hello there", Sampling(max_tokens=100))
+    assert err.value.param == "max_tokens"
+    with pytest.raises(InvalidRequest, match="leaving no room"):
+        frontend.completion_request("word " * 100, Sampling())
+
+
+def test_empty_prompts_and_out_of_vocabulary_token_ids_are_refused(frontend):
+    with pytest.raises(InvalidRequest, match="empty"):
+        frontend.completion_request("", Sampling())
+    with pytest.raises(InvalidRequest, match="token ids"):
+        frontend.completion_request([1, 2, 10**9], Sampling())
+    assert frontend.completion_request([1, 2, 3], Sampling(max_tokens=1)).prompt_token_ids == [1, 2, 3]
+
+
+def test_unknown_model_is_not_found(frontend):
+    frontend.check_model("SmolLM2-135M-Instruct")
+    with pytest.raises(ModelNotFound):
+        frontend.check_model("gpt-4")
+
+
+def test_refusals_are_counted_by_outcome(frontend):
+    with pytest.raises(InvalidRequest):
+        frontend.completion_request("", Sampling())
+    text = frontend.metrics_text()[0].decode()
+    assert 'pdserve_requests_total{outcome="invalid"}' in text
