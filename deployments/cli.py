@@ -29,22 +29,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config_or_exit(path: str | None, command: str):
+    """The validated cluster config, or exit 2 with every problem listed."""
+    from pdserve.deployments.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(f"pdserve {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from pdserve.deployments import service
-    from pdserve.deployments.config import ConfigError, load_config
-    from pdserve.deployments.model_store import resolve_model
+    from pdserve.deployments.model_store import ModelNotFoundError, resolve_model
 
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"pdserve serve: {err}", file=sys.stderr)
-        return 2
+    cfg = _config_or_exit(args.config, "serve")
     if args.ray_address:
         cfg = cfg.model_copy(update={"ray_address": args.ray_address})
-    model_path = str(resolve_model(None if cfg.model == "default" else cfg.model))
+    try:
+        model_path = str(resolve_model(None if cfg.model == "default" else cfg.model))
+    except ModelNotFoundError as err:
+        print(f"pdserve serve: {err}", file=sys.stderr)
+        return 2
     print(f"starting pdserve ({cfg.mode}, model {model_path}); engines take about a minute to load", file=sys.stderr)
     svc = service.start(cfg, model_path)
     stop = threading.Event()
@@ -65,13 +75,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
-    from pdserve.deployments.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"pdserve config: {err}", file=sys.stderr)
-        return 2
+    cfg = _config_or_exit(args.config, "config show")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
     return 0
 

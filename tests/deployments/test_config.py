@@ -53,3 +53,24 @@ def test_unknown_top_level_field_and_non_mapping_file_are_refused(tmp_path):
 def test_secret_is_not_printed_in_a_dump():
     cfg = parse_config({"kv_transfer": {"secret": "s3cr3t-value"}})
     assert "s3cr3t-value" not in str(cfg.model_dump(mode="json")) and "s3cr3t-value" not in repr(cfg)
+
+
+def test_cli_refuses_a_bad_config_with_exit_2_and_the_field_names(tmp_path, capsys):
+    from pdserve.deployments.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("prefill: {replicas: 0}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["config", "show", "--config", str(path)])
+    assert exit_info.value.code == 2
+    assert "prefill.replicas" in capsys.readouterr().err
+
+
+def test_cli_prints_the_config_with_defaults_filled_in(tmp_path, capsys):
+    from pdserve.deployments.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("mode: colocated\n")
+    assert main(["config", "show", "--config", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert "mode: colocated" in shown and "http_port: 8000" in shown
