@@ -80,7 +80,6 @@ class Frontend:
         self.controller = controller
         self.pools = pools
         self.metrics = IngressMetrics()
-        self._snapshot: list[dict] = []
         self._poller: asyncio.Task | None = None
 
     # --- validation ----------------------------------------------------------
@@ -205,6 +204,8 @@ class Frontend:
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
+            elif prefill_task is not None and not prefill_task.cancelled() and prefill_task.exception() is not None:
+                log.warning("prefill of %s failed after decode went on: %s", req.request_id, prefill_task.exception())
         pool_name = "colocated" if decision.prefill is None else "decode"
         if n > 1:
             self.metrics.tpot_s.labels(pool_name).observe((last_at - first_at) / (n - 1))
@@ -212,12 +213,11 @@ class Frontend:
 
     # --- health and metrics --------------------------------------------------
     async def start_polling(self, interval_s: float = 1.0) -> None:
-        """Keep a fresh copy of the controller's instance list for health and metrics."""
+        """Keep the queue-depth and live-instance gauges fresh from the controller."""
         async def poll() -> None:
             while True:
                 try:
-                    self._snapshot = await self.controller.snapshot.remote()
-                    self.metrics.observe_instances(self._snapshot)
+                    self.metrics.observe_instances(await self.controller.snapshot.remote())
                 except Exception as exc:
                     log.warning("controller snapshot failed: %s", exc)
                 await asyncio.sleep(interval_s)

@@ -59,7 +59,7 @@ class IncomingTransfer:
     reserved_bytes: int = 0
     end_totals: tuple[int, int] | None = None
     compute_ns: tuple[int, int] = (0, 0)  # sender's prefill forward start/end, unix ns
-    trace_parent: str = ""  # the request's W3C traceparent, for the tracing issue's spans
+    trace_parent: str = ""  # the prefill span's W3C traceparent: parent of the kv_transfer span
 
     def covered_blocks(self, num_layers: int) -> int:
         """Number of leading logical blocks staged in every layer."""

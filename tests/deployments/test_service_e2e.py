@@ -96,11 +96,10 @@ def test_completions_streamed_and_not_with_length_limit(client, model):
 def test_stop_sequence_ends_the_answer_before_it(client, model):
     free = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0)
     text = free.choices[0].text
-    assert "," in text.strip(), f"the test needs a comma in the free answer: {text!r}"
-    stop = text.strip().split(",")[0] and ","
-    r = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[stop])
+    assert "," in text, f"the test needs a comma in the free answer: {text!r}"
+    r = client.completions.create(model=model, prompt="Count: 1, 2, 3,", max_tokens=16, temperature=0, stop=[","])
     assert r.choices[0].finish_reason == "stop"
-    assert r.choices[0].text == text[: text.index(stop)]
+    assert r.choices[0].text == text[: text.index(",")]
 
 
 def test_bad_requests_get_clear_4xx_and_service_keeps_serving(svc, client, model):
