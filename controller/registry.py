@@ -2,9 +2,11 @@
 
 Each engine replica reports every `report_interval_s`; an instance that misses
 reports for `ttl_s` is taken out of routing and comes back with its next report.
-The controller also counts the requests it has routed to each instance and not yet
-seen finish (`assigned`), so back-to-back decisions do not all pick the same idle
-instance between two reports.
+Load is the count of requests the controller routed to an instance and has not yet
+seen released (`assigned`): exact at once, where a reported count lags by up to a
+report interval (an idle instance would look busy, a busy one idle). An instance the
+controller first hears of (a new replica, or every replica after a controller
+restart) starts from the running count it reports.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Instance:
 
     @property
     def load(self) -> int:
-        return max(self.assigned, self.report.running)
+        return self.assigned
 
     @property
     def full(self) -> bool:
@@ -66,7 +68,7 @@ class Registry:
         if inst is None or inst.report.started_at_s != r.started_at_s:
             log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
                      r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-")
-            self.instances[r.replica_id] = Instance(r, now_s)
+            self.instances[r.replica_id] = Instance(r, now_s, assigned=r.running)
             return
         if now_s - inst.last_seen_s > self.ttl_s:
             log.info("instance %s is reporting again after %.1f s", r.replica_id, now_s - inst.last_seen_s)

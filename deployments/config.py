@@ -115,6 +115,14 @@ class TracingConfig(BaseModel):
     service_name: str = "pdserve"
 
 
+# Per-role pool defaults for one 2-core machine: each engine on its own core.
+_POOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefill": {"cpu_binds": ["0"]},
+    "decode": {"cpu_binds": ["1"]},
+    "colocated": {"replicas": 2, "cpu_binds": ["0", "1"], "engine_args": {"max_num_batched_tokens": 256}},
+}
+
+
 class ClusterConfig(BaseModel):
     """Everything `pdserve serve` deploys."""
 
@@ -139,12 +147,11 @@ class ClusterConfig(BaseModel):
     """Join this Ray cluster ("auto" or host:port); None starts a local one."""
     app_name: str = "pdserve"
     """Ray Serve application name."""
-    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binds=["0"]))
+    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["prefill"]))
     """The prefill pool (disaggregated mode)."""
-    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(cpu_binds=["1"]))
+    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["decode"]))
     """The decode pool (disaggregated mode)."""
-    colocated: PoolConfig = Field(default_factory=lambda: PoolConfig(replicas=2, cpu_binds=["0", "1"],
-                                                                     engine_args={"max_num_batched_tokens": 256}))
+    colocated: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["colocated"]))
     """The plain engine pool (colocated mode); a small prefill chunk keeps decode steps short."""
     kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
     """KV channel between the pools (secret, chunking, lease). An empty secret makes
@@ -154,6 +161,23 @@ class ClusterConfig(BaseModel):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log_level: str = "INFO"
     """pdserve's and vLLM's log level inside the replicas."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_defaults_per_field(cls, data: Any) -> Any:
+        """A pool section overrides the role's defaults field by field (and engine_args key by
+        key): `decode: {replicas: 2}` keeps the decode pool's default cores."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for role, defaults in _POOL_DEFAULTS.items():
+            given = data.get(role)
+            if isinstance(given, dict):
+                merged = {**defaults, **given}
+                if isinstance(given.get("engine_args"), dict):
+                    merged["engine_args"] = {**defaults.get("engine_args", {}), **given["engine_args"]}
+                data[role] = merged
+        return data
 
     @model_validator(mode="after")
     def _pools_fit_mode(self) -> "ClusterConfig":

@@ -2,14 +2,14 @@ from pdserve.controller.least_load import Outcome, choose_pair
 from pdserve.controller.registry import Instance, LoadReport, Registry
 
 
-def _inst(rid: str, pool: str, running: int = 0, assigned: int = 0, max_ongoing: int = 4) -> Instance:
+def _inst(rid: str, pool: str, assigned: int = 0, max_ongoing: int = 4) -> Instance:
     kv = f"10.0.0.1:{5000 + len(rid)}" if pool == "decode" else ""
-    return Instance(LoadReport(rid, pool, "node", None, kv, max_ongoing, running, 1.0), 0.0, assigned)
+    return Instance(LoadReport(rid, pool, "node", None, kv, max_ongoing, assigned, 1.0), 0.0, assigned)
 
 
 def test_picks_the_least_loaded_instance_of_each_pool():
     d = choose_pair([_inst("p1", "prefill", 3), _inst("p2", "prefill", 1)],
-                    [_inst("d1", "decode", assigned=2), _inst("d2", "decode", 0)])
+                    [_inst("d1", "decode", 2), _inst("d2", "decode", 0)])
     assert d.outcome is Outcome.ROUTED
     assert (d.prefill.replica_id, d.decode.replica_id) == ("p2", "d2")
     assert d.decode.kv_addr.startswith("10.0.0.1:")
@@ -42,6 +42,25 @@ def test_registry_drops_silent_instances_and_takes_them_back():
     assert reg.live("decode", 5.0) == []
     reg.report(r, now_s=6.0)
     assert [i.replica_id for i in reg.live("decode", 6.5)] == ["d1"]
+
+
+def test_a_stale_report_does_not_hide_a_release():
+    reg = Registry()
+    reg.report(LoadReport("d1", "decode", "n", None, "a:1", 2, 0, 100.0), 0.0)
+    reg.assign("d1")
+    reg.assign("d1")
+    reg.report(LoadReport("d1", "decode", "n", None, "a:1", 2, 2, 100.0), 0.1)
+    reg.release("d1")
+    reg.release("d1")
+    assert not reg.instances["d1"].full
+
+
+def test_an_instance_first_heard_of_starts_from_its_reported_running_count():
+    reg = Registry()
+    reg.report(LoadReport("d1", "decode", "n", None, "a:1", 8, 3, 100.0), 0.0)
+    assert reg.instances["d1"].load == 3
+    reg.release("d1")
+    assert reg.instances["d1"].load == 2
 
 
 def test_registry_counts_assignments_until_released_and_resets_on_restart():

@@ -74,3 +74,10 @@ def test_cli_prints_the_config_with_defaults_filled_in(tmp_path, capsys):
     assert main(["config", "show", "--config", str(path)]) == 0
     shown = capsys.readouterr().out
     assert "mode: colocated" in shown and "http_port: 8000" in shown
+
+
+def test_a_pool_section_overrides_the_role_defaults_field_by_field():
+    cfg = parse_config({"decode": {"replicas": 2}, "colocated": {"engine_args": {"max_num_seqs": 8}}})
+    assert cfg.decode.replicas == 2 and cfg.decode.cpu_binds == ["1"]
+    assert cfg.colocated.engine_args == {"max_num_batched_tokens": 256, "max_num_seqs": 8}
+    assert parse_config({"decode": {"cpu_binds": []}}).decode.cpu_binds == []

@@ -29,7 +29,9 @@ def svc():
     init_ray(num_cpus=4)
     s = None
     try:
-        s = service.start(service_config(), str(resolve_model(None)))
+        # Two requests per replica at most, so a small burst shows the overload path.
+        s = service.start(service_config(prefill={"max_ongoing_requests": 2}, decode={"max_ongoing_requests": 2}),
+                          str(resolve_model(None)))
         yield s
     finally:
         if s is not None:
@@ -118,6 +120,36 @@ def test_bad_requests_get_clear_4xx_and_service_keeps_serving(svc, client, model
         client.completions.create(model=model, prompt=long_prompt, max_tokens=4)
     r = client.chat.completions.create(model=model, messages=ok_msgs, max_tokens=4, temperature=0)
     assert r.usage.completion_tokens > 0
+
+
+def test_a_burst_beyond_capacity_is_rejected_at_once_with_429_and_retry_after(svc, client, model):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ray import serve
+
+    def one(i: int):
+        t0 = time.perf_counter()
+        try:
+            r = client.completions.create(model=model, prompt=f"Story number {i}:", max_tokens=24, temperature=0)
+            return "ok", r, time.perf_counter() - t0
+        except openai.RateLimitError as err:
+            return "429", err, time.perf_counter() - t0
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    ok = [r for kind, r, _ in results if kind == "ok"]
+    rejected = [(err, s) for kind, err, s in results if kind == "429"]
+    assert len(ok) == 2 and len(rejected) == 4, [kind for kind, _, _ in results]
+    assert all(err.response.headers.get("retry-after") == "1" for err, _ in rejected)
+    assert all(r.usage.completion_tokens == 24 for r in ok)
+    assert max(s for _, s in rejected) < min(s for kind, _, s in results if kind == "ok")
+    controller = serve.get_deployment_handle("controller", svc.cfg.app_name)
+    deadline = time.monotonic() + 5
+    while any(i["assigned"] for i in controller.snapshot.remote().result()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(i["assigned"] == 0 for i in controller.snapshot.remote().result())
+    assert client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0).usage.completion_tokens
 
 
 def test_grpc_streams_a_generation_and_answers_health_and_reflection(svc, client, model):
