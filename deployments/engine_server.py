@@ -50,7 +50,6 @@ class EngineServer:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
         self.engine = self._build_engine(cfg, pool.engine_args, model_path, kv_listen_addr)
         self.controller = controller
-        self.kv_addr = kv_listen_addr
         self.running = 0
         node_id = ray.get_runtime_context().get_node_id()
         self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
