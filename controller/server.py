@@ -54,7 +54,6 @@ def _describe(i: Instance, now_s: float, ttl_s: float) -> dict:
         "accelerator_type": i.report.accelerator_type,
         "load": i.load,
         "running": i.report.running,
-        "assigned": i.assigned,
         "max_ongoing": i.report.max_ongoing,
         "live": now_s - i.last_seen_s <= ttl_s,
     }

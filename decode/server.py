@@ -7,19 +7,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry import trace
+
 from pdserve.deployments import telemetry
+from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.engine_server import EngineServer
 from pdserve.deployments.errors import EngineFailure
 from pdserve.deployments.requests import GenerateChunk, GenerateRequest
 from pdserve.kvtransfer import params
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class DecodeServer(EngineServer):
@@ -28,7 +23,8 @@ class DecodeServer(EngineServer):
     async def __init__(self, cfg: Any, model_path: str, controller: Any):
         import ray
 
-        await super().__init__(cfg, model_path, controller, f"{ray.util.get_node_ip_address()}:{_free_port()}")
+        ip = ray.util.get_node_ip_address()
+        await super().__init__(cfg, model_path, controller, f"{ip}:{free_port(ip)}")
 
     async def generate(
         self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str
@@ -36,15 +32,10 @@ class DecodeServer(EngineServer):
         """Stream the answer; in the decode pool the prompt's KV arrives from a prefill
         replica under the request id. `replica_id` is read by the router."""
         n_prompt = len(req.prompt_token_ids)
-        span = telemetry.tracer().start_span(
-            "decode", context=telemetry.extract(req.trace_carrier),
-            attributes={"pdserve.replica": self.replica_id, "pdserve.pool": self.role},
-        )
         kv = params.for_decode(req.request_id, lease_ms) if self.role == "decode" else None
         sp = self.sampling_params(req.sampling, max_tokens, kv)
         completion = 0
-        self.running += 1
-        try:
+        with self.serving("decode", req, {"pdserve.pool": self.role}) as span:
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_token_ids}, sp, req.request_id):
                 o = out.outputs[0]
                 completion += len(o.token_ids)
@@ -56,9 +47,6 @@ class DecodeServer(EngineServer):
                     chunk.kv_transfer = self._kv_report(out.kv_transfer_params, span)
                 yield chunk
             span.set_attribute("pdserve.completion_tokens", completion)
-        finally:
-            self.running -= 1
-            span.end()
 
     def _kv_report(self, kv_params: dict | None, decode_span: Any) -> dict | None:
         """The transfer's outcome; also records it as the trace's KV-transfer span, parented
@@ -68,11 +56,8 @@ class DecodeServer(EngineServer):
         report = {k: v for k, v in kv_params.get(params.KEY, {}).items() if k != "op"}
         start, end = report.get("start_unix_ns") or 0, report.get("ready_unix_ns") or 0
         if start and end:
-            parent = telemetry.extract({"traceparent": report["trace_parent"]}) if report.get("trace_parent") else None
-            if parent is None:
-                from opentelemetry import trace
-
-                parent = trace.set_span_in_context(decode_span)
+            tp = report.get("trace_parent")
+            parent = telemetry.extract({"traceparent": tp}) if tp else trace.set_span_in_context(decode_span)
             span = telemetry.tracer().start_span(
                 "kv_transfer", context=parent, start_time=start,
                 attributes={"pdserve.kv_state": str(report.get("state")), "pdserve.kv_bytes": int(report.get("bytes", 0)),

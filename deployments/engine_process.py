@@ -39,10 +39,10 @@ class EngineSpec:
     log_level: str = "INFO"  # vLLM's logging level inside the engine process
 
 
-def free_port() -> int:
-    """A port that was free a moment ago on loopback (for the receiver's listen address)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on `host` (for a KV receiver's or a server's address)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

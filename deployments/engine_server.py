@@ -8,14 +8,20 @@ phase they serve.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
+
+from opentelemetry import trace
 
 from pdserve.controller.registry import LoadReport
 from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
+from pdserve.deployments.requests import GenerateRequest
 
 log = logging.getLogger("pdserve.engine")
 
@@ -92,15 +98,23 @@ class EngineServer:
     async def _report_loop(self) -> None:
         while True:
             try:
-                await self.controller.report.remote(self._load_report())
+                await self.controller.report.remote(dataclasses.replace(self._report, running=self.running))
             except Exception as exc:  # the controller restarting must not stop the replica
                 log.warning("load report to the controller failed: %s", exc)
             await asyncio.sleep(REPORT_INTERVAL_S)
 
-    def _load_report(self) -> LoadReport:
-        r = self._report
-        return LoadReport(r.replica_id, r.pool, r.node_id, r.accelerator_type, r.kv_addr, r.max_ongoing,
-                          self.running, r.started_at_s)
+    @contextmanager
+    def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any]) -> Iterator[trace.Span]:
+        """One request on this replica: counted in the load reports while it runs, and one
+        span of the request's trace (parented through the request's trace carrier)."""
+        span = telemetry.tracer().start_span(span_name, context=telemetry.extract(req.trace_carrier),
+                                             attributes={"pdserve.replica": self.replica_id, **attributes})
+        self.running += 1
+        try:
+            yield span
+        finally:
+            self.running -= 1
+            span.end()
 
     def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None):
         from vllm import SamplingParams

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -90,35 +91,39 @@ class Frontend:
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                      trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
-        if not messages:
-            raise InvalidRequest("messages must hold at least one message", param="messages")
-        try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                     return_dict=True)["input_ids"]
-        except Exception as exc:  # a template that rejects these messages is the client's problem
-            self.metrics.requests.labels("invalid").inc()
-            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
-        return self._request(list(ids), sampling, trace_carrier)
+        with self._counting_refusals():
+            return self._checked(self._chat_ids(messages), sampling, trace_carrier)
 
     def completion_request(self, prompt: str | list[int], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
-        if isinstance(prompt, str):
-            ids = self.tokenizer.encode(prompt) if prompt else []
-        else:
-            vocab = len(self.tokenizer)
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                self.metrics.requests.labels("invalid").inc()
-                raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
-            ids = list(prompt)
-        return self._request(ids, sampling, trace_carrier)
+        with self._counting_refusals():
+            return self._checked(self._prompt_ids(prompt), sampling, trace_carrier)
 
-    def _request(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None) -> GenerateRequest:
+    @contextmanager
+    def _counting_refusals(self) -> Iterator[None]:
         try:
-            return self._checked(ids, sampling, carrier)
+            yield
         except InvalidRequest:
             self.metrics.requests.labels("invalid").inc()
             raise
+
+    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        if not messages:
+            raise InvalidRequest("messages must hold at least one message", param="messages")
+        try:
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                           return_dict=True)["input_ids"])
+        except Exception as exc:  # a template that rejects these messages is the client's problem
+            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt) if prompt else []
+        vocab = len(self.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
+        return list(prompt)
 
     def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None) -> GenerateRequest:
         if not ids:
@@ -185,8 +190,8 @@ class Frontend:
             pool, ttft_pool = self.pools["colocated"], "colocated"
         else:
             pool, ttft_pool = self.pools["decode"], "prefill"
-            prefill_task = asyncio.ensure_future(_await(self.pools["prefill"].prefill.remote(
-                req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id)))
+            prefill_task = asyncio.ensure_future(self.pools["prefill"].prefill.remote(
+                req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id))
         stream = pool.options(stream=True).generate.remote(
             req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id)
         first_at = last_at = 0.0
@@ -235,10 +240,6 @@ class Frontend:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
-
-
-async def _await(response: Any) -> Any:
-    return await response
 
 
 async def _stream_checked(stream: Any, prefill_task: asyncio.Future | None) -> AsyncIterator[GenerateChunk]:

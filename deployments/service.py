@@ -58,7 +58,6 @@ def start(cfg: ClusterConfig, model_path: str) -> Service:
     import ray
     from ray import serve
 
-    cfg = with_secret(cfg)
     started_ray = not ray.is_initialized()
     if started_ray:
         if cfg.ray_address:

@@ -18,16 +18,12 @@ class PrefillServer(EngineServer):
     async def prefill(self, req: GenerateRequest, dest: str, lease_ms: int, *, replica_id: str) -> dict:
         """Compute the prompt's KV and push it to `dest`; returns prefill timings.
         `replica_id` is read by the router (see exact_router) and names this replica."""
-        span = telemetry.tracer().start_span(
-            "prefill", context=telemetry.extract(req.trace_carrier),
-            attributes={"pdserve.replica": self.replica_id, "pdserve.prompt_tokens": len(req.prompt_token_ids),
-                        "pdserve.kv_dest": dest},
-        )
-        kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", ""))
-        sp = self.sampling_params(req.sampling.model_copy(update={"temperature": 0.0, "stop": [], "seed": None}), 1, kv)
-        start = time.perf_counter()
-        self.running += 1
-        try:
+        attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest}
+        with self.serving("prefill", req, attrs) as span:
+            kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", ""))
+            greedy = req.sampling.model_copy(update={"temperature": 0.0, "stop": [], "seed": None})
+            sp = self.sampling_params(greedy, 1, kv)
+            start = time.perf_counter()
             final = None
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_token_ids}, sp, f"{req.request_id}-p"):
                 final = out
@@ -37,6 +33,3 @@ class PrefillServer(EngineServer):
             prefill_ms = (time.perf_counter() - start) * 1e3
             span.set_attribute("pdserve.prefill_ms", prefill_ms)
             return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params}
-        finally:
-            self.running -= 1
-            span.end()

@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import os
-import socket
 
 from pdserve.deployments.config import ClusterConfig, parse_config
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pdserve.deployments.engine_process import free_port
 
 
 def service_config(**overrides) -> ClusterConfig:

@@ -4,7 +4,6 @@ engine by the end-to-end tests."""
 
 from __future__ import annotations
 
-import socket
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
 from pdserve.deployments.grpc_api import SERVICE, GrpcHealth, start_grpc_server
 from pdserve.deployments.requests import GenerateRequest, Sampling
@@ -56,12 +56,6 @@ class ValidatingOnlyFrontend:
         yield  # an async generator, as the real stream is
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def frontend() -> ValidatingOnlyFrontend:
     return ValidatingOnlyFrontend()
@@ -74,7 +68,7 @@ def health_status() -> GrpcHealth:
 
 @pytest.fixture
 async def channel(frontend, health_status):
-    port = _free_port()
+    port = free_port()
     server = await start_grpc_server(lambda: frontend, port, health_status=health_status)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         yield ch
@@ -192,7 +186,7 @@ async def test_an_unexpected_exception_is_internal_and_the_server_keeps_serving(
     def broken_frontend() -> ValidatingOnlyFrontend:
         raise RuntimeError("frontend is not wired yet")
 
-    port = _free_port()
+    port = free_port()
     server = await start_grpc_server(broken_frontend, port, health_status=health_status)
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:

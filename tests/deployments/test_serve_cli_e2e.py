@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.deployments.service_fixtures import free_port
+from pdserve.deployments.engine_process import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,9 @@ import grpc
 import pytest
 
 from pdserve.deployments import service
+from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.model_store import resolve_model
-from tests.deployments.service_fixtures import free_port, init_ray, service_config
+from tests.deployments.service_fixtures import init_ray, service_config
 
 pytestmark = pytest.mark.slow
 
@@ -146,9 +147,9 @@ def test_a_burst_beyond_capacity_is_rejected_at_once_with_429_and_retry_after(sv
     assert max(s for _, s in rejected) < min(s for kind, _, s in results if kind == "ok")
     controller = serve.get_deployment_handle("controller", svc.cfg.app_name)
     deadline = time.monotonic() + 5
-    while any(i["assigned"] for i in controller.snapshot.remote().result()) and time.monotonic() < deadline:
+    while any(i["load"] for i in controller.snapshot.remote().result()) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert all(i["assigned"] == 0 for i in controller.snapshot.remote().result())
+    assert all(i["load"] == 0 for i in controller.snapshot.remote().result())
     assert client.completions.create(model=model, prompt="Hello", max_tokens=2, temperature=0).usage.completion_tokens
 
 
