@@ -20,9 +20,9 @@ from pdserve.proto import pdserve_pb2 as pb
 MODEL = "test-model"
 
 
-class ValidatingOnlyFrontend:
-    """A frontend with no tokenizer and no engines: it checks model names and prompt
-    lengths as the real one does, and refuses every request that gets as far as
+class FakeValidatingFrontend:
+    """A fake of the engine-backed frontend, with no tokenizer and no engines, for the gRPC
+    layer's own tests: it checks model names and prompt lengths, and refuses every request that gets as far as
     `stream` with `refusal` (Unavailable, as a frontend with no live instance would)."""
 
     model_name = MODEL
@@ -57,8 +57,8 @@ class ValidatingOnlyFrontend:
 
 
 @pytest.fixture
-def frontend() -> ValidatingOnlyFrontend:
-    return ValidatingOnlyFrontend()
+def frontend() -> FakeValidatingFrontend:
+    return FakeValidatingFrontend()
 
 
 @pytest.fixture
@@ -183,7 +183,7 @@ async def test_overloaded_says_when_to_retry(channel, frontend):
 
 
 async def test_an_unexpected_exception_is_internal_and_the_server_keeps_serving(health_status):
-    def broken_frontend() -> ValidatingOnlyFrontend:
+    def broken_frontend() -> FakeValidatingFrontend:
         raise RuntimeError("frontend is not wired yet")
 
     port = free_port()

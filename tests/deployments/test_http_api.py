@@ -22,9 +22,11 @@ MODEL = "served-model"
 HI = [{"role": "user", "content": "hi"}]
 
 
-class _RejectingFrontend:
-    """Checks the model name for real, then rejects every prompt, as the real frontend does
-    for a prompt that does not fit the context; it records what it was handed."""
+class FakeRejectingFrontend:
+    """A fake of the engine-backed frontend for the HTTP layer's own tests: checks the model
+    name, then rejects every prompt (as the real one does for a prompt beyond the context)
+    and records what it was handed. It never produces text; generation is tested end to
+    end against real engines (test_service_e2e.py)."""
 
     model_name = MODEL
     max_model_len = 2048
@@ -55,7 +57,7 @@ class _RejectingFrontend:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _NoCapacityFrontend(_RejectingFrontend):
+class FakeNoCapacityFrontend(FakeRejectingFrontend):
     """Accepts requests but routes none, like a cluster at capacity: no text is ever generated."""
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
@@ -67,12 +69,12 @@ class _NoCapacityFrontend(_RejectingFrontend):
         yield  # an async generator, like the real frontend's stream
 
 
-class _BrokenFrontend(_RejectingFrontend):
+class FakeBrokenFrontend(FakeRejectingFrontend):
     def check_model(self, model: str) -> None:
         raise RuntimeError("connection to 10.0.0.7 refused, token=s3cret")
 
 
-def _client(frontend: _RejectingFrontend) -> TestClient:
+def _client(frontend: FakeRejectingFrontend) -> TestClient:
     return TestClient(build_http_app(lambda: frontend), raise_server_exceptions=False)
 
 
@@ -190,14 +192,14 @@ def test_sampling_errors_name_the_request_field(fields: dict, param: str) -> Non
     ([HI], None, "valid dictionary"),
 ])
 def test_invalid_chat_bodies_are_400_with_openai_error(body: Any, param: str | None, words: str) -> None:
-    resp = _client(_RejectingFrontend()).post("/v1/chat/completions", json=body)
+    resp = _client(FakeRejectingFrontend()).post("/v1/chat/completions", json=body)
     assert resp.status_code == 400
     message = _assert_openai_error(resp.json(), type_="invalid_request_error", param=param)
     assert words in message
 
 
 def test_invalid_completion_body_is_400() -> None:
-    resp = _client(_RejectingFrontend()).post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True})
+    resp = _client(FakeRejectingFrontend()).post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True})
     assert resp.status_code == 400
     assert "echo is not supported" in _assert_openai_error(resp.json(), type_="invalid_request_error", param="echo")
 
@@ -208,21 +210,21 @@ def test_invalid_completion_body_is_400() -> None:
     (b"", "application/json", "Field required"),
 ])
 def test_unreadable_bodies_are_400(content: bytes, content_type: str, words: str) -> None:
-    resp = _client(_RejectingFrontend()).post("/v1/chat/completions", content=content,
+    resp = _client(FakeRejectingFrontend()).post("/v1/chat/completions", content=content,
                                               headers={"content-type": content_type})
     assert resp.status_code == 400
     assert words in _assert_openai_error(resp.json(), type_="invalid_request_error", param=None)
 
 
 def test_unknown_model_is_404() -> None:
-    resp = _client(_RejectingFrontend()).post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
+    resp = _client(FakeRejectingFrontend()).post("/v1/completions", json={"model": "gpt-4", "prompt": "hi"})
     assert resp.status_code == 404
     message = _assert_openai_error(resp.json(), type_="invalid_request_error", param="model")
     assert resp.json()["error"]["code"] == "model_not_found" and MODEL in message
 
 
 def test_frontend_rejection_keeps_its_status_and_sees_trace_context() -> None:
-    frontend = _RejectingFrontend()
+    frontend = FakeRejectingFrontend()
     headers = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "k=v"}
     resp = _client(frontend).post("/v1/chat/completions", headers=headers,
                                   json={"model": MODEL, "messages": HI, "max_completion_tokens": 4, "stream": True})
@@ -237,7 +239,7 @@ def test_frontend_rejection_keeps_its_status_and_sees_trace_context() -> None:
 
 
 def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -> None:
-    resp = _client(_NoCapacityFrontend()).post("/v1/chat/completions",
+    resp = _client(FakeNoCapacityFrontend()).post("/v1/chat/completions",
                                                json={"model": MODEL, "messages": HI, "stream": True})
     assert resp.status_code == 429
     assert resp.headers["content-type"] == "application/json"
@@ -246,14 +248,14 @@ def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -
 
 
 def test_unexpected_errors_are_500_without_internals() -> None:
-    resp = _client(_BrokenFrontend()).post("/v1/chat/completions", json={"model": MODEL, "messages": HI})
+    resp = _client(FakeBrokenFrontend()).post("/v1/chat/completions", json={"model": MODEL, "messages": HI})
     assert resp.status_code == 500
     message = _assert_openai_error(resp.json(), type_="server_error", param=None)
     assert "RuntimeError" in message and "s3cret" not in message and "10.0.0.7" not in message
 
 
 def test_unknown_route_is_404_with_openai_error() -> None:
-    resp = _client(_RejectingFrontend()).post("/v1/embeddings", json={})
+    resp = _client(FakeRejectingFrontend()).post("/v1/embeddings", json={})
     assert resp.status_code == 404
     assert "/v1/embeddings" in _assert_openai_error(resp.json(), type_="invalid_request_error", param=None)
 
@@ -262,7 +264,7 @@ def test_unknown_route_is_404_with_openai_error() -> None:
 
 
 def test_models_lists_the_served_model() -> None:
-    body = _client(_RejectingFrontend()).get("/v1/models").json()
+    body = _client(FakeRejectingFrontend()).get("/v1/models").json()
     assert body["object"] == "list"
     [card] = body["data"]
     assert card["id"] == MODEL and card["object"] == "model" and card["owned_by"] == "pdserve"
@@ -270,20 +272,20 @@ def test_models_lists_the_served_model() -> None:
 
 
 def test_health_is_503_while_unavailable() -> None:
-    resp = _client(_RejectingFrontend()).get("/health")
+    resp = _client(FakeRejectingFrontend()).get("/health")
     assert resp.status_code == 503
     assert resp.json() == {"status": "unavailable", "prefill": 0, "decode": 0}
 
 
 def test_metrics_keep_the_prometheus_content_type() -> None:
-    resp = _client(_RejectingFrontend()).get("/metrics")
+    resp = _client(FakeRejectingFrontend()).get("/metrics")
     assert resp.status_code == 200
     assert resp.headers["content-type"] == CONTENT_TYPE_LATEST
     assert "pdserve_test_requests_total 1.0" in resp.text
 
 
 def test_openapi_documents_the_request_bodies() -> None:
-    doc = _client(_RejectingFrontend()).get("/openapi.json").json()
+    doc = _client(FakeRejectingFrontend()).get("/openapi.json").json()
     schemas = doc["components"]["schemas"]
     for path, model, field in (("/v1/chat/completions", "ChatCompletionRequest", "messages"),
                                ("/v1/completions", "CompletionRequest", "prompt")):
