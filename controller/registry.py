@@ -1,18 +1,23 @@
-"""The controller's view of the live engine instances, fed by their load reports.
+"""The controller's view of the live engine instances: their load reports, the requests
+it routed to each, and each instance's latency model.
 
-Each engine replica reports every `report_interval_s`; an instance that misses
-reports for `ttl_s` is taken out of routing and comes back with its next report.
-Load is the count of requests the controller routed to an instance and has not yet
-seen released (`assigned`): exact at once, where a reported count lags by up to a
-report interval (an idle instance would look busy, a busy one idle). An instance the
-controller first hears of (a new replica, or every replica after a controller
-restart) starts from the running count it reports.
+Each engine replica reports every `report_interval_s`; an instance that misses reports
+for `ttl_s` is taken out of routing and comes back with its next report. Load is the
+controller's own ledger of the requests it routed to an instance and has not seen
+released: exact at once, where a reported count lags by up to a report interval (an
+idle instance would look busy, a busy one idle). An instance first heard of (a new
+replica, or every replica after a controller restart) also carries the requests it
+reports and the ledger does not know; that remainder only shrinks, as they finish.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+
+from pdserve.controller.decision import Decision, RouteRequest
+from pdserve.controller.latency_model import Correction, LatencyProfile
+from pdserve.controller.pool_view import PoolView, Row
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +36,56 @@ class LoadReport:
     """host:port of the decode replica's KV receiver; empty for other pools."""
     max_ongoing: int
     """Requests the replica runs at once."""
-    running: int
-    """Requests the replica is serving now."""
     started_at_s: float
     """Wall time the replica started: a new value is a new incarnation."""
+    running: int = 0
+    """Requests the replica is serving now."""
+    waiting: int = 0
+    """Requests its engine has accepted and not yet scheduled."""
+    queued_prefill_tokens: int = 0
+    """Prompt tokens it has accepted and not yet prefilled."""
+    context_tokens: int = 0
+    """Tokens (prompt and generated) held by its running requests."""
+    free_kv_blocks: int = 0
+    total_kv_blocks: int = 0
+    block_size: int = 16
+    """Tokens per KV block."""
+    recent_ttft_ms: float = 0.0
+    """Recent prefill time of its requests (moving average; 0 before the first)."""
+    recent_tpot_ms: float = 0.0
+    """Recent time per output token of its requests (moving average; 0 before the first)."""
 
 
 @dataclass
+class Assignment:
+    """A request the controller routed to an instance, with what it predicted there."""
+
+    prompt_tokens: int
+    kv_tokens: int
+    """KV room the request takes: its prompt and the output tokens reserved for it."""
+    tpot_ms: float
+    prefill_pending: bool
+    """The instance still has to prefill the prompt (prefill instances, local prefill)."""
+    predicted_prefill_ms: float
+    """The profile's prediction before correction, to correct it by what happens."""
+    predicted_step_ms: float
+    assigned_at_s: float
+
+
+@dataclass(eq=False)
 class Instance:
     report: LoadReport
     last_seen_s: float
-    assigned: int = 0
-    """Requests routed here by the controller and not yet released."""
+    profile: LatencyProfile
+    node: int
+    slot: int = -1
+    """Its row in its pool's view."""
+    assignments: dict[str, Assignment] = field(default_factory=dict)
+    unknown_running: int = 0
+    """Requests it reported that the ledger does not know (routed before a controller restart)."""
+    unknown_queued_tokens: int = 0
+    prefill_fix: Correction = field(default_factory=Correction)
+    step_fix: Correction = field(default_factory=Correction)
 
     @property
     def replica_id(self) -> str:
@@ -50,43 +93,148 @@ class Instance:
 
     @property
     def load(self) -> int:
-        return self.assigned
+        return len(self.assignments) + self.unknown_running
 
     @property
     def full(self) -> bool:
         return self.load >= self.report.max_ongoing
 
+    def queued_prefill_tokens(self) -> int:
+        return self.unknown_queued_tokens + sum(a.prompt_tokens for a in self.assignments.values() if a.prefill_pending)
+
+    def decoding(self) -> int:
+        return self.unknown_running + sum(1 for a in self.assignments.values() if not a.prefill_pending)
+
+    def context_tokens(self) -> int:
+        return max(self.report.context_tokens, sum(a.prompt_tokens for a in self.assignments.values()))
+
+    def raw_prefill_ms(self, prompt_tokens: int) -> float:
+        return self.profile.prefill_ms(prompt_tokens, self.queued_prefill_tokens())
+
+    def raw_step_ms(self, prompt_tokens: int) -> float:
+        return self.profile.step_ms(self.decoding() + 1, self.context_tokens() + prompt_tokens)
+
+    def row(self) -> Row:
+        r, p = self.report, self.profile
+        pending_kv = sum(a.kv_tokens for a in self.assignments.values() if a.assigned_at_s > self.last_seen_s)
+        tpots = [a.tpot_ms for a in self.assignments.values()]
+        return Row(
+            replica_id=r.replica_id, kv_addr=r.kv_addr,
+            step_base_ms=self.step_fix.factor * self.raw_step_ms(0),
+            step_ms_per_token=self.step_fix.factor * p.decode_ms_per_1k_context_tokens / 1000.0,
+            prefill_base_ms=self.prefill_fix.factor * p.prefill_ms(0, self.queued_prefill_tokens()),
+            prefill_ms_per_token=self.prefill_fix.factor * p.prefill_ms_per_token, last_seen_s=self.last_seen_s,
+            tpot_floor_ms=min(tpots, default=float("inf")),
+            free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
+            load=self.load, max_ongoing=r.max_ongoing, node=self.node,
+        )
+
 
 @dataclass
 class Registry:
+    profiles: dict[str, LatencyProfile]
+    """Latency profile per accelerator type; "default" for instances of any other type."""
     ttl_s: float = 3.0
     """Missed-report time after which an instance stops receiving requests."""
+    kv_reserve_tokens: int = 256
+    """Output tokens of KV room reserved per routed request (at most its max_tokens)."""
     instances: dict[str, Instance] = field(default_factory=dict)
+    _pools: dict[str, list[Instance]] = field(default_factory=dict)
+    _views: dict[str, PoolView] = field(default_factory=dict)
+    _nodes: dict[str, int] = field(default_factory=dict)
+    _routes: dict[str, list[str]] = field(default_factory=dict)
+    """request id -> the replicas it was routed to."""
 
     def report(self, r: LoadReport, now_s: float) -> None:
         inst = self.instances.get(r.replica_id)
         if inst is None or inst.report.started_at_s != r.started_at_s:
             log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
                      r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-")
-            self.instances[r.replica_id] = Instance(r, now_s, assigned=r.running)
+            profile = self.profiles.get(r.accelerator_type or "default", self.profiles["default"])
+            node = self._nodes.setdefault(r.node_id, len(self._nodes))
+            fresh = Instance(r, now_s, profile, node, unknown_running=r.running,
+                             unknown_queued_tokens=r.queued_prefill_tokens)
+            self.instances[r.replica_id] = fresh
+            self._rebuild(r.pool, replace=inst)
             return
         if now_s - inst.last_seen_s > self.ttl_s:
             log.info("instance %s is reporting again after %.1f s", r.replica_id, now_s - inst.last_seen_s)
         inst.report, inst.last_seen_s = r, now_s
+        known = len(inst.assignments)
+        inst.unknown_running = min(inst.unknown_running, max(0, r.running - known))
+        known_tokens = inst.queued_prefill_tokens() - inst.unknown_queued_tokens
+        inst.unknown_queued_tokens = min(inst.unknown_queued_tokens, max(0, r.queued_prefill_tokens - known_tokens))
+        self._refresh(inst)
+
+    def view(self, pool: str) -> PoolView:
+        return self._views.get(pool) or PoolView([])
 
     def live(self, pool: str, now_s: float) -> list[Instance]:
-        return [i for i in self.instances.values() if i.report.pool == pool and now_s - i.last_seen_s <= self.ttl_s]
+        return [i for i in self._pools.get(pool, []) if now_s - i.last_seen_s <= self.ttl_s]
 
-    def assign(self, replica_id: str) -> None:
-        if (inst := self.instances.get(replica_id)) is not None:
-            inst.assigned += 1
+    def assign(self, req: RouteRequest, decision: Decision, now_s: float) -> None:
+        """Book a routed request on its instances: the prompt on the one that prefills it,
+        the sequence on the one that decodes it."""
+        kv_tokens = req.prompt_tokens + min(req.max_tokens, self.kv_reserve_tokens)
+        targets = [t.replica_id for t in decision.targets()]
+        self._routes[req.request_id] = targets
+        for t in decision.targets():
+            inst = self.instances.get(t.replica_id)
+            if inst is None:
+                continue
+            prefills = t is decision.prefill or decision.prefill is None
+            decodes = t is decision.decode
+            inst.assignments[req.request_id] = Assignment(
+                prompt_tokens=req.prompt_tokens, kv_tokens=kv_tokens if decodes else 0,
+                tpot_ms=req.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
+                predicted_prefill_ms=inst.raw_prefill_ms(req.prompt_tokens) if prefills else 0.0,
+                predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
+                assigned_at_s=now_s)
+            self._refresh(inst)
 
-    def release(self, replica_id: str) -> None:
-        if (inst := self.instances.get(replica_id)) is not None and inst.assigned > 0:
-            inst.assigned -= 1
+    def prefill_done(self, request_id: str, prefill_ms: float) -> None:
+        """The request's prompt is prefilled (it took `prefill_ms` on its instance): that
+        instance's queue shrinks and its prefill prediction is corrected."""
+        for rid in self._routes.get(request_id, []):
+            inst = self.instances.get(rid)
+            a = inst.assignments.get(request_id) if inst else None
+            if inst is None or a is None or not a.prefill_pending:
+                continue
+            inst.prefill_fix.observe(a.predicted_prefill_ms, prefill_ms)
+            if a.kv_tokens:  # local prefill: the instance decodes it next
+                a.prefill_pending = False
+            else:
+                del inst.assignments[request_id]
+            self._refresh(inst)
+
+    def release(self, request_id: str, tpot_ms: float | None = None) -> None:
+        """The request ended; `tpot_ms` (when it produced two tokens or more) corrects the
+        decode instance's step prediction."""
+        for rid in self._routes.pop(request_id, []):
+            inst = self.instances.get(rid)
+            a = inst.assignments.pop(request_id, None) if inst else None
+            if inst is None or a is None:
+                continue
+            if tpot_ms and a.predicted_step_ms:
+                inst.step_fix.observe(a.predicted_step_ms, tpot_ms)
+            self._refresh(inst)
 
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""
         for rid in [rid for rid, i in self.instances.items() if now_s - i.last_seen_s > after_s]:
-            log.info("instance %s removed after %.0f s without reports", rid, now_s - self.instances[rid].last_seen_s)
-            del self.instances[rid]
+            inst = self.instances.pop(rid)
+            log.info("instance %s removed after %.0f s without reports", rid, now_s - inst.last_seen_s)
+            self._rebuild(inst.report.pool, replace=inst)
+
+    def _refresh(self, inst: Instance) -> None:
+        self._views[inst.report.pool].set_row(inst.slot, inst.row())
+
+    def _rebuild(self, pool: str, replace: Instance | None) -> None:
+        members = [i for i in self._pools.get(pool, []) if i is not replace]
+        kept = {id(i) for i in members}
+        members += [i for i in self.instances.values() if i.report.pool == pool and id(i) not in kept]
+        members.sort(key=lambda i: i.node)  # stable: a pool's rows keep their order within a node
+        for slot, i in enumerate(members):
+            i.slot = slot
+        self._pools[pool] = members
+        self._views[pool] = PoolView([i.row() for i in members])

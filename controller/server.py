@@ -1,59 +1,82 @@
-"""The controller as a Ray Serve deployment (one replica): it keeps the registry
-and answers routing decisions; engine replicas report to it, ingresses ask it."""
+"""The controller as a Ray Serve deployment (one replica): it keeps the registry and
+answers routing decisions; engine replicas report to it, ingresses ask it and tell it
+how each request went (prefill time, TPOT), which corrects its latency models."""
 
 from __future__ import annotations
 
 import logging
 import time
 
-from pdserve.controller.least_load import Decision, Outcome, choose_pair
+from pdserve.controller.config import RoutingConfig
+from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import Instance, LoadReport, Registry
+from pdserve.controller.slo_router import choose_slo
 
 log = logging.getLogger("pdserve.controller")
 
 
 class Controller:
-    def __init__(self, mode: str, ttl_s: float = 3.0):
+    def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False):
         self.colocated = mode == "colocated"
-        self.registry = Registry(ttl_s=ttl_s)
+        self.routing = routing
+        self.kv_bytes_per_token = kv_bytes_per_token
+        self.best_effort = best_effort
+        self.registry = Registry(routing.profiles, ttl_s=routing.ttl_s, kv_reserve_tokens=routing.kv_reserve_tokens)
+        log.info("controller: %s routing, %s when objectives cannot be met, %d KV bytes per token",
+                 routing.policy, "best effort" if best_effort else "reject", kv_bytes_per_token)
 
     def report(self, r: LoadReport) -> None:
         now = time.monotonic()
         self.registry.report(r, now)
         self.registry.forget_stale(now)
 
-    def choose(self, request_id: str, prompt_tokens: int) -> Decision:
+    def choose(self, req: RouteRequest) -> Decision:
         now = time.monotonic()
-        live = self.registry.live
-        if self.colocated:
-            decision = choose_pair(None, live("colocated", now))
+        live_after = now - self.registry.ttl_s
+        view = self.registry.view
+        prefill = None if self.colocated else view("prefill")
+        decode = view("colocated" if self.colocated else "decode")
+        if self.routing.policy == "least_load":
+            decision = choose_least_load(req, prefill, decode, live_after)
         else:
-            decision = choose_pair(live("prefill", now), live("decode", now))
+            decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
+                                  self.best_effort)
         if decision.outcome is Outcome.ROUTED:
-            for t in decision.targets():
-                self.registry.assign(t.replica_id)
-        log.info("route %s (%d prompt tokens): %s, %s", request_id, prompt_tokens, decision.outcome.value,
-                 decision.reason)
+            self.registry.assign(req, decision, now)
+        log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
+                 req.prompt_tokens, req.ttft_ms, req.tpot_ms, req.priority, decision.outcome.value, decision.reason)
         return decision
 
-    def release(self, replica_ids: list[str]) -> None:
-        for rid in replica_ids:
-            self.registry.release(rid)
+    def prefill_done(self, request_id: str, prefill_ms: float) -> None:
+        self.registry.prefill_done(request_id, prefill_ms)
+
+    def release(self, request_id: str, tpot_ms: float | None = None) -> None:
+        self.registry.release(request_id, tpot_ms)
 
     def snapshot(self) -> list[dict]:
-        """Every known instance with its load and liveness, for health and metrics."""
+        """Every known instance with its load, liveness and latency corrections, for health and metrics."""
         now = time.monotonic()
         return [_describe(i, now, self.registry.ttl_s) for i in self.registry.instances.values()]
 
 
 def _describe(i: Instance, now_s: float, ttl_s: float) -> dict:
+    r = i.report
     return {
         "replica_id": i.replica_id,
-        "pool": i.report.pool,
-        "node_id": i.report.node_id,
-        "accelerator_type": i.report.accelerator_type,
+        "pool": r.pool,
+        "node_id": r.node_id,
+        "accelerator_type": r.accelerator_type,
         "load": i.load,
-        "running": i.report.running,
-        "max_ongoing": i.report.max_ongoing,
+        "running": r.running,
+        "waiting": r.waiting,
+        "max_ongoing": r.max_ongoing,
+        "queued_prefill_tokens": i.queued_prefill_tokens(),
+        "free_kv_blocks": r.free_kv_blocks,
+        "total_kv_blocks": r.total_kv_blocks,
+        "recent_ttft_ms": r.recent_ttft_ms,
+        "recent_tpot_ms": r.recent_tpot_ms,
+        "prefill_correction": i.prefill_fix.factor,
+        "step_correction": i.step_fix.factor,
         "live": now_s - i.last_seen_s <= ttl_s,
     }

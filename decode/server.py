@@ -27,17 +27,21 @@ class DecodeServer(EngineServer):
         await super().__init__(cfg, model_path, controller, f"{ip}:{free_port(ip)}")
 
     async def generate(
-        self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str
+        self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool = False
     ) -> AsyncIterator[GenerateChunk]:
-        """Stream the answer; in the decode pool the prompt's KV arrives from a prefill
-        replica under the request id. `replica_id` is read by the router."""
+        """Stream the answer. In the decode pool the prompt's KV arrives from a prefill replica
+        under the request id, unless the controller chose `local_prefill` (a short prompt this
+        engine prefills faster than a transfer would take). `replica_id` is read by the router."""
         n_prompt = len(req.prompt_token_ids)
-        kv = params.for_decode(req.request_id, lease_ms) if self.role == "decode" else None
+        remote_kv = self.role == "decode" and not local_prefill
+        kv = params.for_decode(req.request_id, lease_ms) if remote_kv else None
         sp = self.sampling_params(req.sampling, max_tokens, kv)
         completion = 0
-        with self.serving("decode", req, {"pdserve.pool": self.role}) as span:
+        attrs = {"pdserve.pool": self.role, "pdserve.local_prefill": not remote_kv}
+        with self.serving("decode", req, attrs, prefills=not remote_kv) as (span, progress):
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_token_ids}, sp, req.request_id):
                 o = out.outputs[0]
+                progress.output(len(o.token_ids))
                 completion += len(o.token_ids)
                 chunk = GenerateChunk(o.text, list(o.token_ids), n_prompt, completion)
                 if out.finished:

@@ -20,10 +20,23 @@ _SERVERS = {"prefill": PrefillServer, "decode": DecodeServer, "colocated": Coloc
 _ENGINE_HEALTH = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0, "graceful_shutdown_timeout_s": 30.0}
 
 
+def kv_bytes_per_token(model_path: str, dtype: str) -> int:
+    """KV cache bytes one token of context takes (keys and values, every layer): what a
+    prompt's transfer moves, per token."""
+    from transformers import AutoConfig
+
+    hf = AutoConfig.from_pretrained(model_path)
+    heads = hf.num_attention_heads
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
+    kv_heads = getattr(hf, "num_key_value_heads", None) or heads
+    element = 4 if dtype == "float32" else 2  # "auto" counts as 16-bit, what served checkpoints carry
+    return 2 * hf.num_hidden_layers * kv_heads * head_dim * element
+
+
 def build_app(cfg: ClusterConfig, model_path: str) -> Application:
     controller = serve.deployment(Controller).options(
         name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}
-    ).bind(cfg.mode)
+    ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort")
     pools = {}
     for role, pool in cfg.pools().items():
         pools[role] = serve.deployment(_SERVERS[role]).options(

@@ -40,21 +40,27 @@ def _config_or_exit(path: str | None, command: str):
         raise SystemExit(2) from None
 
 
+def _model_path_or_exit(cfg, command: str) -> str:
+    """The checkpoint directory of `cfg.model` ("default": the embedded model), or exit 2 saying why not."""
+    from pdserve.deployments.model_store import ModelNotFoundError, resolve_model
+
+    try:
+        return str(resolve_model(None if cfg.model == "default" else cfg.model))
+    except ModelNotFoundError as err:
+        print(f"pdserve {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
     from pdserve.deployments import service
-    from pdserve.deployments.model_store import ModelNotFoundError, resolve_model
 
     cfg = _config_or_exit(args.config, "serve")
     if args.ray_address:
         cfg = cfg.model_copy(update={"ray_address": args.ray_address})
-    try:
-        model_path = str(resolve_model(None if cfg.model == "default" else cfg.model))
-    except ModelNotFoundError as err:
-        print(f"pdserve serve: {err}", file=sys.stderr)
-        return 2
+    model_path = _model_path_or_exit(cfg, "serve")
     print(f"starting pdserve ({cfg.mode}, model {model_path}); engines take about a minute to load", file=sys.stderr)
     svc = service.start(cfg, model_path)
     stop = threading.Event()
@@ -135,6 +141,48 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_route(args: argparse.Namespace) -> int:
+    from pdserve.bench import route_bench
+
+    report = {"hardware": _hardware(), **route_bench.run(args.instances, args.decisions, args.seed)}
+    if not args.json:
+        print(f"{args.instances} instances, {args.decisions} decisions each (goal: p99 < 100 us)")
+        for name in ("slo", "slo_slow_links_between_nodes", "least_load", "slo_decision_and_booking"):
+            r = report[name]
+            print(f"  {name:32s} p50 {r['p50_us']:7.1f} us   p99 {r['p99_us']:7.1f} us   mean {r['mean_us']:7.1f} us")
+    print(json.dumps(report))
+    return 0
+
+
+def _cmd_bench_slo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pdserve.bench import slo_compare
+
+    cfg = _config_or_exit(args.config, "bench slo")
+    w = slo_compare.Workload(requests=args.requests, load=args.load, overload=args.overload,
+                             overload_s=args.overload_s, burstiness=args.burstiness, long_fraction=args.long_fraction,
+                             long_tokens=args.long_tokens, max_tokens=args.max_tokens, slo_scale=args.slo_scale,
+                             seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.setdefault(phase, tqdm(total=total, desc=f"bench slo: {phase}", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    report = slo_compare.run(cfg, _model_path_or_exit(cfg, "bench slo"), w, progress)
+    for bar in bars.values():
+        bar.close()
+    report["hardware"] = _hardware()
+    for name in ("least_load", "slo", "overload"):
+        r = report[name]
+        print(f"{name:10s} goodput {r['goodput_rps']:.3f} req/s  met {r['met']}/{r['requests']}  ok {r['ok']}  "
+              f"rejected {r['rejected']}  errors {r['error']}  admitted attainment {r['attainment_admitted']}  "
+              f"reject p99 {(r['reject_ms'] or {}).get('p99')} ms")
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -174,6 +222,25 @@ def build_parser() -> argparse.ArgumentParser:
     kv.add_argument("--model", help="HF checkpoint directory (default: the embedded model)")
     kv.add_argument("--quiet", action="store_true", help="no progress bar")
     kv.set_defaults(func=_cmd_bench_kv)
+    route = bench.add_parser("route", help="routing decision latency with many registered instances")
+    route.add_argument("--instances", type=int, default=1000)
+    route.add_argument("--decisions", type=int, default=5000)
+    route.add_argument("--seed", type=int, default=0)
+    route.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
+    route.set_defaults(func=_cmd_bench_route)
+    slo = bench.add_parser("slo", help="SLO-aware routing vs least-load on a real service, then 3x overload")
+    slo.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    slo.add_argument("--requests", type=int, default=60, help="requests in each policy's trace")
+    slo.add_argument("--load", type=float, default=1.0, help="arrival rate as a multiple of the estimated capacity")
+    slo.add_argument("--overload", type=float, default=3.0, help="overload phase rate, x capacity")
+    slo.add_argument("--overload-s", type=float, default=40.0, help="overload phase length")
+    slo.add_argument("--burstiness", type=float, default=4.0, help="gamma arrivals: squared CV of gaps (1 = Poisson)")
+    slo.add_argument("--long-fraction", type=float, default=0.3, help="share of long prompts")
+    slo.add_argument("--long-tokens", type=int, default=1000)
+    slo.add_argument("--max-tokens", type=int, default=32)
+    slo.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
+    slo.add_argument("--seed", type=int, default=0)
+    slo.set_defaults(func=_cmd_bench_slo)
     return p
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pdserve.controller.config import RoutingConfig
 from pdserve.kvtransfer.settings import KVTransferSettings
 
 # Engine arguments pdserve sets itself; a pool may not override them.
@@ -75,7 +76,9 @@ class PoolConfig(BaseModel):
 
 
 class SLOConfig(BaseModel):
-    """Default latency objectives for requests that do not state their own."""
+    """The served model's latency objectives: defaults for requests that do not state
+    their own, and what happens to a request none of whose routes is predicted to meet them.
+    (A service serves one model, so this section is that model's.)"""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -83,6 +86,12 @@ class SLOConfig(BaseModel):
     """Time to first token."""
     tpot_ms: float = Field(200.0, gt=0)
     """Time per output token after the first."""
+    priority: int = Field(0, ge=0, le=9)
+    """Priority of requests that state none; 0 is the most important."""
+    on_unmeetable: Literal["reject", "best_effort"] = "reject"
+    """"reject": refuse at once (429 + Retry-After, gRPC RESOURCE_EXHAUSTED) instead of
+    queueing a request predicted to miss its objectives; "best_effort": serve it anyway on
+    the best route (requests still get 429 when every instance is full)."""
 
 
 class IngressConfig(BaseModel):
@@ -157,6 +166,8 @@ class ClusterConfig(BaseModel):
     """KV channel between the pools (secret, chunking, lease). An empty secret makes
     `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
     slo: SLOConfig = Field(default_factory=SLOConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """How the controller routes requests and predicts their latencies."""
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log_level: str = "INFO"

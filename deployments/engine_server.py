@@ -8,7 +8,6 @@ phase they serve.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import time
@@ -21,6 +20,7 @@ from opentelemetry import trace
 from pdserve.controller.registry import LoadReport
 from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
+from pdserve.deployments.engine_load import EngineLoad, RequestProgress
 from pdserve.deployments.requests import GenerateRequest
 
 log = logging.getLogger("pdserve.engine")
@@ -54,12 +54,12 @@ class EngineServer:
         )
         if cpu_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        self.load = EngineLoad()
         self.engine = self._build_engine(cfg, pool.engine_args, model_path, kv_listen_addr)
         self.controller = controller
-        self.running = 0
         node_id = ray.get_runtime_context().get_node_id()
         self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
-                                  pool.max_ongoing_requests, 0, time.time())
+                                  pool.max_ongoing_requests, time.time())
         self._reporter = asyncio.create_task(self._report_loop())
         log.info("%s replica %s ready (cores %s, node %s, kv %s)", self.role, self.replica_id, cpu_bind or "any",
                  node_id[:8], kv_listen_addr or "-")
@@ -93,27 +93,28 @@ class EngineServer:
             kv_transfer_config=kv_cfg,
             **engine_args,
         )
-        return AsyncLLM.from_engine_args(args)
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self.load.stat_logger])
 
     async def _report_loop(self) -> None:
         while True:
             try:
-                await self.controller.report.remote(dataclasses.replace(self._report, running=self.running))
+                await self.controller.report.remote(self.load.report(self._report))
             except Exception as exc:  # the controller restarting must not stop the replica
                 log.warning("load report to the controller failed: %s", exc)
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     @contextmanager
-    def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any]) -> Iterator[trace.Span]:
-        """One request on this replica: counted in the load reports while it runs, and one
-        span of the request's trace (parented through the request's trace carrier)."""
+    def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any],
+                prefills: bool) -> Iterator[tuple[trace.Span, RequestProgress]]:
+        """One request on this replica: counted in the load reports while it runs (`prefills`:
+        this engine computes the prompt), and one span of the request's trace (parented
+        through the request's trace carrier)."""
         span = telemetry.tracer().start_span(span_name, context=telemetry.extract(req.trace_carrier),
                                              attributes={"pdserve.replica": self.replica_id, **attributes})
-        self.running += 1
         try:
-            yield span
+            with self.load.track(len(req.prompt_token_ids), prefills) as progress:
+                yield span, progress
         finally:
-            self.running -= 1
             span.end()
 
     def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None):

@@ -13,11 +13,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from pdserve.controller.least_load import Decision, Outcome
+from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.engine_server import served_model_name
@@ -30,7 +31,7 @@ from pdserve.deployments.errors import (
     Unavailable,
 )
 from pdserve.deployments.metrics import IngressMetrics
-from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Sampling
+from pdserve.deployments.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 
 log = logging.getLogger("pdserve.ingress")
 
@@ -48,18 +49,22 @@ class FrontendAPI(Protocol):
         """Raise ModelNotFound unless `model` is the served model's name."""
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
         """Apply the chat template to `messages` ({"role", "content"} dicts), tokenize and
-        validate lengths (InvalidRequest when the prompt does not fit the context)."""
+        validate lengths (InvalidRequest when the prompt does not fit the context); objectives
+        the client left unset take the service's defaults."""
 
     def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                           trace_carrier: dict[str, str] | None = None,
+                           objectives: Objectives | None = None) -> GenerateRequest:
         """Tokenize a text prompt (or take token ids as given) and validate lengths."""
 
     def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Route the request and stream its chunks; the last one has a finish_reason.
-        Raises before the first chunk when the request cannot be routed (Overloaded,
-        Unavailable), EngineFailure when an engine fails mid-stream."""
+        """Route the request and stream its chunks; the last one has a finish_reason and the
+        SLO report. Raises before the first chunk when the request cannot be routed
+        (Overloaded: busy, or predicted to miss its objectives; Unavailable), EngineFailure
+        when an engine fails mid-stream."""
 
     async def health(self) -> dict:
         """{"status": "ok" | "unavailable", ...pool sizes}: ok when every pool has a live instance."""
@@ -90,14 +95,16 @@ class Frontend:
             raise ModelNotFound(model, self.model_name)
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            return self._checked(self._chat_ids(messages), sampling, trace_carrier)
+            return self._checked(self._chat_ids(messages), sampling, trace_carrier, objectives)
 
     def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                           trace_carrier: dict[str, str] | None = None,
+                           objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            return self._checked(self._prompt_ids(prompt), sampling, trace_carrier)
+            return self._checked(self._prompt_ids(prompt), sampling, trace_carrier, objectives)
 
     @contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -125,7 +132,8 @@ class Frontend:
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
         return list(prompt)
 
-    def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None) -> GenerateRequest:
+    def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None,
+                 objectives: Objectives | None) -> GenerateRequest:
         if not ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         room = self.max_model_len - len(ids)
@@ -140,7 +148,10 @@ class Frontend:
                 f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
                 f"tokens and max_tokens asks for {sampling.max_tokens} more", param="max_tokens",
                 code="context_length_exceeded")
-        return GenerateRequest(uuid.uuid4().hex, ids, sampling, dict(carrier or {}))
+        given, defaults = objectives or Objectives(), self.cfg.slo
+        slo = SLO(ttft_ms=given.ttft_ms or defaults.ttft_ms, tpot_ms=given.tpot_ms or defaults.tpot_ms,
+                  priority=defaults.priority if given.priority is None else given.priority)
+        return GenerateRequest(uuid.uuid4().hex, ids, sampling, slo, dict(carrier or {}))
 
     # --- serving -------------------------------------------------------------
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -152,21 +163,27 @@ class Frontend:
         start = time.perf_counter()
         outcome = "error"
         try:
+            route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1,
+                                 req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority)
             with tracer.start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
-                decision = await self.controller.choose.remote(req.request_id, len(req.prompt_token_ids))
+                decision = await self.controller.choose.remote(route)
                 span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
             if decision.outcome is not Outcome.ROUTED:
                 outcome = "rejected"
+                if decision.outcome is Outcome.REJECTED:
+                    raise Overloaded(f"the request cannot meet its objectives now: {decision.reason}",
+                                     decision.retry_after_s)
                 if decision.outcome is Outcome.OVERLOADED:
-                    raise Overloaded(f"all instances are busy: {decision.reason}")
+                    raise Overloaded(f"all instances are busy: {decision.reason}", decision.retry_after_s)
                 raise Unavailable(f"no instance can serve the request: {decision.reason}")
+            run = _Run(start)
             try:
                 async with asyncio.timeout(self.cfg.ingress.request_timeout_s):
-                    async for chunk in self._run(req, decision, start):
+                    async for chunk in self._run(req, decision, run):
                         yield chunk
                 outcome = "ok"
             finally:
-                self.controller.release.remote([t.replica_id for t in decision.targets()])
+                self.controller.release.remote(req.request_id, run.tpot_ms())
         except ServeError as err:
             outcome = {400: "invalid", 429: "rejected", 503: "unavailable"}.get(err.http_status, outcome)
             root.set_status(trace.StatusCode.ERROR, err.message)
@@ -182,39 +199,48 @@ class Frontend:
             root.set_attribute("pdserve.outcome", outcome)
             root.end()
 
-    async def _run(self, req: GenerateRequest, decision: Decision, start: float) -> AsyncIterator[GenerateChunk]:
+    async def _run(self, req: GenerateRequest, decision: Decision, run: _Run) -> AsyncIterator[GenerateChunk]:
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
         prefill_task = None
-        if decision.prefill is None:
-            pool, ttft_pool = self.pools["colocated"], "colocated"
+        if self.cfg.mode == "colocated":
+            pool_name, ttft_pool, local = "colocated", "colocated", True
+        elif decision.prefill is None:  # the controller chose to prefill this short prompt on the decode instance
+            pool_name, ttft_pool, local = "decode", "decode", True
         else:
-            pool, ttft_pool = self.pools["decode"], "prefill"
+            pool_name, ttft_pool, local = "decode", "prefill", False
             prefill_task = asyncio.ensure_future(self.pools["prefill"].prefill.remote(
                 req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id))
-        stream = pool.options(stream=True).generate.remote(
-            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id)
-        first_at = last_at = 0.0
-        n = 0
+            prefill_task.add_done_callback(lambda task: self._prefill_done(req.request_id, task))
+        stream = self.pools[pool_name].options(stream=True).generate.remote(
+            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id,
+            **({"local_prefill": True} if local and pool_name == "decode" else {}))
         try:
             async for chunk in _stream_checked(stream, prefill_task):
-                now = time.perf_counter()
-                if not first_at and chunk.token_ids:
-                    first_at = now
-                    self.metrics.ttft_s.labels(ttft_pool).observe(now - start)
-                last_at, n = now, chunk.completion_tokens
+                if chunk.token_ids and run.tokens_arrived(chunk.completion_tokens):
+                    self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
+                    if local:
+                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
                 if chunk.kv_transfer:
                     self.metrics.observe_kv(chunk.kv_transfer)
+                if chunk.finish_reason is not None:
+                    chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo.ttft_ms, req.slo.tpot_ms,
+                                          req.slo.priority)
+                    self.metrics.observe_slo(chunk.slo)
                 yield chunk
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
             elif prefill_task is not None and not prefill_task.cancelled() and prefill_task.exception() is not None:
                 log.warning("prefill of %s failed after decode went on: %s", req.request_id, prefill_task.exception())
-        pool_name = "colocated" if decision.prefill is None else "decode"
-        if n > 1:
-            self.metrics.tpot_s.labels(pool_name).observe((last_at - first_at) / (n - 1))
-        self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - start)
+        if (tpot := run.tpot_ms()) is not None:
+            self.metrics.tpot_s.labels(pool_name).observe(tpot / 1e3)
+        self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - run.start_s)
+
+    def _prefill_done(self, request_id: str, task: asyncio.Future) -> None:
+        """Tell the controller how long the prefill took, so its model of that instance learns."""
+        if not task.cancelled() and task.exception() is None:
+            self.controller.prefill_done.remote(request_id, float(task.result()["prefill_ms"]))
 
     # --- health and metrics --------------------------------------------------
     async def start_polling(self, interval_s: float = 1.0) -> None:
@@ -240,6 +266,33 @@ class Frontend:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
+
+
+@dataclass
+class _Run:
+    """A request's token timings as the client sees them, from its arrival at the ingress."""
+
+    start_s: float
+    first_s: float = 0.0
+    last_s: float = 0.0
+    tokens: int = 0
+
+    def tokens_arrived(self, tokens: int) -> bool:
+        """Record a chunk carrying tokens (`tokens` so far in the answer); True for the first one."""
+        now = time.perf_counter()
+        first = not self.first_s
+        if first:
+            self.first_s = now
+        self.last_s, self.tokens = now, tokens
+        return first
+
+    def ttft_ms(self) -> float:
+        return (self.first_s - self.start_s) * 1e3
+
+    def tpot_ms(self) -> float | None:
+        if self.tokens < 2:
+            return None
+        return (self.last_s - self.first_s) * 1e3 / (self.tokens - 1)
 
 
 async def _stream_checked(stream: Any, prefill_task: asyncio.Future | None) -> AsyncIterator[GenerateChunk]:

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from pdserve.deployments.errors import InvalidRequest, Overloaded, ServeError
 from pdserve.deployments.frontend import FrontendAPI
-from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Sampling
+from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling
 from pdserve.proto import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,8 @@ class _GenerationService:
             if last is None:
                 raise RuntimeError("the frontend streamed no chunk")
             whole = GenerateChunk(text="".join(texts), token_ids=token_ids, prompt_tokens=last.prompt_tokens,
-                                  completion_tokens=last.completion_tokens, finish_reason=last.finish_reason)
+                                  completion_tokens=last.completion_tokens, finish_reason=last.finish_reason,
+                                  slo=last.slo)
             return _response(whole, client_id or req.request_id)
         except grpc.aio.AbortError:
             raise
@@ -135,6 +136,7 @@ def _translate(raw: bytes, context: grpc.aio.ServicerContext,
         raise InvalidRequest(f"model is required; this service serves {frontend.model_name!r}", param="model")
     frontend.check_model(msg.model)
     sampling = _sampling(msg)
+    objectives = _objectives(msg)
     carrier = {k: v for k, v in context.invocation_metadata() or () if k in TRACE_KEYS} or None
     kind = msg.WhichOneof("input")
     if kind is None:
@@ -142,7 +144,7 @@ def _translate(raw: bytes, context: grpc.aio.ServicerContext,
     if kind == "prompt":
         if not msg.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return frontend, frontend.completion_request(msg.prompt, sampling, carrier), msg.request_id
+        return frontend, frontend.completion_request(msg.prompt, sampling, carrier, objectives), msg.request_id
     if kind == "chat":
         if not msg.chat.messages:
             raise InvalidRequest("chat needs at least one message", param="chat")
@@ -151,14 +153,14 @@ def _translate(raw: bytes, context: grpc.aio.ServicerContext,
                 raise InvalidRequest(f"chat.messages[{i}].role is {m.role!r}; use one of {', '.join(CHAT_ROLES)}",
                                      param="chat")
         messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-        return frontend, frontend.chat_request(messages, sampling, carrier), msg.request_id
+        return frontend, frontend.chat_request(messages, sampling, carrier, objectives), msg.request_id
     ids = list(msg.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids must not be empty", param="prompt_token_ids")
     for i, t in enumerate(ids):
         if not 0 <= t < TOKEN_ID_LIMIT:
             raise InvalidRequest(f"prompt_token_ids[{i}] is {t}, not a token id", param="prompt_token_ids")
-    return frontend, frontend.completion_request(ids, sampling, carrier), msg.request_id
+    return frontend, frontend.completion_request(ids, sampling, carrier, objectives), msg.request_id
 
 
 def _sampling(msg: pb.GenerateRequest) -> Sampling:
@@ -179,6 +181,15 @@ def _sampling(msg: pb.GenerateRequest) -> Sampling:
         raise InvalidRequest(f"{where}: {first['msg']}", param=str(first["loc"][0])) from None
 
 
+def _objectives(msg: pb.GenerateRequest) -> Objectives:
+    fields = {name: getattr(msg, name) for name in ("ttft_ms", "tpot_ms", "priority") if msg.HasField(name)}
+    try:
+        return Objectives(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise InvalidRequest(f"{first['loc'][0]}: {first['msg']}", param=str(first["loc"][0])) from None
+
+
 def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason or "",
                                request_id=request_id)
@@ -186,6 +197,11 @@ def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
         resp.usage.prompt_tokens = chunk.prompt_tokens
         resp.usage.completion_tokens = chunk.completion_tokens
         resp.usage.total_tokens = chunk.prompt_tokens + chunk.completion_tokens
+    if chunk.slo is not None:
+        r = chunk.slo
+        resp.slo.CopyFrom(pb.SLOReport(ttft_ms=r.ttft_ms, tpot_ms=r.tpot_ms, ttft_objective_ms=r.ttft_objective_ms,
+                                       tpot_objective_ms=r.tpot_objective_ms, ttft_met=r.ttft_met,
+                                       tpot_met=r.tpot_met, priority=r.priority))
     return resp
 
 

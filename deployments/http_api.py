@@ -39,6 +39,7 @@ from pdserve.deployments.openai_models import (
     ErrorResponse,
     ModelCard,
     ModelList,
+    SLOUsage,
     Usage,
     invalid_request,
 )
@@ -61,7 +62,8 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
-        req = frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request))
+        req = frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
+                                    body.objectives(request.headers))
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
@@ -69,7 +71,8 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
-        req = frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request))
+        req = frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
+                                          body.objectives(request.headers))
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
@@ -178,7 +181,7 @@ async def _answer(frontend: FrontendAPI, req: GenerateRequest, stream: bool | No
         texts.append(chunk.text)
         last = chunk
     whole = shapes.whole("".join(texts), _finish_reason(last), _usage(last))
-    return Response(whole.model_dump_json(), media_type="application/json")
+    return Response(whole.model_dump_json(), media_type="application/json", headers=_slo_headers(last))
 
 
 async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], shapes: _Shapes,
@@ -219,8 +222,22 @@ def _event(data: str) -> str:
 
 
 def _usage(last: GenerateChunk) -> Usage:
+    slo = SLOUsage(**last.slo.as_dict()) if last.slo else None
     return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                 total_tokens=last.prompt_tokens + last.completion_tokens)
+                 total_tokens=last.prompt_tokens + last.completion_tokens, slo=slo)
+
+
+def _slo_headers(last: GenerateChunk) -> dict[str, str]:
+    """A whole answer's measured TTFT/TPOT and whether each met its objective. (A stream's
+    headers leave before its answer exists: it reports them in its usage chunk.)"""
+    if last.slo is None:
+        return {}
+    r = last.slo
+    headers = {"x-pdserve-ttft-ms": f"{r.ttft_ms:.1f}", "x-pdserve-ttft-met": str(r.ttft_met).lower(),
+               "x-pdserve-tpot-met": str(r.tpot_met).lower()}
+    if r.tpot_ms is not None:
+        headers["x-pdserve-tpot-ms"] = f"{r.tpot_ms:.1f}"
+    return headers
 
 
 def _finish_reason(last: GenerateChunk) -> str:

@@ -7,8 +7,14 @@ TPOT and end-to-end latency to the pool that streamed the answer.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pdserve.deployments.requests import SLOReport
+
+GOODPUT_WINDOW_S = 60.0
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _TPOT_BUCKETS_S = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2.5)
 
@@ -30,6 +36,15 @@ class IngressMetrics:
                                     registry=r)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode", registry=r)
         self.kv_transfers = Counter("pdserve_kv_transfers", "KV transfers by final state", ["state"], registry=r)
+        self.slo_met = Counter("pdserve_slo_met_requests",
+                               "Requests that met both their TTFT and TPOT objectives (rate() is goodput)", registry=r)
+        self.slo_missed = Counter("pdserve_slo_missed_requests", "Requests that missed an objective, by objective",
+                                  ["objective"], registry=r)
+        self.goodput_rps = Gauge("pdserve_goodput_rps",
+                                 f"Requests per second that met both objectives, over the last {GOODPUT_WINDOW_S:.0f} s",
+                                 registry=r)
+        self._met_at_s: deque[float] = deque()
+        self.goodput_rps.set_function(self._goodput)
         self.kv_exposed_s = Histogram("pdserve_kv_transfer_exposed_seconds",
                                       "KV transfer time not hidden behind prefill compute",
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
@@ -50,6 +65,21 @@ class IngressMetrics:
         if state == "DONE":
             self.kv_bytes.inc(int(report.get("bytes", 0)))
             self.kv_exposed_s.observe(float(report.get("exposed_ms", 0.0)) / 1e3)
+
+    def observe_slo(self, report: SLOReport) -> None:
+        if report.ttft_met and report.tpot_met:
+            self.slo_met.inc()
+            self._met_at_s.append(time.monotonic())
+        if not report.ttft_met:
+            self.slo_missed.labels("ttft").inc()
+        if not report.tpot_met:
+            self.slo_missed.labels("tpot").inc()
+
+    def _goodput(self) -> float:
+        horizon = time.monotonic() - GOODPUT_WINDOW_S
+        while self._met_at_s and self._met_at_s[0] < horizon:
+            self._met_at_s.popleft()
+        return len(self._met_at_s) / GOODPUT_WINDOW_S
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

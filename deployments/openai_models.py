@@ -8,15 +8,17 @@ ranges are checked once, by `Sampling`, whose errors come back naming the reques
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pdserve.deployments.errors import InvalidRequest
-from pdserve.deployments.requests import Sampling
+from pdserve.deployments.requests import Objectives, Sampling
 
+OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-ms", "priority": "x-pdserve-priority"}
+"""Request headers that carry the objectives when the body does not (e.g. set by a gateway)."""
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat has none: up to the context length)."""
 
@@ -90,6 +92,13 @@ class _GenerationRequest(_StrictBody, ABC):
     stream_options: StreamOptions | None = None
     user: str | None = None
     """Accepted for compatibility; unused."""
+    ttft_ms: float | None = None
+    """pdserve's SLO contract (OpenAI clients send it in `extra_body`, or as the header
+    `x-pdserve-ttft-ms`): time-to-first-token objective in ms; unset: the service's default."""
+    tpot_ms: float | None = None
+    """Time-per-output-token objective in ms (header `x-pdserve-tpot-ms`)."""
+    priority: int | None = None
+    """0 (most important) to 9; under load higher values are refused first (header `x-pdserve-priority`)."""
 
     @field_validator("n")
     @classmethod
@@ -109,6 +118,26 @@ class _GenerationRequest(_StrictBody, ABC):
     def include_usage(self) -> bool:
         """Whether a streamed answer ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def objectives(self, headers: Mapping[str, str]) -> Objectives:
+        """The request's latency objectives: body fields first, else the `x-pdserve-*` headers;
+        InvalidRequest naming the field or header when a value is not one."""
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, parse in (("ttft_ms", float), ("tpot_ms", float), ("priority", int)):
+            value, source = getattr(self, name), name
+            if value is None and (raw := headers.get(OBJECTIVE_HEADERS[name])) is not None:
+                source = OBJECTIVE_HEADERS[name]
+                try:
+                    value = parse(raw)
+                except ValueError:
+                    raise InvalidRequest(f"Invalid '{source}' header: {raw!r} is not a number", param=source) from None
+            if value is not None:
+                values[name], sources[name] = value, source
+        try:
+            return Objectives(**values)
+        except ValidationError as e:
+            raise invalid_request(e.errors(), renames=sources) from None
 
     @abstractmethod
     def _max_tokens(self) -> tuple[int | None, str]:
@@ -188,15 +217,30 @@ class CompletionRequest(_GenerationRequest):
         return self.prompt  # type: ignore[return-value]  # a list here holds ints
 
 
+def _absent_if_none() -> Any:
+    """A field left out of the JSON while None, as OpenAI leaves out a chunk's unset fields."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class SLOUsage(_Model):
+    """How the request did against its objectives, measured at the ingress."""
+
+    ttft_ms: float
+    tpot_ms: float | None
+    """null when the answer had a single token."""
+    ttft_objective_ms: float
+    tpot_objective_ms: float
+    ttft_met: bool
+    tpot_met: bool
+    priority: int
+
+
 class Usage(_Model):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-
-
-def _absent_if_none() -> Any:
-    """A field left out of the JSON while None, as OpenAI leaves out a chunk's unset fields."""
-    return Field(None, exclude_if=lambda value: value is None)
+    slo: SLOUsage | None = _absent_if_none()
+    """pdserve's addition: measured TTFT and TPOT against the request's objectives."""
 
 
 class _Answer(_Model):

@@ -43,6 +43,54 @@ class Sampling(BaseModel):
         return v
 
 
+class Objectives(BaseModel):
+    """The latency objectives a client may state for its request (the SLO contract); an
+    objective left unset takes the service's default (`slo` in the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float | None = Field(None, gt=0, le=3_600_000)
+    """Time to first token, from the request's arrival at the ingress."""
+    tpot_ms: float | None = Field(None, gt=0, le=600_000)
+    """Mean time per output token after the first."""
+    priority: int | None = Field(None, ge=0, le=9)
+    """0 is the most important; under load, higher values are refused first."""
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A request's objectives, every one set."""
+
+    ttft_ms: float
+    tpot_ms: float
+    priority: int
+
+
+@dataclass(frozen=True)
+class SLOReport:
+    """How a request did against its objectives, measured at the ingress."""
+
+    ttft_ms: float
+    tpot_ms: float | None
+    """None when the answer had a single token."""
+    ttft_objective_ms: float
+    tpot_objective_ms: float
+    priority: int
+
+    @property
+    def ttft_met(self) -> bool:
+        return self.ttft_ms <= self.ttft_objective_ms
+
+    @property
+    def tpot_met(self) -> bool:
+        return self.tpot_ms is None or self.tpot_ms <= self.tpot_objective_ms
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ttft_ms": round(self.ttft_ms, 3), "tpot_ms": None if self.tpot_ms is None else round(self.tpot_ms, 3),
+                "ttft_objective_ms": self.ttft_objective_ms, "tpot_objective_ms": self.tpot_objective_ms,
+                "ttft_met": self.ttft_met, "tpot_met": self.tpot_met, "priority": self.priority}
+
+
 @dataclass
 class GenerateRequest:
     """One request, tokenized and validated by the ingress."""
@@ -50,6 +98,7 @@ class GenerateRequest:
     request_id: str
     prompt_token_ids: list[int]
     sampling: Sampling
+    slo: SLO
     trace_carrier: dict[str, str] = field(default_factory=dict)
     """W3C trace context of the ingress span, so engine spans join the request's trace."""
 
@@ -68,3 +117,5 @@ class GenerateChunk:
     kv_transfer: dict[str, Any] | None = None
     """Last chunk of a disaggregated request: how the prompt's KV travelled
     (state, tokens, bytes, prefill_compute_ms, exposed_ms, load_ms)."""
+    slo: SLOReport | None = None
+    """Last chunk, set by the ingress: measured TTFT and TPOT against the objectives."""

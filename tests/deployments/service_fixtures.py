@@ -10,13 +10,15 @@ from pdserve.deployments.engine_process import free_port
 
 def service_config(**overrides) -> ClusterConfig:
     """The default cluster in float32 (greedy output is deterministic), with in-memory
-    tracing and free ports, so tests can compare outputs and read spans."""
+    tracing and free ports, so tests can compare outputs and read spans. Only prompts of
+    up to 8 tokens may be prefilled on a decode replica, so chats take the KV path."""
     base = {
         "dtype": "float32",
         "max_model_len": 1024,
         "tracing": {"exporter": "memory"},
         "ingress": {"http_port": free_port(), "grpc_port": free_port()},
         "log_level": "WARNING",
+        "routing": {"local_prefill_max_tokens": 8},
     }
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):

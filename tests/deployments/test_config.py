@@ -81,3 +81,17 @@ def test_a_pool_section_overrides_the_role_defaults_field_by_field():
     assert cfg.decode.replicas == 2 and cfg.decode.cpu_binds == ["1"]
     assert cfg.colocated.engine_args == {"max_num_batched_tokens": 256, "max_num_seqs": 8}
     assert parse_config({"decode": {"cpu_binds": []}}).decode.cpu_binds == []
+
+
+def test_routing_profiles_are_per_accelerator_with_a_default_and_slo_policy_is_checked():
+    cfg = parse_config({"routing": {"profiles": {
+        "default": {"prefill_base_ms": 10, "prefill_ms_per_token": 0.1, "decode_base_ms": 10, "decode_ms_per_seq": 0.1,
+                    "decode_ms_per_1k_context_tokens": 0.5},
+        "L4": {"prefill_base_ms": 30, "prefill_ms_per_token": 0.3, "decode_base_ms": 20, "decode_ms_per_seq": 0.2,
+               "decode_ms_per_1k_context_tokens": 1.0}}}, "slo": {"priority": 2, "on_unmeetable": "best_effort"}})
+    assert cfg.routing.profiles["L4"].prefill_ms(100, 0) == 60.0 and cfg.slo.priority == 2
+    with pytest.raises(ConfigError) as err:
+        parse_config({"routing": {"profiles": {"H100": cfg.routing.profiles["L4"].model_dump()}, "policy": "random"},
+                      "slo": {"on_unmeetable": "queue"}})
+    for where in ("routing.policy", "routing.profiles", "slo.on_unmeetable"):
+        assert where in str(err.value)

@@ -13,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
-from pdserve.deployments.grpc_api import SERVICE, GrpcHealth, start_grpc_server
-from pdserve.deployments.requests import GenerateRequest, Sampling
+from pdserve.deployments.grpc_api import SERVICE, GrpcHealth, _response, start_grpc_server
+from pdserve.deployments.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 from pdserve.proto import pdserve_pb2 as pb
 
 MODEL = "test-model"
@@ -37,18 +37,22 @@ class FakeValidatingFrontend:
             raise ModelNotFound(model, self.model_name)
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
         raise Unavailable("this frontend has no tokenizer for the chat template")
 
     def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
+                           trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
         if not prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
         if isinstance(prompt, str):
             raise Unavailable("this frontend has no tokenizer")
         if len(prompt) + (sampling.max_tokens or 1) > self.max_model_len:
             raise InvalidRequest(f"the prompt does not fit the context of {self.max_model_len} tokens")
-        return GenerateRequest(uuid.uuid4().hex, list(prompt), sampling, trace_carrier or {})
+        given = objectives or Objectives()
+        slo = SLO(given.ttft_ms or 1000.0, given.tpot_ms or 100.0, given.priority or 0)
+        return GenerateRequest(uuid.uuid4().hex, list(prompt), sampling, slo, trace_carrier or {})
 
     async def stream(self, req: GenerateRequest):
         self.routed.append(req)
@@ -172,6 +176,22 @@ async def test_a_valid_request_reaches_the_frontend_with_its_sampling_and_trace(
     assert routed.prompt_token_ids == [1, 2]
     assert routed.sampling == Sampling(max_tokens=3, temperature=0.7, top_p=0.9, stop=["\n"], seed=7)
     assert routed.trace_carrier == {"traceparent": traceparent}
+
+
+async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_invalid_argument(channel, frontend):
+    await _stream_error(channel, _tokens(1, ttft_ms=300, tpot_ms=40, priority=2))
+    assert frontend.routed[-1].slo == SLO(300.0, 40.0, 2)
+    for bad in ({"ttft_ms": -1}, {"tpot_ms": 0}, {"priority": 10}):
+        err = await _stream_error(channel, _tokens(1, **bad))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details()
+
+
+def test_the_last_message_reports_the_slo() -> None:
+    chunk = GenerateChunk("x", [5], 3, 2, "stop", slo=SLOReport(120.0, None, 100.0, 50.0, 1))
+    slo = _response(chunk, "id").slo
+    assert (slo.ttft_ms, slo.ttft_objective_ms, slo.ttft_met, slo.HasField("tpot_ms"), slo.tpot_met) == (
+        120.0, 100.0, False, False, True)
+    assert not _response(GenerateChunk("x", [5], 3, 1), "id").HasField("slo")
 
 
 async def test_overloaded_says_when_to_retry(channel, frontend):

@@ -1,9 +1,10 @@
 """Tests for the OpenAI HTTP API's request models and error answers. No engine runs here: the
-frontends below refuse every request (wrong model, prompt too long, no capacity) or fail outright;
-answers with generated text are covered by the end-to-end tests."""
+frontends below refuse every request (wrong model, prompt too long, no capacity), fail outright, or
+answer with fixed chunks; answers with generated text are covered by the end-to-end tests."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,7 +17,7 @@ from pydantic import ValidationError
 from pdserve.deployments.errors import InvalidRequest, ModelNotFound, Overloaded
 from pdserve.deployments.http_api import build_http_app
 from pdserve.deployments.openai_models import ChatCompletionRequest, CompletionRequest
-from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Sampling
+from pdserve.deployments.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 
 MODEL = "served-model"
 HI = [{"role": "user", "content": "hi"}]
@@ -41,13 +42,17 @@ class FakeRejectingFrontend:
             raise ModelNotFound(model, self.model_name)
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
-        self.calls.append({"messages": messages, "sampling": sampling, "trace_carrier": trace_carrier})
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
+        self.calls.append({"messages": messages, "sampling": sampling, "trace_carrier": trace_carrier,
+                           "objectives": objectives})
         raise InvalidRequest("the prompt does not fit the context", param="messages", code="context_length_exceeded")
 
     def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
-        self.calls.append({"prompt": prompt, "sampling": sampling, "trace_carrier": trace_carrier})
+                           trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
+        self.calls.append({"prompt": prompt, "sampling": sampling, "trace_carrier": trace_carrier,
+                           "objectives": objectives})
         raise InvalidRequest("the prompt does not fit the context", param="prompt", code="context_length_exceeded")
 
     async def health(self) -> dict:
@@ -61,12 +66,27 @@ class FakeNoCapacityFrontend(FakeRejectingFrontend):
     """Accepts requests but routes none, like a cluster at capacity: no text is ever generated."""
 
     def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None) -> GenerateRequest:
-        return GenerateRequest("0" * 32, [], sampling, trace_carrier or {})
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
+        return GenerateRequest("0" * 32, [], sampling, SLO(1000, 100, 0), trace_carrier or {})
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         raise Overloaded("every decode instance is at its limit", retry_after_s=2.6)
         yield  # an async generator, like the real frontend's stream
+
+
+class FakeAnsweringFrontend(FakeRejectingFrontend):
+    """Answers every chat with two fixed chunks, the last with an SLO report: the HTTP layer's
+    wire format of an answer, without an engine."""
+
+    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+                     trace_carrier: dict[str, str] | None = None,
+                     objectives: Objectives | None = None) -> GenerateRequest:
+        return GenerateRequest("0" * 32, [1, 2, 3], sampling, SLO(500, 50, 0), trace_carrier or {})
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        yield GenerateChunk("Hel", [10], 3, 1)
+        yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, 500.0, 50.0, 0))
 
 
 class FakeBrokenFrontend(FakeRejectingFrontend):
@@ -236,6 +256,46 @@ def test_frontend_rejection_keeps_its_status_and_sees_trace_context() -> None:
 
     _client(frontend).post("/v1/completions", json={"model": MODEL, "prompt": [5, 6]})
     assert frontend.calls[-1]["prompt"] == [5, 6] and frontend.calls[-1]["trace_carrier"] == {}
+
+
+def test_objectives_come_from_the_body_or_else_the_headers() -> None:
+    frontend = FakeRejectingFrontend()
+    headers = {"x-pdserve-ttft-ms": "800", "x-pdserve-tpot-ms": "90", "x-pdserve-priority": "3"}
+    _client(frontend).post("/v1/chat/completions", headers=headers,
+                           json={"model": MODEL, "messages": HI, "ttft_ms": 250, "priority": 1})
+    assert frontend.calls[-1]["objectives"] == Objectives(ttft_ms=250, tpot_ms=90, priority=1)
+    _client(frontend).post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert frontend.calls[-1]["objectives"] == Objectives()
+
+
+@pytest.mark.parametrize(("body", "headers", "param"), [
+    ({"ttft_ms": -5}, {}, "ttft_ms"),
+    ({"priority": 10}, {}, "priority"),
+    ({"tpot_ms": "fast"}, {}, "tpot_ms"),
+    ({}, {"x-pdserve-tpot-ms": "fast"}, "x-pdserve-tpot-ms"),
+    ({}, {"x-pdserve-priority": "-1"}, "x-pdserve-priority"),
+])
+def test_bad_objectives_are_400_naming_the_field_or_header(body: dict, headers: dict, param: str) -> None:
+    frontend = FakeRejectingFrontend()
+    resp = _client(frontend).post("/v1/chat/completions", headers=headers, json={"model": MODEL, "messages": HI, **body})
+    assert resp.status_code == 400
+    _assert_openai_error(resp.json(), type_="invalid_request_error", param=param)
+    assert frontend.calls == []
+
+
+def test_an_answer_reports_its_measured_latencies_against_its_objectives() -> None:
+    client = _client(FakeAnsweringFrontend())
+    resp = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"] == "Hello"
+    assert resp.json()["usage"]["slo"] == {"ttft_ms": 612.5, "tpot_ms": 30.0, "ttft_objective_ms": 500.0,
+                                           "tpot_objective_ms": 50.0, "ttft_met": False, "tpot_met": True,
+                                           "priority": 0}
+    assert (resp.headers["x-pdserve-ttft-ms"], resp.headers["x-pdserve-ttft-met"]) == ("612.5", "false")
+    assert (resp.headers["x-pdserve-tpot-ms"], resp.headers["x-pdserve-tpot-met"]) == ("30.0", "true")
+    streamed = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["usage"]["slo"]["ttft_met"] is False
 
 
 def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -> None:

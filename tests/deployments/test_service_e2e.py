@@ -197,6 +197,41 @@ def test_one_trace_spans_ingress_routing_prefill_kv_transfer_and_decode_across_p
     assert procs == {"ingress", "prefill", "decode"}
 
 
+def test_a_short_prompt_is_prefilled_on_the_decode_replica_without_a_transfer(svc, client, model):
+    from ray import serve
+
+    r = client.completions.create(model=model, prompt=[1, 2, 3, 4], max_tokens=6, temperature=0)
+    assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
+    spans = []
+    for name in ("ingress", "prefill", "decode"):
+        spans += serve.get_deployment_handle(name, svc.cfg.app_name).finished_spans.remote().result()
+    (root,) = [s for s in spans if s["name"] == "ingress"
+               and s["attributes"].get("pdserve.request_id") == r.id.removeprefix("cmpl-")]
+    mine = {s["name"]: s for s in spans if s["trace_id"] == root["trace_id"]}
+    assert set(mine) == {"ingress", "routing", "decode"}
+    assert "local prefill" in mine["routing"]["attributes"]["pdserve.decision"]
+    assert mine["decode"]["attributes"]["pdserve.local_prefill"] is True
+
+
+def test_every_answer_reports_its_objectives_and_an_unmeetable_one_is_refused_at_once(svc, client, model):
+    import time
+
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=4, temperature=0,
+        extra_body={"ttft_ms": 120_000, "tpot_ms": 60_000, "priority": 1})
+    slo = raw.parse().usage.model_extra["slo"]
+    assert slo["ttft_objective_ms"] == 120_000 and slo["tpot_objective_ms"] == 60_000 and slo["priority"] == 1
+    assert slo["ttft_met"] is True and slo["tpot_met"] is True and 0 < slo["ttft_ms"] < 120_000
+    assert float(raw.headers["x-pdserve-ttft-ms"]) == pytest.approx(slo["ttft_ms"], abs=0.1)
+    assert raw.headers["x-pdserve-ttft-met"] == "true"
+    start = time.perf_counter()
+    with pytest.raises(openai.RateLimitError) as err:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                       max_tokens=4, extra_headers={"x-pdserve-tpot-ms": "0.01"})
+    assert time.perf_counter() - start < 2.0
+    assert "cannot meet its objectives" in err.value.message and err.value.response.headers["retry-after"]
+
+
 def test_metrics_report_latencies_outcomes_and_kv_bytes(svc, client, model):
     client.completions.create(model=model, prompt="Hello", max_tokens=4, temperature=0)
     with pytest.raises(openai.BadRequestError):
@@ -206,7 +241,8 @@ def test_metrics_report_latencies_outcomes_and_kv_bytes(svc, client, model):
     for needle in ('pdserve_ttft_seconds_count{pool="prefill"}', 'pdserve_tpot_seconds_count{pool="decode"}',
                    'pdserve_e2e_latency_seconds_count{pool="decode"}', 'pdserve_requests_total{outcome="ok"}',
                    'pdserve_requests_total{outcome="invalid"}', 'pdserve_kv_transfers_total{state="DONE"}',
-                   "pdserve_kv_transfer_bytes_total", 'pdserve_queue_depth{pool="decode"'):
+                   "pdserve_kv_transfer_bytes_total", 'pdserve_queue_depth{pool="decode"',
+                   "pdserve_slo_met_requests_total", "pdserve_goodput_rps"):
         assert needle in text, needle
     kv_bytes = next(line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes_total"))
     assert float(kv_bytes.split()[-1]) > 0

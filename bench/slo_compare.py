@@ -1,0 +1,149 @@
+"""The SLO-aware controller against the least-load router on a real service, same
+requests, same run; then the SLO-aware one under overload.
+
+1. Calibrate: with the service idle, one request of each kind at a time (chat, long
+   prompt) gives the unloaded TTFT and TPOT; objectives are `slo_scale` times those
+   (per kind, sent with each request, as DistServe states SLOs), and the service's
+   capacity is estimated as the rate one prefill engine sustains on the mix.
+2. The same bursty trace (gamma arrivals at `load` x capacity) against the least-load
+   router, then against the SLO-aware one (which refuses what it predicts will miss).
+3. The SLO-aware router under `overload` x capacity: attainment of the admitted requests
+   and how fast refusals come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdserve.bench.loadgen import RequestResult, RequestSpec, gamma_arrivals, mixed_prompts, run_load
+from pdserve.deployments.config import ClusterConfig
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 60
+    load: float = 1.0
+    """Arrival rate as a multiple of the estimated capacity."""
+    overload: float = 3.0
+    overload_s: float = 40.0
+    burstiness: float = 4.0
+    """Squared coefficient of variation of the gaps (1 = Poisson)."""
+    long_fraction: float = 0.3
+    long_tokens: int = 1000
+    max_tokens: int = 32
+    slo_scale: float = 3.0
+    seed: int = 0
+
+
+def _specs(w: Workload, rate_rps: float, n: int, objectives: dict[str, tuple[float, float]], seed: int
+           ) -> list[RequestSpec]:
+    arrivals = gamma_arrivals(rate_rps, n, w.burstiness, seed)
+    prompts = mixed_prompts(n, w.long_fraction, w.long_tokens, seed)
+    return [RequestSpec(t, _as_dialogue(kind, prompt), w.max_tokens, kind, *objectives[kind])
+            for t, (kind, prompt) in zip(arrivals, prompts, strict=True)]
+
+
+def _as_dialogue(kind: str, prompt: str) -> str:
+    """A chat question as a completion prompt the model answers at length (asked bare, an
+    instruct model often ends at once, which would leave nothing to decode)."""
+    return f"Question: {prompt}\nAnswer in detail:" if kind == "chat" else prompt
+
+
+def _met(r: RequestResult, spec: RequestSpec) -> bool:
+    return (r.outcome == "ok" and r.ttft_ms is not None and r.ttft_ms <= spec.ttft_ms
+            and (r.tpot_ms is None or r.tpot_ms <= spec.tpot_ms))
+
+
+def _pct(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 90, 99)}
+
+
+def summarize(specs: list[RequestSpec], results: list[RequestResult], duration_s: float) -> dict:
+    """Goodput and attainment with each request judged against its own objectives."""
+    ok = [r for r in results if r.outcome == "ok"]
+    met = sum(_met(r, s) for r, s in zip(results, specs, strict=True))
+    return {
+        "requests": len(results), "ok": len(ok), "rejected": sum(r.outcome == "rejected" for r in results),
+        "error": sum(r.outcome == "error" for r in results), "met": met, "duration_s": round(duration_s, 1),
+        "goodput_rps": round(met / duration_s, 4),
+        "attainment_all": round(met / len(results), 3) if results else None,
+        "attainment_admitted": round(met / len(ok), 3) if ok else None,
+        "ttft_ms": _pct([r.ttft_ms for r in ok if r.ttft_ms is not None]),
+        "tpot_ms": _pct([r.tpot_ms for r in ok if r.tpot_ms is not None]),
+        "reject_ms": _pct([r.e2e_ms for r in results if r.outcome == "rejected"]),
+        "errors": sorted({r.error[:200] for r in results if r.outcome == "error"})[:5],
+    }
+
+
+async def _drive(url: str, model: str, specs: list[RequestSpec], progress: Callable[[int, int], None] | None) -> dict:
+    start = time.perf_counter()
+    results = await run_load(url, model, specs, timeout_s=600.0, progress=progress)
+    return summarize(specs, results, time.perf_counter() - start)
+
+
+def calibrate(url: str, model: str, w: Workload) -> dict:
+    """Unloaded TTFT/TPOT per kind (median of 3, after one warm-up each)."""
+    measured: dict[str, dict] = {}
+    for kind, prompt in (("chat", _as_dialogue("chat", "What is the capital of France?")),
+                         ("long", mixed_prompts(1, 1.0, w.long_tokens, w.seed)[0][1])):
+        specs = [RequestSpec(0.0, prompt, w.max_tokens, kind) for _ in range(4)]
+        results = [asyncio.run(run_load(url, model, [s], timeout_s=600.0))[0] for s in specs]
+        if any(r.outcome != "ok" or r.tpot_ms is None for r in results[1:]):  # the first one warms up
+            raise RuntimeError(f"calibration request failed or made one token: {[(r.outcome, r.error) for r in results]}")
+        measured[kind] = {"ttft_ms": float(np.median([r.ttft_ms for r in results[1:]])),
+                          "tpot_ms": float(np.median([r.tpot_ms for r in results[1:]]))}
+    prefill_s = (1 - w.long_fraction) * measured["chat"]["ttft_ms"] / 1e3 + w.long_fraction * measured["long"][
+        "ttft_ms"] / 1e3
+    return {"unloaded": measured, "capacity_rps": 1.0 / prefill_s}
+
+
+def run(cfg: ClusterConfig, model_path: str, w: Workload, progress: Callable[[str, int, int], None] | None = None
+        ) -> dict:
+    """Deploy `cfg` with each routing policy in turn on one local Ray cluster and compare."""
+    from pdserve.deployments import service
+    from pdserve.deployments.engine_server import served_model_name
+
+    def phase(name: str) -> Callable[[int, int], None] | None:
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    policies = {"least_load": cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"policy": "least_load"})}),
+                "slo": cfg.model_copy(update={"routing": cfg.routing.model_copy(update={"policy": "slo"})})}
+    report: dict = {"workload": w.__dict__}
+    svc = service.start(policies["least_load"], model_path)
+    try:
+        model = served_model_name(svc.cfg, model_path)
+        cal = calibrate(svc.http_url, model, w)
+        objectives = {k: (v["ttft_ms"] * w.slo_scale, v["tpot_ms"] * w.slo_scale) for k, v in cal["unloaded"].items()}
+        report["calibration"] = cal
+        report["objectives_ms"] = {k: {"ttft_ms": round(t, 1), "tpot_ms": round(p, 1)} for k, (t, p) in
+                                   objectives.items()}
+        rate = w.load * cal["capacity_rps"]
+        specs = _specs(w, rate, w.requests, objectives, w.seed)
+        report["rate_rps"] = round(rate, 3)
+        report["least_load"] = asyncio.run(_drive(svc.http_url, model, specs, phase("least_load")))
+        svc.delete()
+        svc = service.deploy(policies["slo"], model_path, svc.started_ray)
+        report["slo"] = asyncio.run(_drive(svc.http_url, model, specs, phase("slo")))
+        over_rate = w.overload * cal["capacity_rps"]
+        over = _specs(w, over_rate, max(1, int(over_rate * w.overload_s)), objectives, w.seed + 1)
+        report["overload"] = {"rate_rps": round(over_rate, 3),
+                              **asyncio.run(_drive(svc.http_url, model, over, phase("overload")))}
+    finally:
+        svc.stop()
+    ll, slo = report["least_load"]["goodput_rps"], report["slo"]["goodput_rps"]
+    report["goodput_ratio_slo_over_least_load"] = round(slo / ll, 3) if ll else None
+    o = report["overload"]
+    report["goals"] = {
+        "overload_admitted_attainment": {"target": 0.9, "value": o["attainment_admitted"],
+                                         "met": (o["attainment_admitted"] or 0) >= 0.9},
+        "overload_reject_p99_ms": {"target": 50.0, "value": (o["reject_ms"] or {}).get("p99"),
+                                   "met": bool(o["reject_ms"]) and o["reject_ms"]["p99"] < 50.0},
+    }
+    return report

@@ -1,0 +1,50 @@
+"""What the router is asked (`RouteRequest`) and what it answers (`Decision`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Outcome(Enum):
+    ROUTED = "routed"
+    REJECTED = "rejected"  # no pair is predicted to meet the request's objectives: retry later (429)
+    OVERLOADED = "overloaded"  # every instance of a pool is full or out of KV room: retry later (429)
+    UNAVAILABLE = "unavailable"  # a pool has no live instance (503)
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """One request as the router sees it: its size and its objectives."""
+
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    ttft_ms: float
+    tpot_ms: float
+    priority: int = 0
+    """0 is the most important; higher values are refused earlier under load."""
+
+
+@dataclass(frozen=True)
+class Target:
+    replica_id: str
+    kv_addr: str
+    load: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    prefill: Target | None = None
+    """None when the decode target prefills the prompt itself (colocated mode, or a short
+    prompt routed to local prefill)."""
+    decode: Target | None = None
+    reason: str = ""
+    predicted_ttft_ms: float = 0.0
+    predicted_tpot_ms: float = 0.0
+    retry_after_s: float = 1.0
+    """For a refusal: when a retry has a fair chance."""
+
+    def targets(self) -> list[Target]:
+        return [t for t in (self.prefill, self.decode) if t is not None]

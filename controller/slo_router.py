@@ -1,0 +1,146 @@
+"""SLO-aware routing and early admission, as pure functions of the pools' views.
+
+For a request of P prompt tokens with objectives (TTFT, TPOT):
+- each decode instance's next step time with the request added is predicted; it may take
+  the request only if that step keeps every request running there (and this one) within
+  its TPOT objective, it has a free slot and KV room for the prompt plus reserved output;
+- TTFT through a decode instance d is the fastest way to get its prompt prefilled: on a
+  prefill instance (its queue, then the prompt, then the KV transfer, same-node or not),
+  or, for short prompts, on d itself (conditional disaggregation) when that one longer
+  step stays within the TPOT objectives of the requests running on d; then d's first step;
+- the pair with the lowest predicted TTFT among those meeting both objectives wins. When
+  none meets them the request is refused at once (or served best-effort, by policy), and
+  a lower priority needs more predicted room, so it is refused first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from pdserve.controller.config import RoutingConfig
+from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
+from pdserve.controller.pool_view import PoolView
+
+
+def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
+    return tokens * kv_bytes_per_token * 8 / (gbps * 1e6)
+
+
+def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
+               cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False) -> Decision:
+    """The pair for `req`; `prefill` None means colocated (every instance prefills its own).
+    Instances that last reported before `live_after_s` are out of routing.
+
+    The common case (some pair meets the objectives) runs as few array operations as it
+    can; why a request cannot be served is worked out only when it cannot."""
+    n = req.prompt_tokens
+    step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
+    headroom = max(0.05, 1.0 - cfg.priority_margin * req.priority)
+    roomy = (decode.last_seen_s >= live_after_s) & (
+        decode.open_kv_tokens >= n + min(req.max_tokens, cfg.kv_reserve_tokens))
+    meets = roomy & (step <= decode.tpot_floor_ms) & (step <= req.tpot_ms * headroom)
+
+    local_allowed = prefill is None or n <= cfg.local_prefill_max_tokens
+    local_ttft = None
+    if local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
+        stall = decode.prefill_base_ms + decode.prefill_ms_per_token * n
+        local_ttft = np.where(stall <= decode.tpot_floor_ms, step + stall, np.inf) if prefill is not None else step + stall
+    remote_ttft, pick_prefill = None, None
+    if prefill is not None:
+        arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
+        remote_ttft = step + arrival
+    if local_ttft is None:
+        ttft = remote_ttft
+    else:
+        ttft = local_ttft if remote_ttft is None else np.minimum(remote_ttft, local_ttft)
+    meets &= ttft <= req.ttft_ms * headroom
+
+    note = ""
+    d = int(np.where(meets, ttft, np.inf).argmin()) if len(decode) else 0
+    if not len(decode) or not meets[d]:
+        refusal = _why_not(req, prefill, decode, live_after_s, roomy, local_allowed, cfg)
+        if refusal is None:
+            d = int(np.where(roomy, ttft, np.inf).argmin())
+            if not best_effort or not np.isfinite(ttft[d]):
+                return _refused(req, roomy, ttft, step, headroom, "decode" if prefill else "colocated")
+            note = "best effort, objectives not met: "
+        else:
+            return refusal
+    local = remote_ttft is None or (local_ttft is not None and local_ttft[d] < remote_ttft[d])
+    pre = None if local or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
+    dec = _target(decode, d)
+    where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
+    reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{req.ttft_ms:.0f} ms, "
+              f"tpot {step[d]:.0f}/{req.tpot_ms:.0f} ms")
+    return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]))
+
+
+def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
+             roomy: np.ndarray, local_allowed: bool, cfg: RoutingConfig) -> Decision | None:
+    """Why no pair meets the objectives when the reason is a pool's state (nothing live,
+    everything full, no KV room); None when it is the predicted latencies."""
+    pool = "decode" if prefill is not None else "colocated"
+    live = decode.last_seen_s >= live_after_s
+    if not live.any():
+        return Decision(Outcome.UNAVAILABLE, reason=f"no live {pool} instance")
+    if not (live & decode.open).any():
+        return Decision(Outcome.OVERLOADED, reason=f"every {pool} instance is full")
+    if not roomy.any():
+        need = req.prompt_tokens + min(req.max_tokens, cfg.kv_reserve_tokens)
+        most = float(decode.free_kv_tokens[live & decode.open].max())
+        return Decision(Outcome.OVERLOADED, reason=f"no {pool} instance has KV room for {need} tokens "
+                        f"(most free: {most:.0f})")
+    if prefill is not None and not local_allowed:
+        p_live = prefill.last_seen_s >= live_after_s
+        if not p_live.any():
+            return Decision(Outcome.UNAVAILABLE, reason="no live prefill instance")
+        if not (p_live & prefill.open).any():
+            return Decision(Outcome.OVERLOADED, reason="every prefill instance is full")
+    return None
+
+
+def _kv_arrival(n: int, prefill: PoolView, live_after_s: float, decode: PoolView, cfg: RoutingConfig,
+                kv_bytes_per_token: int) -> tuple[np.ndarray | float, Callable[[int], int]]:
+    """The earliest a prompt's KV can reach each decode instance from a prefill instance
+    (inf when none is open), and which prefill instance that is for a given decode instance."""
+    if not len(prefill):
+        return np.inf, lambda d: 0
+    ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * n
+    ready[prefill.last_seen_s < live_after_s] = np.inf
+    best = int(ready.argmin())
+    cross = float(ready[best]) + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:  # a transfer costs the same anywhere
+        return cross, lambda d: best
+    # The fastest prefill instance of each node (rows are grouped by node).
+    starts, nodes = prefill.node_starts, prefill.group_nodes
+    by_node = np.full(max(prefill.max_node, decode.max_node) + 1, np.inf)
+    by_node[nodes] = np.minimum.reduceat(ready, starts)
+    same = by_node[decode.node] + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+
+    def pick(d: int) -> int:
+        if not same[d] < cross:
+            return best
+        k = int(np.searchsorted(nodes, decode.node[d]))
+        end = starts[k + 1] if k + 1 < len(starts) else len(ready)
+        return int(starts[k] + np.argmin(ready[starts[k]:end]))
+
+    return np.minimum(same, cross), pick
+
+
+def _target(view: PoolView, i: int) -> Target:
+    return Target(view.replica_ids[i], view.kv_addrs[i], int(view.load[i]))
+
+
+def _refused(req: RouteRequest, roomy: np.ndarray, ttft: np.ndarray, step: np.ndarray, headroom: float,
+             pool: str) -> Decision:
+    best_ttft = float(np.min(np.where(roomy, ttft, np.inf)))
+    best_step = float(np.min(np.where(roomy, step, np.inf)))
+    ttft_limit, tpot_limit = req.ttft_ms * headroom, req.tpot_ms * headroom
+    # Roughly when the queues ahead will have drained enough for the TTFT objective.
+    retry_after_s = min(30.0, max(1.0, (best_ttft - ttft_limit) / 1000.0))
+    return Decision(Outcome.REJECTED, reason=(
+        f"no {pool} pair is predicted to meet the objectives at priority {req.priority}: best ttft "
+        f"{best_ttft:.0f}/{ttft_limit:.0f} ms, best tpot {best_step:.0f}/{tpot_limit:.0f} ms"),
+        predicted_ttft_ms=best_ttft, predicted_tpot_ms=best_step, retry_after_s=retry_after_s)

@@ -1,0 +1,107 @@
+import math
+
+from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
+from pdserve.controller.latency_model import Correction
+from pdserve.controller.registry import LoadReport
+
+from .routing_states import FAST, add, book, registry
+
+
+def _report(rid="d1", pool="decode", running=0, started=1.0, free_kv_blocks=100, **kw) -> LoadReport:
+    return LoadReport(rid, pool, "n", None, "a:1", 8, started, running=running, free_kv_blocks=free_kv_blocks,
+                      block_size=16, **kw)
+
+
+def test_drops_silent_instances_and_takes_them_back():
+    reg = registry()
+    reg.report(_report(), now_s=0.0)
+    assert [i.replica_id for i in reg.live("decode", 2.0)] == ["d1"]
+    assert reg.live("decode", 5.0) == []
+    reg.report(_report(), now_s=6.0)
+    assert [i.replica_id for i in reg.live("decode", 6.5)] == ["d1"]
+    assert reg.view("decode").last_seen_s[0] == 6.0
+
+
+def test_a_route_books_the_prompt_on_its_prefill_instance_until_prefilled_and_the_sequence_until_released():
+    reg = registry()
+    add(reg, "p", "prefill", accelerator="FAST")
+    add(reg, "d", "decode")
+    book(reg, "r1", 400, prefill="p", decode="d")
+    p, d = reg.instances["p"], reg.instances["d"]
+    assert (p.load, p.queued_prefill_tokens(), d.load) == (1, 400, 1)
+    assert reg.view("prefill").prefill_base_ms[0] == FAST.prefill_ms(0, 400)
+    reg.prefill_done("r1", prefill_ms=FAST.prefill_ms(400, 0))
+    assert (p.load, p.queued_prefill_tokens(), d.load) == (0, 0, 1)
+    reg.release("r1", tpot_ms=None)
+    assert d.load == 0 and reg.view("decode").load[0] == 0
+    reg.release("r1")  # a second release of the same request changes nothing
+    assert d.load == 0
+
+
+def test_what_an_instance_reports_at_first_sight_counts_until_it_finishes():
+    reg = registry()
+    reg.report(_report(running=3, queued_prefill_tokens=90), 0.0)  # e.g. after a controller restart
+    inst = reg.instances["d1"]
+    assert inst.load == 3 and inst.queued_prefill_tokens() == 90
+    reg.report(_report(running=1, queued_prefill_tokens=0), 0.5)
+    assert inst.load == 1 and inst.queued_prefill_tokens() == 0
+    reg.report(_report(running=5), 1.0)  # new work it reports is work the ledger routed, never unknown
+    assert inst.load == 1
+
+
+def test_a_late_report_does_not_hide_a_release_and_a_restart_clears_the_ledger():
+    reg = registry()
+    reg.report(_report(), 0.0)
+    book(reg, "a", 10, decode="d1")
+    book(reg, "b", 10, decode="d1")
+    reg.report(_report(running=2), 0.1)
+    reg.release("a")
+    reg.release("b")
+    assert reg.instances["d1"].load == 0
+    book(reg, "c", 10, decode="d1")
+    reg.report(_report(running=0, started=2.0), 0.2)  # a new incarnation of the replica
+    assert reg.instances["d1"].load == 0 and len(reg.view("decode")) == 1
+
+
+def test_kv_room_counts_requests_routed_since_the_last_report():
+    reg = registry()
+    reg.report(_report(), 0.0)  # 100 blocks x 16 tokens
+    req = RouteRequest("r", 300, 20, 1e3, 1e3)
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0)), now_s=0.1)
+    assert reg.view("decode").free_kv_tokens[0] == 1600 - 320
+    reg.report(_report(running=1, free_kv_blocks=80), 0.2)  # the engine now holds them itself
+    assert reg.view("decode").free_kv_tokens[0] == 80 * 16
+
+
+def test_observed_latencies_correct_an_instances_predictions():
+    reg = registry()
+    add(reg, "p", "prefill", accelerator="FAST")
+    add(reg, "d", "decode")
+    for i in range(40):  # this instance prefills twice as slowly as its profile says
+        book(reg, f"r{i}", 100, prefill="p", decode="d")
+        reg.prefill_done(f"r{i}", 2 * FAST.prefill_ms(100, 0))
+        reg.release(f"r{i}", tpot_ms=0.5 * reg.instances["d"].profile.step_ms(1, 100))
+    view = reg.view("prefill")
+    assert math.isclose(view.prefill_ms_per_token[0], 2 * FAST.prefill_ms_per_token, rel_tol=0.01)
+    assert math.isclose(reg.instances["d"].step_fix.factor, 0.5, rel_tol=0.01)
+
+
+def test_a_correction_moves_gradually_and_stays_bounded():
+    c = Correction()
+    c.observe(100, 200)
+    assert 1.0 < c.factor < 1.2
+    for _ in range(200):
+        c.observe(100, 100_000)
+    assert math.isclose(c.factor, c.limit)
+    c.observe(0, 50)  # nothing to learn from an empty prediction
+    assert math.isclose(c.factor, c.limit)
+
+
+def test_forgets_instances_gone_for_good():
+    reg = registry()
+    add(reg, "p1", "prefill")
+    add(reg, "p2", "prefill", now_s=50.0)
+    reg.forget_stale(now_s=61.0)
+    assert list(reg.instances) == ["p2"] and reg.view("prefill").replica_ids == ["p2"]
+    book(reg, "x", 10, prefill="p2")
+    assert reg.view("prefill").load[0] == 1
