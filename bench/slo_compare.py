@@ -88,11 +88,22 @@ async def _drive(url: str, model: str, specs: list[RequestSpec], progress: Calla
     return summarize(specs, results, time.perf_counter() - start)
 
 
+def _probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:
+    return (("chat", _as_dialogue("chat", "What is the capital of France?")),
+            ("long", mixed_prompts(1, 1.0, w.long_tokens, w.seed)[0][1]))
+
+
+def warm_up(url: str, model: str, w: Workload) -> None:
+    """One request of each kind, one at a time, left out of the figures: a freshly deployed
+    application's first requests also pay for Serve's handles finding the new replicas."""
+    for kind, prompt in _probe_prompts(w):
+        asyncio.run(run_load(url, model, [RequestSpec(0.0, prompt, w.max_tokens, kind)], timeout_s=600.0))
+
+
 def calibrate(url: str, model: str, w: Workload) -> dict:
     """Unloaded TTFT/TPOT per kind (median of 3, after one warm-up each)."""
     measured: dict[str, dict] = {}
-    for kind, prompt in (("chat", _as_dialogue("chat", "What is the capital of France?")),
-                         ("long", mixed_prompts(1, 1.0, w.long_tokens, w.seed)[0][1])):
+    for kind, prompt in _probe_prompts(w):
         specs = [RequestSpec(0.0, prompt, w.max_tokens, kind) for _ in range(4)]
         results = [asyncio.run(run_load(url, model, [s], timeout_s=600.0))[0] for s in specs]
         if any(r.outcome != "ok" or r.tpot_ms is None for r in results[1:]):  # the first one warms up
@@ -130,6 +141,7 @@ def run(cfg: ClusterConfig, model_path: str, w: Workload, progress: Callable[[st
         report["least_load"] = asyncio.run(_drive(svc.http_url, model, specs, phase("least_load")))
         svc.delete()
         svc = service.deploy(policies["slo"], model_path, svc.started_ray)
+        warm_up(svc.http_url, model, w)
         report["slo"] = asyncio.run(_drive(svc.http_url, model, specs, phase("slo")))
         over_rate = w.overload * cal["capacity_rps"]
         over = _specs(w, over_rate, max(1, int(over_rate * w.overload_s)), objectives, w.seed + 1)

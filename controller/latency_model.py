@@ -11,7 +11,7 @@ neighbour, attention's quadratic term) is absorbed by the per-instance correctio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,19 +51,54 @@ CPU_PROFILE = LatencyProfile(prefill_base_ms=630.0, prefill_ms_per_token=1.05, d
 
 @dataclass
 class Correction:
-    """observed / predicted latency of one instance and phase: an exponentially weighted
+    """observed / predicted latency of one phase (of an instance, or of an accelerator type): an exponentially weighted
     mean in log space (2x slower and 2x faster weigh the same), clipped so that a single
     outlier cannot take an instance out of routing."""
 
     factor: float = 1.0
+    observations: int = 0
     alpha: float = 0.2
     """Weight of the newest observation."""
     limit: float = 8.0
     """The factor stays within [1/limit, limit]."""
+    half_life_s: float = 30.0
+    """Old evidence fades toward the profile at this pace, so that an instance once seen slow, and
+    refused every request since (so never observed again), gets requests again and is re-measured."""
+    decayed_at_s: float | None = None
 
     def observe(self, predicted_ms: float, observed_ms: float) -> None:
         if predicted_ms <= 0 or observed_ms <= 0:
             return
+        self.observations += 1
         log_f = (1 - self.alpha) * math.log(self.factor) + self.alpha * math.log(observed_ms / predicted_ms)
         bound = math.log(self.limit)
         self.factor = math.exp(min(bound, max(-bound, log_f)))
+
+    def decay_to(self, now_s: float) -> None:
+        """Let the evidence fade for the time since the last call (idempotent for a given `now_s`)."""
+        if self.decayed_at_s is not None and now_s > self.decayed_at_s:
+            self.factor = math.exp(math.log(self.factor) * 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s))
+        self.decayed_at_s = now_s if self.decayed_at_s is None else max(self.decayed_at_s, now_s)
+
+
+@dataclass
+class InstanceCorrection:
+    """One instance's correction for one phase. Until the instance has `min_own` observations
+    of its own it uses its accelerator type's, which every instance of the type feeds: a new
+    replica, or a decode instance's first local prefills, start from what its type has shown."""
+
+    shared: Correction
+    own: Correction = field(default_factory=Correction)
+    min_own: int = 3
+
+    @property
+    def factor(self) -> float:
+        return self.own.factor if self.own.observations >= self.min_own else self.shared.factor
+
+    def observe(self, predicted_ms: float, observed_ms: float) -> None:
+        self.own.observe(predicted_ms, observed_ms)
+        self.shared.observe(predicted_ms, observed_ms)
+
+    def decay_to(self, now_s: float) -> None:
+        self.own.decay_to(now_s)
+        self.shared.decay_to(now_s)

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pdserve.controller.decision import Decision, RouteRequest
-from pdserve.controller.latency_model import Correction, LatencyProfile
+from pdserve.controller.latency_model import Correction, InstanceCorrection, LatencyProfile
 from pdserve.controller.pool_view import PoolView, Row
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ class Instance:
     unknown_running: int = 0
     """Requests it reported that the ledger does not know (routed before a controller restart)."""
     unknown_queued_tokens: int = 0
-    prefill_fix: Correction = field(default_factory=Correction)
-    step_fix: Correction = field(default_factory=Correction)
+    prefill_fix: InstanceCorrection = field(default_factory=lambda: InstanceCorrection(Correction()))
+    step_fix: InstanceCorrection = field(default_factory=lambda: InstanceCorrection(Correction()))
 
     @property
     def replica_id(self) -> str:
@@ -142,6 +142,8 @@ class Registry:
     _pools: dict[str, list[Instance]] = field(default_factory=dict)
     _views: dict[str, PoolView] = field(default_factory=dict)
     _nodes: dict[str, int] = field(default_factory=dict)
+    _shared_fixes: dict[str, tuple[Correction, Correction]] = field(default_factory=dict)
+    """Per profile: the (prefill, step) corrections all its instances feed."""
     _routes: dict[str, list[str]] = field(default_factory=dict)
     """request id -> the replicas it was routed to."""
 
@@ -150,16 +152,20 @@ class Registry:
         if inst is None or inst.report.started_at_s != r.started_at_s:
             log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
                      r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-")
-            profile = self.profiles.get(r.accelerator_type or "default", self.profiles["default"])
+            kind = r.accelerator_type if r.accelerator_type in self.profiles else "default"
             node = self._nodes.setdefault(r.node_id, len(self._nodes))
-            fresh = Instance(r, now_s, profile, node, unknown_running=r.running,
-                             unknown_queued_tokens=r.queued_prefill_tokens)
+            shared = self._shared_fixes.setdefault(kind, (Correction(), Correction()))
+            fresh = Instance(r, now_s, self.profiles[kind], node, unknown_running=r.running,
+                             unknown_queued_tokens=r.queued_prefill_tokens,
+                             prefill_fix=InstanceCorrection(shared[0]), step_fix=InstanceCorrection(shared[1]))
             self.instances[r.replica_id] = fresh
             self._rebuild(r.pool, replace=inst)
             return
         if now_s - inst.last_seen_s > self.ttl_s:
             log.info("instance %s is reporting again after %.1f s", r.replica_id, now_s - inst.last_seen_s)
         inst.report, inst.last_seen_s = r, now_s
+        inst.prefill_fix.decay_to(now_s)
+        inst.step_fix.decay_to(now_s)
         known = len(inst.assignments)
         inst.unknown_running = min(inst.unknown_running, max(0, r.running - known))
         known_tokens = inst.queued_prefill_tokens() - inst.unknown_queued_tokens

@@ -12,12 +12,18 @@ from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import Instance, LoadReport, Registry
 from pdserve.controller.slo_router import choose_slo
+from pdserve.deployments import telemetry
 
 log = logging.getLogger("pdserve.controller")
 
 
 class Controller:
-    def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False):
+    """Its methods are coroutines without awaits: Serve runs them one at a time on the replica's
+    event loop, so the registry needs no lock (sync methods would run in a thread pool)."""
+
+    def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
+                 log_level: str = "INFO"):
+        telemetry.setup_logging(log_level)
         self.colocated = mode == "colocated"
         self.routing = routing
         self.kv_bytes_per_token = kv_bytes_per_token
@@ -26,12 +32,12 @@ class Controller:
         log.info("controller: %s routing, %s when objectives cannot be met, %d KV bytes per token",
                  routing.policy, "best effort" if best_effort else "reject", kv_bytes_per_token)
 
-    def report(self, r: LoadReport) -> None:
+    async def report(self, r: LoadReport) -> None:
         now = time.monotonic()
         self.registry.report(r, now)
         self.registry.forget_stale(now)
 
-    def choose(self, req: RouteRequest) -> Decision:
+    async def choose(self, req: RouteRequest) -> Decision:
         now = time.monotonic()
         live_after = now - self.registry.ttl_s
         view = self.registry.view
@@ -48,13 +54,13 @@ class Controller:
                  req.prompt_tokens, req.ttft_ms, req.tpot_ms, req.priority, decision.outcome.value, decision.reason)
         return decision
 
-    def prefill_done(self, request_id: str, prefill_ms: float) -> None:
+    async def prefill_done(self, request_id: str, prefill_ms: float) -> None:
         self.registry.prefill_done(request_id, prefill_ms)
 
-    def release(self, request_id: str, tpot_ms: float | None = None) -> None:
+    async def release(self, request_id: str, tpot_ms: float | None = None) -> None:
         self.registry.release(request_id, tpot_ms)
 
-    def snapshot(self) -> list[dict]:
+    async def snapshot(self) -> list[dict]:
         """Every known instance with its load, liveness and latency corrections, for health and metrics."""
         now = time.monotonic()
         return [_describe(i, now, self.registry.ttl_s) for i in self.registry.instances.values()]

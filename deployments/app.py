@@ -34,9 +34,12 @@ def kv_bytes_per_token(model_path: str, dtype: str) -> int:
 
 
 def build_app(cfg: ClusterConfig, model_path: str) -> Application:
+    # Every routing decision and load report goes through this one replica: Serve's default
+    # limit of 5 calls at once would queue decisions (and refusals) behind each other.
     controller = serve.deployment(Controller).options(
-        name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}
-    ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort")
+        name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+    ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort",
+           cfg.log_level)
     pools = {}
     for role, pool in cfg.pools().items():
         pools[role] = serve.deployment(_SERVERS[role]).options(

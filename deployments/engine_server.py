@@ -45,6 +45,7 @@ class EngineServer:
         self.replica_id = ctx.replica_id.unique_id
         pool = cfg.pools()[self.role]
         telemetry.setup_tracing(cfg.tracing, f"{self.role}:{self.replica_id}")
+        telemetry.setup_logging(cfg.log_level)
         cpu_bind = pool.cpu_binds[ctx.rank.local_rank % len(pool.cpu_binds)] if pool.cpu_binds else ""
         os.environ.update(
             VLLM_CPU_KVCACHE_SPACE=str(pool.kv_cache_gib),
@@ -54,8 +55,12 @@ class EngineServer:
         )
         if cpu_bind:
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        if pool.num_gpus == 0 and pool.cpu_nice:  # the engine's processes, started below, inherit it
+            os.nice(pool.cpu_nice)
         self.load = EngineLoad()
         self.engine = self._build_engine(cfg, pool.engine_args, model_path, kv_listen_addr)
+        if pool.warmup:
+            await self._warm_up(cfg.max_model_len)
         self.controller = controller
         node_id = ray.get_runtime_context().get_node_id()
         self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
@@ -94,6 +99,25 @@ class EngineServer:
             **engine_args,
         )
         return AsyncLLM.from_engine_args(args, stat_loggers=[self.load.stat_logger])
+
+    async def _warm_up(self, max_model_len: int) -> None:
+        """Prompts that fill the engine's largest step and spill into the next one, run together,
+        so that no client request pays a kernel path's first-time cost (a whole step, a prompt
+        continued across steps, prompts batched together)."""
+        from vllm import SamplingParams
+
+        n = min(max_model_len - 2, self.engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        start = time.perf_counter()
+
+        async def one(i: int, tokens: int) -> None:
+            prompt = {"prompt_token_ids": [100 + (i * 7 + j) % 1000 for j in range(tokens)]}
+            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0), f"warmup-{i}"):
+                pass
+
+        lengths = (n, n // 2 + 1, 16)
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(lengths)))
+        log.info("%s replica %s warmed up with prompts of %s tokens in %.1f s", self.role, self.replica_id, lengths,
+                 time.perf_counter() - start)
 
     async def _report_loop(self) -> None:
         while True:

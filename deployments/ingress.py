@@ -32,6 +32,7 @@ class Ingress:
     async def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any]):
         global _frontend
         telemetry.setup_tracing(cfg.tracing, "ingress")
+        telemetry.setup_logging(cfg.log_level)
         self.frontend = Frontend(cfg, model_path, controller, pools)
         await self.frontend.start_polling()
         _frontend = self.frontend

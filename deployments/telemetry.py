@@ -28,6 +28,19 @@ _memory: InMemorySpanExporter | None = None
 _provider: TracerProvider | None = None
 
 
+def setup_logging(level: str) -> None:
+    """pdserve's log lines in a Ray process at `level`, to stderr (Ray's worker log files): Ray gives
+    loggers outside its own no handler, which would drop every INFO line (routing decisions among them)."""
+    logger = logging.getLogger("pdserve")
+    logger.setLevel(level)
+    if not any(getattr(h, "pdserve", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s %(name)s -- %(message)s"))
+        handler.pdserve = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def setup_tracing(cfg: TracingConfig, process: str) -> None:
     """Install this process's tracer provider once; `process` names it in the resource."""
     global _memory, _provider

@@ -86,6 +86,38 @@ def test_observed_latencies_correct_an_instances_predictions():
     assert math.isclose(reg.instances["d"].step_fix.factor, 0.5, rel_tol=0.01)
 
 
+def test_an_instance_without_observations_of_its_own_starts_from_its_types():
+    reg = registry()
+    add(reg, "p", "prefill", accelerator="FAST")
+    add(reg, "d", "decode", accelerator="FAST")
+    for i in range(20):  # prefill instances of this type run at half the profile's time
+        book(reg, f"r{i}", 100, prefill="p", decode="d")
+        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
+        reg.release(f"r{i}")
+    d = reg.instances["d"]  # it never prefilled anything itself: its local prefill leans on p's
+    assert d.prefill_fix.own.observations == 0 and math.isclose(d.prefill_fix.factor, 0.5, rel_tol=0.05)
+    add(reg, "p2", "prefill", accelerator="FAST")  # a new replica of the type too
+    assert math.isclose(reg.view("prefill").prefill_ms_per_token[1], 0.5 * FAST.prefill_ms_per_token, rel_tol=0.05)
+    add(reg, "slow", "prefill")  # another type learns nothing from it
+    assert reg.instances["slow"].prefill_fix.factor == 1.0
+
+
+def test_old_evidence_fades_so_an_instance_refused_everything_is_tried_again():
+    c = Correction(factor=4.0)
+    c.decay_to(0.0)
+    c.decay_to(c.half_life_s)
+    assert math.isclose(c.factor, 2.0)
+    c.decay_to(c.half_life_s)  # the same moment twice decays once
+    assert math.isclose(c.factor, 2.0)
+    reg = registry()
+    add(reg, "p", "prefill")
+    reg.instances["p"].prefill_fix.own.factor = 8.0
+    reg.instances["p"].prefill_fix.own.observations = 5
+    for t in range(1, 241):  # two minutes of reports (four half-lives), no request admitted: 8x -> 8 ** (1/16)
+        add(reg, "p", "prefill", now_s=t * 0.5)
+    assert math.isclose(reg.instances["p"].prefill_fix.factor, 8 ** (1 / 16), rel_tol=0.01)
+
+
 def test_a_correction_moves_gradually_and_stays_bounded():
     c = Correction()
     c.observe(100, 200)

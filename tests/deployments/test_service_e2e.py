@@ -197,10 +197,25 @@ def test_one_trace_spans_ingress_routing_prefill_kv_transfer_and_decode_across_p
     assert procs == {"ingress", "prefill", "decode"}
 
 
-def test_a_short_prompt_is_prefilled_on_the_decode_replica_without_a_transfer(svc, client, model):
+def test_a_short_prompt_is_prefilled_on_the_decode_replica_while_the_prefill_replica_is_busy(svc, client, model):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
     from ray import serve
 
-    r = client.completions.create(model=model, prompt=[1, 2, 3, 4], max_tokens=6, temperature=0)
+    controller = serve.get_deployment_handle("controller", svc.cfg.app_name)
+
+    def prefill_queue() -> int:
+        return sum(i["queued_prefill_tokens"] for i in controller.snapshot.remote().result() if i["pool"] == "prefill")
+
+    with ThreadPoolExecutor(1) as pool:  # a 600-token prompt keeps the prefill replica busy for a second
+        busy = pool.submit(client.completions.create, model=model, prompt=list(range(100, 700)), max_tokens=1,
+                           temperature=0, extra_body={"ttft_ms": 60_000, "tpot_ms": 60_000})
+        deadline = time.monotonic() + 30
+        while prefill_queue() < 600 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = client.completions.create(model=model, prompt=[1, 2, 3, 4], max_tokens=6, temperature=0)
+        assert busy.result().usage.completion_tokens == 1
     assert r.usage.completion_tokens == 6 and r.choices[0].finish_reason == "length"
     spans = []
     for name in ("ingress", "prefill", "decode"):
@@ -208,7 +223,7 @@ def test_a_short_prompt_is_prefilled_on_the_decode_replica_without_a_transfer(sv
     (root,) = [s for s in spans if s["name"] == "ingress"
                and s["attributes"].get("pdserve.request_id") == r.id.removeprefix("cmpl-")]
     mine = {s["name"]: s for s in spans if s["trace_id"] == root["trace_id"]}
-    assert set(mine) == {"ingress", "routing", "decode"}
+    assert set(mine) == {"ingress", "routing", "decode"}, mine["routing"]["attributes"]["pdserve.decision"]
     assert "local prefill" in mine["routing"]["attributes"]["pdserve.decision"]
     assert mine["decode"]["attributes"]["pdserve.local_prefill"] is True
 
