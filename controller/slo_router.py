@@ -64,7 +64,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         if refusal is None:
             d = int(np.where(roomy, ttft, np.inf).argmin())
             if not best_effort or not np.isfinite(ttft[d]):
-                return _refused(req, roomy, ttft, step, headroom, "decode" if prefill else "colocated")
+                return _refused(req, roomy, ttft, step, headroom, "decode" if prefill is not None else "colocated")
             note = "best effort, objectives not met: "
         else:
             return refusal
