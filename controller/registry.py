@@ -173,7 +173,8 @@ class Registry:
         self._refresh(inst)
 
     def view(self, pool: str) -> PoolView:
-        return self._views.get(pool) or PoolView([])
+        view = self._views.get(pool)
+        return PoolView([]) if view is None else view
 
     def live(self, pool: str, now_s: float) -> list[Instance]:
         return [i for i in self._pools.get(pool, []) if now_s - i.last_seen_s <= self.ttl_s]
