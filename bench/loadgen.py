@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -215,21 +215,27 @@ def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float] |
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(values, qs), strict=True)}
 
 
-def _met(r: RequestResult, ttft_ms: float, tpot_ms: float) -> bool:
+Objectives = tuple[float, float]
+"""(ttft_ms, tpot_ms) a request is judged against."""
+
+
+def _met(r: RequestResult, objectives: Objectives) -> bool:
+    ttft_ms, tpot_ms = objectives
     return (r.outcome == "ok" and r.ttft_ms is not None and r.ttft_ms <= ttft_ms
             and (r.tpot_ms is None or r.tpot_ms <= tpot_ms))
 
 
-def _counts(results: list[RequestResult], ttft_ms: float, tpot_ms: float) -> dict:
-    counts = {"requests": len(results), "ok": 0, "rejected": 0, "error": 0}
-    for r in results:
+def _counts(judged: list[tuple[RequestResult, Objectives]]) -> dict:
+    counts = {"requests": len(judged), "ok": 0, "rejected": 0, "error": 0}
+    for r, _ in judged:
         counts[r.outcome] += 1
-    counts["met"] = sum(_met(r, ttft_ms, tpot_ms) for r in results)
+    counts["met"] = sum(_met(r, o) for r, o in judged)
     return counts
 
 
-def summarize(results: list[RequestResult], ttft_ms: float, tpot_ms: float, duration_s: float) -> dict:
-    """Goodput (requests meeting both objectives per second) and attainment, overall and per kind.
+def summarize(results: list[RequestResult], duration_s: float, objectives: Sequence[Objectives]) -> dict:
+    """Goodput (requests meeting both objectives per second) and attainment, overall and per
+    kind, each request judged against its own objectives (`objectives[i]` for `results[i]`).
 
     `attainment_all` charges rejections against the service; `attainment_admitted` shows how
     well it served what it chose to admit. Both matter: rejecting everything but one request
@@ -237,7 +243,8 @@ def summarize(results: list[RequestResult], ttft_ms: float, tpot_ms: float, dura
     """
     if duration_s <= 0:
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
-    summary = _counts(results, ttft_ms, tpot_ms)
+    judged = list(zip(results, objectives, strict=True))
+    summary = _counts(judged)
     ok = [r for r in results if r.outcome == "ok"]
     summary["goodput_rps"] = summary["met"] / duration_s
     summary["attainment_all"] = summary["met"] / len(results) if results else None
@@ -246,5 +253,5 @@ def summarize(results: list[RequestResult], ttft_ms: float, tpot_ms: float, dura
     summary["tpot_ms"] = _percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], (50, 90, 99))
     summary["reject_ms"] = _percentiles([r.e2e_ms for r in results if r.outcome == "rejected"], (50, 99))
     kinds = sorted({r.kind for r in results})
-    summary["by_kind"] = {k: _counts([r for r in results if r.kind == k], ttft_ms, tpot_ms) for k in kinds}
+    summary["by_kind"] = {k: _counts([(r, o) for r, o in judged if r.kind == k]) for k in kinds}
     return summary

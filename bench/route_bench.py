@@ -17,7 +17,7 @@ from collections.abc import Callable
 import numpy as np
 
 from pdserve.controller.config import RoutingConfig
-from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.controller.latency_model import CPU_PROFILE
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import LoadReport, Registry
@@ -63,8 +63,8 @@ def run(n_instances: int = 1000, n_decisions: int = 5000, seed: int = 0) -> dict
     slow_links = uniform.model_copy(update={"intra_node_kv_gbps": 100.0, "inter_node_kv_gbps": 10.0})
     reg = build_registry(n_instances, uniform, seed)
     rng = np.random.default_rng(seed + 1)
-    requests = [RouteRequest(f"r{i}", int(rng.choice([int(rng.integers(16, 128)), 1000])), 128, ttft_ms=2000,
-                             tpot_ms=200, priority=int(rng.integers(0, 3))) for i in range(n_decisions)]
+    requests = [RouteRequest(f"r{i}", int(rng.choice([int(rng.integers(16, 128)), 1000])), 128,
+                             SLO(ttft_ms=2000, tpot_ms=200, priority=int(rng.integers(0, 3)))) for i in range(n_decisions)]
     prefill, decode, live_after = reg.view("prefill"), reg.view("decode"), 0.0 - reg.ttl_s
 
     def slo(cfg: RoutingConfig) -> Callable[[RouteRequest], Decision]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.bench.loadgen import RequestResult, RequestSpec, gamma_arrivals, mixed_prompts, run_load
+from pdserve.bench.loadgen import RequestSpec, gamma_arrivals, mixed_prompts, run_load, summarize
 from pdserve.deployments.config import ClusterConfig
 
 
@@ -54,38 +54,12 @@ def _as_dialogue(kind: str, prompt: str) -> str:
     return f"Question: {prompt}\nAnswer in detail:" if kind == "chat" else prompt
 
 
-def _met(r: RequestResult, spec: RequestSpec) -> bool:
-    return (r.outcome == "ok" and r.ttft_ms is not None and r.ttft_ms <= spec.ttft_ms
-            and (r.tpot_ms is None or r.tpot_ms <= spec.tpot_ms))
-
-
-def _pct(values: list[float]) -> dict | None:
-    if not values:
-        return None
-    return {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (50, 90, 99)}
-
-
-def summarize(specs: list[RequestSpec], results: list[RequestResult], duration_s: float) -> dict:
-    """Goodput and attainment with each request judged against its own objectives."""
-    ok = [r for r in results if r.outcome == "ok"]
-    met = sum(_met(r, s) for r, s in zip(results, specs, strict=True))
-    return {
-        "requests": len(results), "ok": len(ok), "rejected": sum(r.outcome == "rejected" for r in results),
-        "error": sum(r.outcome == "error" for r in results), "met": met, "duration_s": round(duration_s, 1),
-        "goodput_rps": round(met / duration_s, 4),
-        "attainment_all": round(met / len(results), 3) if results else None,
-        "attainment_admitted": round(met / len(ok), 3) if ok else None,
-        "ttft_ms": _pct([r.ttft_ms for r in ok if r.ttft_ms is not None]),
-        "tpot_ms": _pct([r.tpot_ms for r in ok if r.tpot_ms is not None]),
-        "reject_ms": _pct([r.e2e_ms for r in results if r.outcome == "rejected"]),
-        "errors": sorted({r.error[:200] for r in results if r.outcome == "error"})[:5],
-    }
-
-
 async def _drive(url: str, model: str, specs: list[RequestSpec], progress: Callable[[int, int], None] | None) -> dict:
     start = time.perf_counter()
     results = await run_load(url, model, specs, timeout_s=600.0, progress=progress)
-    return summarize(specs, results, time.perf_counter() - start)
+    duration_s = time.perf_counter() - start
+    return {**summarize(results, duration_s, [(s.ttft_ms, s.tpot_ms) for s in specs]), "duration_s": duration_s,
+            "errors": sorted({r.error[:200] for r in results if r.outcome == "error"})[:5]}
 
 
 def _probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:

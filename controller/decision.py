@@ -14,16 +14,23 @@ class Outcome(Enum):
 
 
 @dataclass(frozen=True)
+class SLO:
+    """A request's latency objectives, every one set (the client's, else the service's defaults)."""
+
+    ttft_ms: float
+    tpot_ms: float
+    priority: int = 0
+    """0 is the most important; higher values are refused earlier under load."""
+
+
+@dataclass(frozen=True)
 class RouteRequest:
     """One request as the router sees it: its size and its objectives."""
 
     request_id: str
     prompt_tokens: int
     max_tokens: int
-    ttft_ms: float
-    tpot_ms: float
-    priority: int = 0
-    """0 is the most important; higher values are refused earlier under load."""
+    slo: SLO
 
 
 @dataclass(frozen=True)

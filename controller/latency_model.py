@@ -43,7 +43,7 @@ class LatencyProfile(BaseModel):
 
 
 # From `pdserve bench slo --config bench/cpu_float32.yaml` on the 2-core development machine (no
-# GPU), SmolLM2-135M-Instruct in float32, one engine per core: unloaded TTFT 644 ms for a 15-token
+# GPU), SmolLM2-135M-Instruct in float32, one engine per core: unloaded TTFT 644 ms for a 14-token
 # prompt and 1675 ms for 1000 tokens, TPOT 99-112 ms. The batch and context terms are estimates.
 CPU_PROFILE = LatencyProfile(prefill_base_ms=630.0, prefill_ms_per_token=1.05, decode_base_ms=95.0,
                              decode_ms_per_seq=5.0, decode_ms_per_1k_context_tokens=10.0)

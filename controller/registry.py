@@ -193,7 +193,7 @@ class Registry:
             decodes = t is decision.decode
             inst.assignments[req.request_id] = Assignment(
                 prompt_tokens=req.prompt_tokens, kv_tokens=kv_tokens if decodes else 0,
-                tpot_ms=req.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
+                tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
                 predicted_prefill_ms=inst.raw_prefill_ms(req.prompt_tokens) if prefills else 0.0,
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
                 assigned_at_s=now_s)

@@ -51,7 +51,7 @@ class Controller:
         if decision.outcome is Outcome.ROUTED:
             self.registry.assign(req, decision, now)
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
-                 req.prompt_tokens, req.ttft_ms, req.tpot_ms, req.priority, decision.outcome.value, decision.reason)
+                 req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
 
     async def prefill_done(self, request_id: str, prefill_ms: float) -> None:

@@ -35,12 +35,12 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
-    n = req.prompt_tokens
+    n, slo = req.prompt_tokens, req.slo
     step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
-    headroom = max(0.05, 1.0 - cfg.priority_margin * req.priority)
+    headroom = max(0.05, 1.0 - cfg.priority_margin * slo.priority)
     roomy = (decode.last_seen_s >= live_after_s) & (
         decode.open_kv_tokens >= n + min(req.max_tokens, cfg.kv_reserve_tokens))
-    meets = roomy & (step <= decode.tpot_floor_ms) & (step <= req.tpot_ms * headroom)
+    meets = roomy & (step <= decode.tpot_floor_ms) & (step <= slo.tpot_ms * headroom)
 
     local_allowed = prefill is None or n <= cfg.local_prefill_max_tokens
     local_ttft = None
@@ -55,7 +55,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         ttft = remote_ttft
     else:
         ttft = local_ttft if remote_ttft is None else np.minimum(remote_ttft, local_ttft)
-    meets &= ttft <= req.ttft_ms * headroom
+    meets &= ttft <= slo.ttft_ms * headroom
 
     note = ""
     d = int(np.where(meets, ttft, np.inf).argmin()) if len(decode) else 0
@@ -72,8 +72,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     pre = None if local or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
     dec = _target(decode, d)
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
-    reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{req.ttft_ms:.0f} ms, "
-              f"tpot {step[d]:.0f}/{req.tpot_ms:.0f} ms")
+    reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
+              f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
     return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]))
 
 
@@ -137,10 +137,10 @@ def _refused(req: RouteRequest, roomy: np.ndarray, ttft: np.ndarray, step: np.nd
              pool: str) -> Decision:
     best_ttft = float(np.min(np.where(roomy, ttft, np.inf)))
     best_step = float(np.min(np.where(roomy, step, np.inf)))
-    ttft_limit, tpot_limit = req.ttft_ms * headroom, req.tpot_ms * headroom
+    ttft_limit, tpot_limit = req.slo.ttft_ms * headroom, req.slo.tpot_ms * headroom
     # Roughly when the queues ahead will have drained enough for the TTFT objective.
     retry_after_s = min(30.0, max(1.0, (best_ttft - ttft_limit) / 1000.0))
     return Decision(Outcome.REJECTED, reason=(
-        f"no {pool} pair is predicted to meet the objectives at priority {req.priority}: best ttft "
+        f"no {pool} pair is predicted to meet the objectives at priority {req.slo.priority}: best ttft "
         f"{best_ttft:.0f}/{ttft_limit:.0f} ms, best tpot {best_step:.0f}/{tpot_limit:.0f} ms"),
         predicted_ttft_ms=best_ttft, predicted_tpot_ms=best_step, retry_after_s=retry_after_s)

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from opentelemetry import trace
 
-from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.engine_server import served_model_name
@@ -31,7 +31,7 @@ from pdserve.deployments.errors import (
     Unavailable,
 )
 from pdserve.deployments.metrics import IngressMetrics
-from pdserve.deployments.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
+from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 
 log = logging.getLogger("pdserve.ingress")
 
@@ -163,8 +163,7 @@ class Frontend:
         start = time.perf_counter()
         outcome = "error"
         try:
-            route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1,
-                                 req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority)
+            route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo)
             with tracer.start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
                 decision = await self.controller.choose.remote(route)
                 span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
@@ -213,8 +212,7 @@ class Frontend:
                 req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id))
             prefill_task.add_done_callback(lambda task: self._prefill_done(req.request_id, task))
         stream = self.pools[pool_name].options(stream=True).generate.remote(
-            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id,
-            **({"local_prefill": True} if local and pool_name == "decode" else {}))
+            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=local)
         try:
             async for chunk in _stream_checked(stream, prefill_task):
                 if chunk.token_ids and run.tokens_arrived(chunk.completion_tokens):
@@ -224,8 +222,7 @@ class Frontend:
                 if chunk.kv_transfer:
                     self.metrics.observe_kv(chunk.kv_transfer)
                 if chunk.finish_reason is not None:
-                    chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo.ttft_ms, req.slo.tpot_ms,
-                                          req.slo.priority)
+                    chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo)
                     self.metrics.observe_slo(chunk.slo)
                 yield chunk
         finally:

@@ -199,9 +199,9 @@ def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
         resp.usage.total_tokens = chunk.prompt_tokens + chunk.completion_tokens
     if chunk.slo is not None:
         r = chunk.slo
-        resp.slo.CopyFrom(pb.SLOReport(ttft_ms=r.ttft_ms, tpot_ms=r.tpot_ms, ttft_objective_ms=r.ttft_objective_ms,
-                                       tpot_objective_ms=r.tpot_objective_ms, ttft_met=r.ttft_met,
-                                       tpot_met=r.tpot_met, priority=r.priority))
+        resp.slo.CopyFrom(pb.SLOReport(ttft_ms=r.ttft_ms, tpot_ms=r.tpot_ms, ttft_objective_ms=r.slo.ttft_ms,
+                                       tpot_objective_ms=r.slo.tpot_ms, ttft_met=r.ttft_met, tpot_met=r.tpot_met,
+                                       priority=r.slo.priority))
     return resp
 
 

@@ -70,16 +70,21 @@ class IngressMetrics:
         if report.ttft_met and report.tpot_met:
             self.slo_met.inc()
             self._met_at_s.append(time.monotonic())
+            self._forget_older_than_window()
         if not report.ttft_met:
             self.slo_missed.labels("ttft").inc()
         if not report.tpot_met:
             self.slo_missed.labels("tpot").inc()
 
     def _goodput(self) -> float:
+        self._forget_older_than_window()
+        return len(self._met_at_s) / GOODPUT_WINDOW_S
+
+    def _forget_older_than_window(self) -> None:
+        """Also run on every observation, so the window stays bounded when nobody scrapes."""
         horizon = time.monotonic() - GOODPUT_WINDOW_S
         while self._met_at_s and self._met_at_s[0] < horizon:
             self._met_at_s.popleft()
-        return len(self._met_at_s) / GOODPUT_WINDOW_S
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from pdserve.controller.decision import SLO
+
 
 class Sampling(BaseModel):
     """Sampling options shared by every API; validated once, here."""
@@ -58,37 +60,27 @@ class Objectives(BaseModel):
 
 
 @dataclass(frozen=True)
-class SLO:
-    """A request's objectives, every one set."""
-
-    ttft_ms: float
-    tpot_ms: float
-    priority: int
-
-
-@dataclass(frozen=True)
 class SLOReport:
     """How a request did against its objectives, measured at the ingress."""
 
     ttft_ms: float
     tpot_ms: float | None
     """None when the answer had a single token."""
-    ttft_objective_ms: float
-    tpot_objective_ms: float
-    priority: int
+    slo: SLO
+    """What the request asked for."""
 
     @property
     def ttft_met(self) -> bool:
-        return self.ttft_ms <= self.ttft_objective_ms
+        return self.ttft_ms <= self.slo.ttft_ms
 
     @property
     def tpot_met(self) -> bool:
-        return self.tpot_ms is None or self.tpot_ms <= self.tpot_objective_ms
+        return self.tpot_ms is None or self.tpot_ms <= self.slo.tpot_ms
 
     def as_dict(self) -> dict[str, Any]:
         return {"ttft_ms": round(self.ttft_ms, 3), "tpot_ms": None if self.tpot_ms is None else round(self.tpot_ms, 3),
-                "ttft_objective_ms": self.ttft_objective_ms, "tpot_objective_ms": self.tpot_objective_ms,
-                "ttft_met": self.ttft_met, "tpot_met": self.tpot_met, "priority": self.priority}
+                "ttft_objective_ms": self.slo.ttft_ms, "tpot_objective_ms": self.slo.tpot_ms,
+                "ttft_met": self.ttft_met, "tpot_met": self.tpot_met, "priority": self.slo.priority}
 
 
 @dataclass

@@ -66,7 +66,7 @@ def test_summarize_counts_goodput_and_attainment():
         _result("long", "rejected", e2e=4.0, status=429),
         _result("chat", "error", e2e=1.0, status=0),
     ]
-    s = summarize(results, ttft_ms=500.0, tpot_ms=50.0, duration_s=4.0)
+    s = summarize(results, duration_s=4.0, objectives=[(500.0, 50.0)] * len(results))
     assert (s["requests"], s["ok"], s["rejected"], s["error"], s["met"]) == (6, 4, 1, 1, 2)
     assert s["goodput_rps"] == 0.5
     assert s["attainment_all"] == 2 / 6
@@ -79,10 +79,19 @@ def test_summarize_counts_goodput_and_attainment():
 
 
 def test_summarize_empty_and_all_rejected():
-    s = summarize([_result("chat", "rejected", status=429)], 500.0, 50.0, 1.0)
+    s = summarize([_result("chat", "rejected", status=429)], 1.0, [(500.0, 50.0)])
     assert s["attainment_admitted"] is None and s["ttft_ms"] is None and s["tpot_ms"] is None
     assert s["attainment_all"] == 0.0 and s["goodput_rps"] == 0.0
-    assert summarize([], 500.0, 50.0, 1.0)["reject_ms"] is None
+    assert summarize([], 1.0, [])["reject_ms"] is None
+
+
+def test_summarize_judges_each_request_against_its_own_objectives():
+    results = [_result("chat", "ok", ttft=90.0, tpot=9.0), _result("long", "ok", ttft=900.0, tpot=11.0),
+               _result("long", "ok", ttft=500.0), _result("chat", "rejected", e2e=7.0, status=429)]
+    s = summarize(results, 2.0, [(100, 10), (1000, 10), (1000, 10), (100, 10)])
+    assert (s["met"], s["ok"], s["rejected"]) == (2, 3, 1)  # the second missed its TPOT only
+    assert s["goodput_rps"] == 1.0 and s["attainment_all"] == 0.5 and s["attainment_admitted"] == 2 / 3
+    assert s["reject_ms"]["p99"] == 7.0
 
 
 class FakeSSEServer:

@@ -3,7 +3,7 @@ reports and assignments, on profiles with round numbers."""
 
 from __future__ import annotations
 
-from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
+from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
 from pdserve.controller.latency_model import LatencyProfile
 from pdserve.controller.registry import LoadReport, Registry
 
@@ -33,7 +33,7 @@ def book(reg: Registry, request_id: str, prompt_tokens: int, *, prefill: str | N
     def target(rid: str | None) -> Target | None:
         return Target(rid, reg.instances[rid].report.kv_addr, 0) if rid else None
 
-    req = RouteRequest(request_id, prompt_tokens, 10, ttft_ms=1e6, tpot_ms=tpot_ms)
+    req = RouteRequest(request_id, prompt_tokens, 10, SLO(ttft_ms=1e6, tpot_ms=tpot_ms))
     reg.assign(req, Decision(Outcome.ROUTED, target(prefill), target(decode)), now_s=0.0)
     if prefill is None and decode is not None:  # already prefilled there, as predicted: now decoding
         reg.prefill_done(request_id, reg.instances[decode].assignments[request_id].predicted_prefill_ms)
@@ -41,4 +41,4 @@ def book(reg: Registry, request_id: str, prompt_tokens: int, *, prefill: str | N
 
 def request(prompt_tokens: int, ttft_ms: float = 5000, tpot_ms: float = 100, priority: int = 0,
             max_tokens: int = 50) -> RouteRequest:
-    return RouteRequest("r", prompt_tokens, max_tokens, ttft_ms, tpot_ms, priority)
+    return RouteRequest("r", prompt_tokens, max_tokens, SLO(ttft_ms, tpot_ms, priority))

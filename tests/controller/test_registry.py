@@ -1,6 +1,6 @@
 import math
 
-from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
+from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
 from pdserve.controller.latency_model import Correction
 from pdserve.controller.registry import LoadReport
 
@@ -66,7 +66,7 @@ def test_a_late_report_does_not_hide_a_release_and_a_restart_clears_the_ledger()
 def test_kv_room_counts_requests_routed_since_the_last_report():
     reg = registry()
     reg.report(_report(), 0.0)  # 100 blocks x 16 tokens
-    req = RouteRequest("r", 300, 20, 1e3, 1e3)
+    req = RouteRequest("r", 300, 20, SLO(1e3, 1e3))
     reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0)), now_s=0.1)
     assert reg.view("decode").free_kv_tokens[0] == 1600 - 320
     reg.report(_report(running=1, free_kv_blocks=80), 0.2)  # the engine now holds them itself

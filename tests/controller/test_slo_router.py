@@ -1,7 +1,7 @@
 import math
 
 from pdserve.controller.config import RoutingConfig
-from pdserve.controller.decision import Outcome, RouteRequest
+from pdserve.controller.decision import SLO, Outcome, RouteRequest
 from pdserve.controller.slo_router import choose_slo, transfer_ms
 
 from .routing_states import add, book, registry, request
@@ -45,7 +45,7 @@ def test_prompts_routed_by_the_controller_queue_on_their_prefill_instance():
     add(reg, "d", "decode")
     chosen = []
     for i in range(4):
-        req = RouteRequest(f"r{i}", 1000, 50, 5000, 100)
+        req = RouteRequest(f"r{i}", 1000, 50, SLO(5000, 100))
         d = route(reg, req)
         reg.assign(req, d, 0.0)
         chosen.append(d.prefill.replica_id)

@@ -187,7 +187,7 @@ async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_inval
 
 
 def test_the_last_message_reports_the_slo() -> None:
-    chunk = GenerateChunk("x", [5], 3, 2, "stop", slo=SLOReport(120.0, None, 100.0, 50.0, 1))
+    chunk = GenerateChunk("x", [5], 3, 2, "stop", slo=SLOReport(120.0, None, SLO(100.0, 50.0, 1)))
     slo = _response(chunk, "id").slo
     assert (slo.ttft_ms, slo.ttft_objective_ms, slo.ttft_met, slo.HasField("tpot_ms"), slo.tpot_met) == (
         120.0, 100.0, False, False, True)

@@ -86,7 +86,7 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         yield GenerateChunk("Hel", [10], 3, 1)
-        yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, 500.0, 50.0, 0))
+        yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, SLO(500.0, 50.0, 0)))
 
 
 class FakeBrokenFrontend(FakeRejectingFrontend):
