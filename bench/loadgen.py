@@ -21,10 +21,10 @@ import numpy as np
 
 # Short, common English words: each is about one token (with its leading space) for a
 # GPT-2/Llama-like BPE tokenizer, which is what makes `long_tokens` roughly right.
-_WORDS = ("the", "time", "people", "way", "day", "man", "thing", "world", "life", "hand", "part", "place",
-          "case", "week", "work", "point", "water", "room", "book", "eye", "job", "word", "side", "house",
-          "small", "large", "good", "new", "first", "last", "long", "great", "old", "right", "big", "high",
-          "make", "know", "take", "see", "come", "think", "look", "want", "give", "use", "find", "tell")
+COMMON_WORDS = ("the", "time", "people", "way", "day", "man", "thing", "world", "life", "hand", "part", "place",
+                "case", "week", "work", "point", "water", "room", "book", "eye", "job", "word", "side", "house",
+                "small", "large", "good", "new", "first", "last", "long", "great", "old", "right", "big", "high",
+                "make", "know", "take", "see", "come", "think", "look", "want", "give", "use", "find", "tell")
 
 _CHAT_PROMPTS = (
     "What is the capital of France?",
@@ -47,12 +47,13 @@ class RequestSpec:
     """One request to send; the objectives, when set, travel as extra top-level body fields."""
 
     arrival_s: float  # offset from the start of the run
-    prompt: str
+    prompt: str | list[int]  # text, or token ids (exact lengths whatever the tokenizer)
     max_tokens: int
     kind: str  # workload class label, e.g. "chat" or "long"
     ttft_ms: float | None = None
     tpot_ms: float | None = None
     priority: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens: a workload's output lengths
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RequestResult:
     retry_after_s: float | None  # Retry-After of a 429
     server_slo: dict | None  # the usage chunk's `slo` object, as the server sent it
     error: str = ""
+    prompt_tokens: int = 0  # as the server counted them (usage)
+    kv_transfer: dict | None = None  # the usage chunk's `kv_transfer` object (disaggregated requests)
 
 
 def gamma_arrivals(rate_rps: float, n: int, burstiness: float, seed: int) -> list[float]:
@@ -107,8 +110,8 @@ def mixed_prompts(n: int, long_fraction: float, long_tokens: int, seed: int) -> 
     out: list[tuple[str, str]] = []
     for _ in range(n):
         if rng.random() < long_fraction:
-            words = rng.choice(len(_WORDS), size=long_tokens)
-            out.append(("long", " ".join(_WORDS[i] for i in words)))
+            words = rng.choice(len(COMMON_WORDS), size=long_tokens)
+            out.append(("long", " ".join(COMMON_WORDS[i] for i in words)))
         else:
             out.append(("chat", _CHAT_PROMPTS[int(rng.integers(len(_CHAT_PROMPTS)))]))
     return out
@@ -121,6 +124,8 @@ def _body(model: str, spec: RequestSpec) -> dict:
         value = getattr(spec, key)
         if value is not None:
             body[key] = value
+    if spec.ignore_eos:
+        body["ignore_eos"] = True
     return body
 
 
@@ -165,8 +170,11 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
                 usage = event.get("usage")
                 if usage:
                     usage_tokens = int(usage.get("completion_tokens", 0))
+                    result.prompt_tokens = int(usage.get("prompt_tokens", 0))
                     slo = event.get("slo", usage.get("slo"))
                     result.server_slo = slo if isinstance(slo, dict) else None
+                    kv = usage.get("kv_transfer")
+                    result.kv_transfer = kv if isinstance(kv, dict) else None
         if not done:
             result.error = "stream ended without data: [DONE]"
             return result
@@ -209,7 +217,7 @@ async def run_load(base_url: str, model: str, specs: list[RequestSpec], timeout_
         return list(await asyncio.gather(*(launch(spec) for spec in specs)))
 
 
-def _percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float] | None:
+def percentiles(values: list[float], qs: tuple[int, ...]) -> dict[str, float] | None:
     if not values:
         return None
     return {f"p{q}": float(v) for q, v in zip(qs, np.percentile(values, qs), strict=True)}
@@ -219,7 +227,7 @@ Objectives = tuple[float, float]
 """(ttft_ms, tpot_ms) a request is judged against."""
 
 
-def _met(r: RequestResult, objectives: Objectives) -> bool:
+def met_objectives(r: RequestResult, objectives: Objectives) -> bool:
     ttft_ms, tpot_ms = objectives
     return (r.outcome == "ok" and r.ttft_ms is not None and r.ttft_ms <= ttft_ms
             and (r.tpot_ms is None or r.tpot_ms <= tpot_ms))
@@ -229,7 +237,7 @@ def _counts(judged: list[tuple[RequestResult, Objectives]]) -> dict:
     counts = {"requests": len(judged), "ok": 0, "rejected": 0, "error": 0}
     for r, _ in judged:
         counts[r.outcome] += 1
-    counts["met"] = sum(_met(r, o) for r, o in judged)
+    counts["met"] = sum(met_objectives(r, o) for r, o in judged)
     return counts
 
 
@@ -249,9 +257,9 @@ def summarize(results: list[RequestResult], duration_s: float, objectives: Seque
     summary["goodput_rps"] = summary["met"] / duration_s
     summary["attainment_all"] = summary["met"] / len(results) if results else None
     summary["attainment_admitted"] = summary["met"] / len(ok) if ok else None
-    summary["ttft_ms"] = _percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None], (50, 90, 99))
-    summary["tpot_ms"] = _percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], (50, 90, 99))
-    summary["reject_ms"] = _percentiles([r.e2e_ms for r in results if r.outcome == "rejected"], (50, 99))
+    summary["ttft_ms"] = percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None], (50, 90, 99))
+    summary["tpot_ms"] = percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], (50, 90, 99))
+    summary["reject_ms"] = percentiles([r.e2e_ms for r in results if r.outcome == "rejected"], (50, 99))
     kinds = sorted({r.kind for r in results})
     summary["by_kind"] = {k: _counts([(r, o) for r, o in judged if r.kind == k]) for k in kinds}
     return summary

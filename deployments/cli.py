@@ -6,9 +6,10 @@ import argparse
 import json
 import logging
 import os
-import platform
 import secrets
 import sys
+
+from pdserve.bench.hardware import hardware
 
 # Models come from local checkpoint directories only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -86,16 +87,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "gpu": None, "python": platform.python_version()}
-
-
 def _cmd_bench_kv(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -113,7 +104,7 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
     bar = tqdm(total=total, desc="bench kv", file=sys.stderr, disable=args.quiet)
     results = kv_transfer.run(sizes, args.repeats, settings, progress=bar.update)
     report: dict = {
-        "hardware": _hardware(),
+        "hardware": hardware(),
         "settings": {"chunk_mib": args.chunk_mib, "streams": args.streams, "repeats": args.repeats},
         "sizes": [r.__dict__ for r in results],
     }
@@ -144,7 +135,7 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
 def _cmd_bench_route(args: argparse.Namespace) -> int:
     from pdserve.bench import route_bench
 
-    report = {"hardware": _hardware(), **route_bench.run(args.instances, args.decisions, args.seed)}
+    report = {"hardware": hardware(), **route_bench.run(args.instances, args.decisions, args.seed)}
     if not args.json:
         print(f"{args.instances} instances, {args.decisions} decisions each (goal: p99 < 100 us)")
         for name in ("slo", "slo_slow_links_between_nodes", "least_load", "slo_decision_and_booking"):
@@ -173,13 +164,70 @@ def _cmd_bench_slo(args: argparse.Namespace) -> int:
     report = slo_compare.run(cfg, _model_path_or_exit(cfg, "bench slo"), w, progress)
     for bar in bars.values():
         bar.close()
-    report["hardware"] = _hardware()
+    report["hardware"] = hardware()
     for name in ("least_load", "slo", "overload"):
         r = report[name]
         print(f"{name:10s} goodput {r['goodput_rps']:.3f} req/s  met {r['met']}/{r['requests']}  ok {r['ok']}  "
               f"rejected {r['rejected']}  errors {r['error']}  admitted attainment {r['attainment_admitted']}  "
               f"reject p99 {(r['reject_ms'] or {}).get('p99')} ms")
     print(json.dumps(report))
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from pdserve.bench import plots, serve_bench, serve_report
+    from pdserve.bench.workloads import load_workload
+
+    try:
+        workload = load_workload(args.workload)
+        settings = serve_bench.ServeBenchSettings(
+            requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
+            rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
+            slo_scales=args.slo_scale, reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms,
+            max_runs=args.max_runs, calibration_requests=args.calibration_requests,
+            probe_prompt_tokens=args.probe_prompt_tokens, seed=args.seed)
+    except (ValueError, ValidationError) as err:
+        print(f"pdserve bench serve: {err}", file=sys.stderr)
+        return 2
+    bar: list[tqdm] = []
+
+    def progress(label: str, done: int, total: int) -> None:
+        if not bar or bar[0].desc != label:
+            if bar:
+                bar.pop().close()
+            bar.append(tqdm(total=total, desc=label, file=sys.stderr, disable=args.quiet))
+        bar[0].update(done - bar[0].n)
+
+    cfg = _config_or_exit(args.config, "bench serve")
+    model_path = _model_path_or_exit(cfg, "bench serve")
+    if args.url:
+        report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
+    else:
+        modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+        if not modes or set(modes) - {"colocated", "disaggregated"}:
+            print(f"pdserve bench serve: --compare takes colocated and/or disaggregated, got {args.compare!r}",
+                  file=sys.stderr)
+            return 2
+        report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
+    if bar:
+        bar[0].close()
+    out = Path(args.out)
+    path = serve_report.write(report, out)
+    pngs = plots.write_all(report, out)
+    print("\n".join(serve_report.summary(report)))
+    print(f"report: {path}; plots: {', '.join(str(p) for p in pngs)}")
     return 0
 
 
@@ -241,12 +289,35 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
     slo.add_argument("--seed", type=int, default=0)
     slo.set_defaults(func=_cmd_bench_slo)
+    sv = bench.add_parser("serve", help="goodput: colocated vs disaggregated (or a running service), SLO-scale sweep")
+    sv.add_argument("--config", help="cluster YAML both configurations start from (default: the built-in one)")
+    sv.add_argument("--compare", default="colocated,disaggregated", help="modes to deploy and run, in order")
+    sv.add_argument("--url", help="measure this running service instead of deploying (e.g. http://127.0.0.1:8000)")
+    sv.add_argument("--workload", default="chat", help="chat, summarization, code, or a .yaml/.json/.jsonl file")
+    sv.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    sv.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps")
+    sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")
+    sv.add_argument("--rates", type=_floats, help="run these rates (req/s, comma separated) instead of searching")
+    sv.add_argument("--start-rate", type=float, help="search start (req/s); default from the unloaded latency")
+    sv.add_argument("--slo-scale", type=_floats, default=[1.0, 1.5, 2.0, 3.0, 5.0],
+                    help="objectives as multiples of the unloaded p90 TTFT and TPOT, comma separated")
+    sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
+    sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
+    sv.add_argument("--requests", type=int, default=40, help="requests per rate")
+    sv.add_argument("--max-runs", type=int, default=8, help="runs per configuration at most")
+    sv.add_argument("--calibration-requests", type=int, default=10, help="unloaded requests, and as many pairs")
+    sv.add_argument("--probe-prompt-tokens", type=int, default=16, help="prompt length of the added-latency pairs")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--out", default="bench-serve", help="directory for serve.json and the PNG plots")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar")
+    sv.set_defaults(func=_cmd_bench_serve)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would drown the decisions
     return args.func(args)
 
 

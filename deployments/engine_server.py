@@ -151,6 +151,7 @@ class EngineServer:
             top_p=sampling.top_p,
             stop=list(sampling.stop) or None,
             seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
         )

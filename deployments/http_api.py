@@ -37,6 +37,7 @@ from pdserve.deployments.openai_models import (
     CompletionRequest,
     ErrorDetail,
     ErrorResponse,
+    KVTransferUsage,
     ModelCard,
     ModelList,
     SLOUsage,
@@ -223,8 +224,9 @@ def _event(data: str) -> str:
 
 def _usage(last: GenerateChunk) -> Usage:
     slo = SLOUsage(**last.slo.as_dict()) if last.slo else None
+    kv = KVTransferUsage.from_report(last.kv_transfer) if last.kv_transfer else None
     return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                 total_tokens=last.prompt_tokens + last.completion_tokens, slo=slo)
+                 total_tokens=last.prompt_tokens + last.completion_tokens, slo=slo, kv_transfer=kv)
 
 
 def _slo_headers(last: GenerateChunk) -> dict[str, str]:

@@ -86,6 +86,8 @@ class _GenerationRequest(_StrictBody, ABC):
     stop: StopField = None
     """Up to 4 strings; generation ends before the first one, which is not returned."""
     seed: int | None = None
+    ignore_eos: bool | None = None
+    """vLLM's extension: keep generating past end of sequence, up to the token limit (benchmarks)."""
     n: int | None = 1
     """Choices per request; pdserve serves exactly one."""
     stream: bool | None = False
@@ -147,7 +149,7 @@ class _GenerationRequest(_StrictBody, ABC):
         """The shared sampling options; InvalidRequest (naming the field) when a value is out of range."""
         max_tokens, max_tokens_field = self._max_tokens()
         values = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "stop": self.stop, "seed": self.seed}
+                  "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos}
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
@@ -235,12 +237,38 @@ class SLOUsage(_Model):
     priority: int
 
 
+class KVTransferUsage(_Model):
+    """How a disaggregated request's prompt KV moved from the prefill to the decode replica."""
+
+    state: str
+    """"DONE" or "FAILED"."""
+    tokens: int
+    bytes: int
+    transfer_ms: float
+    """Prefill forward start to the KV in the decode replica's cache (the push overlaps the forward)."""
+    exposed_ms: float
+    """End of the prefill forward to the KV in the decode cache: what the transfer adds to TTFT."""
+    load_ms: float
+    """Copying the received KV into the paged cache."""
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> "KVTransferUsage":
+        start, ready = int(report.get("start_unix_ns") or 0), int(report.get("ready_unix_ns") or 0)
+        return cls(state=str(report.get("state", "")), tokens=int(report.get("tokens", 0)),
+                   bytes=int(report.get("bytes", 0)),
+                   transfer_ms=round((ready - start) / 1e6, 3) if start and ready else 0.0,
+                   exposed_ms=round(float(report.get("exposed_ms", 0.0)), 3),
+                   load_ms=round(float(report.get("load_ms", 0.0)), 3))
+
+
 class Usage(_Model):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     slo: SLOUsage | None = _absent_if_none()
     """pdserve's addition: measured TTFT and TPOT against the request's objectives."""
+    kv_transfer: KVTransferUsage | None = _absent_if_none()
+    """pdserve's addition, disaggregated requests whose prompt KV came from a prefill replica."""
 
 
 class _Answer(_Model):

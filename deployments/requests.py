@@ -29,6 +29,9 @@ class Sampling(BaseModel):
     """Generation ends before the first of these strings; it is not returned."""
     seed: int | None = None
     """Per-request sampling seed, for repeatable sampling at temperature > 0."""
+    ignore_eos: bool = False
+    """Generate all `max_tokens` even past the end-of-sequence token: benchmarks use it to
+    give requests the output lengths of a workload, whatever the model would say."""
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -75,6 +75,12 @@ class FakeNoCapacityFrontend(FakeRejectingFrontend):
         yield  # an async generator, like the real frontend's stream
 
 
+# The decode replica's report of a transfer, as its connector returns it.
+KV_REPORT = {"transfer_id": "t1", "state": "DONE", "tokens": 3, "bytes": 9216, "error": "", "prefill_compute_ms": 9.0,
+             "exposed_ms": 4.25, "load_ms": 1.5, "trace_parent": "", "start_unix_ns": 1_000_000_000,
+             "ready_unix_ns": 1_012_500_000}
+
+
 class FakeAnsweringFrontend(FakeRejectingFrontend):
     """Answers every chat with two fixed chunks, the last with an SLO report: the HTTP layer's
     wire format of an answer, without an engine."""
@@ -86,7 +92,8 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         yield GenerateChunk("Hel", [10], 3, 1)
-        yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, SLO(500.0, 50.0, 0)))
+        yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, SLO(500.0, 50.0, 0)),
+                            kv_transfer=KV_REPORT)
 
 
 class FakeBrokenFrontend(FakeRejectingFrontend):
@@ -296,6 +303,22 @@ def test_an_answer_reports_its_measured_latencies_against_its_objectives() -> No
                                                          "stream_options": {"include_usage": True}})
     events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
     assert events[-1]["usage"]["slo"]["ttft_met"] is False
+
+
+def test_usage_reports_how_the_prompt_kv_travelled() -> None:
+    client = _client(FakeAnsweringFrontend())
+    expected = {"state": "DONE", "tokens": 3, "bytes": 9216, "transfer_ms": 12.5, "exposed_ms": 4.25, "load_ms": 1.5}
+    resp = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI})
+    assert resp.json()["usage"]["kv_transfer"] == expected
+    streamed = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["usage"]["kv_transfer"] == expected
+
+
+def test_ignore_eos_reaches_the_sampling_options() -> None:
+    assert _completion(ignore_eos=True).sampling().ignore_eos is True
+    assert _chat().sampling().ignore_eos is False
 
 
 def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -> None:

@@ -1,0 +1,101 @@
+"""PNG plots of a `pdserve bench serve` report (matplotlib, no display needed)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+
+
+def attainment_vs_rate(report: dict, path: Path) -> Path:
+    """One panel per SLO scale: attainment against rate, a line per configuration."""
+    scales = [f"{s:g}" for s in report["slo"]["scales"]]
+    cols = min(3, len(scales))
+    rows = math.ceil(len(scales) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    target = report["slo"]["target_attainment"]
+    for ax, scale in zip(axes.flat, scales, strict=False):
+        for name, cfg in report["configs"].items():
+            runs = cfg["runs"]
+            ax.plot([r["rate_rps"] for r in runs], [r["attainment"][scale] for r in runs], marker="o", label=name)
+            goodput = cfg["goodput"][scale]["goodput_rps"]
+            if goodput:
+                ax.axvline(goodput, linestyle=":", linewidth=1, color=ax.lines[-1].get_color())
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1)
+        ref = report["slo"]["reference"]
+        ax.set_title(f"scale {scale}: TTFT {ref['ttft_ms'] * float(scale):.0f} ms, "
+                     f"TPOT {ref['tpot_ms'] * float(scale):.0f} ms", fontsize=9)
+        ax.set_xlabel("rate (req/s)")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(scales):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("SLO attainment")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{report['workload']['name']}: SLO attainment against rate (dotted: goodput)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def goodput_vs_scale(report: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = report["comparison"]
+    for name, cfg in report["configs"].items():
+        line, = ax.plot([r["slo_scale"] for r in rows], [r["goodput_rps"][name] for r in rows], marker="o", label=name)
+        # No failing rate found above it: the search stopped (budget or ceiling), goodput is at least this.
+        open_ended = [(r["slo_scale"], r["goodput_rps"][name]) for r in rows
+                      if r["goodput_rps"][name] and cfg["goodput"][f"{r['slo_scale']:g}"]["upper_rps"] is None]
+        if open_ended:
+            ax.scatter(*zip(*open_ended, strict=True), s=140, marker="^", facecolors="none",
+                       edgecolors=line.get_color(), label=f"{name}: lower bound (no failing rate found)")
+    ax.set_xlabel("SLO scale (x unloaded p90 TTFT and TPOT)")
+    ax.set_ylabel(f"goodput (req/s, {report['slo']['target_attainment']:.0%} attainment)")
+    ax.set_title(f"{report['workload']['name']}: goodput against SLO scale")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def latency_cdfs(report: dict, path: Path) -> Path:
+    """TTFT and TPOT distributions of every configuration at the highest rate all of them ran."""
+    rate_sets = [{r["rate_rps"] for r in cfg["runs"]} for cfg in report["configs"].values()]
+    common = set.intersection(*rate_sets) if rate_sets else set()
+    fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, cfg in report["configs"].items():
+        rate = max(common) if common else max((r["rate_rps"] for r in cfg["runs"]), default=None)
+        run = next((r for r in cfg["runs"] if r["rate_rps"] == rate), None)
+        if run is None:
+            continue
+        for ax, key in ((ax_ttft, "ttft_ms"), (ax_tpot, "tpot_ms")):
+            values = np.sort([q[key] for q in run["per_request"] if q[key] is not None])
+            if len(values):
+                ax.plot(values, np.arange(1, len(values) + 1) / len(values), drawstyle="steps-post",
+                        label=f"{name} @ {rate:.3g} req/s")
+    ax_ttft.set_xscale("log")  # queueing stretches TTFT over orders of magnitude; TPOT stays within a few x
+    for ax, label in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
+        ax.set_xlabel(label)
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['workload']['name']}: latency distributions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_all(report: dict, out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [attainment_vs_rate(report, out_dir / "attainment.png"),
+            goodput_vs_scale(report, out_dir / "goodput.png"),
+            latency_cdfs(report, out_dir / "latency.png")]

@@ -1,0 +1,281 @@
+"""`pdserve bench serve`: goodput of one or more service configurations on one workload.
+
+For each configuration, one after the other on the same machine and with the same requests:
+1. calibrate (`engine_probe`): unloaded TTFT/TPOT, and the latency pdserve adds in front of
+   an engine. The first configuration's unloaded p90 TTFT and TPOT are the reference
+   objectives; objectives at SLO scale s are s times those (as DistServe scales its SLOs),
+   the same for every configuration.
+2. runs at rates chosen by the goodput search (`goodput.search_goodput`), one per SLO scale;
+   a rate is measured once and every scale's attainment is computed from the same requests.
+   Every rate sends the same lengths at the arrival times of one unit-rate trace divided by
+   the rate; prompt contents are fresh per rate (see `Requests`).
+
+Requests go with `ignore_eos`, so each generates the output length its workload drew.
+The services run with `slo.on_unmeetable: best_effort`: every request is served and its
+latencies measured, which is what lets every SLO scale be judged from one run per rate.
+(Early rejection is what `pdserve bench slo` measures.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from pdserve.bench import engine_probe, serve_report
+from pdserve.bench.goodput import attainment, search_goodput
+from pdserve.bench.loadgen import RequestResult, RequestSpec, gamma_arrivals, run_load
+from pdserve.bench.workloads import AnyWorkload, SampledRequest, make_requests, sample_lengths, word_token_ids
+
+log = logging.getLogger("pdserve.bench.serve")
+
+Progress = Callable[[str, int, int], None]
+"""(label, done, total) after every finished request."""
+
+
+class ServeBenchSettings(BaseModel):
+    """What `pdserve bench serve` sends and how it searches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_rate: int = Field(40, ge=1)
+    """Requests in each run; attainment is counted over them."""
+    arrival: Literal["poisson", "gamma"] = "poisson"
+    """Arrival process of each run (open loop)."""
+    burstiness: float = Field(1.0, gt=0)
+    """Gamma arrivals: squared coefficient of variation of the gaps (1 = Poisson, larger = burstier)."""
+    rates_rps: list[float] = Field(default_factory=list)
+    """Fixed rates to run (a sweep, or one rate); empty: search for goodput at every SLO scale."""
+    start_rps: float | None = Field(None, gt=0)
+    """Where the search starts; None: one request per unloaded end-to-end latency of the reference."""
+    slo_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 5.0])
+    """Objectives as multiples of the reference (unloaded) TTFT and TPOT, tight to loose."""
+    reference_ttft_ms: float | None = Field(None, gt=0)
+    """Fix the reference TTFT instead of measuring it."""
+    reference_tpot_ms: float | None = Field(None, gt=0)
+    """Fix the reference TPOT instead of measuring it."""
+    target_attainment: float = Field(0.9, gt=0, le=1)
+    """Share of requests that must meet both objectives for a rate to count toward goodput."""
+    rel_tol: float = Field(0.2, gt=0)
+    """The search stops when goodput is known within this factor."""
+    max_runs: int = Field(8, ge=1)
+    """Runs per configuration at most (each is `requests_per_rate` requests)."""
+    calibration_requests: int = Field(10, ge=1)
+    """Unloaded requests before the runs (and as many pairs measuring the latency pdserve adds)."""
+    probe_prompt_tokens: int = Field(16, ge=1)
+    """Prompt length of the pairs that measure the latency pdserve adds."""
+    calibration_max_tokens: int = Field(32, ge=2)
+    """Output tokens of each calibration request (TTFT and TPOT need no more)."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context the workload's lengths are fitted into (the service's max_model_len)."""
+    seed: int = Field(0, ge=0)
+    """Seeds lengths, prompt contents and arrivals: the same seed sends the same requests."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Per request, client side."""
+
+
+@dataclass
+class Target:
+    """A running service under test."""
+
+    name: str
+    http_url: str
+    model: str
+    engine: engine_probe.EngineTarget | None  # None: the added latency cannot be measured (no Ray handle)
+    description: dict = field(default_factory=dict)
+
+
+@dataclass
+class Requests:
+    """The same request lengths and arrival pattern for every configuration and rate.
+
+    Prompt contents change from one rate to the next (and are the same for every configuration
+    at a rate): engines keep what earlier runs computed in their prefix caches, and prompts seen
+    before would be prefilled from there, cheaper than the workload says.
+    """
+
+    load_lengths: list[tuple[int, int]]  # (prompt_tokens, output_tokens)
+    unit_arrivals_s: list[float]  # arrival offsets at 1 request/s
+    vocabulary: list[int]
+    seed: int
+    calibration: list[SampledRequest]  # the workload's lengths, sent unloaded
+    pairs: list[tuple[SampledRequest, SampledRequest]]  # (through the service, straight to an engine)
+    warmup: SampledRequest
+
+    def load_at(self, rate_rps: float) -> list[SampledRequest]:
+        return make_requests(self.load_lengths, self.vocabulary, [self.seed, 1, round(rate_rps * 1e6)])
+
+
+def build_requests(workload: AnyWorkload, settings: ServeBenchSettings, tokenizer) -> Requests:
+    vocab = word_token_ids(tokenizer)
+    s, n, k = settings.seed, settings.requests_per_rate, settings.calibration_requests
+    burstiness = settings.burstiness if settings.arrival == "gamma" else 1.0
+    cal_lengths = sample_lengths(workload, k, s + 1, settings.max_model_len)
+    probe = [(settings.probe_prompt_tokens, 2)] * k
+    pairs = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 4]), strict=True))
+    return Requests(sample_lengths(workload, n, s, settings.max_model_len), gamma_arrivals(1.0, n, burstiness, s),
+                    vocab, s, make_requests(cal_lengths, vocab, [s, 2]), pairs,
+                    make_requests(cal_lengths[:1], vocab, [s, 5])[0])
+
+
+@dataclass
+class Run:
+    rate_rps: float
+    duration_s: float
+    specs: list[RequestSpec]
+    results: list[RequestResult]
+
+
+class Runner:
+    """Measures one target at a rate, once: later asks for the same rate reuse the run."""
+
+    def __init__(self, target: Target, requests: Requests, settings: ServeBenchSettings, progress: Progress | None):
+        self.target, self.requests, self.settings, self.progress = target, requests, settings, progress
+        self.runs: dict[float, Run] = {}
+
+    def run(self, rate_rps: float) -> Run | None:
+        """The run at `rate_rps`; None when it was not measured and the run budget is spent."""
+        rate_rps = round(rate_rps, 6)
+        if rate_rps in self.runs:
+            return self.runs[rate_rps]
+        if len(self.runs) >= self.settings.max_runs:
+            return None
+        specs = [RequestSpec(t / rate_rps, r.prompt_token_ids, r.output_tokens, "load", ignore_eos=True)
+                 for t, r in zip(self.requests.unit_arrivals_s, self.requests.load_at(rate_rps), strict=True)]
+        label = f"{self.target.name} @ {rate_rps:.3g} req/s"
+        report = (lambda done, total: self.progress(label, done, total)) if self.progress else None
+        start = time.perf_counter()
+        results = asyncio.run(run_load(self.target.http_url, self.target.model, specs, self.settings.timeout_s, report))
+        run = Run(rate_rps, time.perf_counter() - start, specs, results)
+        self.runs[rate_rps] = run
+        failed = sum(r.outcome != "ok" for r in results)
+        log.info("%s: %d requests in %.1f s, %d not served", label, len(results), run.duration_s, failed)
+        return run
+
+
+def objectives_at(reference: dict, scale: float) -> tuple[float, float]:
+    return reference["ttft_ms"] * scale, reference["tpot_ms"] * scale
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Set by the first configuration measured and shared by the rest, so all are judged by the
+    same objectives and searched over the same rates."""
+
+    objectives: dict  # ttft_ms, tpot_ms (scale 1) and the configuration they come from
+    start_rps: float
+
+
+def reference_from(calibration: dict, settings: ServeBenchSettings, source: str, lengths: list[tuple[int, int]]
+                   ) -> Reference:
+    """Objectives: the configured ones, else the unloaded p90s. Start rate: the configured one,
+    else one request per unloaded end-to-end latency of a mean request (what one engine sustains
+    without any batching; doubling from there finds the rest)."""
+    ttft = settings.reference_ttft_ms or calibration["ttft_ms"]["p90"]
+    tpot = settings.reference_tpot_ms or calibration["tpot_ms"]["p90"]
+    mean_out = float(np.mean([o for _, o in lengths]))
+    e2e_ms = calibration["ttft_ms"]["p50"] + (mean_out - 1) * calibration["tpot_ms"]["p50"]
+    return Reference({"ttft_ms": float(ttft), "tpot_ms": float(tpot), "from": source},
+                     settings.start_rps or 1e3 / e2e_ms)
+
+
+def measure(target: Target, requests: Requests, settings: ServeBenchSettings, reference: Reference | None,
+            progress: Progress | None) -> tuple[dict, Reference]:
+    """Calibrate and run one target. Returns (its report section, the reference it was judged by)."""
+    label = f"{target.name} calibration"
+    calibration, unloaded = asyncio.run(engine_probe.calibrate(
+        target.http_url, target.model, target.engine, requests.calibration, requests.pairs, requests.warmup,
+        settings.calibration_max_tokens, (lambda done, total: progress(label, done, total)) if progress else None))
+    log.info("%s unloaded: %s", target.name, calibration)
+    reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths)
+    runner = Runner(target, requests, settings, progress)
+    goodput: dict[str, dict] = {}
+    if settings.rates_rps:
+        for rate in settings.rates_rps:
+            runner.run(rate)
+    else:
+        start = reference.start_rps
+        for scale in sorted(settings.slo_scales):
+            objectives = objectives_at(reference.objectives, scale)
+            if (unloaded_attainment := attainment(unloaded, *objectives)) < settings.target_attainment:
+                log.info("%s: SLO scale %g is missed even unloaded (attainment %.2f): goodput 0 without runs",
+                         target.name, scale, unloaded_attainment)
+                goodput[f"{scale:g}"] = {"goodput_rps": 0.0, "upper_rps": None, "probes": [],
+                                         "unloaded_attainment": unloaded_attainment}
+                continue
+
+            def attained(rate: float, objectives: tuple[float, float] = objectives) -> float | None:
+                run = runner.run(rate)
+                return None if run is None else attainment(run.results, *objectives)
+
+            found = search_goodput(attained, start, target=settings.target_attainment, rel_tol=settings.rel_tol,
+                                   min_rps=start / 4, max_probes=settings.max_runs)
+            goodput[f"{scale:g}"] = {**found.as_dict(), "unloaded_attainment": unloaded_attainment}
+    section = serve_report.target_section(target, calibration, runner.runs, reference.objectives, settings, goodput)
+    return section, reference
+
+
+def _describe_cluster(cfg, model_path: str) -> dict:
+    return {"mode": cfg.mode, "model_path": model_path, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+            "routing_policy": cfg.routing.policy, "on_unmeetable": cfg.slo.on_unmeetable,
+            "pools": {role: pool.model_dump(mode="json") for role, pool in cfg.pools().items()}}
+
+
+def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload, settings: ServeBenchSettings,
+                  progress: Progress | None = None) -> dict:
+    """Deploy `cfg` in each mode in turn on one Ray cluster (this process's, or a local one it
+    starts) and measure each with the same requests. Returns the whole report."""
+    from transformers import AutoTokenizer
+
+    from pdserve.deployments import service
+    from pdserve.deployments.engine_server import served_model_name
+
+    settings = settings.model_copy(update={"max_model_len": cfg.max_model_len})
+    requests = build_requests(workload, settings, AutoTokenizer.from_pretrained(model_path))
+    configs: dict[str, dict] = {}
+    reference: Reference | None = None
+    svc = None
+    try:
+        for mode in modes:
+            mode_cfg = cfg.model_copy(update={"mode": mode,
+                                              "slo": cfg.slo.model_copy(update={"on_unmeetable": "best_effort"})})
+            if svc is None:
+                svc = service.start(mode_cfg, model_path)
+            else:
+                svc.delete()
+                svc = service.deploy(mode_cfg, model_path, svc.started_ray)
+            log.info("benchmarking %s at %s", mode, svc.http_url)
+            engine = asyncio.run(engine_probe.find_engine(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
+            target = Target(mode, svc.http_url, served_model_name(mode_cfg, model_path), engine,
+                            _describe_cluster(mode_cfg, model_path))
+            configs[mode], reference = measure(target, requests, settings, reference, progress)
+    finally:
+        if svc is not None:
+            svc.stop()
+    baseline = "colocated" if "colocated" in configs else None
+    assert reference is not None
+    return serve_report.assemble(settings, workload, configs, reference.objectives, reference.start_rps, model_path,
+                                 baseline)
+
+
+def bench_url(http_url: str, tokenizer_path: str, workload: AnyWorkload, settings: ServeBenchSettings,
+              progress: Progress | None = None) -> dict:
+    """Measure a service that is already running (its own config unknown here: the added latency
+    needs a handle on its engines, so it is left out)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    models = httpx.get(http_url.rstrip("/") + "/v1/models", timeout=30.0).raise_for_status().json()["data"]
+    if not models:
+        raise RuntimeError(f"{http_url} serves no model")
+    requests = build_requests(workload, settings, AutoTokenizer.from_pretrained(tokenizer_path))
+    target = Target("service", http_url, models[0]["id"], None, {"http_url": http_url})
+    section, reference = measure(target, requests, settings, None, progress)
+    return serve_report.assemble(settings, workload, {"service": section}, reference.objectives, reference.start_rps,
+                                 tokenizer_path, None)

@@ -1,0 +1,93 @@
+"""`pdserve bench serve` end to end: a short comparison of colocated and disaggregated services
+on real engines; its report has every field the README documents, and its plots are written."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pdserve.bench import plots, serve_bench, serve_report
+from pdserve.bench.workloads import LengthDist, Workload
+from pdserve.deployments.model_store import resolve_model
+from tests.deployments.service_fixtures import init_ray, service_config
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+
+def documented_fields() -> list[str]:
+    """The JSON paths listed in the README's report table (first column, in backticks)."""
+    text = README.read_text()
+    section = text.split("<!-- bench-serve-json -->")[1].split("<!-- /bench-serve-json -->")[0]
+    return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
+
+
+def missing(doc: object, path: str) -> list[str]:
+    """Where `path` is absent from `doc`: `<name>` stands for every key of a mapping (at least
+    one), `[]` for every element of a list (at least one)."""
+    head, _, rest = path.partition(".")
+    key, is_list = head.removesuffix("[]"), head.endswith("[]")
+    if key.startswith("<"):
+        if not isinstance(doc, dict) or not doc:
+            return [path]
+        values = list(doc.values())
+    elif isinstance(doc, dict) and key in doc:
+        values = [doc[key]]
+    else:
+        return [path]
+    if is_list:
+        if not all(isinstance(v, list) and v for v in values):
+            return [path]
+        values = [item for v in values for item in v]
+    return [f"{head}.{m}" for v in values for m in missing(v, rest)] if rest else []
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    import ray
+
+    init_ray()
+    try:
+        tiny = Workload(name="tiny", source="this test",
+                        prompt_tokens=LengthDist(mean=40, sigma=0.3), output_tokens=LengthDist(mean=6, sigma=0.2))
+        settings = serve_bench.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
+                                                  calibration_requests=2, calibration_max_tokens=4)
+        rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)), ["colocated", "disaggregated"],
+                                        tiny, settings)
+    finally:
+        ray.shutdown()
+    out = tmp_path_factory.mktemp("bench-serve")
+    return rep, serve_report.write(rep, out), plots.write_all(rep, out)
+
+
+def test_both_configurations_serve_every_request_and_report_goodput(report):
+    rep, _, _ = report
+    assert list(rep["configs"]) == ["colocated", "disaggregated"]
+    for cfg in rep["configs"].values():
+        (run,) = cfg["runs"]
+        assert (run["rate_rps"], run["requests"], run["ok"]) == (1.0, 4, 4), run["errors"]
+        assert all(r["output_tokens"] == r["requested_output_tokens"] and r["ttft_ms"] > 0 for r in run["per_request"])
+        assert cfg["calibration"]["added_latency"]["pairs"] == 2
+        # At 50x the unloaded latencies every request of a 1 req/s trickle meets its objectives.
+        assert cfg["goodput"]["50"]["goodput_rps"] == 1.0
+    kv = rep["configs"]["disaggregated"]["runs"][0]["kv_transfer"]
+    assert kv["transfers"] == 4 and kv["failed"] == 0 and kv["bytes"]["p50"] > 0
+    assert rep["configs"]["colocated"]["runs"][0]["kv_transfer"] is None
+    assert rep["goal"]["slo_scale"] in (2.0, 50.0)
+
+
+def test_report_has_every_field_the_readme_documents(report):
+    rep, path, _ = report
+    fields = documented_fields()
+    assert len(fields) >= 20
+    written = json.loads(path.read_text())
+    assert [m for f in fields for m in missing(written, f)] == []
+
+
+def test_plots_are_png_files(report):
+    _, _, pngs = report
+    assert sorted(p.name for p in pngs) == ["attainment.png", "goodput.png", "latency.png"]
+    for p in pngs:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000
