@@ -201,14 +201,15 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     except (ValueError, ValidationError) as err:
         print(f"pdserve bench serve: {err}", file=sys.stderr)
         return 2
-    bar: list[tqdm] = []
+    bar: dict[str, tqdm] = {}  # the current run's bar, by label (a disabled tqdm keeps no desc)
 
     def progress(label: str, done: int, total: int) -> None:
-        if not bar or bar[0].desc != label:
-            if bar:
-                bar.pop().close()
-            bar.append(tqdm(total=total, desc=label, file=sys.stderr, disable=args.quiet))
-        bar[0].update(done - bar[0].n)
+        if label not in bar:
+            for old in bar.values():
+                old.close()
+            bar.clear()
+            bar[label] = tqdm(total=total, desc=label, file=sys.stderr, disable=args.quiet)
+        bar[label].update(done - bar[label].n)
 
     cfg = _config_or_exit(args.config, "bench serve")
     model_path = _model_path_or_exit(cfg, "bench serve")
@@ -221,8 +222,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
-    if bar:
-        bar[0].close()
+    for b in bar.values():
+        b.close()
     out = Path(args.out)
     path = serve_report.write(report, out)
     pngs = plots.write_all(report, out)
