@@ -159,10 +159,6 @@ class Runner:
         return run
 
 
-def objectives_at(reference: dict, scale: float) -> tuple[float, float]:
-    return reference["ttft_ms"] * scale, reference["tpot_ms"] * scale
-
-
 @dataclass(frozen=True)
 class Reference:
     """Set by the first configuration measured and shared by the rest, so all are judged by the
@@ -202,7 +198,7 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
     else:
         start = reference.start_rps
         for scale in sorted(settings.slo_scales):
-            objectives = objectives_at(reference.objectives, scale)
+            objectives = serve_report.objectives_at(reference.objectives, scale)
             if (unloaded_attainment := attainment(unloaded, *objectives)) < settings.target_attainment:
                 log.info("%s: SLO scale %g is missed even unloaded (attainment %.2f): goodput 0 without runs",
                          target.name, scale, unloaded_attainment)

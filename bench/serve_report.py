@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,11 +18,17 @@ import numpy as np
 from pdserve.bench.goodput import attainment
 from pdserve.bench.hardware import hardware
 from pdserve.bench.loadgen import RequestResult, RequestSpec, percentiles
+from pdserve.bench.workloads import describe
 
 if TYPE_CHECKING:
     from pdserve.bench.serve_bench import Run, ServeBenchSettings, Target
 
 _QS = (50, 90, 99)
+
+
+def objectives_at(reference: dict, scale: float) -> tuple[float, float]:
+    """(ttft_ms, tpot_ms) at an SLO scale: the reference objectives times the scale."""
+    return reference["ttft_ms"] * scale, reference["tpot_ms"] * scale
 
 
 def _kv_stats(results: list[RequestResult]) -> dict | None:
@@ -53,7 +60,7 @@ def run_section(run: Run, reference: dict, scales: list[float]) -> dict:
         "ttft_ms": percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None], _QS),
         "tpot_ms": percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], _QS),
         "e2e_ms": percentiles([r.e2e_ms for r in ok], _QS),
-        "attainment": {f"{s:g}": attainment(run.results, reference["ttft_ms"] * s, reference["tpot_ms"] * s)
+        "attainment": {f"{s:g}": attainment(run.results, *objectives_at(reference, s))
                        for s in scales},
         "kv_transfer": _kv_stats(run.results),
         "errors": sorted({r.error[:200] for r in run.results if r.outcome == "error"})[:5],
@@ -88,7 +95,8 @@ def comparison(configs: dict[str, dict], reference: dict, scales: list[float], b
         key = f"{s:g}"
         goodput = {name: c["goodput"][key]["goodput_rps"] for name, c in configs.items()}
         base = goodput.get(baseline) if baseline else None
-        rows.append({"slo_scale": s, "ttft_ms": reference["ttft_ms"] * s, "tpot_ms": reference["tpot_ms"] * s,
+        ttft_ms, tpot_ms = objectives_at(reference, s)
+        rows.append({"slo_scale": s, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
                      "goodput_rps": goodput,
                      "ratio_to_baseline": {n: (g / base if base else None) for n, g in goodput.items()}})
     return rows
@@ -146,10 +154,6 @@ def write(report: dict[str, Any], out_dir: Path) -> Path:
 def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dict], reference: dict,
              start_rps: float, model_path: str, baseline: str | None) -> dict:
     """The whole report; `goal` compares disaggregated with colocated when both ran."""
-    import time
-
-    from pdserve.bench.workloads import describe
-
     scales = sorted(settings.slo_scales)
     rows = comparison(configs, reference, scales, baseline)
     report = {
