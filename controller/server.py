@@ -1,12 +1,17 @@
 """The controller as a Ray Serve deployment (one replica): it keeps the registry and
 answers routing decisions; engine replicas report to it, ingresses ask it and tell it
-how each request went (prefill time, TPOT), which corrects its latency models."""
+how each request went (prefill time, TPOT), which corrects its latency models. With an
+autoscaling policy it also sizes both pools from what it sees."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
+from pdserve.controller.autoscale_config import AutoscalingConfig
+from pdserve.controller.autoscale_policy import AutoscalingPolicy
+from pdserve.controller.autoscaler import Autoscaler, RateWindow, describe
 from pdserve.controller.config import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.least_load import choose_least_load
@@ -22,7 +27,8 @@ class Controller:
     event loop, so the registry needs no lock (sync methods would run in a thread pool)."""
 
     def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
-                 log_level: str = "INFO"):
+                 log_level: str = "INFO", app_name: str = "pdserve",
+                 autoscaling: tuple[AutoscalingConfig, AutoscalingPolicy] | None = None):
         telemetry.setup_logging(log_level)
         self.colocated = mode == "colocated"
         self.routing = routing
@@ -31,8 +37,19 @@ class Controller:
         self.registry = Registry(routing.profiles, ttl_s=routing.ttl_s, kv_reserve_tokens=routing.kv_reserve_tokens)
         log.info("controller: %s routing, %s when objectives cannot be met, %d KV bytes per token",
                  routing.policy, "best effort" if best_effort else "reject", kv_bytes_per_token)
+        policy = autoscaling[1] if autoscaling else None
+        self.window = RateWindow(policy.window_s if policy else 60.0, time.monotonic())
+        self.autoscaler = _autoscaler(app_name, *autoscaling) if autoscaling else None
+        self._autoscaling: asyncio.Task | None = None
+
+    def _start_autoscaling(self) -> None:
+        """On the replica's event loop, which the first call runs on (the constructor may not)."""
+        if self.autoscaler is not None and self._autoscaling is None:
+            self._autoscaling = asyncio.get_running_loop().create_task(
+                self.autoscaler.run(self.registry, self.window, time.monotonic))
 
     async def report(self, r: LoadReport) -> None:
+        self._start_autoscaling()
         now = time.monotonic()
         self.registry.report(r, now)
         self.registry.forget_stale(now)
@@ -50,6 +67,7 @@ class Controller:
                                   self.best_effort)
         if decision.outcome is Outcome.ROUTED:
             self.registry.assign(req, decision, now)
+            self.window.arrived(now, req.prompt_tokens)
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
@@ -57,13 +75,34 @@ class Controller:
     async def prefill_done(self, request_id: str, prefill_ms: float) -> None:
         self.registry.prefill_done(request_id, prefill_ms)
 
-    async def release(self, request_id: str, tpot_ms: float | None = None) -> None:
+    async def release(self, request_id: str, tpot_ms: float | None = None, output_tokens: int = 0) -> None:
         self.registry.release(request_id, tpot_ms)
+        if output_tokens:
+            self.window.finished(time.monotonic(), output_tokens)
+
+    async def autoscale_status(self) -> dict | None:
+        """The last sizing decision with its operands, for metrics; None without a policy or before the first."""
+        return describe(self.autoscaler.last) if self.autoscaler and self.autoscaler.last else None
 
     async def snapshot(self) -> list[dict]:
         """Every known instance with its load, liveness and latency corrections, for health and metrics."""
         now = time.monotonic()
         return [_describe(i, now, self.registry.ttl_s) for i in self.registry.instances.values()]
+
+
+def _autoscaler(app_name: str, cfg: AutoscalingConfig, policy: AutoscalingPolicy) -> Autoscaler:
+    from pdserve.controller.serve_actuator import ServeActuator
+
+    actuators = [ServeActuator(app_name)]
+    if cfg.kubernetes is not None:
+        from pdserve.controller.k8s_actuator import KubernetesActuator
+
+        actuators.append(KubernetesActuator(cfg.kubernetes))
+    log.info("autoscaling every %.0f s: prefill %d-%d replicas for ttft %.0f ms, decode %d-%d for tpot %.0f ms, "
+             "GPU budget %s, actuators %s", policy.interval_s, policy.prefill.min_replicas, policy.prefill.max_replicas,
+             policy.prefill.ttft_ms, policy.decode.min_replicas, policy.decode.max_replicas, policy.decode.tpot_ms,
+             policy.gpu_budget, [type(a).__name__ for a in actuators])
+    return Autoscaler(policy, actuators)
 
 
 def _describe(i: Instance, now_s: float, ttl_s: float) -> dict:

@@ -10,6 +10,7 @@ import secrets
 import sys
 
 from pdserve.bench.hardware import hardware
+from pdserve.deployments.cli_autoscale import add_autoscale_parsers, add_bench_trace_parser
 
 # Models come from local checkpoint directories only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -312,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--out", default="bench-serve", help="directory for serve.json and the PNG plots")
     sv.add_argument("--quiet", action="store_true", help="no progress bar")
     sv.set_defaults(func=_cmd_bench_serve)
+    add_bench_trace_parser(bench)
+    add_autoscale_parsers(sub)
     return p
 
 

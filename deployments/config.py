@@ -11,10 +11,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pdserve.controller.autoscale_config import AutoscalingConfig
+from pdserve.controller.autoscale_policy import PolicyError, load_policy
 from pdserve.controller.config import RoutingConfig
+from pdserve.deployments.yaml_files import describe, read_mapping
 from pdserve.kvtransfer.settings import KVTransferSettings
 
 # Engine arguments pdserve sets itself; a pool may not override them.
@@ -177,6 +179,9 @@ class ClusterConfig(BaseModel):
     slo: SLOConfig = Field(default_factory=SLOConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     """How the controller routes requests and predicts their latencies."""
+    autoscaling: AutoscalingConfig | None = None
+    """Size the prefill and decode pools from a policy file (disaggregated mode); None keeps
+    each pool at its `replicas`."""
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log_level: str = "INFO"
@@ -205,6 +210,8 @@ class ClusterConfig(BaseModel):
             raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
         if self.ingress.http_port == self.ingress.grpc_port:
             raise ValueError("ingress.http_port and ingress.grpc_port must differ")
+        if self.autoscaling is not None and self.mode != "disaggregated":
+            raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
         return self
 
     def pools(self) -> dict[str, PoolConfig]:
@@ -218,32 +225,26 @@ class ConfigError(ValueError):
     """A config file that cannot be used; the message lists every problem."""
 
 
-def _describe(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {where}: {e['msg']}")
-    return "\n".join(lines)
-
-
 def parse_config(data: dict[str, Any] | None, source: str = "config") -> ClusterConfig:
     try:
         return ClusterConfig.model_validate(data or {})
     except ValidationError as err:
-        raise ConfigError(f"{source} is invalid:\n{_describe(err)}") from None
+        raise ConfigError(f"{source} is invalid:\n{describe(err)}") from None
 
 
 def load_config(path: str | Path | None) -> ClusterConfig:
-    """The config in `path` (YAML), or the defaults when `path` is None."""
+    """The config in `path` (YAML), or the defaults when `path` is None. A relative policy
+    file is relative to the config's directory, and is checked here too."""
     if path is None:
         return parse_config({}, "default config")
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as err:
-        raise ConfigError(f"cannot read config {p}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML: {err}") from None
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{p} must hold a mapping of settings, got {type(data).__name__}")
-    return parse_config(data, str(p))
+    data = read_mapping(p, "config", ConfigError)
+    cfg = parse_config(data, str(p))
+    if cfg.autoscaling is not None:
+        policy = Path(cfg.autoscaling.policy_file)
+        cfg.autoscaling.policy_file = str(policy if policy.is_absolute() else (p.parent / policy).resolve())
+        try:
+            load_policy(cfg.autoscaling.policy_file)
+        except PolicyError as err:
+            raise ConfigError(f"{p}: autoscaling.policy_file: {err}") from None
+    return cfg

@@ -182,7 +182,7 @@ class Frontend:
                         yield chunk
                 outcome = "ok"
             finally:
-                self.controller.release.remote(req.request_id, run.tpot_ms())
+                self.controller.release.remote(req.request_id, run.tpot_ms(), run.tokens)
         except ServeError as err:
             outcome = {400: "invalid", 429: "rejected", 503: "unavailable"}.get(err.http_status, outcome)
             root.set_status(trace.StatusCode.ERROR, err.message)
@@ -246,6 +246,7 @@ class Frontend:
             while True:
                 try:
                     self.metrics.observe_instances(await self.controller.snapshot.remote())
+                    self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
                 except Exception as exc:
                     log.warning("controller snapshot failed: %s", exc)
                 await asyncio.sleep(interval_s)

@@ -50,6 +50,37 @@ class IngressMetrics:
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
                                       registry=r)
 
+        self.autoscale_replicas = Gauge("pdserve_autoscale_desired_replicas",
+                                        "Replicas the autoscaler sized each pool to", ["pool"], registry=r)
+        self.autoscale_needed = Gauge("pdserve_autoscale_needed_replicas",
+                                      "Replicas demand asks for, before delays, step limits and the GPU budget",
+                                      ["pool"], registry=r)
+        self.autoscale_demand = Gauge("pdserve_autoscale_demand",
+                                      "Demand the pool is sized for: prompt tokens/s (prefill), sequences (decode)",
+                                      ["pool"], registry=r)
+        self.autoscale_capacity = Gauge("pdserve_autoscale_capacity_per_replica",
+                                        "What one replica serves at its objective, in the demand's unit", ["pool"],
+                                        registry=r)
+        self.autoscale_correction = Gauge("pdserve_autoscale_latency_correction",
+                                          "Measured / predicted latency applied to the pool's profile", ["pool"],
+                                          registry=r)
+        self.autoscale_gpus = Gauge("pdserve_autoscale_gpus", "GPUs the sized pools hold", registry=r)
+        self.autoscale_cost = Gauge("pdserve_autoscale_cost_per_hour", "Cost per hour of the sized pools", registry=r)
+
+    def observe_autoscale(self, status: dict | None) -> None:
+        """The controller's last sizing decision (`Controller.autoscale_status`)."""
+        if status is None:
+            return
+        for pool in ("prefill", "decode"):
+            d = status[pool]
+            self.autoscale_replicas.labels(pool).set(d["replicas"])
+            self.autoscale_needed.labels(pool).set(d["needed"])
+            self.autoscale_demand.labels(pool).set(d["demand"])
+            self.autoscale_capacity.labels(pool).set(d["capacity_per_replica"])
+            self.autoscale_correction.labels(pool).set(d["correction"])
+        self.autoscale_gpus.set(status["gpus"])
+        self.autoscale_cost.set(status["cost_per_hour"])
+
     def observe_instances(self, snapshot: list[dict]) -> None:
         self.queue_depth.clear()
         live: dict[str, int] = {}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
+from pdserve.controller.autoscale_policy import load_policy
 from pdserve.deployments.config import ClusterConfig
 
 log = logging.getLogger("pdserve.service")
@@ -52,6 +53,14 @@ def with_secret(cfg: ClusterConfig) -> ClusterConfig:
     return cfg.model_copy(update={"kv_transfer": cfg.kv_transfer.model_copy(update={"secret": SecretStr(secret)})})
 
 
+def _most_replicas(cfg: ClusterConfig) -> list[int]:
+    """Replicas each pool may reach: its autoscaling maximum, so a local Ray cluster has room for them."""
+    if cfg.autoscaling is None:
+        return [pool.replicas for pool in cfg.pools().values()]
+    policy = load_policy(cfg.autoscaling.policy_file).pools()
+    return [max(pool.replicas, policy[role].max_replicas) for role, pool in cfg.pools().items()]
+
+
 def start(cfg: ClusterConfig, model_path: str) -> Service:
     """Deploy `cfg` and return once every replica is up."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray's addresses on loopback
@@ -63,7 +72,7 @@ def start(cfg: ClusterConfig, model_path: str) -> Service:
         if cfg.ray_address:
             ray.init(address=cfg.ray_address, log_to_driver=False)
         else:
-            need = sum(p.replicas * p.num_cpus for p in cfg.pools().values())
+            need = sum(most * pool.num_cpus for most, pool in zip(_most_replicas(cfg), cfg.pools().values(), strict=True))
             ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
                      log_to_driver=False)
     try:
@@ -83,7 +92,9 @@ def deploy(cfg: ClusterConfig, model_path: str, started_ray: bool = False) -> Se
     from pdserve.deployments.app import build_app
 
     cfg = with_secret(cfg)
-    serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix)
+    # The controller's autoscaler sets the pools' replica counts through Serve's external-scaler API.
+    serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
+              external_scaler_enabled=cfg.autoscaling is not None)
     host, prefix = cfg.ingress.host, cfg.ingress.route_prefix.rstrip("/")
     return Service(cfg, f"http://{host}:{cfg.ingress.http_port}{prefix}", f"{host}:{cfg.ingress.grpc_port}",
                    started_ray)

@@ -95,3 +95,24 @@ def test_routing_profiles_are_per_accelerator_with_a_default_and_slo_policy_is_c
                       "slo": {"on_unmeetable": "queue"}})
     for where in ("routing.policy", "routing.profiles", "slo.on_unmeetable"):
         assert where in str(err.value)
+
+
+def test_autoscaling_policy_path_is_relative_to_the_config_file(tmp_path):
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "scale.yaml").write_text("decode: {max_replicas: 4}\n")
+    path = tmp_path / "cluster.yaml"
+    path.write_text("autoscaling: {policy_file: policies/scale.yaml}\n")
+    assert load_config(path).autoscaling.policy_file == str(tmp_path / "policies" / "scale.yaml")
+
+
+def test_a_bad_autoscaling_policy_fails_the_config_naming_its_field(tmp_path):
+    (tmp_path / "scale.yaml").write_text("decode: {max_replicas: 0}\n")
+    path = tmp_path / "cluster.yaml"
+    path.write_text("autoscaling: {policy_file: scale.yaml}\n")
+    with pytest.raises(ConfigError, match="(?s)autoscaling.policy_file.*decode.max_replicas"):
+        load_config(path)
+
+
+def test_autoscaling_needs_the_disaggregated_pools():
+    with pytest.raises(ConfigError, match="needs mode disaggregated"):
+        parse_config({"mode": "colocated", "autoscaling": {"policy_file": "p.yaml"}})
