@@ -53,6 +53,7 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
             **_ENGINE_HEALTH,
         ).bind(cfg, model_path, controller)
     return serve.deployment(Ingress).options(
-        name="ingress", num_replicas=cfg.ingress.replicas, ray_actor_options={"num_cpus": 0},
+        name="ingress", num_replicas=cfg.ingress.replicas,
+        ray_actor_options={"num_cpus": 0, **({"resources": cfg.ingress.resources} if cfg.ingress.resources else {})},
         max_ongoing_requests=10_000,
     ).bind(cfg, model_path, controller, pools)

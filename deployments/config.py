@@ -118,6 +118,9 @@ class IngressConfig(BaseModel):
     """HTTP path prefix of this application, so several can share one Serve proxy."""
     replicas: int = Field(1, ge=1)
     """Ingress replicas (tokenize, route, stream); each is light."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources an ingress replica needs, e.g. {pdserve_ingress: 1} to pin it to the
+    node clients reach (on Kubernetes the head, whose Service carries the gRPC port)."""
     request_timeout_s: float = Field(600.0, gt=0)
     """Longest a request may run end to end before it is cancelled."""
 
