@@ -78,17 +78,22 @@ def gamma_arrivals(rate_rps: float, n: int, burstiness: float, seed: int) -> lis
     `burstiness` is the gaps' squared coefficient of variation (shape = 1/burstiness):
     1 is a Poisson process, larger values bunch requests into bursts at the same mean rate.
     """
-    if rate_rps <= 0:
-        raise ValueError(f"rate_rps must be > 0, got {rate_rps}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    if burstiness <= 0:
-        raise ValueError(f"burstiness must be > 0, got {burstiness}")
     if n == 0:
         return []
-    rng = np.random.default_rng(seed)
-    gaps = rng.gamma(shape=1.0 / burstiness, scale=burstiness / rate_rps, size=n - 1)
+    gaps = gamma_gaps(np.random.default_rng(seed), rate_rps, burstiness, n - 1)
     return [0.0, *np.cumsum(gaps).tolist()]
+
+
+def gamma_gaps(rng: np.random.Generator, rate_rps: float, burstiness: float, n: int) -> np.ndarray:
+    """n gaps between arrivals, gamma distributed with mean 1/rate_rps and squared coefficient
+    of variation `burstiness`."""
+    if rate_rps <= 0:
+        raise ValueError(f"rate_rps must be > 0, got {rate_rps}")
+    if burstiness <= 0:
+        raise ValueError(f"burstiness must be > 0, got {burstiness}")
+    return rng.gamma(shape=1.0 / burstiness, scale=burstiness / rate_rps, size=n)
 
 
 def mixed_prompts(n: int, long_fraction: float, long_tokens: int, seed: int) -> list[tuple[str, str]]:

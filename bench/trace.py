@@ -14,6 +14,7 @@ from typing import Literal
 
 import numpy as np
 
+from pdserve.bench.loadgen import gamma_gaps
 from pdserve.bench.workloads import AnyWorkload, sample_lengths
 from pdserve.controller.autoscale_trace import TraceRequest
 
@@ -45,8 +46,6 @@ def arrival_times(phases: list[Phase], arrival: Arrival = "poisson", burstiness:
                   seed: int = 0) -> list[float]:
     """Arrival offsets over the whole schedule. `burstiness` is the gaps' squared coefficient of
     variation for gamma arrivals (1: as Poisson; larger: bursts); Poisson ignores it."""
-    if burstiness <= 0:
-        raise ValueError(f"burstiness must be > 0, got {burstiness}")
     cv2 = burstiness if arrival == "gamma" else 1.0
     rng = np.random.default_rng(seed)
     times: list[float] = []
@@ -56,7 +55,7 @@ def arrival_times(phases: list[Phase], arrival: Arrival = "poisson", burstiness:
         t_s = start_s
         while phase.rate_rps > 0:
             # Draw in chunks of about the expected count; a few chunks reach the phase's end.
-            gaps = rng.gamma(1.0 / cv2, cv2 / phase.rate_rps, size=max(16, int(phase.rate_rps * phase.duration_s)))
+            gaps = gamma_gaps(rng, phase.rate_rps, cv2, max(16, int(phase.rate_rps * phase.duration_s)))
             chunk = t_s + np.cumsum(gaps)
             times += chunk[chunk < end_s].tolist()
             if chunk[-1] >= end_s:

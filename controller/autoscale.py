@@ -231,10 +231,10 @@ def _fit_budget(policy: AutoscalingPolicy, sizes: dict[str, int], per_replica_rp
     budget = policy.gpu_budget
     while budget is not None and sum(sizes[p] * pools[p].gpus_per_replica for p in sizes) > budget + 1e-9:
         options = []
+        before = _goodput_rps(arrival_rps, {p: sizes[p] * per_replica_rps[p] for p in sizes})
         for name, pool in pools.items():
             if sizes[name] <= pool.min_replicas or pool.gpus_per_replica == 0:
                 continue
-            before = _goodput_rps(arrival_rps, {p: sizes[p] * per_replica_rps[p] for p in sizes})
             after = _goodput_rps(arrival_rps, {p: (sizes[p] - (p == name)) * per_replica_rps[p] for p in sizes})
             price = pool.gpus_per_replica * policy.gpu_cost_per_hour.get(pool.accelerator_type, 0.0)
             options.append(((before - after) / pool.gpus_per_replica, -price, name, before - after))

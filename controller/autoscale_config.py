@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from pdserve.controller.autoscale_policy import AutoscalingPolicy, load_policy
 
 
 class KubernetesTarget(BaseModel):
@@ -33,3 +35,11 @@ class AutoscalingConfig(BaseModel):
     kubernetes: KubernetesTarget | None = None
     """Also patch these worker groups' replicas; None relies on KubeRay's in-tree autoscaling
     (or on a cluster with fixed nodes) to provide the nodes."""
+    _policy: AutoscalingPolicy | None = PrivateAttr(None)
+
+    def policy(self) -> AutoscalingPolicy:
+        """The policy file's contents, read once: loading the config checks it, deploying uses it
+        (PolicyError when it cannot be used)."""
+        if self._policy is None:
+            self._policy = load_policy(self.policy_file)
+        return self._policy

@@ -37,8 +37,8 @@ class Controller:
         self.registry = Registry(routing.profiles, ttl_s=routing.ttl_s, kv_reserve_tokens=routing.kv_reserve_tokens)
         log.info("controller: %s routing, %s when objectives cannot be met, %d KV bytes per token",
                  routing.policy, "best effort" if best_effort else "reject", kv_bytes_per_token)
-        policy = autoscaling[1] if autoscaling else None
-        self.window = RateWindow(policy.window_s if policy else 60.0, time.monotonic())
+        self.window = RateWindow(autoscaling[1].window_s, time.monotonic()) if autoscaling else None
+        """Arrivals and completions, kept only for the autoscaler."""
         self.autoscaler = _autoscaler(app_name, *autoscaling) if autoscaling else None
         self._autoscaling: asyncio.Task | None = None
 
@@ -67,7 +67,8 @@ class Controller:
                                   self.best_effort)
         if decision.outcome is Outcome.ROUTED:
             self.registry.assign(req, decision, now)
-            self.window.arrived(now, req.prompt_tokens)
+            if self.window is not None:
+                self.window.arrived(now, req.prompt_tokens)
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
@@ -77,7 +78,7 @@ class Controller:
 
     async def release(self, request_id: str, tpot_ms: float | None = None, output_tokens: int = 0) -> None:
         self.registry.release(request_id, tpot_ms)
-        if output_tokens:
+        if output_tokens and self.window is not None:
             self.window.finished(time.monotonic(), output_tokens)
 
     async def autoscale_status(self) -> dict | None:

@@ -8,7 +8,6 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from pdserve.controller.autoscale_policy import load_policy
 from pdserve.controller.server import Controller
 from pdserve.decode.server import ColocatedServer, DecodeServer
 from pdserve.deployments.config import ClusterConfig
@@ -41,7 +40,7 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
         name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
     ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort",
            cfg.log_level, cfg.app_name,
-           (cfg.autoscaling, load_policy(cfg.autoscaling.policy_file)) if cfg.autoscaling else None)
+           (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None)
     pools = {}
     for role, pool in cfg.pools().items():
         pools[role] = serve.deployment(_SERVERS[role]).options(

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pdserve.controller.autoscale_config import AutoscalingConfig
-from pdserve.controller.autoscale_policy import PolicyError, load_policy
+from pdserve.controller.autoscale_policy import PolicyError
 from pdserve.controller.config import RoutingConfig
 from pdserve.deployments.yaml_files import describe, read_mapping
 from pdserve.kvtransfer.settings import KVTransferSettings
@@ -247,7 +247,7 @@ def load_config(path: str | Path | None) -> ClusterConfig:
         policy = Path(cfg.autoscaling.policy_file)
         cfg.autoscaling.policy_file = str(policy if policy.is_absolute() else (p.parent / policy).resolve())
         try:
-            load_policy(cfg.autoscaling.policy_file)
+            cfg.autoscaling.policy()
         except PolicyError as err:
             raise ConfigError(f"{p}: autoscaling.policy_file: {err}") from None
     return cfg

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from pdserve.controller.autoscale_policy import load_policy
 from pdserve.deployments.config import ClusterConfig
 
 log = logging.getLogger("pdserve.service")
@@ -57,7 +56,7 @@ def _most_replicas(cfg: ClusterConfig) -> list[int]:
     """Replicas each pool may reach: its autoscaling maximum, so a local Ray cluster has room for them."""
     if cfg.autoscaling is None:
         return [pool.replicas for pool in cfg.pools().values()]
-    policy = load_policy(cfg.autoscaling.policy_file).pools()
+    policy = cfg.autoscaling.policy().pools()
     return [max(pool.replicas, policy[role].max_replicas) for role, pool in cfg.pools().items()]
 
 
