@@ -72,8 +72,9 @@ def start(cfg: ClusterConfig, model_path: str) -> Service:
             ray.init(address=cfg.ray_address, log_to_driver=False)
         else:
             need = sum(most * pool.num_cpus for most, pool in zip(_most_replicas(cfg), cfg.pools().values(), strict=True))
-            ray.init(num_cpus=max(os.cpu_count() or 1, int(need + 0.999)), include_dashboard=False,
-                     log_to_driver=False)
+            # "local": a new cluster even where another one left its address in /tmp/ray.
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(need + 0.999)),
+                     include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": cfg.ingress.host, "port": cfg.ingress.http_port})
         return deploy(cfg, model_path, started_ray)

@@ -29,7 +29,9 @@ def service_config(**overrides) -> ClusterConfig:
 
 
 def init_ray(num_cpus: int = 4, **kwargs) -> None:
+    """A new local Ray cluster, never one found through /tmp/ray/ray_current_cluster: another
+    test run on the same machine (ray.cluster_utils.Cluster writes that file) must not leak in."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
