@@ -1,4 +1,4 @@
-"""PNG plots of a `pdserve bench serve` report (matplotlib, no display needed)."""
+"""PNG plots of `pdserve bench serve` and `pdserve bench overload` reports (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,45 @@ def latency_cdfs(report: dict, path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{report['workload']['name']}: latency distributions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def overload_timeline(report: dict, path: Path) -> Path:
+    """Three panels against time since the overload began: TTFT of what was served (log scale: queueing
+    stretches it over orders of magnitude), refusals and admissions per second, and RSS."""
+    rows, duration_s = report["timeline"]["requests"], report["settings"]["duration_s"]
+    probes = report["recovery"]["probes"]
+    fig, (ax_ttft, ax_rate, ax_mem) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
+    for kind, color in (("chat", "tab:blue"), ("long", "tab:orange")):
+        served = [(r["t_s"], r["ttft_ms"]) for r in rows if r["kind"] == kind and r["ttft_ms"] is not None]
+        if served:
+            ax_ttft.scatter(*zip(*served, strict=True), s=10, color=color, label=f"{kind}: served")
+        ax_ttft.axhline(report["objectives_ms"][kind]["ttft_ms"], color=color, linestyle=":", linewidth=1,
+                        label=f"{kind}: TTFT objective")
+    served = [(duration_s + p["sent_after_s"], p["ttft_ms"]) for p in probes if p["ttft_ms"] is not None]
+    if served:
+        ax_ttft.scatter(*zip(*served, strict=True), s=16, marker="x", color="black", label="recovery probe")
+    ax_ttft.set_yscale("log")
+    ax_ttft.set_ylabel("TTFT (ms)")
+    ax_ttft.legend(fontsize=7, ncol=2)
+    sent = [(r["t_s"], r["outcome"]) for r in rows] + [(duration_s + p["sent_after_s"], p["outcome"]) for p in probes]
+    start_s = math.floor(min((t for t, _ in sent), default=0.0)) - 2.0  # from the baseline: deployment is not of interest
+    bins = np.arange(start_s, math.ceil(max((t for t, _ in sent), default=duration_s)) + 2.0)
+    ax_rate.hist([[t for t, o in sent if o != "rejected"], [t for t, o in sent if o == "rejected"]], bins=bins,
+                 stacked=True, label=["admitted", "refused (429)"])
+    ax_rate.set_ylabel("requests and probes per second")
+    ax_rate.legend(fontsize=7)
+    memory = [m for m in report["timeline"]["memory"] if m["t_s"] >= start_s]
+    ax_mem.plot([m["t_s"] for m in memory], [m["rss_mib"] / 1024 for m in memory])
+    ax_mem.set_ylabel("RSS of the process tree (GiB)" if memory else "RSS not sampled (--url)")
+    ax_mem.set_xlabel("seconds since the overload began")
+    for ax in (ax_ttft, ax_rate, ax_mem):
+        ax.axvspan(0.0, duration_s, color="red", alpha=0.06)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{report['settings']['overload']:g}x capacity for {duration_s:g} s (shaded), then recovery probes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

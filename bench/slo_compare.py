@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.bench.loadgen import RequestSpec, gamma_arrivals, mixed_prompts, run_load, summarize
+from pdserve.bench.loadgen import RequestResult, RequestSpec, gamma_arrivals, mixed_prompts, run_load, summarize
 from pdserve.deployments.config import ClusterConfig
 
 
@@ -40,12 +40,20 @@ class Workload:
     seed: int = 0
 
 
-def _specs(w: Workload, rate_rps: float, n: int, objectives: dict[str, tuple[float, float]], seed: int
-           ) -> list[RequestSpec]:
+def trace_specs(w: Workload, rate_rps: float, n: int, objectives: dict[str, tuple[float, float]], seed: int
+                ) -> list[RequestSpec]:
+    """n requests of `w`'s mix at gamma arrivals of `rate_rps`, each carrying its kind's objectives."""
     arrivals = gamma_arrivals(rate_rps, n, w.burstiness, seed)
     prompts = mixed_prompts(n, w.long_fraction, w.long_tokens, seed)
     return [RequestSpec(t, _as_dialogue(kind, prompt), w.max_tokens, kind, *objectives[kind])
             for t, (kind, prompt) in zip(arrivals, prompts, strict=True)]
+
+
+def trace_within(w: Workload, rate_rps: float, window_s: float, objectives: dict[str, tuple[float, float]],
+                 seed: int) -> list[RequestSpec]:
+    """`trace_specs` for a time window rather than a count: every arrival before `window_s`."""
+    enough = int(rate_rps * window_s * 1.5) + 10  # surely outlasts the window; the rest are cut
+    return [q for q in trace_specs(w, rate_rps, enough, objectives, seed) if q.arrival_s < window_s]
 
 
 def _as_dialogue(kind: str, prompt: str) -> str:
@@ -54,15 +62,28 @@ def _as_dialogue(kind: str, prompt: str) -> str:
     return f"Question: {prompt}\nAnswer in detail:" if kind == "chat" else prompt
 
 
-async def _drive(url: str, model: str, specs: list[RequestSpec], progress: Callable[[int, int], None] | None) -> dict:
+async def drive(url: str, model: str, specs: list[RequestSpec], progress: Callable[[int, int], None] | None) -> dict:
+    """Send `specs` open loop and summarize them (`phase_summary`)."""
     start = time.perf_counter()
     results = await run_load(url, model, specs, timeout_s=600.0, progress=progress)
-    duration_s = time.perf_counter() - start
+    return phase_summary(specs, results, time.perf_counter() - start)
+
+
+def phase_summary(specs: list[RequestSpec], results: list[RequestResult], duration_s: float) -> dict:
+    """`summarize` with each request judged against its own spec's objectives, plus the first few
+    distinct error messages (a failed request's cause, without a log to dig through)."""
     return {**summarize(results, duration_s, [(s.ttft_ms, s.tpot_ms) for s in specs]), "duration_s": duration_s,
             "errors": sorted({r.error[:200] for r in results if r.outcome == "error"})[:5]}
 
 
-def _probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:
+UNJUDGED_MS = (600_000.0, 60_000.0)
+"""(ttft_ms, tpot_ms) of warm-up and calibration requests: beyond any latency here, so that the
+service's default objectives (which a long prompt on a slow machine can miss) do not refuse requests
+that are only being timed."""
+
+
+def probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:
+    """(kind, prompt): the one chat question and the one long prompt that calibration times alone."""
     return (("chat", _as_dialogue("chat", "What is the capital of France?")),
             ("long", mixed_prompts(1, 1.0, w.long_tokens, w.seed)[0][1]))
 
@@ -70,15 +91,16 @@ def _probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:
 def warm_up(url: str, model: str, w: Workload) -> None:
     """One request of each kind, one at a time, left out of the figures: a freshly deployed
     application's first requests also pay for Serve's handles finding the new replicas."""
-    for kind, prompt in _probe_prompts(w):
-        asyncio.run(run_load(url, model, [RequestSpec(0.0, prompt, w.max_tokens, kind)], timeout_s=600.0))
+    for kind, prompt in probe_prompts(w):
+        asyncio.run(run_load(url, model, [RequestSpec(0.0, prompt, w.max_tokens, kind, *UNJUDGED_MS)],
+                             timeout_s=600.0))
 
 
 def calibrate(url: str, model: str, w: Workload) -> dict:
     """Unloaded TTFT/TPOT per kind (median of 3, after one warm-up each)."""
     measured: dict[str, dict] = {}
-    for kind, prompt in _probe_prompts(w):
-        specs = [RequestSpec(0.0, prompt, w.max_tokens, kind) for _ in range(4)]
+    for kind, prompt in probe_prompts(w):
+        specs = [RequestSpec(0.0, prompt, w.max_tokens, kind, *UNJUDGED_MS) for _ in range(4)]
         results = [asyncio.run(run_load(url, model, [s], timeout_s=600.0))[0] for s in specs]
         if any(r.outcome != "ok" or r.tpot_ms is None for r in results[1:]):  # the first one warms up
             raise RuntimeError(f"calibration request failed or made one token: {[(r.outcome, r.error) for r in results]}")
@@ -87,6 +109,11 @@ def calibrate(url: str, model: str, w: Workload) -> dict:
     prefill_s = (1 - w.long_fraction) * measured["chat"]["ttft_ms"] / 1e3 + w.long_fraction * measured["long"][
         "ttft_ms"] / 1e3
     return {"unloaded": measured, "capacity_rps": 1.0 / prefill_s}
+
+
+def objectives_for(calibration: dict, slo_scale: float) -> dict[str, tuple[float, float]]:
+    """(ttft_ms, tpot_ms) per kind: `slo_scale` x the kind's unloaded latency."""
+    return {k: (v["ttft_ms"] * slo_scale, v["tpot_ms"] * slo_scale) for k, v in calibration["unloaded"].items()}
 
 
 def run(cfg: ClusterConfig, model_path: str, w: Workload, progress: Callable[[str, int, int], None] | None = None
@@ -105,22 +132,22 @@ def run(cfg: ClusterConfig, model_path: str, w: Workload, progress: Callable[[st
     try:
         model = served_model_name(svc.cfg, model_path)
         cal = calibrate(svc.http_url, model, w)
-        objectives = {k: (v["ttft_ms"] * w.slo_scale, v["tpot_ms"] * w.slo_scale) for k, v in cal["unloaded"].items()}
+        objectives = objectives_for(cal, w.slo_scale)
         report["calibration"] = cal
         report["objectives_ms"] = {k: {"ttft_ms": round(t, 1), "tpot_ms": round(p, 1)} for k, (t, p) in
                                    objectives.items()}
         rate = w.load * cal["capacity_rps"]
-        specs = _specs(w, rate, w.requests, objectives, w.seed)
+        specs = trace_specs(w, rate, w.requests, objectives, w.seed)
         report["rate_rps"] = round(rate, 3)
-        report["least_load"] = asyncio.run(_drive(svc.http_url, model, specs, phase("least_load")))
+        report["least_load"] = asyncio.run(drive(svc.http_url, model, specs, phase("least_load")))
         svc.delete()
         svc = service.deploy(policies["slo"], model_path, svc.started_ray)
         warm_up(svc.http_url, model, w)
-        report["slo"] = asyncio.run(_drive(svc.http_url, model, specs, phase("slo")))
+        report["slo"] = asyncio.run(drive(svc.http_url, model, specs, phase("slo")))
         over_rate = w.overload * cal["capacity_rps"]
-        over = _specs(w, over_rate, max(1, int(over_rate * w.overload_s)), objectives, w.seed + 1)
+        over = trace_specs(w, over_rate, max(1, int(over_rate * w.overload_s)), objectives, w.seed + 1)
         report["overload"] = {"rate_rps": round(over_rate, 3),
-                              **asyncio.run(_drive(svc.http_url, model, over, phase("overload")))}
+                              **asyncio.run(drive(svc.http_url, model, over, phase("overload")))}
     finally:
         svc.stop()
     ll, slo = report["least_load"]["goodput_rps"], report["slo"]["goodput_rps"]

@@ -229,9 +229,15 @@ class Registry:
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""
         for rid in [rid for rid, i in self.instances.items() if now_s - i.last_seen_s > after_s]:
-            inst = self.instances.pop(rid)
-            log.info("instance %s removed after %.0f s without reports", rid, now_s - inst.last_seen_s)
-            self._rebuild(inst.report.pool, replace=inst)
+            self.forget(rid, f"silent for {now_s - self.instances[rid].last_seen_s:.0f} s")
+
+    def forget(self, replica_id: str, why: str) -> None:
+        """Take an instance out of routing and drop its ledger; unknown ids are ignored."""
+        inst = self.instances.pop(replica_id, None)
+        if inst is None:
+            return
+        log.info("instance %s removed (%s) with %d requests routed to it", replica_id, why, len(inst.assignments))
+        self._rebuild(inst.report.pool, replace=inst)
 
     def _refresh(self, inst: Instance) -> None:
         self._views[inst.report.pool].set_row(inst.slot, inst.row())

@@ -54,7 +54,10 @@ class Controller:
         self.registry.report(r, now)
         self.registry.forget_stale(now)
 
-    async def choose(self, req: RouteRequest) -> Decision:
+    async def choose(self, req: RouteRequest, resuming: bool = False) -> Decision:
+        """`resuming`: the request lost its replica while streaming to its client; it is served
+        on the best route even when predicted to miss its objectives, since refusing it now
+        would throw away the answer already sent."""
         now = time.monotonic()
         live_after = now - self.registry.ttl_s
         view = self.registry.view
@@ -64,7 +67,7 @@ class Controller:
             decision = choose_least_load(req, prefill, decode, live_after)
         else:
             decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
-                                  self.best_effort)
+                                  self.best_effort or resuming)
         if decision.outcome is Outcome.ROUTED:
             self.registry.assign(req, decision, now)
             if self.window is not None:
@@ -72,6 +75,11 @@ class Controller:
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
+
+    async def replica_lost(self, replica_id: str) -> None:
+        """An ingress saw this replica's actor die: stop routing to it now (a live one that
+        reports again comes back as a new instance)."""
+        self.registry.forget(replica_id, "its actor died")
 
     async def prefill_done(self, request_id: str, prefill_ms: float) -> None:
         self.registry.prefill_done(request_id, prefill_ms)

@@ -35,9 +35,11 @@ def kv_bytes_per_token(model_path: str, dtype: str) -> int:
 
 def build_app(cfg: ClusterConfig, model_path: str) -> Application:
     # Every routing decision and load report goes through this one replica: Serve's default
-    # limit of 5 calls at once would queue decisions (and refusals) behind each other.
+    # limit of 5 calls at once would queue decisions (and refusals) behind each other. It starts
+    # in a moment, so a dead one is looked for often: requests wait for routing meanwhile.
     controller = serve.deployment(Controller).options(
         name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
+        health_check_period_s=1.0, health_check_timeout_s=10.0,
     ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort",
            cfg.log_level, cfg.app_name,
            (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None)

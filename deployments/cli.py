@@ -175,6 +175,43 @@ def _cmd_bench_slo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_overload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import httpx
+    from tqdm import tqdm
+
+    from pdserve.bench import overload, overload_report
+
+    try:
+        settings = overload.OverloadSettings(overload=args.overload, duration_s=args.duration_s,
+                                             recovery_s=args.recovery_s, slo_scale=args.slo_scale, seed=args.seed)
+    except ValueError as err:
+        print(f"pdserve bench overload: {err}", file=sys.stderr)
+        return 2
+    cfg = _config_or_exit(args.config, "bench overload")
+    model_path = None if args.url else _model_path_or_exit(cfg, "bench overload")
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"bench overload: {phase}", file=sys.stderr, disable=args.quiet)
+        bars[phase].update(done - bars[phase].n)
+
+    try:
+        report = overload.run(cfg, model_path, settings, args.url, progress)
+    except (httpx.HTTPError, RuntimeError) as err:  # --url unreachable, or calibration failed
+        print(f"pdserve bench overload: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    json_path, png_path = overload_report.write({**report, "hardware": hardware()}, Path(args.out))
+    print("\n".join(overload_report.summary_lines(report)))
+    print(f"report: {json_path}; plot: {png_path}")
+    return 0
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -291,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     slo.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
     slo.add_argument("--seed", type=int, default=0)
     slo.set_defaults(func=_cmd_bench_slo)
+    ov = bench.add_parser("overload", help="several times capacity for a minute: errors, attainment of the admitted, "
+                          "refusal latency, memory, recovery")
+    ov.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    ov.add_argument("--url", help="drive this running service instead of deploying one (memory is then not sampled)")
+    ov.add_argument("--overload", type=float, default=3.0, help="overload arrival rate, x the estimated capacity")
+    ov.add_argument("--duration-s", type=float, default=60.0, help="length of the overload")
+    ov.add_argument("--recovery-s", type=float, default=20.0, help="probing for normal latency after the overload")
+    ov.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
+    ov.add_argument("--seed", type=int, default=0)
+    ov.add_argument("--out", default="bench-overload", help="directory for overload.json and overload.png")
+    ov.add_argument("--quiet", action="store_true", help="no progress bars")
+    ov.set_defaults(func=_cmd_bench_overload)
     sv = bench.add_parser("serve", help="goodput: colocated vs disaggregated (or a running service), SLO-scale sweep")
     sv.add_argument("--config", help="cluster YAML both configurations start from (default: the built-in one)")
     sv.add_argument("--compare", default="colocated,disaggregated", help="modes to deploy and run, in order")

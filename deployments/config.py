@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from pdserve.controller.autoscale_config import AutoscalingConfig
 from pdserve.controller.autoscale_policy import PolicyError
@@ -122,7 +122,19 @@ class IngressConfig(BaseModel):
     """Custom Ray resources an ingress replica needs, e.g. {pdserve_ingress: 1} to pin it to the
     node clients reach (on Kubernetes the head, whose Service carries the gRPC port)."""
     request_timeout_s: float = Field(600.0, gt=0)
-    """Longest a request may run end to end before it is cancelled."""
+    """Longest a request may run end to end, retries included, before it is cancelled."""
+    replica_loss_retries: int = Field(2, ge=0)
+    """How many times a request whose replica died moves to another one: before its first
+    token it is prefilled again; mid-stream the new decode replica prefills the prompt plus the
+    tokens already sent and goes on from there. 0: end it at once with a retriable 503
+    (gRPC UNAVAILABLE)."""
+    route_wait_s: float = Field(5.0, ge=0)
+    """How long a request waits for a pool to have a live instance again (a replica being
+    replaced, the controller restarting) before it fails with 503. Overload is refused at once."""
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys clients must present (`Authorization: Bearer <key>`, over HTTP and gRPC), on top of
+    those in PDSERVE_API_KEYS (comma-separated; the Helm chart sets it from a Secret). None
+    anywhere: no key needed. Prefer the environment: a config file is easily shared."""
 
 
 class TracingConfig(BaseModel):

@@ -37,6 +37,21 @@ class InvalidRequest(ServeError):
     error_type = "invalid_request_error"
 
 
+class Unauthenticated(ServeError):
+    """The service requires an API key and the request carried none, or an unknown one."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    error_type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__("missing or invalid API key: send one as `Authorization: Bearer <key>`",
+                         code="invalid_api_key")
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
 class ModelNotFound(ServeError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND
@@ -63,11 +78,29 @@ class Overloaded(ServeError):
 
 
 class Unavailable(ServeError):
-    """No instance can serve at all right now (none registered, or the chosen one died)."""
+    """No instance can serve at all right now (none registered, or the chosen one died): a
+    retry may succeed, after `retry_after_s`."""
 
     http_status = 503
     grpc_code = grpc.StatusCode.UNAVAILABLE
     error_type = "service_unavailable"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0, *, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class ReplicaLost(Unavailable):
+    """The replica serving a request died (its Ray actor is gone). The ingress moves the
+    request to another replica when it may; this is what the client sees when it may not."""
+
+    def __init__(self, phase: str, replica_id: str):
+        super().__init__(f"the {phase} replica serving the request was lost", code="replica_lost")
+        self.phase = phase
+        self.replica_id = replica_id
 
 
 class EngineFailure(ServeError):

@@ -9,31 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from opentelemetry import trace
+from ray.exceptions import RayActorError
 
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.deployments import telemetry
+from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.engine_server import served_model_name
 from pdserve.deployments.errors import (
-    EngineFailure,
     InvalidRequest,
     ModelNotFound,
-    Overloaded,
+    ReplicaLost,
     ServeError,
+    Unauthenticated,
     Unavailable,
 )
+from pdserve.deployments.failover import AnswerRun, decode_stream, refusal
 from pdserve.deployments.metrics import IngressMetrics
 from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 
 log = logging.getLogger("pdserve.ingress")
+
+ROUTE_POLL_S = 0.25
+"""How often a request waiting for a live instance asks the controller again."""
 
 
 class FrontendAPI(Protocol):
@@ -44,6 +50,9 @@ class FrontendAPI(Protocol):
     """The one model this service serves (OpenAI's `model` field)."""
     max_model_len: int
     """Context length in tokens: prompt plus generated tokens."""
+
+    def authorize(self, api_key: str | None) -> None:
+        """Raise Unauthenticated unless `api_key` is one of the service's keys (or it has none)."""
 
     def check_model(self, model: str) -> None:
         """Raise ModelNotFound unless `model` is the served model's name."""
@@ -86,9 +95,17 @@ class Frontend:
         self.controller = controller
         self.pools = pools
         self.metrics = IngressMetrics()
+        self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
+                                             os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
+        log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
 
     # --- validation ----------------------------------------------------------
+    def authorize(self, api_key: str | None) -> None:
+        if not self.api_keys.admits(api_key):
+            self.metrics.requests.labels("unauthenticated").inc()
+            raise Unauthenticated()
+
     def check_model(self, model: str) -> None:
         if model != self.model_name:
             self.metrics.requests.labels("not_found").inc()
@@ -160,29 +177,13 @@ class Frontend:
                                  attributes={"pdserve.request_id": req.request_id,
                                              "pdserve.prompt_tokens": len(req.prompt_token_ids)})
         req.trace_carrier = telemetry.inject(root)
-        start = time.perf_counter()
+        run = AnswerRun(time.perf_counter())
         outcome = "error"
         try:
-            route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo)
-            with tracer.start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
-                decision = await self.controller.choose.remote(route)
-                span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
-            if decision.outcome is not Outcome.ROUTED:
-                outcome = "rejected"
-                if decision.outcome is Outcome.REJECTED:
-                    raise Overloaded(f"the request cannot meet its objectives now: {decision.reason}",
-                                     decision.retry_after_s)
-                if decision.outcome is Outcome.OVERLOADED:
-                    raise Overloaded(f"all instances are busy: {decision.reason}", decision.retry_after_s)
-                raise Unavailable(f"no instance can serve the request: {decision.reason}")
-            run = _Run(start)
-            try:
-                async with asyncio.timeout(self.cfg.ingress.request_timeout_s):
-                    async for chunk in self._run(req, decision, run):
-                        yield chunk
-                outcome = "ok"
-            finally:
-                self.controller.release.remote(req.request_id, run.tpot_ms(), run.tokens)
+            async with asyncio.timeout(self.cfg.ingress.request_timeout_s):
+                async for chunk in self._attempts(req, run, root):
+                    yield chunk
+            outcome = "ok"
         except ServeError as err:
             outcome = {400: "invalid", 429: "rejected", 503: "unavailable"}.get(err.http_status, outcome)
             root.set_status(trace.StatusCode.ERROR, err.message)
@@ -198,7 +199,70 @@ class Frontend:
             root.set_attribute("pdserve.outcome", outcome)
             root.end()
 
-    async def _run(self, req: GenerateRequest, decision: Decision, run: _Run) -> AsyncIterator[GenerateChunk]:
+    async def _attempts(self, req: GenerateRequest, run: AnswerRun, root: trace.Span) -> AsyncIterator[GenerateChunk]:
+        """Route and serve `req`; when a replica serving it dies, route it again (up to
+        `replica_loss_retries` times): before the first token the prompt is simply served
+        anew, after it the new decode replica goes on from the tokens already sent."""
+        retries = self.cfg.ingress.replica_loss_retries
+        for n in range(retries + 1):
+            attempt = req.resumed(run.token_ids, n) if n else req
+            with telemetry.tracer().start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
+                decision = await self._route(attempt, resuming=n > 0)
+                span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
+            sent_before = run.tokens
+            try:
+                async for chunk in self._run(attempt, decision, run, len(req.prompt_token_ids)):
+                    yield chunk
+                return
+            except ReplicaLost as lost:
+                await self._forget_replica(lost)
+                if run.finished:  # it died after sending the last chunk: the client has it all
+                    self.metrics.replica_losses.labels(lost.phase, "after_answer").inc()
+                    log.warning("request %s: %s replica %s lost after the answer ended", req.request_id,
+                                lost.phase, lost.replica_id)
+                    return
+                self.metrics.replica_losses.labels(lost.phase, "retried" if n < retries else "failed").inc()
+                log.warning("request %s: %s replica %s lost after %d of %d tokens; %s", req.request_id, lost.phase,
+                            lost.replica_id, run.tokens, req.sampling.max_tokens,
+                            f"routing it again (retry {n + 1} of {retries})" if n < retries else "no retry left")
+                if n == retries:
+                    raise
+            finally:
+                self.controller.release.remote(attempt.request_id, run.tpot_ms(), run.tokens - sent_before)
+
+    async def _route(self, req: GenerateRequest, resuming: bool) -> Decision:
+        """The controller's pair for `req`. Overload and unmeetable objectives are refused at once,
+        unless the request is already streaming to its client (`resuming`, routed best effort),
+        which waits for room; no live instance, or no answer from the controller (restarting),
+        is waited out for up to `route_wait_s`."""
+        route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo)
+        give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
+        while True:
+            try:
+                decision = await asyncio.wait_for(self.controller.choose.remote(route, resuming),
+                                                  max(give_up_s - time.monotonic(), ROUTE_POLL_S))
+            except (TimeoutError, RayActorError) as exc:
+                decision = Decision(Outcome.UNAVAILABLE, reason=f"the controller did not answer ({type(exc).__name__})")
+            if decision.outcome is Outcome.ROUTED:
+                return decision
+            busy = decision.outcome in (Outcome.REJECTED, Outcome.OVERLOADED)
+            wait_s = decision.retry_after_s if busy else ROUTE_POLL_S
+            if (busy and not resuming) or time.monotonic() + wait_s > give_up_s:
+                raise refusal(decision)
+            await asyncio.sleep(wait_s)
+
+    async def _forget_replica(self, lost: ReplicaLost) -> None:
+        """Take the dead replica out of routing now rather than when its reports stop (`ttl_s`),
+        so that the retry goes elsewhere."""
+        try:
+            await asyncio.wait_for(self.controller.replica_lost.remote(lost.replica_id), ROUTE_POLL_S * 4)
+        except Exception as exc:  # the retry's routing copes with a controller that is away
+            log.warning("could not tell the controller that replica %s is lost: %s", lost.replica_id, exc)
+
+    async def _run(self, req: GenerateRequest, decision: Decision, run: AnswerRun,
+                   client_prompt_tokens: int) -> AsyncIterator[GenerateChunk]:
+        """One attempt at `req` on the decided pair; its chunks count on from what `run` already
+        sent and report the client's own prompt length."""
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
         prefill_task = None
@@ -213,15 +277,18 @@ class Frontend:
             prefill_task.add_done_callback(lambda task: self._prefill_done(req.request_id, task))
         stream = self.pools[pool_name].options(stream=True).generate.remote(
             req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=local)
+        sent_before = run.tokens
         try:
-            async for chunk in _stream_checked(stream, prefill_task):
-                if chunk.token_ids and run.tokens_arrived(chunk.completion_tokens):
+            async for chunk in decode_stream(stream, prefill_task, decision):
+                chunk.prompt_tokens, chunk.completion_tokens = client_prompt_tokens, sent_before + chunk.completion_tokens
+                if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
                     self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
                     if local:
                         self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
                 if chunk.kv_transfer:
                     self.metrics.observe_kv(chunk.kv_transfer)
                 if chunk.finish_reason is not None:
+                    run.finished = True
                     chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo)
                     self.metrics.observe_slo(chunk.slo)
                 yield chunk
@@ -264,62 +331,3 @@ class Frontend:
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
-
-
-@dataclass
-class _Run:
-    """A request's token timings as the client sees them, from its arrival at the ingress."""
-
-    start_s: float
-    first_s: float = 0.0
-    last_s: float = 0.0
-    tokens: int = 0
-
-    def tokens_arrived(self, tokens: int) -> bool:
-        """Record a chunk carrying tokens (`tokens` so far in the answer); True for the first one."""
-        now = time.perf_counter()
-        first = not self.first_s
-        if first:
-            self.first_s = now
-        self.last_s, self.tokens = now, tokens
-        return first
-
-    def ttft_ms(self) -> float:
-        return (self.first_s - self.start_s) * 1e3
-
-    def tpot_ms(self) -> float | None:
-        if self.tokens < 2:
-            return None
-        return (self.last_s - self.first_s) * 1e3 / (self.tokens - 1)
-
-
-async def _stream_checked(stream: Any, prefill_task: asyncio.Future | None) -> AsyncIterator[GenerateChunk]:
-    """The decode stream, failed fast when the prefill call fails before the first token
-    (the decode replica would otherwise wait out the transfer's lease)."""
-    try:
-        it = stream.__aiter__()
-        while True:
-            step = asyncio.ensure_future(it.__anext__())
-            if prefill_task is not None and not prefill_task.done():
-                await asyncio.wait({step, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task.done() and prefill_task.exception() is not None and not step.done():
-                    step.cancel()
-                    raise _as_serve_error(prefill_task.exception(), "prefill")
-            try:
-                yield await step
-            except StopAsyncIteration:
-                return
-            except Exception as exc:
-                raise _as_serve_error(exc, "decode") from None
-    finally:
-        stream.cancel()
-
-
-def _as_serve_error(exc: BaseException, phase: str) -> ServeError:
-    if isinstance(exc, ServeError):
-        return exc
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, ServeError):
-        return cause
-    log.warning("%s failed: %s", phase, exc)
-    return EngineFailure(f"the {phase} engine failed ({type(cause or exc).__name__})")

@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
-from pdserve.deployments.errors import InvalidRequest, Overloaded, ServeError
+from pdserve.deployments.api_keys import bearer_token
+from pdserve.deployments.errors import InvalidRequest, Overloaded, ServeError, Unavailable
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling
 from pdserve.proto import pdserve_pb2 as pb
@@ -126,18 +127,21 @@ class _GenerationService:
 
 def _translate(raw: bytes, context: grpc.aio.ServicerContext,
                get_frontend: Callable[[], FrontendAPI]) -> tuple[FrontendAPI, GenerateRequest, str]:
-    """Parse and validate the wire request; returns the frontend, its request and the client's id."""
+    """Check the caller's key, parse and validate the wire request; returns the frontend, its
+    request and the client's id."""
+    metadata = context.invocation_metadata() or ()
+    frontend = get_frontend()
+    frontend.authorize(bearer_token(next((v for k, v in metadata if k == "authorization"), None)))
     try:
         msg = pb.GenerateRequest.FromString(raw)
     except DecodeError as exc:
         raise InvalidRequest(f"the request is not a valid pdserve.v1.GenerateRequest ({exc})") from None
-    frontend = get_frontend()
     if not msg.model:
         raise InvalidRequest(f"model is required; this service serves {frontend.model_name!r}", param="model")
     frontend.check_model(msg.model)
     sampling = _sampling(msg)
     objectives = _objectives(msg)
-    carrier = {k: v for k, v in context.invocation_metadata() or () if k in TRACE_KEYS} or None
+    carrier = {k: v for k, v in metadata if k in TRACE_KEYS} or None
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("set one of prompt, chat or prompt_token_ids", param="input")
@@ -207,7 +211,7 @@ def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """End the RPC with the status the HTTP API would answer with as its status code."""
-    if isinstance(exc, Overloaded):
+    if isinstance(exc, Overloaded | Unavailable):
         retry = exc.headers()["Retry-After"]
         await context.abort(exc.grpc_code, exc.message, trailing_metadata=(("retry-after-s", retry),))
     if isinstance(exc, ServeError):

@@ -13,11 +13,12 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -51,6 +52,9 @@ logger = logging.getLogger(__name__)
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = "data: [DONE]\n\n"
+_NO_KEY = "No valid API key (the service has keys)"
+# Module level: the route's annotations (strings, with postponed evaluation) resolve here.
+_BEARER = HTTPBearer(auto_error=False, description="One of the service's API keys, when it has any")
 
 
 def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
@@ -59,7 +63,13 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     _add_error_handlers(app)
     started_s = int(time.time())
 
-    @app.post("/v1/chat/completions", response_model=None, responses=_docs(ChatCompletion))
+    async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        """Runs before the body is validated: a client without a key learns nothing from the answer."""
+        get_frontend().authorize(credentials.credentials if credentials else None)
+
+    keyed = [Depends(authorized)]
+
+    @app.post("/v1/chat/completions", response_model=None, responses=_docs(ChatCompletion), dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
@@ -68,7 +78,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
-    @app.post("/v1/completions", response_model=None, responses=_docs(Completion))
+    @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
@@ -77,7 +87,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=keyed, responses={401: {"model": ErrorResponse, "description": _NO_KEY}})
     async def models() -> ModelList:
         frontend = get_frontend()
         return ModelList(data=[ModelCard(id=frontend.model_name, created=started_s,
@@ -103,8 +113,8 @@ def _docs(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
                                                "events, then `data: [DONE]`"}}}
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorResponse, "description": what}
-        for code, what in ((400, "Invalid request"), (404, "Unknown model"), (429, "Overloaded: retry later"),
-                           (503, "No instance available"), ("default", "Engine failure or other server error"))}
+        for code, what in ((400, "Invalid request"), (401, _NO_KEY), (404, "Unknown model"),
+                           (429, "Overloaded: retry later"), (503, "No instance available"), ("default", "Engine failure or other server error"))}
     return {200: {"model": body, "content": stream}, **errors}
 
 

@@ -27,8 +27,10 @@ class Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: list[str] = Field(default_factory=list, max_length=4)
     """Generation ends before the first of these strings; it is not returned."""
-    seed: int | None = None
-    """Per-request sampling seed, for repeatable sampling at temperature > 0."""
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    """Per-request sampling seed, for repeatable sampling at temperature > 0. An int64, as in the
+    gRPC API: vLLM seeds a torch.Generator with it inside the engine, where a value beyond 64 bits
+    raises and fails the engine core, not just the request."""
     ignore_eos: bool = False
     """Generate all `max_tokens` even past the end-of-sequence token: benchmarks use it to
     give requests the output lengths of a workload, whatever the model would say."""
@@ -96,6 +98,16 @@ class GenerateRequest:
     slo: SLO
     trace_carrier: dict[str, str] = field(default_factory=dict)
     """W3C trace context of the ingress span, so engine spans join the request's trace."""
+
+    def resumed(self, sent_token_ids: list[int], attempt: int) -> GenerateRequest:
+        """What a new replica is sent after the one serving this request died, once the client
+        has `sent_token_ids`: the prompt followed by them and the rest of `max_tokens`, so it
+        goes on from the next token. A new id, because engines and KV transfers know requests
+        by id and the lost attempt's may still linger."""
+        assert self.sampling.max_tokens is not None and len(sent_token_ids) < self.sampling.max_tokens
+        sampling = self.sampling.model_copy(update={"max_tokens": self.sampling.max_tokens - len(sent_token_ids)})
+        return GenerateRequest(f"{self.request_id}-r{attempt}", [*self.prompt_token_ids, *sent_token_ids], sampling,
+                               self.slo, self.trace_carrier)
 
 
 @dataclass

@@ -190,10 +190,12 @@ class KVReceiver:
                 if kind == "chunk":
                     if header.chunk.transfer_id != transfer.transfer_id:
                         raise TransferRefused("INVALID_ARGUMENT", "chunk for another transfer on this stream")
-                    chunks += 1
-                    nbytes += payload.nbytes
-                    self.table.add_chunk(transfer, header.chunk, payload)
+                    if self.table.add_chunk(transfer, header.chunk, payload):
+                        chunks += 1
+                        nbytes += payload.nbytes
                 elif kind == "end":
+                    if header.end.transfer_id != transfer.transfer_id:
+                        raise TransferRefused("INVALID_ARGUMENT", "end for another transfer on this stream")
                     carried_end = True
                     self.table.end(transfer, header.end)
                 else:

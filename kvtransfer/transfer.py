@@ -82,7 +82,8 @@ class TransferTable:
         self._lock = threading.Lock()
         self._transfers: dict[str, IncomingTransfer] = {}
         self.reserved_bytes = 0
-        self.counters = {"opened": 0, "done": 0, "failed": 0, "expired": 0, "bytes": 0, "chunks": 0}
+        self.counters = {"opened": 0, "done": 0, "failed": 0, "expired": 0, "bytes": 0, "chunks": 0,
+                         "duplicate_chunks": 0}
 
     # --- gRPC side -------------------------------------------------------
     def open(self, msg: pb.TransferOpen, now_s: float) -> IncomingTransfer:
@@ -120,16 +121,14 @@ class TransferTable:
             self.counters["opened"] += 1
             return t
 
-    def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview) -> None:
-        """Verify and stage one chunk; a bad chunk fails the whole transfer."""
+    def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview) -> bool:
+        """Verify and stage one chunk; a bad chunk fails the whole transfer. A byte-identical copy
+        of a staged chunk (a replayed frame) is dropped uncounted: counted, it would exceed the
+        sender's totals and fail a transfer whose bytes are all there. Returns whether it counted."""
         fp = self.fingerprint
         with self._lock:
             if t.state.terminal:
-                return
-            t.chunks_received += 1
-            t.bytes_received += payload.nbytes
-            self.counters["chunks"] += 1
-            self.counters["bytes"] += payload.nbytes
+                return False
             problem = ""
             if not 0 <= hdr.layer < fp.num_layers:
                 problem = f"layer {hdr.layer} out of range [0, {fp.num_layers})"
@@ -139,11 +138,18 @@ class TransferTable:
                 problem = f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {fp.block_bytes_per_layer} B"
             elif checksum([payload]) != hdr.crc32c:
                 problem = f"checksum mismatch in layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks})"
+            key = (hdr.layer, hdr.block_start)
+            old = t.chunks.get(key)
+            if not problem and old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
+                self.counters["duplicate_chunks"] += 1
+                return False
+            t.chunks_received += 1
+            t.bytes_received += payload.nbytes
+            self.counters["chunks"] += 1
+            self.counters["bytes"] += payload.nbytes
             if problem:
                 self._fail(t, problem)
                 raise TransferRefused("DATA_LOSS", problem)
-            key = (hdr.layer, hdr.block_start)
-            old = t.chunks.get(key)
             if old is not None:
                 t.staged_bytes -= old.payload.nbytes
             t.chunks[key] = StagedChunk(hdr.layer, hdr.block_start, hdr.num_blocks, payload)
@@ -151,6 +157,7 @@ class TransferTable:
             if t.state is TransferState.WAITING:
                 t.state = TransferState.TRANSFERRING
             self._maybe_complete(t)
+            return True
 
     def end(self, t: IncomingTransfer, msg: pb.TransferEnd) -> None:
         with self._lock:

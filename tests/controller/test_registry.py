@@ -137,3 +137,16 @@ def test_forgets_instances_gone_for_good():
     assert list(reg.instances) == ["p2"] and reg.view("prefill").replica_ids == ["p2"]
     book(reg, "x", 10, prefill="p2")
     assert reg.view("prefill").load[0] == 1
+
+
+def test_a_replica_reported_lost_leaves_routing_at_once_and_a_live_one_comes_back_with_its_next_report():
+    reg = registry()
+    add(reg, "d1", "decode")
+    add(reg, "d2", "decode")
+    book(reg, "r1", 10, decode="d1")
+    reg.forget("d1", "its actor died")
+    assert reg.view("decode").replica_ids == ["d2"] and [i.replica_id for i in reg.live("decode", 0.5)] == ["d2"]
+    reg.release("r1")  # the lost replica's requests end without error
+    reg.forget("d1", "reported twice")  # and a second report of the same loss changes nothing
+    reg.report(_report("d1"), now_s=1.0)
+    assert sorted(reg.view("decode").replica_ids) == ["d1", "d2"] and reg.instances["d1"].load == 0

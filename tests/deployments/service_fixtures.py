@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from pdserve.deployments import service
 from pdserve.deployments.config import ClusterConfig, parse_config
 from pdserve.deployments.engine_process import free_port
 
@@ -35,3 +38,21 @@ def init_ray(num_cpus: int = 4, **kwargs) -> None:
     import ray
 
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+
+
+@contextmanager
+def running_service(cfg: ClusterConfig, model_path: str, num_cpus: int) -> Iterator[service.Service]:
+    """`cfg` served on a new local Ray cluster of `num_cpus`; all of it torn down afterwards."""
+    import ray
+    from ray import serve
+
+    init_ray(num_cpus=num_cpus)
+    s = None
+    try:
+        s = service.start(cfg, model_path)
+        yield s
+    finally:
+        if s is not None:
+            s.delete()
+        serve.shutdown()
+        ray.shutdown()

@@ -57,3 +57,20 @@ def test_refusals_are_counted_by_outcome(frontend):
         frontend.completion_request("", Sampling())
     text = frontend.metrics_text()[0].decode()
     assert 'pdserve_requests_total{outcome="invalid"}' in text
+
+
+def test_the_context_is_filled_to_the_last_token_and_not_one_beyond(frontend):
+    assert frontend.completion_request([1] * 63, Sampling(max_tokens=1)).sampling.max_tokens == 1
+    for ids, max_tokens in (([1] * 63, 2), ([1] * 2, 2**63 - 1), ([1] * 64, None), ([1] * 10_000, 1)):
+        with pytest.raises(InvalidRequest) as err:
+            frontend.completion_request(ids, Sampling(max_tokens=max_tokens))
+        assert err.value.code == "context_length_exceeded" and "maximum context length is 64" in err.value.message
+
+
+def test_no_messages_and_negative_token_ids_are_refused_naming_the_field(frontend):
+    with pytest.raises(InvalidRequest) as err:
+        frontend.chat_request([], Sampling())
+    assert err.value.param == "messages"
+    with pytest.raises(InvalidRequest, match=r"\[-1\]") as err:
+        frontend.completion_request([5, -1], Sampling())
+    assert err.value.param == "prompt"

@@ -4,6 +4,7 @@ engine by the end-to-end tests."""
 
 from __future__ import annotations
 
+import random
 import uuid
 
 import grpc
@@ -13,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
-from pdserve.deployments.grpc_api import SERVICE, GrpcHealth, _response, start_grpc_server
+from pdserve.deployments.grpc_api import MAX_RECEIVE_BYTES, SERVICE, GrpcHealth, _response, start_grpc_server
 from pdserve.deployments.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 from pdserve.proto import pdserve_pb2 as pb
 
@@ -31,6 +32,9 @@ class FakeValidatingFrontend:
     def __init__(self) -> None:
         self.refusal: ServeError = Unavailable("no engine instance is registered")
         self.routed: list[GenerateRequest] = []
+
+    def authorize(self, api_key: str | None) -> None:
+        """A service without API keys: every caller is admitted."""
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -128,8 +132,16 @@ async def test_reflection_lists_generation_health_and_reflection(channel):
     (_tokens(1, -2), "prompt_token_ids[1] is -2"),
     (_tokens(2**31), "prompt_token_ids[0] is 2147483648"),
     (_tokens(1, max_tokens=0), "max_tokens"),
+    (_tokens(1, max_tokens=-1), "max_tokens"),
+    (_tokens(1, max_tokens=-(2**63)), "max_tokens"),
+    (_tokens(1, max_tokens=2**31 - 1), "does not fit the context"),
+    (_tokens(1, max_tokens=2**63 - 1), "does not fit the context"),
     (_tokens(1, temperature=5), "temperature"),
+    (_tokens(1, temperature=-0.5), "temperature"),
+    (_tokens(1, temperature=float("nan")), "temperature"),
     (_tokens(1, top_p=0), "top_p"),
+    (_tokens(1, top_p=-1), "top_p"),
+    (_tokens(1, top_p=float("inf")), "top_p"),
     (_tokens(1, stop=["a", "b", "c", "d", "e"]), "stop"),
     (_tokens(1, stop=[""]), "stop"),
     (pb.GenerateRequest(model=MODEL, chat=pb.ChatMessages()), "at least one message"),
@@ -167,6 +179,55 @@ async def test_invalid_utf8_is_refused_and_the_server_keeps_serving(channel):
     assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
 
 
+async def _still_serving(channel: grpc.aio.Channel, frontend: FakeValidatingFrontend) -> None:
+    """Health says SERVING and a valid request still gets through to the frontend's routing."""
+    assert await _health(channel, SERVICE) == health_pb2.HealthCheckResponse.SERVING
+    routed = len(frontend.routed)
+    err = await _stream_error(channel, _tokens(1, 2))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and len(frontend.routed) == routed + 1
+
+
+async def test_a_request_over_the_receive_limit_is_resource_exhausted_and_the_server_keeps_serving(channel, frontend):
+    oversized = pb.GenerateRequest(model=MODEL, prompt="a" * MAX_RECEIVE_BYTES)
+    assert oversized.ByteSize() > MAX_RECEIVE_BYTES
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _generate_unary(channel)(oversized, timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert frontend.routed == []
+    await _still_serving(channel, frontend)
+    largest = pb.GenerateRequest(model=MODEL, prompt="a" * (MAX_RECEIVE_BYTES - 64))
+    assert largest.ByteSize() <= MAX_RECEIVE_BYTES
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # reaches the frontend, which has no tokenizer
+        await _generate_unary(channel)(largest, timeout=30)
+    assert (info.value.code(), info.value.details()) == (grpc.StatusCode.UNAVAILABLE, "this frontend has no tokenizer")
+
+
+def _garbage_requests(seed: int = 0, count: int = 200) -> list[bytes]:
+    """Seeded random byte strings, then hand-made wire-format traps: groups of an unknown field
+    nested 50,000 deep, an 11-byte varint, a length prefix far past the end."""
+    rng = random.Random(seed)
+    randoms = [rng.randbytes(rng.randrange(1, 64)) for _ in range(count)]
+    return [*randoms, bytes([0xF3, 0x01]) * 50_000, bytes([0x28]) + b"\xff" * 10 + b"\x01",
+            bytes([0x12, 0xFF, 0xFF, 0xFF, 0x0F]) + b"ab"]
+
+
+async def test_random_bytes_as_a_request_are_invalid_argument_and_the_server_keeps_serving(channel, frontend):
+    unary = channel.unary_unary(f"/{SERVICE}/GenerateUnary", request_serializer=None, response_deserializer=None)
+    stream = channel.unary_stream(f"/{SERVICE}/Generate", request_serializer=None, response_deserializer=None)
+    codes = []
+    for i, raw in enumerate(_garbage_requests()):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            if i % 2:
+                await unary(raw, timeout=10)
+            else:
+                async for _ in stream(raw, timeout=10):
+                    pass
+        codes.append(info.value.code())
+    assert set(codes) == {grpc.StatusCode.INVALID_ARGUMENT}
+    assert frontend.routed == []
+    await _still_serving(channel, frontend)
+
+
 async def test_a_valid_request_reaches_the_frontend_with_its_sampling_and_trace(channel, frontend):
     traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
     req = _tokens(1, 2, max_tokens=3, temperature=0.7, top_p=0.9, stop=["\n"], seed=7)
@@ -181,7 +242,8 @@ async def test_a_valid_request_reaches_the_frontend_with_its_sampling_and_trace(
 async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_invalid_argument(channel, frontend):
     await _stream_error(channel, _tokens(1, ttft_ms=300, tpot_ms=40, priority=2))
     assert frontend.routed[-1].slo == SLO(300.0, 40.0, 2)
-    for bad in ({"ttft_ms": -1}, {"tpot_ms": 0}, {"priority": 10}):
+    for bad in ({"ttft_ms": -1}, {"tpot_ms": 0}, {"tpot_ms": -3}, {"priority": 10}, {"priority": -1},
+                {"ttft_ms": float("nan")}, {"ttft_ms": float("inf")}, {"tpot_ms": float("nan")}):
         err = await _stream_error(channel, _tokens(1, **bad))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details()
 

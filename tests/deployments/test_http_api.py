@@ -34,8 +34,12 @@ class FakeRejectingFrontend:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
+        self.keys_seen: list[str | None] = []
         self.registry = CollectorRegistry()
         Counter("pdserve_test_requests", "requests seen", registry=self.registry).inc()
+
+    def authorize(self, api_key: str | None) -> None:
+        self.keys_seen.append(api_key)
 
     def check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -196,7 +200,9 @@ def test_completion_rejects_echo_and_logprobs(fields: dict) -> None:
 @pytest.mark.parametrize(("fields", "param"), [
     ({"temperature": 2.5}, "temperature"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"max_tokens": 0}, "max_tokens"),
-    ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"max_tokens": -1}, "max_tokens"),
+    # Beyond int64: vLLM's engine would fail seeding its generator, and the whole engine with it.
+    ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
 ])
 def test_sampling_errors_name_the_request_field(fields: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:

@@ -13,7 +13,7 @@ import pytest
 from pdserve.deployments import service
 from pdserve.deployments.engine_process import free_port
 from pdserve.deployments.model_store import resolve_model
-from tests.deployments.service_fixtures import init_ray, service_config
+from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow
 
@@ -24,21 +24,10 @@ PROMPTS = ["What is the capital of France?", "Name three colors.", "Write a haik
 
 @pytest.fixture(scope="module")
 def svc():
-    import ray
-    from ray import serve
-
-    init_ray(num_cpus=4)
-    s = None
-    try:
-        # Two requests per replica at most, so a small burst shows the overload path.
-        s = service.start(service_config(prefill={"max_ongoing_requests": 2}, decode={"max_ongoing_requests": 2}),
-                          str(resolve_model(None)))
+    # Two requests per replica at most, so a small burst shows the overload path.
+    cfg = service_config(prefill={"max_ongoing_requests": 2}, decode={"max_ongoing_requests": 2})
+    with running_service(cfg, str(resolve_model(None)), num_cpus=4) as s:
         yield s
-    finally:
-        if s is not None:
-            s.delete()
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

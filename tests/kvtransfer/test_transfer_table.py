@@ -68,7 +68,7 @@ def test_not_done_without_end_even_when_every_block_arrived():
 def test_totals_that_match_but_miss_a_block_fail():
     table = make_table()
     t = table.open(open_msg(), 0.0)
-    for c in [(0, 0, 3), (1, 0, 2), (1, 0, 2)]:
+    for c in [(0, 0, 3), (1, 0, 2), (1, 0, 2, 9)]:  # the last resent with other bytes: it counts
         table.add_chunk(t, *chunk(*c))
     table.end(t, end_msg(3, 7 * BB))
     assert t.state is TransferState.FAILED
@@ -132,6 +132,18 @@ def test_duplicate_chunk_replaces_staged_bytes_without_double_counting():
     assert t.staged_bytes == 2 * BB and len(t.chunks) == 1
     assert t.chunks[(0, 0)].payload.tobytes() == chunk(0, 0, 2, fill=50)[1].tobytes()
     assert table.snapshot()["staged_bytes"] == 2 * BB
+
+
+def test_byte_identical_duplicate_is_dropped_uncounted_and_the_transfer_still_completes():
+    table = make_table()
+    t = table.open(open_msg(), 0.0)
+    counted = [table.add_chunk(t, *chunk(*c)) for c in [FULL[0], FULL[0], FULL[1], FULL[2], FULL[0]]]
+    assert counted == [True, False, True, True, False]
+    assert (t.chunks_received, t.bytes_received, t.staged_bytes) == (3, 4 * BB, 4 * BB)
+    table.end(t, end_msg(4, 6 * BB))
+    assert table.add_chunk(t, *chunk(*FULL[3])) and t.state is TransferState.DONE
+    snap = table.snapshot()
+    assert (snap["chunks"], snap["bytes"], snap["duplicate_chunks"]) == (4, 6 * BB, 2)
 
 
 def test_staging_budget_exceeded_is_refused_without_reserving():

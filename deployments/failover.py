@@ -1,0 +1,103 @@
+"""How the ingress follows one answer across attempts: the client's view of its tokens and
+timings (`AnswerRun`), the decode stream failed fast when its prefill fails, and an engine
+call's failure told apart as a lost replica (retried elsewhere) or a failing engine (not)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.exceptions import RayActorError
+
+from pdserve.controller.decision import Decision, Outcome
+from pdserve.deployments.errors import EngineFailure, Overloaded, ReplicaLost, ServeError, Unavailable
+from pdserve.deployments.requests import GenerateChunk
+
+log = logging.getLogger("pdserve.ingress")
+
+
+@dataclass
+class AnswerRun:
+    """A request's tokens and their timings as the client sees them, from its arrival at the
+    ingress, over every attempt at serving it."""
+
+    start_s: float
+    first_s: float = 0.0
+    last_s: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    """Every token sent to the client so far."""
+    finished: bool = False
+    """The answer's last chunk (with its finish_reason) has been sent."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+    def tokens_arrived(self, token_ids: list[int]) -> bool:
+        """Record a chunk's tokens; True for the answer's first ones."""
+        now = time.perf_counter()
+        first = not self.first_s
+        if first:
+            self.first_s = now
+        self.last_s = now
+        self.token_ids.extend(token_ids)
+        return first
+
+    def ttft_ms(self) -> float:
+        return (self.first_s - self.start_s) * 1e3
+
+    def tpot_ms(self) -> float | None:
+        if self.tokens < 2:
+            return None
+        return (self.last_s - self.first_s) * 1e3 / (self.tokens - 1)
+
+
+def refusal(decision: Decision) -> ServeError:
+    if decision.outcome is Outcome.REJECTED:
+        return Overloaded(f"the request cannot meet its objectives now: {decision.reason}", decision.retry_after_s)
+    if decision.outcome is Outcome.OVERLOADED:
+        return Overloaded(f"all instances are busy: {decision.reason}", decision.retry_after_s)
+    return Unavailable(f"no instance can serve the request: {decision.reason}", decision.retry_after_s)
+
+
+async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
+                          decision: Decision) -> AsyncIterator[GenerateChunk]:
+    """The decode stream, failed fast when the prefill call fails before the first token
+    (the decode replica would otherwise wait out the transfer's lease)."""
+    assert decision.decode is not None
+    prefill_id = decision.prefill.replica_id if decision.prefill is not None else ""
+    try:
+        it = stream.__aiter__()
+        while True:
+            step = asyncio.ensure_future(it.__anext__())
+            if prefill_task is not None and not prefill_task.done():
+                await asyncio.wait({step, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
+                if prefill_task.done() and prefill_task.exception() is not None and not step.done():
+                    step.cancel()
+                    raise as_serve_error(prefill_task.exception(), "prefill", prefill_id)
+            try:
+                yield await step
+            except StopAsyncIteration:
+                return
+            except Exception as exc:
+                raise as_serve_error(exc, "decode", decision.decode.replica_id) from None
+    finally:
+        stream.cancel()
+
+
+def as_serve_error(exc: BaseException, phase: str, replica_id: str) -> ServeError:
+    """What the client is told of an engine call's failure; a dead replica (its actor gone,
+    possibly reported inside a task error) is a ReplicaLost, which the ingress may retry."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
+        return ReplicaLost(phase, replica_id)
+    if isinstance(exc, ServeError):
+        return exc
+    if isinstance(cause, ServeError):
+        return cause
+    log.warning("%s failed: %s", phase, exc)
+    return EngineFailure(f"the {phase} engine failed ({type(cause or exc).__name__})")

@@ -1,0 +1,33 @@
+"""`pdserve bench overload`'s settings and trace, and its CLI refusing bad options before it deploys
+(the figures: test_overload_report.py)."""
+
+import pytest
+
+from pdserve.bench.overload import OverloadSettings
+from pdserve.bench.slo_compare import Workload, trace_within
+from pdserve.deployments.cli import main
+
+
+def test_trace_within_a_window_cuts_arrivals_at_its_end():
+    specs = trace_within(Workload(burstiness=1.0), 2.0, 30.0, {"chat": (1.0, 1.0), "long": (2.0, 2.0)}, seed=3)
+    assert specs[0].arrival_s == 0.0 and all(q.arrival_s < 30.0 for q in specs)
+    assert specs[-1].arrival_s > 25.0  # drew enough arrivals to fill the window
+
+
+@pytest.mark.parametrize("field, value", [("duration_s", 0.0), ("overload", -1.0), ("recovery_s", 0.0), ("probe_gap_s", 0.0),
+                                          ("probe_max_tokens", 1)])
+def test_settings_refuse_values_that_cannot_run(field, value):
+    with pytest.raises(ValueError, match=field):
+        OverloadSettings(**{field: value})
+
+
+@pytest.mark.parametrize("args, words", [(["--duration-s", "0"], "duration_s must be > 0"),
+                                         (["--overload", "-3"], "overload must be > 0"),
+                                         (["--recovery-s", "soon"], "invalid float value")])
+def test_cli_refuses_bad_options_before_deploying(args, words, capsys):
+    try:
+        code = main(["bench", "overload", *args])
+    except SystemExit as exc:  # argparse's own errors
+        code = int(exc.code)
+    assert code == 2
+    assert words in capsys.readouterr().err

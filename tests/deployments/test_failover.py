@@ -1,0 +1,245 @@
+"""The ingress moving a request whose replica died: the real `Frontend` (tokenizer, routing
+loop, retries), with the controller and the engine replicas replaced by fakes of the remote
+peers it calls through Serve handles. The fake decode replicas continue a prompt with token
+ids counting up from its last one, so a resumed answer can be compared with an unbroken one
+token for token. Real replicas dying under load: tests/deployments/test_faults_e2e.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorDiedError
+
+from pdserve.controller.decision import Decision, Outcome, Target
+from pdserve.deployments.config import parse_config
+from pdserve.deployments.errors import Overloaded, ReplicaLost, Unavailable
+from pdserve.deployments.frontend import Frontend
+from pdserve.deployments.model_store import resolve_model
+from pdserve.deployments.requests import GenerateChunk, Sampling
+
+pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model)
+
+PROMPT = [100, 101, 102]
+
+
+def routed(prefill: str | None, decode: str) -> Decision:
+    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0) if prefill else None,
+                    decode=Target(decode, f"{decode}:1", 0), reason="fake route")
+
+
+class _Remote:
+    """A Serve handle method: `.remote(...)` calls the fake."""
+
+    def __init__(self, fn):
+        self._fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
+class FakeController:
+    """The controller replica as the ingress calls it: `choose` answers from `decisions` in
+    turn (the last one repeats; an exception instance is raised, as a dead actor's call is)."""
+
+    def __init__(self, *decisions: Decision | Exception):
+        self.decisions = list(decisions)
+        self.routes: list[tuple[int, int, bool]] = []
+        """(prompt tokens, max tokens, resuming) of every choose call."""
+        self.lost: list[str] = []
+        self.released: list[tuple[str, int]] = []
+        self.choose = _Remote(self._choose)
+        self.replica_lost = _Remote(self._replica_lost)
+        self.release = _Remote(lambda request_id, tpot_ms, tokens: self.released.append((request_id, tokens)))
+        self.prefill_done = _Remote(lambda *args: None)
+
+    async def _choose(self, route, resuming: bool) -> Decision:
+        self.routes.append((route.prompt_tokens, route.max_tokens, resuming))
+        answer = self.decisions.pop(0) if len(self.decisions) > 1 else self.decisions[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _replica_lost(self, replica_id: str) -> None:
+        self.lost.append(replica_id)
+
+
+class _FakeStream:
+    def __init__(self, chunks):
+        self._chunks = chunks
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self._chunks.__aiter__()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakePools:
+    """Prefill and decode replicas by id. A decode replica waits for the prompt's KV (unless
+    it prefills locally), then generates `max_tokens` ids counting up from the prompt's last;
+    one in `decode_dies_after` dies after that many tokens (after its last chunk when that is
+    all of them), one in `dead_prefills` dies when
+    asked to prefill, so its KV never comes."""
+
+    def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = ()):
+        self.decode_dies_after = decode_dies_after or {}
+        self.dead_prefills = dead_prefills
+        self.served: list[tuple[str, str, int]] = []
+        """(replica, request id, prompt tokens) of every generate call."""
+        self.streams: list[_FakeStream] = []
+        self.generate = _Remote(self._generate)
+        self.prefill = _Remote(self._prefill)
+        self._kv: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, pool: str) -> FakePools:
+        return self
+
+    def options(self, stream: bool) -> FakePools:
+        return self
+
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> _FakeStream:
+        self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        dies_after = self.decode_dies_after.pop(replica_id, None)
+
+        async def chunks():
+            if not local_prefill:
+                await self._kv.setdefault(req.request_id, asyncio.Event()).wait()
+            last = req.prompt_token_ids[-1]
+            for i in range(max_tokens):
+                if i == dies_after:
+                    raise ActorDiedError()
+                await asyncio.sleep(0)
+                done = i + 1 == max_tokens
+                yield GenerateChunk(f" t{last + i + 1}", [last + i + 1], len(req.prompt_token_ids), i + 1,
+                                    "length" if done else None)
+            if dies_after == max_tokens:
+                raise ActorDiedError()
+
+        self.streams.append(_FakeStream(chunks()))
+        return self.streams[-1]
+
+    async def _prefill(self, req, dest: str, lease_ms: int, *, replica_id: str) -> dict:
+        if replica_id in self.dead_prefills:
+            raise ActorDiedError()
+        self._kv.setdefault(req.request_id, asyncio.Event()).set()
+        return {"prefill_ms": 1.0, "kv_transfer": None}
+
+
+@pytest.fixture(scope="module")
+def model_path() -> str:
+    return str(resolve_model(None))
+
+
+def frontend(model_path: str, controller: FakeController, pools: FakePools, **ingress: Any) -> Frontend:
+    cfg = parse_config({"max_model_len": 256, "ingress": {"route_wait_s": 0.5, **ingress}})
+    return Frontend(cfg, model_path, controller, {"prefill": pools, "decode": pools})
+
+
+def collect(fe: Frontend, max_tokens: int) -> tuple[list[GenerateChunk], BaseException | None]:
+    """Every chunk the client receives, and the error that ended the answer, if any."""
+    chunks: list[GenerateChunk] = []
+
+    async def go() -> None:
+        async for chunk in fe.stream(fe.completion_request(PROMPT, Sampling(max_tokens=max_tokens))):
+            chunks.append(chunk)
+
+    try:
+        asyncio.run(go())
+    except Exception as exc:
+        return chunks, exc
+    return chunks, None
+
+
+def unbroken(max_tokens: int) -> list[int]:
+    return list(range(PROMPT[-1] + 1, PROMPT[-1] + 1 + max_tokens))
+
+
+def test_a_decode_replica_lost_mid_stream_hands_over_without_repeating_or_losing_a_token(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p1", "d2"))
+    pools = FakePools(decode_dies_after={"d1": 4})
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=10)
+    assert error is None
+    assert [t for c in chunks for t in c.token_ids] == unbroken(10)
+    assert [c.completion_tokens for c in chunks] == list(range(1, 11))
+    assert chunks[-1].finish_reason == "length" and chunks[-1].prompt_tokens == len(PROMPT)
+    # The second replica was sent the prompt plus the 4 tokens already streamed, for the 6 left,
+    # routed best effort; the dead one was reported and both attempts were released.
+    assert controller.routes == [(3, 10, False), (7, 6, True)]
+    assert [(replica, tokens) for replica, _, tokens in pools.served] == [("d1", 3), ("d2", 7)]
+    assert controller.lost == ["d1"]
+    first_id, second_id = (rid for _, rid, _ in pools.served)
+    assert second_id == f"{first_id}-r1"
+    assert controller.released == [(first_id, 4), (second_id, 6)]
+    assert all(s.cancelled for s in pools.streams)  # the dead stream is let go too
+
+
+def test_a_replica_lost_after_the_last_chunk_leaves_the_answer_whole_and_is_not_retried(model_path):
+    controller = FakeController(routed(None, "d1"), routed(None, "d2"))
+    pools = FakePools(decode_dies_after={"d1": 5})
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=5)
+    assert error is None
+    assert [t for c in chunks for t in c.token_ids] == unbroken(5) and chunks[-1].finish_reason == "length"
+    assert len(controller.routes) == 1 and controller.lost == ["d1"]
+
+
+def test_a_prefill_replica_lost_before_the_first_token_is_served_again_on_another(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p2", "d1"))
+    pools = FakePools(dead_prefills=("p1",))
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=5)
+    assert error is None
+    assert [t for c in chunks for t in c.token_ids] == unbroken(5)
+    assert controller.routes == [(3, 5, False), (3, 5, True)] and controller.lost == ["p1"]
+
+
+def test_a_second_loss_is_also_handed_over_within_the_retry_budget(model_path):
+    controller = FakeController(routed(None, "d1"), routed(None, "d2"), routed(None, "d3"))
+    pools = FakePools(decode_dies_after={"d1": 2, "d2": 3})
+    chunks, error = collect(frontend(model_path, controller, pools, replica_loss_retries=2), max_tokens=8)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(8)
+    assert controller.lost == ["d1", "d2"] and [r[:2] for r in controller.routes] == [(3, 8), (5, 6), (8, 3)]
+
+
+def test_with_no_retries_a_lost_replica_ends_the_answer_with_a_retriable_error(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p1", "d2"))
+    pools = FakePools(decode_dies_after={"d1": 4})
+    chunks, error = collect(frontend(model_path, controller, pools, replica_loss_retries=0), max_tokens=10)
+    assert [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert isinstance(error, ReplicaLost) and error.http_status == 503 and error.code == "replica_lost"
+    assert "Retry-After" in error.headers()
+    assert len(controller.routes) == 1 and controller.lost == ["d1"]
+
+
+def test_with_no_decode_replica_left_the_answer_ends_with_a_retriable_error_after_route_wait(model_path):
+    gone = Decision(Outcome.UNAVAILABLE, reason="pool decode has no live instance")
+    controller = FakeController(routed("p1", "d1"), gone)
+    pools = FakePools(decode_dies_after={"d1": 2})
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=10)
+    assert [t for c in chunks for t in c.token_ids] == unbroken(2)
+    assert type(error) is Unavailable and "no live instance" in error.message
+    assert len(controller.routes) > 2  # it asked again while waiting for a replica
+
+
+def test_a_controller_that_does_not_answer_is_waited_for_and_the_request_served(model_path):
+    controller = FakeController(ActorDiedError(), ActorDiedError(), routed("p1", "d1"))
+    chunks, error = collect(frontend(model_path, controller, FakePools(), route_wait_s=5), max_tokens=3)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(3)
+    assert len(controller.routes) == 3
+
+
+def test_overload_is_refused_at_once_not_waited_out(model_path):
+    busy = Decision(Outcome.OVERLOADED, reason="every decode instance is full", retry_after_s=0.1)
+    controller = FakeController(busy)
+    chunks, error = collect(frontend(model_path, controller, FakePools()), max_tokens=3)
+    assert chunks == [] and isinstance(error, Overloaded) and len(controller.routes) == 1
+
+
+def test_an_answer_resumed_while_the_pool_is_full_waits_for_room_instead_of_failing(model_path):
+    busy = Decision(Outcome.OVERLOADED, reason="every decode instance is full", retry_after_s=0.05)
+    controller = FakeController(routed(None, "d1"), busy, busy, routed(None, "d2"))
+    pools = FakePools(decode_dies_after={"d1": 1})
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=4)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert [resuming for _, _, resuming in controller.routes] == [False, True, True, True]

@@ -1,0 +1,230 @@
+"""Faults on a whole service of real engines (two prefill and two decode replicas, float32),
+with requests in flight: a decode replica killed mid-stream, a prefill replica killed with
+prompts queued on it, the controller killed while requests stream and arrive. After each,
+every request is accounted for (completed, token for token what an unbroken run answers, or
+ended with a clear error), no stream hangs, and every engine's KV blocks are free again.
+
+The service also requires an API key, and the last test reads every log line the cluster
+wrote, the spans and the refusals for the key and the KV channel's secret.
+
+KV transfers that stall or whose receiver restarts are covered where the transfer lives:
+tests/kvtransfer/test_transport.py (leases, epochs) and test_connector_e2e.py (a prefill
+engine killed mid-transfer, the decode engine recomputing within the lease)."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pdserve.deployments.model_store import resolve_model
+from tests.deployments.service_fixtures import running_service, service_config
+
+pytestmark = pytest.mark.slow
+
+openai = pytest.importorskip("openai")
+
+API_KEY = "pdserve-test-key-4f1c9a7be2d3"
+KV_SECRET = "kv-secret-0b8e5d2a91c7f364"
+WRONG_KEY = "not-the-key-77d2e91f0a"
+MAX_TOKENS = 40
+PROMPTS = [f"Tell the story of the {animal} who learned to sing." for animal in ("fox", "owl", "bear", "crow")]
+LONG_PROMPTS = [" ".join(f"Line {i} of report {k}: the numbers are steady." for i in range(50)) for k in range(6)]
+
+
+@pytest.fixture(scope="module")
+def svc():
+    cfg = service_config(
+        prefill={"replicas": 2}, decode={"replicas": 2}, log_level="INFO",
+        kv_transfer={"secret": KV_SECRET}, slo={"on_unmeetable": "best_effort"},
+        ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": 300})
+    with running_service(cfg, str(resolve_model(None)), num_cpus=6) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(svc):
+    return openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def reference(client, model):
+    """What each prompt streams with no fault: greedy float32 is deterministic."""
+    return {p: complete(client, model, p, MAX_TOKENS) for p in PROMPTS + LONG_PROMPTS}
+
+
+def complete(client, model: str, prompt: str, max_tokens: int) -> str:
+    r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == max_tokens
+    return r.choices[0].text
+
+
+@dataclass
+class Stream:
+    """One streamed request on its own thread: its text so far and how it ended."""
+
+    prompt: str
+    text: str = ""
+    chunks: int = 0
+    finish_reason: str | None = None
+    error: str = ""
+    thread: threading.Thread = field(init=False)
+
+    def start(self, client, model: str) -> Stream:
+        def run() -> None:
+            try:
+                for event in client.completions.create(model=model, prompt=self.prompt, max_tokens=MAX_TOKENS,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True}):
+                    self.text += event.choices[0].text
+                    self.chunks += 1
+                    self.finish_reason = event.choices[0].finish_reason or self.finish_reason
+            except Exception as exc:
+                self.error = repr(exc)
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        return self
+
+
+def wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def finish(streams: list[Stream], reference: dict[str, str], scenario: str) -> None:
+    """Every stream ended within the deadline and answered exactly what an unbroken run does."""
+    for s in streams:
+        s.thread.join(timeout=300)
+    hung = sum(s.thread.is_alive() for s in streams)
+    completed = sum(s.finish_reason == "length" and s.text == reference[s.prompt] for s in streams)
+    failed = [s.error for s in streams if s.error]
+    print(f"{scenario}: {len(streams)} requests, {completed} completed identical to the unbroken run, "
+          f"{len(failed)} failed, {hung} hung")
+    assert hung == 0 and not failed and completed == len(streams), [
+        (s.finish_reason, s.error, s.text, reference[s.prompt]) for s in streams]
+
+
+def snapshot(svc) -> list[dict]:
+    from ray import serve
+
+    return serve.get_deployment_handle("controller", svc.cfg.app_name).snapshot.remote().result()
+
+
+def kill_replica(svc, deployment: str, replica_id: str = "") -> None:
+    """Kill a replica's actor, as a crashed process or a lost node would; Serve starts a new one."""
+    import ray
+
+    prefix = f"SERVE_REPLICA::{svc.cfg.app_name}#{deployment}#{replica_id}"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
+    assert names, f"no actor named {prefix}*"
+    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+
+
+def assert_kv_idle(svc, scenario: str) -> None:
+    """Every live engine has all its KV blocks free again (after its latest report)."""
+    def idle() -> bool:
+        engines = [i for i in snapshot(svc) if i["live"] and i["total_kv_blocks"]]
+        return bool(engines) and all(i["free_kv_blocks"] == i["total_kv_blocks"] and i["load"] == 0 for i in engines)
+
+    wait_until(idle, 60, f"free KV blocks back to idle after {scenario}")
+    print(f"{scenario}: " + ", ".join(f"{i['pool']} {i['replica_id']}: {i['free_kv_blocks']}/{i['total_kv_blocks']} "
+                                      "blocks free" for i in snapshot(svc) if i["live"]))
+
+
+def losses(svc, phase: str) -> float:
+    with urllib.request.urlopen(f"{svc.http_url}/metrics", timeout=30) as r:
+        lines = r.read().decode().splitlines()
+    prefix = f'pdserve_replica_losses_total{{phase="{phase}",result="retried"}} '
+    return sum(float(line.removeprefix(prefix)) for line in lines if line.startswith(prefix))
+
+
+def test_a_decode_replica_killed_mid_stream_hands_its_streams_over_token_for_token(svc, client, model, reference):
+    before = losses(svc, "decode")
+    streams = [Stream(p).start(client, model) for p in PROMPTS]
+    wait_until(lambda: all(s.chunks >= 3 for s in streams), 120, "every stream to be under way")
+    busy = [i for i in snapshot(svc) if i["pool"] == "decode" and i["live"] and i["load"]]
+    victim = max(busy, key=lambda i: i["load"])
+    kill_replica(svc, "decode", victim["replica_id"])
+    finish(streams, reference, f"decode replica killed with {victim['load']} streams on it")
+    assert losses(svc, "decode") - before >= 1
+    assert_kv_idle(svc, "decode kill")
+
+
+def test_a_prefill_replica_killed_with_prompts_queued_serves_them_on_the_other(svc, client, model, reference):
+    wait_until(lambda: sum(i["pool"] == "prefill" and i["live"] for i in snapshot(svc)) == 2, 300,
+               "two live prefill replicas")
+    before = losses(svc, "prefill")
+    streams = [Stream(p).start(client, model) for p in LONG_PROMPTS]
+    queued = lambda: [i for i in snapshot(svc) if i["pool"] == "prefill" and i["live"] and i["queued_prefill_tokens"]]  # noqa: E731
+    wait_until(lambda: bool(queued()), 60, "prompts queued on a prefill replica")
+    victim = max(queued(), key=lambda i: i["queued_prefill_tokens"])
+    kill_replica(svc, "prefill", victim["replica_id"])
+    finish(streams, reference, f"prefill replica killed with {victim['queued_prefill_tokens']} prompt tokens queued")
+    assert losses(svc, "prefill") - before >= 1
+    assert_kv_idle(svc, "prefill kill")
+
+
+def test_the_controller_killed_while_requests_stream_and_arrive_loses_none(svc, client, model, reference):
+    streams = [Stream(p).start(client, model) for p in PROMPTS[:2]]
+    wait_until(lambda: all(s.chunks >= 3 for s in streams), 120, "streams under way")
+    kill_replica(svc, "controller")
+    # Requests arriving while no controller answers wait for the new one, then route from fresh reports.
+    streams += [Stream(p).start(client, model) for p in PROMPTS[2:]]
+    finish(streams, reference, "controller killed")
+    assert {i["pool"] for i in snapshot(svc) if i["live"]} == {"prefill", "decode"}
+    assert_kv_idle(svc, "controller kill")
+
+
+def test_requests_without_a_valid_key_are_refused_over_http_and_grpc(svc, model):
+    from pdserve.proto import pdserve_pb2 as pb
+
+    for key in (WRONG_KEY, None):
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+        req = urllib.request.Request(f"{svc.http_url}/v1/completions", headers=headers,
+                                     data=f'{{"model": "{model}", "prompt": "hi"}}'.encode())
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=30)
+        assert err.value.code == 401 and err.value.headers["WWW-Authenticate"] == "Bearer"
+        assert WRONG_KEY not in err.value.read().decode()
+    with urllib.request.urlopen(f"{svc.http_url}/health", timeout=30) as r:  # probes need no key
+        assert r.status == 200
+    with grpc.insecure_channel(svc.grpc_addr) as ch:
+        gen = ch.unary_stream("/pdserve.v1.Generation/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+                              response_deserializer=pb.GenerateResponse.FromString)
+        request = pb.GenerateRequest(model=model, prompt="Once upon a time", max_tokens=3, temperature=0)
+        with pytest.raises(grpc.RpcError) as rpc_err:
+            list(gen(request, metadata=(("authorization", f"Bearer {WRONG_KEY}"),), timeout=60))
+        assert rpc_err.value.code() is grpc.StatusCode.UNAUTHENTICATED and WRONG_KEY not in rpc_err.value.details()
+        msgs = list(gen(request, metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=120))
+        assert msgs[-1].usage.completion_tokens == 3
+
+
+def test_no_secret_appears_in_any_log_span_or_error(svc, client, model):
+    import ray
+    from ray import serve
+
+    complete(client, model, PROMPTS[0], 4)  # one more full request through every process, logging at INFO
+    spans = []
+    for name in ("ingress", "prefill", "decode"):
+        spans += serve.get_deployment_handle(name, svc.cfg.app_name).finished_spans.remote().result()
+    assert spans and not [s for s in spans if any(x in repr(s) for x in (API_KEY, KV_SECRET, WRONG_KEY))]
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    files = [f for f in logs.rglob("*") if f.is_file()]
+    assert files and sum(f.stat().st_size for f in files) > 0
+    leaks = {f.name: [x for x in (API_KEY, KV_SECRET, WRONG_KEY) if x.encode() in f.read_bytes()] for f in files}
+    leaks = {name: found for name, found in leaks.items() if found}
+    print(f"searched {len(files)} log files ({sum(f.stat().st_size for f in files)} bytes) for the secrets")
+    assert not leaks, leaks
