@@ -33,6 +33,11 @@ class RoutingConfig(BaseModel):
     its max_tokens), beyond its prompt."""
     ttl_s: float = Field(3.0, gt=0)
     """An instance silent this long gets no new requests until it reports again."""
+    probe_after_s: float = Field(5.0, ge=0)
+    """Once no request has been routed for this long because every pair was predicted to miss,
+    the next such request is served best effort as a probe: its latency re-measures predictions
+    that would otherwise stay pessimistic with the engines idle (a correction learned under load,
+    a profile slower than the hardware), refusing everything for good. 0: never probe."""
     profiles: dict[str, LatencyProfile] = Field(default_factory=lambda: {"default": CPU_PROFILE})
     """Latency profile per accelerator type (a pool's `accelerator_type`); "default" covers
     pools without one or of a type not listed. Each instance's predictions are corrected

@@ -62,8 +62,10 @@ class Correction:
     limit: float = 8.0
     """The factor stays within [1/limit, limit]."""
     half_life_s: float = 30.0
-    """Old evidence fades toward the profile at this pace, so that an instance once seen slow, and
-    refused every request since (so never observed again), gets requests again and is re-measured."""
+    """Evidence of slowness fades toward the profile at this pace, so that an instance once seen
+    slow, and refused every request since (so never observed again), gets requests again and is
+    re-measured. Evidence of speed does not fade: on a profile slower than the hardware, fading
+    would make predictions ever more pessimistic with nothing admitted to disprove them."""
     decayed_at_s: float | None = None
 
     def observe(self, predicted_ms: float, observed_ms: float) -> None:
@@ -75,8 +77,8 @@ class Correction:
         self.factor = math.exp(min(bound, max(-bound, log_f)))
 
     def decay_to(self, now_s: float) -> None:
-        """Let the evidence fade for the time since the last call (idempotent for a given `now_s`)."""
-        if self.decayed_at_s is not None and now_s > self.decayed_at_s:
+        """Let the evidence of slowness fade for the time since the last call (idempotent for a given `now_s`)."""
+        if self.decayed_at_s is not None and now_s > self.decayed_at_s and self.factor > 1.0:
             self.factor = math.exp(math.log(self.factor) * 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s))
         self.decayed_at_s = now_s if self.decayed_at_s is None else max(self.decayed_at_s, now_s)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 
 from pdserve.controller.autoscale_config import AutoscalingConfig
 from pdserve.controller.autoscale_policy import AutoscalingPolicy
@@ -20,6 +21,10 @@ from pdserve.controller.slo_router import choose_slo
 from pdserve.deployments import telemetry
 
 log = logging.getLogger("pdserve.controller")
+
+PROBE_WITHIN = 4.0
+"""A probe is a request predicted to miss its objectives by at most this factor, a miss that
+stale predictions can explain; one further off (a 0.01 ms TPOT) is out of reach anyway."""
 
 
 class Controller:
@@ -41,6 +46,8 @@ class Controller:
         """Arrivals and completions, kept only for the autoscaler."""
         self.autoscaler = _autoscaler(app_name, *autoscaling) if autoscaling else None
         self._autoscaling: asyncio.Task | None = None
+        self._routed_at_s = time.monotonic()
+        """When a request was last routed: long ago with requests arriving, predictions need a probe."""
 
     def _start_autoscaling(self) -> None:
         """On the replica's event loop, which the first call runs on (the constructor may not)."""
@@ -68,7 +75,15 @@ class Controller:
         else:
             decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
                                   self.best_effort or resuming)
+            idle_s = now - self._routed_at_s
+            if (decision.outcome is Outcome.REJECTED and 0 < self.routing.probe_after_s <= idle_s
+                    and decision.predicted_ttft_ms <= PROBE_WITHIN * req.slo.ttft_ms
+                    and decision.predicted_tpot_ms <= PROBE_WITHIN * req.slo.tpot_ms):
+                probe = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True)
+                decision = replace(probe, reason=f"probe after {idle_s:.1f} s with nothing routed; {decision.reason}; "
+                                                 f"{probe.reason}")
         if decision.outcome is Outcome.ROUTED:
+            self._routed_at_s = now
             self.registry.assign(req, decision, now)
             if self.window is not None:
                 self.window.arrived(now, req.prompt_tokens)

@@ -34,6 +34,11 @@ class IngressMetrics:
                                       ["phase", "result"], registry=r)
         self.queue_depth = Gauge("pdserve_queue_depth", "Requests routed to an instance and not finished",
                                  ["pool", "replica"], registry=r)
+        self.queued_prefill_tokens = Gauge("pdserve_queued_prefill_tokens", "Prompt tokens an instance has yet to "
+                                           "prefill, as the controller counts them", ["pool", "replica"], registry=r)
+        self.latency_correction = Gauge("pdserve_latency_correction", "The controller's observed / predicted latency "
+                                        "factor per instance and phase (prefill, step)", ["pool", "replica", "phase"],
+                                        registry=r)
         self.live_instances = Gauge("pdserve_live_instances", "Instances reporting to the controller", ["pool"],
                                     registry=r)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode", registry=r)
@@ -84,10 +89,14 @@ class IngressMetrics:
         self.autoscale_cost.set(status["cost_per_hour"])
 
     def observe_instances(self, snapshot: list[dict]) -> None:
-        self.queue_depth.clear()
+        for gauge in (self.queue_depth, self.queued_prefill_tokens, self.latency_correction):
+            gauge.clear()
         live: dict[str, int] = {}
         for inst in snapshot:
             self.queue_depth.labels(inst["pool"], inst["replica_id"]).set(inst["load"])
+            self.queued_prefill_tokens.labels(inst["pool"], inst["replica_id"]).set(inst["queued_prefill_tokens"])
+            for phase in ("prefill", "step"):
+                self.latency_correction.labels(inst["pool"], inst["replica_id"], phase).set(inst[f"{phase}_correction"])
             live[inst["pool"]] = live.get(inst["pool"], 0) + int(inst["live"])
         for pool, n in live.items():
             self.live_instances.labels(pool).set(n)

@@ -102,13 +102,17 @@ def test_an_instance_without_observations_of_its_own_starts_from_its_types():
     assert reg.instances["slow"].prefill_fix.factor == 1.0
 
 
-def test_old_evidence_fades_so_an_instance_refused_everything_is_tried_again():
+def test_evidence_of_slowness_fades_so_an_instance_refused_everything_is_tried_again_and_speed_stays():
     c = Correction(factor=4.0)
     c.decay_to(0.0)
     c.decay_to(c.half_life_s)
     assert math.isclose(c.factor, 2.0)
     c.decay_to(c.half_life_s)  # the same moment twice decays once
     assert math.isclose(c.factor, 2.0)
+    fast = Correction(factor=0.25)  # faster than the profile: no reason to become more pessimistic
+    fast.decay_to(0.0)
+    fast.decay_to(10 * fast.half_life_s)
+    assert fast.factor == 0.25
     reg = registry()
     add(reg, "p", "prefill")
     reg.instances["p"].prefill_fix.own.factor = 8.0

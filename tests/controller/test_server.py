@@ -1,0 +1,49 @@
+"""The controller's shell around the pure routing decision: probing predictions that have
+refused every request for a while."""
+
+import asyncio
+import time
+
+from pdserve.controller.config import RoutingConfig
+from pdserve.controller.decision import Outcome
+from pdserve.controller.server import Controller
+
+from .routing_states import SLOW, add, request
+
+
+def controller(probe_after_s: float = 5.0) -> Controller:
+    c = Controller("disaggregated", RoutingConfig(profiles={"default": SLOW}, probe_after_s=probe_after_s),
+                   kv_bytes_per_token=1000)
+    now = time.monotonic()
+    add(c.registry, "p", "prefill", now_s=now)  # 60 + 1.5 x 1000 tokens: ~1.6 s to the first token
+    add(c.registry, "d", "decode", now_s=now)
+    return c
+
+
+def choose(c: Controller, ttft_ms: float, tpot_ms: float = 100):
+    return asyncio.run(c.choose(request(1000, ttft_ms=ttft_ms, tpot_ms=tpot_ms)))
+
+
+def test_after_refusing_everything_for_probe_after_s_one_near_miss_is_served_as_a_probe():
+    c = controller()
+    assert choose(c, ttft_ms=800).outcome is Outcome.REJECTED  # predicted ~2x its TTFT objective
+    c._routed_at_s -= 6.0  # six seconds with nothing routed
+    probe = choose(c, ttft_ms=800)
+    assert probe.outcome is Outcome.ROUTED and probe.reason.startswith("probe after 6.0 s with nothing routed")
+    assert choose(c, ttft_ms=800).outcome is Outcome.REJECTED  # one probe, then its latency decides
+
+
+def test_no_probe_for_a_miss_no_prediction_error_explains_or_when_probing_is_off():
+    c = controller()
+    c._routed_at_s -= 60.0
+    assert choose(c, ttft_ms=100).outcome is Outcome.REJECTED  # predicted ~16x its objective
+    assert choose(c, ttft_ms=5000, tpot_ms=0.01).outcome is Outcome.REJECTED
+    off = controller(probe_after_s=0)
+    off._routed_at_s -= 60.0
+    assert choose(off, ttft_ms=800).outcome is Outcome.REJECTED
+
+
+def test_requests_routed_recently_leave_refusals_alone():
+    c = controller()
+    assert choose(c, ttft_ms=60_000).outcome is Outcome.ROUTED
+    assert choose(c, ttft_ms=800).outcome is Outcome.REJECTED

@@ -1,0 +1,20 @@
+"""The ingress's Prometheus metrics from the controller's snapshot."""
+
+from pdserve.deployments.metrics import IngressMetrics
+
+
+def _instance(replica_id: str, pool: str, live: bool = True) -> dict:
+    return {"replica_id": replica_id, "pool": pool, "load": 2, "queued_prefill_tokens": 700,
+            "prefill_correction": 2.5, "step_correction": 0.8, "live": live}
+
+
+def test_each_instance_exports_its_load_queue_and_latency_corrections_and_gone_ones_are_dropped():
+    m = IngressMetrics()
+    m.observe_instances([_instance("p1", "prefill"), _instance("d1", "decode", live=False)])
+    m.observe_instances([_instance("p1", "prefill")])
+    text = m.render()[0].decode()
+    assert 'pdserve_queued_prefill_tokens{pool="prefill",replica="p1"} 700.0' in text
+    assert 'pdserve_latency_correction{phase="prefill",pool="prefill",replica="p1"} 2.5' in text
+    assert 'pdserve_latency_correction{phase="step",pool="prefill",replica="p1"} 0.8' in text
+    assert 'pdserve_live_instances{pool="prefill"} 1.0' in text
+    assert 'replica="d1"' not in text
