@@ -62,28 +62,9 @@ class ModelNotFound(ServeError):
                          code="model_not_found")
 
 
-class Overloaded(ServeError):
-    """Every instance that could take the request is at its limit: retry later."""
-
-    http_status = 429
-    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    error_type = "rate_limit_error"
-
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__(message, code="overloaded")
-        self.retry_after_s = retry_after_s
-
-    def headers(self) -> dict[str, str]:
-        return {"Retry-After": str(max(1, round(self.retry_after_s)))}
-
-
-class Unavailable(ServeError):
-    """No instance can serve at all right now (none registered, or the chosen one died): a
-    retry may succeed, after `retry_after_s`."""
-
-    http_status = 503
-    grpc_code = grpc.StatusCode.UNAVAILABLE
-    error_type = "service_unavailable"
+class RetryLater(ServeError):
+    """A refusal a retry after `retry_after_s` may get past: sent as `Retry-After` (HTTP) or the
+    `retry-after-s` trailer (gRPC)."""
 
     def __init__(self, message: str, retry_after_s: float = 1.0, *, code: str | None = None):
         super().__init__(message, code=code)
@@ -91,6 +72,25 @@ class Unavailable(ServeError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(max(1, round(self.retry_after_s)))}
+
+
+class Overloaded(RetryLater):
+    """Every instance that could take the request is at its limit: retry later."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, retry_after_s, code="overloaded")
+
+
+class Unavailable(RetryLater):
+    """No instance can serve at all right now (none registered, or the chosen one died)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "service_unavailable"
 
 
 class ReplicaLost(Unavailable):

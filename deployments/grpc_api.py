@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from pdserve.deployments.api_keys import bearer_token
-from pdserve.deployments.errors import InvalidRequest, Overloaded, ServeError, Unavailable
+from pdserve.deployments.errors import InvalidRequest, RetryLater, ServeError
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling
 from pdserve.proto import pdserve_pb2 as pb
@@ -211,7 +211,7 @@ def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> NoReturn:
     """End the RPC with the status the HTTP API would answer with as its status code."""
-    if isinstance(exc, Overloaded | Unavailable):
+    if isinstance(exc, RetryLater):
         retry = exc.headers()["Retry-After"]
         await context.abort(exc.grpc_code, exc.message, trailing_metadata=(("retry-after-s", retry),))
     if isinstance(exc, ServeError):

@@ -18,6 +18,7 @@ from pdserve.deployments.errors import Overloaded, ReplicaLost, Unavailable
 from pdserve.deployments.frontend import Frontend
 from pdserve.deployments.model_store import resolve_model
 from pdserve.deployments.requests import GenerateChunk, Sampling
+from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
 
 pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model)
 
@@ -27,16 +28,6 @@ PROMPT = [100, 101, 102]
 def routed(prefill: str | None, decode: str) -> Decision:
     return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0) if prefill else None,
                     decode=Target(decode, f"{decode}:1", 0), reason="fake route")
-
-
-class _Remote:
-    """A Serve handle method: `.remote(...)` calls the fake."""
-
-    def __init__(self, fn):
-        self._fn = fn
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._fn(*args, **kwargs)
 
 
 class FakeController:
@@ -49,10 +40,10 @@ class FakeController:
         """(prompt tokens, max tokens, resuming) of every choose call."""
         self.lost: list[str] = []
         self.released: list[tuple[str, int]] = []
-        self.choose = _Remote(self._choose)
-        self.replica_lost = _Remote(self._replica_lost)
-        self.release = _Remote(lambda request_id, tpot_ms, tokens: self.released.append((request_id, tokens)))
-        self.prefill_done = _Remote(lambda *args: None)
+        self.choose = FakeRemoteMethod(self._choose)
+        self.replica_lost = FakeRemoteMethod(self._replica_lost)
+        self.release = FakeRemoteMethod(lambda request_id, tpot_ms, tokens: self.released.append((request_id, tokens)))
+        self.prefill_done = FakeRemoteMethod(lambda *args: None)
 
     async def _choose(self, route, resuming: bool) -> Decision:
         self.routes.append((route.prompt_tokens, route.max_tokens, resuming))
@@ -63,18 +54,6 @@ class FakeController:
 
     async def _replica_lost(self, replica_id: str) -> None:
         self.lost.append(replica_id)
-
-
-class _FakeStream:
-    def __init__(self, chunks):
-        self._chunks = chunks
-        self.cancelled = False
-
-    def __aiter__(self):
-        return self._chunks.__aiter__()
-
-    def cancel(self) -> None:
-        self.cancelled = True
 
 
 class FakePools:
@@ -89,9 +68,9 @@ class FakePools:
         self.dead_prefills = dead_prefills
         self.served: list[tuple[str, str, int]] = []
         """(replica, request id, prompt tokens) of every generate call."""
-        self.streams: list[_FakeStream] = []
-        self.generate = _Remote(self._generate)
-        self.prefill = _Remote(self._prefill)
+        self.streams: list[FakeEngineStream] = []
+        self.generate = FakeRemoteMethod(self._generate)
+        self.prefill = FakeRemoteMethod(self._prefill)
         self._kv: dict[str, asyncio.Event] = {}
 
     def __getitem__(self, pool: str) -> FakePools:
@@ -100,7 +79,7 @@ class FakePools:
     def options(self, stream: bool) -> FakePools:
         return self
 
-    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> _FakeStream:
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         dies_after = self.decode_dies_after.pop(replica_id, None)
 
@@ -118,7 +97,7 @@ class FakePools:
             if dies_after == max_tokens:
                 raise ActorDiedError()
 
-        self.streams.append(_FakeStream(chunks()))
+        self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
     async def _prefill(self, req, dest: str, lease_ms: int, *, replica_id: str) -> dict:

@@ -7,7 +7,7 @@ the controller and the engine pools, its remote peers, are fakes."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -33,6 +33,7 @@ from pdserve.deployments.http_api import build_http_app
 from pdserve.deployments.model_store import resolve_model
 from pdserve.deployments.openai_models import ChatCompletionChunk, CompletionChunk, ErrorResponse
 from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Sampling
+from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
 
 pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model), as test_frontend.py does
 
@@ -80,16 +81,6 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 a prompt beyond the context, a temperature out of range), and `max_response_time`, a timing threshold."""
 
 
-class FakeRemoteMethod:
-    """One method of a Ray Serve handle: `.remote(...)` returns `answer(...)`."""
-
-    def __init__(self, answer: Any) -> None:
-        self.answer = answer
-
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self.answer(*args, **kwargs)
-
-
 class FakeController:
     """The controller's handle: routes every request to one prefill and one decode replica."""
 
@@ -113,26 +104,6 @@ class FakeController:
     @staticmethod
     async def _nothing(*args: Any) -> None:
         return None
-
-
-class FakeEngineStream:
-    """A streaming Serve response: async-iterable chunks, and `cancel()`. As with a real one, an
-    engine's failure comes out of the iteration, not out of `.remote()`."""
-
-    def __init__(self, chunks: Iterator[GenerateChunk]) -> None:
-        self._chunks = chunks
-
-    def __aiter__(self) -> FakeEngineStream:
-        return self
-
-    async def __anext__(self) -> GenerateChunk:
-        try:
-            return next(self._chunks)
-        except StopIteration:
-            raise StopAsyncIteration from None
-
-    def cancel(self) -> None:
-        """Nothing to stop: the chunks are made on demand."""
 
 
 def seed_as_vllm_does(sampling: Sampling) -> None:
@@ -163,7 +134,7 @@ class FakeEnginePool:
         return FakeEngineStream(cls._chunks(req, max_tokens))
 
     @staticmethod
-    def _chunks(req: GenerateRequest, max_tokens: int) -> Iterator[GenerateChunk]:
+    async def _chunks(req: GenerateRequest, max_tokens: int) -> AsyncIterator[GenerateChunk]:
         seed_as_vllm_does(req.sampling)
         n, prompt = min(max_tokens, 3), len(req.prompt_token_ids)
         for i in range(n - 1):
