@@ -1,4 +1,4 @@
-"""PNG plots of `pdserve bench serve` and `pdserve bench overload` reports (matplotlib, no display needed)."""
+"""PNG plots of `pdserve bench serve`, `bench overload` and `bench experts` reports (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
@@ -127,6 +127,31 @@ def overload_timeline(report: dict, path: Path) -> Path:
         ax.axvspan(0.0, duration_s, color="red", alpha=0.06)
         ax.grid(alpha=0.3)
     fig.suptitle(f"{report['settings']['overload']:g}x capacity for {duration_s:g} s (shaded), then recovery probes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def expert_buffering(report: dict, path: Path) -> Path:
+    """Throughput against all-resident and hit rate, by share of experts resident, a line per policy."""
+    fig, (tput, hits) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for policy in dict.fromkeys(r["policy"] for r in report["results"]):
+        rows = [r for r in report["results"] if r["policy"] == policy]
+        pct = [r["resident_pct"] for r in rows]
+        tput.plot(pct, [r["throughput_vs_all_resident"] for r in rows], marker="o", label=policy)
+        hits.plot(pct, [r["hit_rate"] for r in rows], marker="o", label=policy)
+    tput.axhline(0.8, color="grey", linestyle="--", linewidth=1)
+    hits.axhline(0.9, color="grey", linestyle="--", linewidth=1)
+    tput.set_ylabel(f"tokens/s ÷ all resident ({report['all_resident_tokens_per_s']:.0f} tok/s)")
+    hits.set_ylabel("expert hit rate")
+    for ax in (tput, hits):
+        ax.set_xlabel("experts resident per layer (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    hits.set_ylim(0, 1.02)
+    fig.suptitle(f"{report['model']}: {report['num_experts']} experts, top-{report['top_k']}, "
+                 f"batch {report['settings']['batch']}; copies {report['copies']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 
 from pdserve.controller.decision import Decision, RouteRequest
+from pdserve.controller.hot_experts import ExpertReport
 from pdserve.controller.latency_model import Correction, InstanceCorrection, LatencyProfile
 from pdserve.controller.pool_view import PoolView, Row
 
@@ -54,6 +55,8 @@ class LoadReport:
     """Recent prefill time of its requests (moving average; 0 before the first)."""
     recent_tpot_ms: float = 0.0
     """Recent time per output token of its requests (moving average; 0 before the first)."""
+    experts: ExpertReport | None = None
+    """Its expert buffers' counters; None when its MoE layers (if any) keep every expert resident."""
 
 
 @dataclass

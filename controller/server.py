@@ -15,6 +15,8 @@ from pdserve.controller.autoscale_policy import AutoscalingPolicy
 from pdserve.controller.autoscaler import Autoscaler, RateWindow, describe
 from pdserve.controller.config import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.hot_experts import ExpertWindow, hot_set
+from pdserve.controller.hot_experts import describe as describe_hot
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import Instance, LoadReport, Registry
 from pdserve.controller.slo_router import choose_slo
@@ -33,7 +35,8 @@ class Controller:
 
     def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
                  log_level: str = "INFO", app_name: str = "pdserve",
-                 autoscaling: tuple[AutoscalingConfig, AutoscalingPolicy] | None = None):
+                 autoscaling: tuple[AutoscalingConfig, AutoscalingPolicy] | None = None,
+                 expert_windows_s: dict[str, float] | None = None):
         telemetry.setup_logging(log_level)
         self.colocated = mode == "colocated"
         self.routing = routing
@@ -46,6 +49,12 @@ class Controller:
         """Arrivals and completions, kept only for the autoscaler."""
         self.autoscaler = _autoscaler(app_name, *autoscaling) if autoscaling else None
         self._autoscaling: asyncio.Task | None = None
+        self.expert_windows_s = expert_windows_s or {}
+        """Per buffered pool, the window its hot set is computed over."""
+        self.experts: dict[str, ExpertWindow] = {}
+        """Buffered pools' expert counters, by pool."""
+        self.hot: dict[str, list[list[int]]] = {}
+        """The hot set last computed per pool."""
         self._routed_at_s = time.monotonic()
         """When a request was last routed: long ago with requests arriving, predictions need a probe."""
 
@@ -55,11 +64,23 @@ class Controller:
             self._autoscaling = asyncio.get_running_loop().create_task(
                 self.autoscaler.run(self.registry, self.window, time.monotonic))
 
-    async def report(self, r: LoadReport) -> None:
+    async def report(self, r: LoadReport) -> list[list[int]] | None:
+        """Takes a replica's load; answers a buffered replica with its pool's hot set (experts
+        to keep pinned, per MoE layer), None to others."""
         self._start_autoscaling()
         now = time.monotonic()
         self.registry.report(r, now)
         self.registry.forget_stale(now)
+        if r.experts is None:
+            return None
+        window = self.experts.setdefault(r.pool, ExpertWindow(self.expert_windows_s.get(r.pool, 60.0)))
+        window.add(r.replica_id, r.experts, now)
+        counts = window.counts(now)
+        hot = hot_set(counts, window.hot_size())
+        if hot != self.hot.get(r.pool):
+            self.hot[r.pool] = hot
+            log.info("experts %s: hot set of %d per layer from %s", r.pool, window.hot_size(), describe_hot(counts, hot))
+        return hot
 
     async def choose(self, req: RouteRequest, resuming: bool = False) -> Decision:
         """`resuming`: the request lost its replica while streaming to its client; it is served
@@ -95,6 +116,13 @@ class Controller:
         """An ingress saw this replica's actor die: stop routing to it now (a live one that
         reports again comes back as a new instance)."""
         self.registry.forget(replica_id, "its actor died")
+        for window in self.experts.values():
+            window.forget(replica_id)
+
+    async def expert_status(self) -> dict[str, dict]:
+        """Per buffered pool, over its window: hit rate, bytes moved and stall per token, hot set."""
+        now = time.monotonic()
+        return {pool: {**w.figures(now), "hot": self.hot.get(pool, [])} for pool, w in self.experts.items()}
 
     async def prefill_done(self, request_id: str, prefill_ms: float) -> None:
         self.registry.prefill_done(request_id, prefill_ms)

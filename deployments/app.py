@@ -42,7 +42,8 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
         health_check_period_s=1.0, health_check_timeout_s=10.0,
     ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort",
            cfg.log_level, cfg.app_name,
-           (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None)
+           (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None,
+           {role: pool.experts.window_s for role, pool in cfg.pools().items() if pool.experts})
     pools = {}
     for role, pool in cfg.pools().items():
         pools[role] = serve.deployment(_SERVERS[role]).options(

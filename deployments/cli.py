@@ -11,12 +11,18 @@ import sys
 
 from pdserve.bench.hardware import hardware
 from pdserve.deployments.cli_autoscale import add_autoscale_parsers, add_bench_trace_parser
+from pdserve.deployments.cli_experts import add_bench_experts_parser
 
 # Models come from local checkpoint directories only; never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    if args.moe:
+        from pdserve.experts.moe_checkpoint import prepare_moe_model
+
+        print(prepare_moe_model(force=args.force))
+        return 0
     from pdserve.deployments.model_store import prepare_default_model
 
     print(prepare_default_model(force=args.force))
@@ -278,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = sub.add_parser("model", help="manage the default model").add_subparsers(dest="model_cmd", required=True)
     prep = model.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into an HF checkpoint (once)")
     prep.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    prep.add_argument("--moe", action="store_true", help="the generated test MoE model (a small Mixtral) instead")
     prep.set_defaults(func=_cmd_model_prepare)
 
     demo = sub.add_parser("demo", help="answer prompts with one prefill and one decode engine process")
@@ -363,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--quiet", action="store_true", help="no progress bar")
     sv.set_defaults(func=_cmd_bench_serve)
     add_bench_trace_parser(bench)
+    add_bench_experts_parser(bench)
     add_autoscale_parsers(sub)
     return p
 

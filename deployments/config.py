@@ -17,10 +17,12 @@ from pdserve.controller.autoscale_config import AutoscalingConfig
 from pdserve.controller.autoscale_policy import PolicyError
 from pdserve.controller.config import RoutingConfig
 from pdserve.deployments.yaml_files import describe, read_mapping
+from pdserve.experts.config import ExpertPoolConfig
 from pdserve.kvtransfer.settings import KVTransferSettings
 
 # Engine arguments pdserve sets itself; a pool may not override them.
-_RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name"}
+_RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name",
+                         "worker_extension_cls"}
 
 
 @cache
@@ -62,6 +64,10 @@ class PoolConfig(BaseModel):
     first requests' objectives and mislead the controller's latency model."""
     max_ongoing_requests: int = Field(64, ge=1)
     """Requests one replica runs at once; the router treats a full replica as unavailable."""
+    experts: ExpertPoolConfig | None = None
+    """MoE models only: run each MoE layer with a few expert slots in device memory and every
+    expert in host memory (typically decode pools; prefill touches nearly every expert). None
+    keeps all experts resident."""
     engine_args: dict[str, Any] = Field(default_factory=dict)
     """Further vLLM engine arguments (AsyncEngineArgs fields), e.g. max_num_seqs,
     max_num_batched_tokens, gpu_memory_utilization, enforce_eager."""

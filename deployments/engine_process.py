@@ -37,6 +37,7 @@ class EngineSpec:
     block_size: int | None = None
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     log_level: str = "INFO"  # vLLM's logging level inside the engine process
+    expert_buffers: str | None = None  # ExpertBufferConfig JSON: run the MoE layers buffered
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,14 +75,19 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         extra["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.block_size:
         extra["block_size"] = spec.block_size
+    from pdserve.experts.worker_extension import WORKER_EXTENSION
+
     llm = LLM(
         model=spec.model,
+        worker_extension_cls=WORKER_EXTENSION,  # expert buffering, driven by "rpc" commands
         dtype=spec.dtype,
         enforce_eager=True,
         max_model_len=spec.max_model_len,
         kv_transfer_config=kv_cfg,
         **extra,
     )
+    if spec.expert_buffers:
+        llm.collective_rpc("pdserve_install_expert_buffers", args=(spec.expert_buffers,))
     core = llm.llm_engine.engine_core.engine_core
     block_pool = core.scheduler.kv_cache_manager.block_pool
     worker = get_kv_transfer_group().worker if has_kv_transfer_group() else None
@@ -125,6 +131,8 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         try:
             if cmd == "free_blocks":
                 out: Any = block_pool.get_num_free_blocks()
+            elif cmd == "rpc":  # a worker method by name, e.g. the expert buffer's (worker_extension.py)
+                out = llm.collective_rpc(arg["method"], args=tuple(arg.get("args", ())))[0]
             elif cmd == "connector":
                 out = {
                     "counters": dict(worker.counters) if worker else {},
@@ -249,12 +257,14 @@ class DisaggregatedPair:
     """A prefill engine (core 0) pushing KV to a decode engine (core 1) over pdserve's
     gRPC layer: one request is prefilled on one and continued on the other."""
 
-    def __init__(self, model: str, secret: str, dtype: str = "float32", log_level: str = "INFO"):
+    def __init__(self, model: str, secret: str, dtype: str = "float32", log_level: str = "INFO",
+                 decode_expert_buffers: str | None = None):
         self.model, self.secret = model, secret
         self.addr = f"127.0.0.1:{free_port()}"
         common = {"dtype": dtype, "log_level": log_level}
         self.decode = EngineProcess(
-            EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1", **common), wait=False
+            EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1",
+                       expert_buffers=decode_expert_buffers, **common), wait=False
         )
         self.prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", **common), wait=False)
         try:

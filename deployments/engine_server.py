@@ -8,6 +8,7 @@ phase they serve.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -17,11 +18,13 @@ from typing import Any
 
 from opentelemetry import trace
 
+from pdserve.controller.hot_experts import ExpertReport
 from pdserve.controller.registry import LoadReport
 from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.engine_load import EngineLoad, RequestProgress
 from pdserve.deployments.requests import GenerateRequest
+from pdserve.experts.worker_extension import WORKER_EXTENSION
 
 log = logging.getLogger("pdserve.engine")
 
@@ -58,7 +61,16 @@ class EngineServer:
         if pool.num_gpus == 0 and pool.cpu_nice:  # the engine's processes, started below, inherit it
             os.nice(pool.cpu_nice)
         self.load = EngineLoad()
-        self.engine = self._build_engine(cfg, pool.engine_args, model_path, kv_listen_addr)
+        engine_args = dict(pool.engine_args)
+        if pool.experts:
+            engine_args["worker_extension_cls"] = WORKER_EXTENSION
+        self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
+        self.expert_buffers = pool.experts.for_accelerator(pool.accelerator_type) if pool.experts else None
+        """This replica's buffering, installed before warm-up so the warm-up runs it too."""
+        self._hot: list[list[int]] | None = None
+        if self.expert_buffers:
+            await self.engine.collective_rpc("pdserve_install_expert_buffers",
+                                             args=(self.expert_buffers.model_dump_json(),))
         if pool.warmup:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
@@ -122,10 +134,21 @@ class EngineServer:
     async def _report_loop(self) -> None:
         while True:
             try:
-                await self.controller.report.remote(self.load.report(self._report))
+                report = self.load.report(self._report)
+                if self.expert_buffers:
+                    report = dataclasses.replace(report, experts=await self._expert_report())
+                hot = await self.controller.report.remote(report)
+                if hot is not None and hot != self._hot:
+                    await self.engine.collective_rpc("pdserve_set_hot_experts", args=(hot,))
+                    self._hot = hot
             except Exception as exc:  # the controller restarting must not stop the replica
                 log.warning("load report to the controller failed: %s", exc)
             await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _expert_report(self) -> ExpertReport:
+        s = (await self.engine.collective_rpc("pdserve_expert_stats"))[0]
+        return ExpertReport(s["slots"], s["top_k"], s["hits"], s["misses"], s["bytes_moved"], s["stall_s"],
+                            s["tokens"], s["activations"])
 
     @contextmanager
     def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any],

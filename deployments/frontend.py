@@ -314,6 +314,7 @@ class Frontend:
                 try:
                     self.metrics.observe_instances(await self.controller.snapshot.remote())
                     self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
+                    self.metrics.observe_experts(await self.controller.expert_status.remote())
                 except Exception as exc:
                     log.warning("controller snapshot failed: %s", exc)
                 await asyncio.sleep(interval_s)

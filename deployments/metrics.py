@@ -57,6 +57,13 @@ class IngressMetrics:
                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5),
                                       registry=r)
 
+        self.expert_hit_rate = Gauge("pdserve_expert_hit_rate", "Share of the experts steps needed that were "
+                                     "resident already, per buffered pool, over the controller's window", ["pool"],
+                                     registry=r)
+        self.expert_bytes_per_token = Gauge("pdserve_expert_bytes_moved_per_token", "Expert bytes copied "
+                                            "host-to-device per token, per buffered pool", ["pool"], registry=r)
+        self.expert_stall_per_token = Gauge("pdserve_expert_stall_seconds_per_token", "Time layers waited for "
+                                            "expert copies per token, per buffered pool", ["pool"], registry=r)
         self.autoscale_replicas = Gauge("pdserve_autoscale_desired_replicas",
                                         "Replicas the autoscaler sized each pool to", ["pool"], registry=r)
         self.autoscale_needed = Gauge("pdserve_autoscale_needed_replicas",
@@ -87,6 +94,13 @@ class IngressMetrics:
             self.autoscale_correction.labels(pool).set(d["correction"])
         self.autoscale_gpus.set(status["gpus"])
         self.autoscale_cost.set(status["cost_per_hour"])
+
+    def observe_experts(self, status: dict[str, dict]) -> None:
+        """The buffered pools' figures (`Controller.expert_status`)."""
+        for pool, figures in status.items():
+            self.expert_hit_rate.labels(pool).set(figures["hit_rate"])
+            self.expert_bytes_per_token.labels(pool).set(figures["bytes_moved_per_token"])
+            self.expert_stall_per_token.labels(pool).set(figures["stall_s_per_token"])
 
     def observe_instances(self, snapshot: list[dict]) -> None:
         for gauge in (self.queue_depth, self.queued_prefill_tokens, self.latency_correction):

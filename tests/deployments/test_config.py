@@ -116,3 +116,22 @@ def test_a_bad_autoscaling_policy_fails_the_config_naming_its_field(tmp_path):
 def test_autoscaling_needs_the_disaggregated_pools():
     with pytest.raises(ConfigError, match="needs mode disaggregated"):
         parse_config({"mode": "colocated", "autoscaling": {"policy_file": "p.yaml"}})
+
+
+def test_a_pool_buffers_experts_with_a_slot_budget_per_accelerator_type():
+    cfg = parse_config({"decode": {"accelerator_type": "L4",
+                                   "experts": {"slots": 8, "slots_by_accelerator": {"L4": 4}, "policy": "pinned_hot"}}})
+    assert cfg.prefill.experts is None  # prefill touches nearly every expert: all resident
+    engine = cfg.decode.experts.for_accelerator(cfg.decode.accelerator_type)
+    assert (engine.slots, engine.policy) == (4, "pinned_hot")
+    assert cfg.decode.experts.for_accelerator("H100").slots == 8
+
+
+def test_bad_expert_buffering_is_refused_with_the_field_names():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"decode": {"experts": {"slots": 0, "policy": "fifo", "slots_by_accelerator": {"L4": 0}}}})
+    msg = str(err.value)
+    for expected in ("decode.experts.slots", "decode.experts.policy", "slot budgets must be at least 1"):
+        assert expected in msg
+    with pytest.raises(ConfigError, match="worker_extension_cls"):
+        parse_config({"decode": {"engine_args": {"worker_extension_cls": "x.Y"}}})

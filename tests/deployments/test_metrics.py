@@ -18,3 +18,13 @@ def test_each_instance_exports_its_load_queue_and_latency_corrections_and_gone_o
     assert 'pdserve_latency_correction{phase="step",pool="prefill",replica="p1"} 0.8' in text
     assert 'pdserve_live_instances{pool="prefill"} 1.0' in text
     assert 'replica="d1"' not in text
+
+
+def test_buffered_pools_export_hit_rate_bytes_and_stall_per_token():
+    m = IngressMetrics()
+    m.observe_experts({"decode": {"hit_rate": 0.93, "bytes_moved_per_token": 1.5e6, "stall_s_per_token": 0.002,
+                                  "tokens": 100, "hot": [[1, 2]]}})
+    text = m.render()[0].decode()
+    assert 'pdserve_expert_hit_rate{pool="decode"} 0.93' in text
+    assert 'pdserve_expert_bytes_moved_per_token{pool="decode"} 1.5e+06' in text
+    assert 'pdserve_expert_stall_seconds_per_token{pool="decode"} 0.002' in text
