@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pdserve.experts.config import EvictionPolicy, ExpertBufferConfig
+from pdserve.experts.config import WORKER_EXTENSION, EvictionPolicy, ExpertBufferConfig
 
 POLICIES: tuple[EvictionPolicy, ...] = ("lifo", "lru", "pinned_hot")
 _TEXT = (
@@ -56,7 +56,6 @@ def run(model: str, settings: ExpertBenchSettings, progress=None) -> dict[str, A
 
     from pdserve.bench.hardware import hardware
     from pdserve.controller.hot_experts import hot_set
-    from pdserve.experts.worker_extension import WORKER_EXTENSION
 
     hf = AutoConfig.from_pretrained(model)
     num_experts, top_k = hf.num_local_experts, hf.num_experts_per_tok

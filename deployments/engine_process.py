@@ -75,7 +75,10 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         extra["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.block_size:
         extra["block_size"] = spec.block_size
-    from pdserve.experts.worker_extension import WORKER_EXTENSION
+    from pdserve.experts.config import CONFIG_ENV, WORKER_EXTENSION
+
+    if spec.expert_buffers:  # buffered from the model's load on (worker_extension.py)
+        os.environ[CONFIG_ENV] = spec.expert_buffers
 
     llm = LLM(
         model=spec.model,
@@ -87,7 +90,7 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         **extra,
     )
     if spec.expert_buffers:
-        llm.collective_rpc("pdserve_install_expert_buffers", args=(spec.expert_buffers,))
+        llm.collective_rpc("pdserve_require_expert_buffers")
     core = llm.llm_engine.engine_core.engine_core
     block_pool = core.scheduler.kv_cache_manager.block_pool
     worker = get_kv_transfer_group().worker if has_kv_transfer_group() else None

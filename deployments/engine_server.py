@@ -24,7 +24,7 @@ from pdserve.deployments import telemetry
 from pdserve.deployments.config import ClusterConfig
 from pdserve.deployments.engine_load import EngineLoad, RequestProgress
 from pdserve.deployments.requests import GenerateRequest
-from pdserve.experts.worker_extension import WORKER_EXTENSION
+from pdserve.experts.config import CONFIG_ENV, WORKER_EXTENSION
 
 log = logging.getLogger("pdserve.engine")
 
@@ -62,15 +62,15 @@ class EngineServer:
             os.nice(pool.cpu_nice)
         self.load = EngineLoad()
         engine_args = dict(pool.engine_args)
-        if pool.experts:
-            engine_args["worker_extension_cls"] = WORKER_EXTENSION
-        self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
         self.expert_buffers = pool.experts.for_accelerator(pool.accelerator_type) if pool.experts else None
-        """This replica's buffering, installed before warm-up so the warm-up runs it too."""
+        """This replica's buffering, set up while the engine loads the model (`worker_extension.py`)."""
         self._hot: list[list[int]] | None = None
         if self.expert_buffers:
-            await self.engine.collective_rpc("pdserve_install_expert_buffers",
-                                             args=(self.expert_buffers.model_dump_json(),))
+            engine_args["worker_extension_cls"] = WORKER_EXTENSION
+            os.environ[CONFIG_ENV] = self.expert_buffers.model_dump_json()  # the engine's processes inherit it
+        self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
+        if self.expert_buffers:
+            await self.engine.collective_rpc("pdserve_require_expert_buffers")
         if pool.warmup:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
@@ -146,7 +146,7 @@ class EngineServer:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def _expert_report(self) -> ExpertReport:
-        s = (await self.engine.collective_rpc("pdserve_expert_stats"))[0]
+        s = await self.expert_stats()
         return ExpertReport(s["slots"], s["top_k"], s["hits"], s["misses"], s["bytes_moved"], s["stall_s"],
                             s["tokens"], s["activations"])
 
@@ -178,6 +178,10 @@ class EngineServer:
             output_kind=RequestOutputKind.DELTA,
             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
         )
+
+    async def expert_stats(self) -> dict:
+        """This replica's expert-buffer counters and the hot set its workers hold ({} when not buffered)."""
+        return (await self.engine.collective_rpc("pdserve_expert_stats"))[0] if self.expert_buffers else {}
 
     def finished_spans(self) -> list[dict]:
         return telemetry.finished_spans()

@@ -52,33 +52,26 @@ class ExpertBuffer:
     def slot_bytes(self) -> int:
         return self.w13.nbytes + self.w2.nbytes
 
-    def plan(self, topk_ids: torch.Tensor) -> list[list[int]]:
-        """The experts this batch uses, in rounds that fit the slots (one round unless the batch
-        needs more experts than there are slots), counted as hits and misses."""
+    def plan(self, topk_ids: torch.Tensor) -> list[tuple[list[int] | None, list[int]]]:
+        """Rounds of `(token indices, experts)` for this batch: one round of every token (None)
+        unless the batch needs more experts than there are slots. Counts the hits."""
         self._activations += torch.bincount(topk_ids.flatten(), minlength=self.num_experts)
         needed = torch.unique(topk_ids).tolist()
         resident = self.table.slot_of()
-        hits = sum(1 for e in needed if e in resident)
-        self.counters.hits += hits
-        self.counters.misses += len(needed) - hits
+        self.counters.hits += sum(1 for e in needed if e in resident)
         self.counters.tokens += topk_ids.shape[0]
-        return split_rounds(needed, resident, self.config.slots)
+        if len(needed) <= self.config.slots:
+            return [(None, needed)]
+        return list(split_rounds(topk_ids.tolist(), resident, self.config.slots))
 
-    def admit(self, group: list[int], topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-              whole_batch: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Make `group` resident; the routing remapped to slots. When the batch runs in several
-        rounds, entries of experts outside `group` get weight 0 (a resident slot stands in for
-        them), so summing the rounds gives each token its weighted experts once."""
-        loads = plan_loads(self.table, group, self.config.policy, self.hot)
+    def admit(self, experts: list[int], topk_ids: torch.Tensor) -> torch.Tensor:
+        """Make `experts` resident (each load is a miss); `topk_ids` remapped to their slots."""
+        loads = plan_loads(self.table, experts, self.config.policy, self.hot)
+        self.counters.misses += len(loads)
         self._load(loads)
-        self._wait_for(group)
-        touch(self.table, group)
-        slot_ids = self.slot_of[topk_ids.long()].to(topk_ids.dtype)
-        if whole_batch:
-            return slot_ids, topk_weights
-        member = torch.isin(topk_ids, torch.tensor(group, device=topk_ids.device, dtype=topk_ids.dtype))
-        stand_in = self.slot_of[group[0]].to(topk_ids.dtype)
-        return torch.where(member, slot_ids, stand_in), torch.where(member, topk_weights, 0.0)
+        self._wait_for(experts)
+        touch(self.table, experts)
+        return self.slot_of[topk_ids.long()].to(topk_ids.dtype)
 
     def prefetch_next(self) -> None:
         """Start loading the next layer's likely experts on the copy stream (GPU only)."""
@@ -130,8 +123,8 @@ class ExpertBuffer:
         commit(self.table, loads)
 
     def _wait_for(self, group: list[int]) -> None:
-        """The compute stream waits for the copies into the slots `group` uses; the host
-        time spent on ones still running is stall."""
+        """Wait (on the host) for copies still running into the slots `group` uses; the time
+        waited is stall."""
         if not self._in_flight:
             return
         slots = self.table.slot_of()

@@ -9,6 +9,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 EvictionPolicy = Literal["lifo", "lru", "pinned_hot"]
 
+WORKER_EXTENSION = "pdserve.experts.worker_extension.ExpertBufferExtension"
+"""vLLM's `worker_extension_cls` for engines that buffer (or may be told to buffer) experts."""
+CONFIG_ENV = "PDSERVE_EXPERT_BUFFERS"
+"""An `ExpertBufferConfig` as JSON: engines started with it buffer their MoE layers from load on."""
+
 
 class ExpertBufferConfig(BaseModel):
     """Buffered mode for every MoE layer of one engine."""

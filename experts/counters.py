@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class LayerCounters:
-    """One MoE layer since install. A hit or miss is one distinct expert one step needed:
-    resident already, or loaded for it."""
+    """One MoE layer since install."""
 
     hits: int = 0
+    """Distinct experts a step needed that were resident when it began."""
     misses: int = 0
+    """Expert loads a step made (an expert reloaded for a later round of the step counts again)."""
     bytes_moved: int = 0
     """Host-to-device bytes for demand loads and prefetches."""
     prefetched: int = 0

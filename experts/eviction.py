@@ -89,7 +89,27 @@ def touch(table: SlotTable, experts: Collection[int]) -> None:
             table.used_at[s] = table.clock
 
 
-def split_rounds(needed: Sequence[int], resident: Collection[int], slots: int) -> list[list[int]]:
-    """A batch's experts in groups that fit the slots, resident ones first (no load for them)."""
-    ordered = [e for e in needed if e in resident] + [e for e in needed if e not in resident]
-    return [ordered[i:i + slots] for i in range(0, len(ordered), slots)]
+def split_rounds(token_experts: Sequence[Sequence[int]], resident: Collection[int],
+                 slots: int) -> list[tuple[list[int], list[int]]]:
+    """A batch that needs more experts than there are slots, as rounds of whole tokens:
+    `(token indices, experts they use)`, each round's experts fitting the slots.
+
+    Whole tokens, not experts: the fused kernel reduces a token's experts in its own order,
+    so a token split across rounds would not sum bit for bit the same. Tokens whose experts
+    are all resident go first, so the first round loads nothing for them."""
+    resident = set(resident)
+    ready = [t for t, es in enumerate(token_experts) if resident.issuperset(es)]
+    order = ready + [t for t, es in enumerate(token_experts) if not resident.issuperset(es)]
+    rounds: list[tuple[list[int], list[int]]] = []
+    tokens: list[int] = []
+    experts: dict[int, None] = {}  # insertion-ordered set
+    for t in order:
+        wanted = dict.fromkeys(token_experts[t])
+        if tokens and len(experts.keys() | wanted.keys()) > slots:
+            rounds.append((tokens, list(experts)))
+            tokens, experts = [], {}
+        tokens.append(t)
+        experts.update(wanted)
+    if tokens:
+        rounds.append((tokens, list(experts)))
+    return rounds

@@ -23,70 +23,84 @@ log = logging.getLogger("pdserve.experts")
 
 def moe_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The model's fused-MoE layers that buffering supports, in forward order."""
-    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
-
     layers = []
     for name, module in model.named_modules():
-        method = getattr(module, "quant_method", None)
-        if not hasattr(module, "w13_weight") or method is None or not hasattr(method, "moe_kernel"):
-            continue
-        if not isinstance(method, UnquantizedFusedMoEMethod) or method.is_monolithic:
-            raise ValueError(f"expert buffering needs unquantized, modular MoE layers; {name} uses "
-                             f"{type(method).__name__}")
-        if module.expert_map is not None or getattr(method.moe, "has_bias", False):
-            raise ValueError(f"expert buffering does not support expert parallelism or expert biases ({name})")
-        layers.append(module)
+        if hasattr(module, "w13_weight") and hasattr(getattr(module, "quant_method", None), "moe_kernel"):
+            check_supported(name, module)
+            layers.append(module)
     return layers
+
+
+def check_supported(name: str, layer: torch.nn.Module) -> None:
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    method = layer.quant_method
+    if not isinstance(method, UnquantizedFusedMoEMethod) or method.is_monolithic:
+        raise ValueError(f"expert buffering needs unquantized, modular MoE layers; {name} uses {type(method).__name__}")
+    if layer.expert_map is not None or getattr(method.moe, "has_bias", False):
+        raise ValueError(f"expert buffering does not support expert parallelism or expert biases ({name})")
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    return t if index is None else t.index_select(0, index)
 
 
 def _buffered_apply(buffer: ExpertBuffer, method: Any, layer: torch.nn.Module, x: torch.Tensor,
                     topk_weights: torch.Tensor, topk_ids: torch.Tensor, shared_experts: Any,
                     shared_experts_input: torch.Tensor | None) -> torch.Tensor:
-    groups = buffer.plan(topk_ids)
+    rounds = buffer.plan(topk_ids)
     out = None
-    for i, group in enumerate(groups):
-        slot_ids, weights = buffer.admit(group, topk_ids, topk_weights, whole_batch=len(groups) == 1)
+    for i, (tokens, experts) in enumerate(rounds):
+        index = None if tokens is None else torch.tensor(tokens, device=x.device)
         y = method.moe_kernel.apply(
-            hidden_states=x, w1=buffer.w13, w2=buffer.w2, topk_weights=weights, topk_ids=slot_ids,
-            activation=layer.activation, apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            hidden_states=_rows(x, index), w1=buffer.w13, w2=buffer.w2, topk_weights=_rows(topk_weights, index),
+            topk_ids=buffer.admit(experts, _rows(topk_ids, index)), activation=layer.activation,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
             global_num_experts=buffer.config.slots, expert_map=None,
             shared_experts=shared_experts if i == 0 else None,
             shared_experts_input=shared_experts_input if i == 0 else None,
         )
-        # The kernel may hand back its workspace, which the next round overwrites.
-        out = y if len(groups) == 1 else (y.clone() if out is None else out.add_(y))
+        if index is None:
+            out = y
+        else:
+            if out is None:
+                out = y.new_empty((x.shape[0], *y.shape[1:]))
+            out.index_copy_(0, index, y)
     buffer.prefetch_next()
     return out
 
 
+def buffer_layer(layer: torch.nn.Module, config: ExpertBufferConfig, index: int) -> ExpertBuffer:
+    """Put one MoE layer in buffered mode: its full expert tensors become the host store
+    (pinned on a GPU) and the layer keeps only its slots."""
+    if config.slots < layer.top_k:
+        raise ValueError(f"{config.slots} expert slots cannot hold one token's {layer.top_k} experts; "
+                         f"use at least {layer.top_k}")
+    if getattr(layer, "_pdserve_buffer", None) is not None:
+        raise RuntimeError("expert buffers are already installed; uninstall them first")
+    w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+    if w13.is_cuda:
+        w13, w2 = w13.cpu().pin_memory(), w2.cpu().pin_memory()
+    buffer = ExpertBuffer(index, w13, w2, config, layer.w13_weight.device, layer.top_k)
+    layer.w13_weight = torch.nn.Parameter(buffer.w13, requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(buffer.w2, requires_grad=False)
+    layer.quant_method.apply = functools.partial(_buffered_apply, buffer, layer.quant_method)
+    layer._pdserve_buffer = buffer
+    if index == 0:
+        log.info("expert buffering layer %d: %d of %d experts resident (%.1f of %.1f MiB), policy %s, prefetch %s",
+                 index, config.slots, buffer.num_experts, buffer.slot_bytes / 2**20,
+                 buffer.num_experts * buffer.expert_bytes / 2**20, config.policy, config.prefetch and w13.is_pinned())
+    return buffer
+
+
 def install(model: torch.nn.Module, config: ExpertBufferConfig) -> list[ExpertBuffer]:
-    """Put every MoE layer of `model` in buffered mode. The full expert tensors move to host
-    memory (pinned on a GPU) and the layer keeps only its slots."""
+    """Put every MoE layer of a loaded `model` in buffered mode."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("expert buffering asked for, but the model has no MoE layers")
-    top_k = layers[0].top_k
-    if config.slots < top_k:
-        raise ValueError(f"{config.slots} expert slots cannot hold one token's {top_k} experts; use at least {top_k}")
-    buffers = []
-    for index, layer in enumerate(layers):
-        if getattr(layer, "_pdserve_buffer", None) is not None:
-            raise RuntimeError("expert buffers are already installed; uninstall them first")
-        w13, w2 = layer.w13_weight.data, layer.w2_weight.data
-        if w13.is_cuda:
-            w13, w2 = w13.cpu().pin_memory(), w2.cpu().pin_memory()
-        buffer = ExpertBuffer(index, w13, w2, config, layer.w13_weight.device, top_k)
-        layer.w13_weight = torch.nn.Parameter(buffer.w13, requires_grad=False)
-        layer.w2_weight = torch.nn.Parameter(buffer.w2, requires_grad=False)
-        layer.quant_method.apply = functools.partial(_buffered_apply, buffer, layer.quant_method)
-        layer._pdserve_buffer = buffer
-        buffers.append(buffer)
+    buffers = [buffer_layer(layer, config, index) for index, layer in enumerate(layers)]
     for current, following in zip(buffers, buffers[1:], strict=False):
         current.next = following
-    log.info("expert buffering: %d MoE layers, %d of %d experts resident each (%.1f MiB of %.1f MiB per layer), "
-             "policy %s, prefetch %s", len(buffers), config.slots, buffers[0].num_experts,
-             buffers[0].slot_bytes / 2**20, buffers[0].num_experts * buffers[0].expert_bytes / 2**20,
-             config.policy, config.prefetch and buffers[0].w13.is_cuda)
     return buffers
 
 
@@ -103,6 +117,15 @@ def uninstall(model: torch.nn.Module) -> None:
         layer._pdserve_buffer = None
 
 
+def require_buffered(model: torch.nn.Module) -> None:
+    """Fail loudly when buffering was configured but nothing got buffered (a dense model, or
+    MoE layers vLLM runs without the unquantized fused kernel): the pool would hold every
+    expert while its operator counts on the memory it was meant to free."""
+    if not buffers_of(model):
+        raise ValueError("expert buffering is configured, but the model has no MoE layers running vLLM's "
+                         "unquantized fused-MoE kernel; remove `experts` from the pool or serve a MoE model")
+
+
 def buffers_of(model: torch.nn.Module) -> list[ExpertBuffer]:
     return [b for layer in moe_layers(model) if (b := getattr(layer, "_pdserve_buffer", None)) is not None]
 
@@ -117,4 +140,4 @@ def stats(model: torch.nn.Module) -> dict:
         b.counters.activations = b.activations()
         layers.append(b.counters)
     return {"slots": buffers[0].config.slots, "num_experts": buffers[0].num_experts, "top_k": buffers[0].top_k,
-            "policy": buffers[0].config.policy, **summarize(layers, sum(b.slot_bytes for b in buffers))}
+            "policy": buffers[0].config.policy, "hot": [sorted(b.hot) for b in buffers], **summarize(layers, sum(b.slot_bytes for b in buffers))}

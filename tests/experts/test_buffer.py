@@ -26,11 +26,10 @@ def _moe(x, w13, w2, weights, ids) -> torch.Tensor:
 
 
 def _buffered(buffer: ExpertBuffer, x, weights, ids) -> torch.Tensor:
-    groups = buffer.plan(ids)
-    out = torch.zeros_like(x)
-    for group in groups:
-        slot_ids, w = buffer.admit(group, ids, weights, whole_batch=len(groups) == 1)
-        out += _moe(x, buffer.w13, buffer.w2, w, slot_ids)
+    out = torch.full_like(x, float("nan"))
+    for tokens, experts in buffer.plan(ids):
+        rows = list(range(x.shape[0])) if tokens is None else tokens
+        out[rows] = _moe(x[rows], buffer.w13, buffer.w2, weights[rows], buffer.admit(experts, ids[rows]))
     return out
 
 
@@ -75,14 +74,24 @@ def test_counters_count_hits_misses_and_bytes_of_one_step() -> None:
     assert buffer.counters.hits == 0 and buffer.activations() == [0] * E
 
 
-def test_a_batch_needing_more_experts_than_slots_runs_in_rounds() -> None:
+def test_a_batch_needing_more_experts_than_slots_runs_in_rounds_of_whole_tokens() -> None:
     w13, w2 = _experts()
-    buffer = ExpertBuffer(0, w13, w2, ExpertBufferConfig(slots=2), torch.device("cpu"), TOP_K)
-    ids = torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32)
-    assert len(buffer.plan(ids)) == 3
+    buffer = ExpertBuffer(0, w13, w2, ExpertBufferConfig(slots=3), torch.device("cpu"), TOP_K)
+    ids = torch.tensor([[4, 5], [0, 1], [2, 6]], dtype=torch.int32)  # slots start with 0, 1, 2
+    assert buffer.plan(ids) == [([1], [0, 1]), ([0], [4, 5]), ([2], [2, 6])]
+    assert buffer.plan(ids[1:2]) == [(None, [0, 1])]
 
 
 def test_more_slots_than_experts_is_refused_with_the_limit() -> None:
     w13, w2 = _experts()
     with pytest.raises(ValueError, match="at most 8"):
         ExpertBuffer(0, w13, w2, ExpertBufferConfig(slots=9), torch.device("cpu"), TOP_K)
+
+
+def test_buffering_configured_on_a_model_without_moe_layers_is_an_error_naming_the_fix() -> None:
+    from pdserve.experts import vllm_layers
+
+    dense = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+    assert vllm_layers.moe_layers(dense) == [] and vllm_layers.stats(dense) == {}
+    with pytest.raises(ValueError, match="remove `experts` from the pool or serve a MoE model"):
+        vllm_layers.require_buffered(dense)

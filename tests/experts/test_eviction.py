@@ -49,9 +49,10 @@ def test_more_experts_than_slots_is_refused() -> None:
         raise AssertionError("expected a ValueError")
 
 
-def test_rounds_put_resident_experts_first_and_fit_the_slots() -> None:
-    rounds = split_rounds([5, 1, 7, 2, 9], resident={7, 9}, slots=2)
-    assert rounds == [[7, 9], [5, 1], [2]]
+def test_rounds_keep_each_token_whole_fit_the_slots_and_start_with_resident_tokens() -> None:
+    tokens = [(5, 1), (7, 9), (1, 2), (9, 7), (3, 4)]
+    rounds = split_rounds(tokens, resident={7, 9}, slots=3)
+    assert rounds == [([1, 3], [7, 9]), ([0, 2], [5, 1, 2]), ([4], [3, 4])]  # tokens needing no load first
 
 
 def test_prefetch_never_evicts_an_expert_it_expects_and_respects_its_limit() -> None:
