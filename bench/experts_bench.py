@@ -55,7 +55,7 @@ def run(model: str, settings: ExpertBenchSettings, progress=None) -> dict[str, A
     from vllm import LLM, SamplingParams
 
     from pdserve.bench.hardware import hardware
-    from pdserve.controller.hot_experts import hot_set
+    from pdserve.controller.hot_experts import hot_set, hot_size
 
     hf = AutoConfig.from_pretrained(model)
     num_experts, top_k = hf.num_local_experts, hf.num_experts_per_tok
@@ -92,7 +92,8 @@ def run(model: str, settings: ExpertBenchSettings, progress=None) -> dict[str, A
                 try:
                     timed(settings.repeats)  # fills the slots the way this workload uses them
                     if policy == "pinned_hot":  # what the controller would push: last window's hot set
-                        rpc("pdserve_set_hot_experts", hot_set(rpc("pdserve_expert_stats")["activations"], slots - top_k))
+                        rpc("pdserve_set_hot_experts", hot_set(rpc("pdserve_expert_stats")["activations"],
+                                                                     hot_size(slots, top_k)))
                     rpc("pdserve_reset_expert_stats")
                     runs = [timed(r) for r in range(settings.repeats)]
                     stats = rpc("pdserve_expert_stats")

@@ -146,9 +146,8 @@ class EngineServer:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     async def _expert_report(self) -> ExpertReport:
-        s = await self.expert_stats()
-        return ExpertReport(s["slots"], s["top_k"], s["hits"], s["misses"], s["bytes_moved"], s["stall_s"],
-                            s["tokens"], s["activations"])
+        stats = await self.expert_stats()
+        return ExpertReport(**{name: stats[name] for name in ExpertReport.__dataclass_fields__})
 
     @contextmanager
     def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any],

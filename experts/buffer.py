@@ -30,7 +30,7 @@ class ExpertBuffer:
         if not config.slots <= num_experts:
             raise ValueError(f"expert buffer of layer {index}: {config.slots} slots for {num_experts} experts; "
                              f"use at most {num_experts} (that many is all experts resident)")
-        self.index, self.config, self.num_experts, self.top_k = index, config, num_experts, top_k
+        self.config, self.num_experts, self.top_k = config, num_experts, top_k
         self.host_w13, self.host_w2 = host_w13, host_w2
         self.w13 = torch.empty((config.slots, *host_w13.shape[1:]), dtype=host_w13.dtype, device=device)
         self.w2 = torch.empty((config.slots, *host_w2.shape[1:]), dtype=host_w2.dtype, device=device)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -19,13 +19,12 @@ class LayerCounters:
     stall_s: float = 0.0
     """Time the layer waited for copies before its experts could run."""
     tokens: int = 0
-    activations: list[int] = field(default_factory=list)
-    """Tokens routed to each expert (index: expert id), for the controller's hot set."""
 
 
-def summarize(layers: list[LayerCounters], slot_bytes: int) -> dict:
+def summarize(layers: list[LayerCounters], activations: list[list[int]], slot_bytes: int) -> dict:
     """The engine-wide figures: per token means per forward token (each token passes every
-    layer once, so the first layer's token count is the engine's)."""
+    layer once, so the first layer's token count is the engine's). `activations[layer][expert]`
+    are the tokens routed to each expert, for the controller's hot set."""
     hits = sum(c.hits for c in layers)
     misses = sum(c.misses for c in layers)
     tokens = layers[0].tokens if layers else 0
@@ -42,5 +41,5 @@ def summarize(layers: list[LayerCounters], slot_bytes: int) -> dict:
         "stall_s_per_token": stall_s / tokens if tokens else 0.0,
         "prefetched": sum(c.prefetched for c in layers),
         "device_bytes_held": slot_bytes,
-        "activations": [list(c.activations) for c in layers],
+        "activations": activations,
     }

@@ -135,9 +135,8 @@ def stats(model: torch.nn.Module) -> dict:
     buffers = buffers_of(model)
     if not buffers:
         return {}
-    layers = []
-    for b in buffers:
-        b.counters.activations = b.activations()
-        layers.append(b.counters)
-    return {"slots": buffers[0].config.slots, "num_experts": buffers[0].num_experts, "top_k": buffers[0].top_k,
-            "policy": buffers[0].config.policy, "hot": [sorted(b.hot) for b in buffers], **summarize(layers, sum(b.slot_bytes for b in buffers))}
+    first = buffers[0]
+    summary = summarize([b.counters for b in buffers], [b.activations() for b in buffers],
+                        sum(b.slot_bytes for b in buffers))
+    return {"slots": first.config.slots, "num_experts": first.num_experts, "top_k": first.top_k,
+            "policy": first.config.policy, "hot": [sorted(b.hot) for b in buffers], **summary}
