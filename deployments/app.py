@@ -29,7 +29,7 @@ def kv_bytes_per_token(model_path: str, dtype: str) -> int:
     heads = hf.num_attention_heads
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // heads
     kv_heads = getattr(hf, "num_key_value_heads", None) or heads
-    element = 4 if dtype == "float32" else 2  # "auto" counts as 16-bit, what served checkpoints carry
+    element = 4 if dtype == "float32" else 2  # "auto" on GPUs: 16-bit, what served checkpoints carry
     return 2 * hf.num_hidden_layers * kv_heads * head_dim * element
 
 
@@ -40,7 +40,7 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
     controller = serve.deployment(Controller).options(
         name="controller", num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=10_000,
         health_check_period_s=1.0, health_check_timeout_s=10.0,
-    ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.dtype), cfg.slo.on_unmeetable == "best_effort",
+    ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.engine_dtype), cfg.slo.on_unmeetable == "best_effort",
            cfg.log_level, cfg.app_name,
            (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None,
            {role: pool.experts.window_s for role, pool in cfg.pools().items() if pool.experts})

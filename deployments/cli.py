@@ -75,7 +75,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     pools = ", ".join(f"{role} x{pool.replicas}" for role, pool in cfg.pools().items())
-    print(f"pdserve is serving {os.path.basename(model_path)} ({cfg.mode}: {pools})\n"
+    print(f"pdserve is serving {os.path.basename(model_path)} ({cfg.mode}: {pools}; {cfg.engine_dtype})\n"
           f"  OpenAI HTTP API: {svc.http_url}/v1  (docs {svc.http_url}/docs, health {svc.http_url}/health, "
           f"metrics {svc.http_url}/metrics)\n"
           f"  gRPC API:        {svc.grpc_addr}  (pdserve.v1.Generation, health, reflection)\n"

@@ -83,6 +83,11 @@ class PoolConfig(BaseModel):
             raise ValueError(f"unknown vLLM engine arguments {unknown}")
         return v
 
+    @property
+    def on_cpu(self) -> bool:
+        """Whether this pool's engines run on CPUs (Ray gives them no GPU)."""
+        return self.num_gpus == 0
+
     def ray_actor_options(self) -> dict[str, Any]:
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
         if self.accelerator_type:
@@ -173,8 +178,9 @@ class ClusterConfig(BaseModel):
     """Checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct."""
     served_model_name: str = ""
     """Name clients put in `model`; empty uses the checkpoint directory's name."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "bfloat16"
-    """Weights and KV cache dtype; prefill and decode must agree for KV to move."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV cache dtype; prefill and decode must agree for KV to move. "auto": float32
+    on CPUs (see `resolve_dtype`), vLLM's own choice (the checkpoint's dtype) on GPUs."""
     max_model_len: int = Field(2048, ge=16)
     """Context length: prompt plus generated tokens."""
     enforce_eager: bool | None = None
@@ -231,15 +237,32 @@ class ClusterConfig(BaseModel):
             raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
         if self.ingress.http_port == self.ingress.grpc_port:
             raise ValueError("ingress.http_port and ingress.grpc_port must differ")
+        if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":
+            raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so the "
+                             "prefill and decode engines would hold KV of different dtypes: set dtype explicitly")
         if self.autoscaling is not None and self.mode != "disaggregated":
             raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
         return self
+
+    @property
+    def engine_dtype(self) -> str:
+        """The dtype every engine of this service is built with, "auto" resolved (the validator keeps
+        "auto" from resolving differently for two pools that move KV)."""
+        return resolve_dtype(self.dtype, on_cpu=all(pool.on_cpu for pool in self.pools().values()))
 
     def pools(self) -> dict[str, PoolConfig]:
         """The pools this mode deploys, by role."""
         if self.mode == "colocated":
             return {"colocated": self.colocated}
         return {"prefill": self.prefill, "decode": self.decode}
+
+
+def resolve_dtype(dtype: str, on_cpu: bool) -> str:
+    """The dtype an engine is built with. "auto" is float32 on CPUs: vLLM's CPU bfloat16 path
+    answers the default model's "What is the capital of France?" with "L'Étoile, la Marseillaise,
+    ..." on Intel Xeon machines with AMX (right on AMD EPYC), while float32 is right on both, and
+    CPUs without native bfloat16 run float32 faster. On GPUs "auto" is left to vLLM."""
+    return "float32" if dtype == "auto" and on_cpu else dtype
 
 
 class ConfigError(ValueError):

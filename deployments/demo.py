@@ -24,7 +24,7 @@ def run(model: str, prompts: list[str], max_tokens: int = 48, out=sys.stdout) ->
     tokenizer = AutoTokenizer.from_pretrained(model)
     print("Starting a prefill engine (core 0) and a decode engine (core 1) ...", file=out)
     start = time.monotonic()
-    with DisaggregatedPair(model, secrets.token_hex(16), dtype="bfloat16", log_level="WARNING") as pair:
+    with DisaggregatedPair(model, secrets.token_hex(16), log_level="WARNING") as pair:
         print(f"Engines ready in {time.monotonic() - start:.0f} s (KV receiver on {pair.addr}).\n", file=out)
         for prompt in prompts:
             ids = list(tokenizer.apply_chat_template(

@@ -100,12 +100,18 @@ class EngineServer:
             )
         from vllm.platforms import current_platform
 
-        eager = cfg.enforce_eager if cfg.enforce_eager is not None else current_platform.is_cpu()
+        on_cpu = current_platform.is_cpu()
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
         engine_args = {"enforce_eager": eager, **engine_args}
+        dtype = cfg.engine_dtype
+        log.info("%s engine dtype %s (config %s, %s)", self.role, dtype, cfg.dtype, "CPU" if on_cpu else "GPU")
+        if on_cpu and dtype == "bfloat16":
+            log.warning("bfloat16 on a CPU: vLLM's CPU bfloat16 path answers wrongly on Intel AMX machines; "
+                        "dtype auto (float32) is right on every CPU")
         args = AsyncEngineArgs(
             model=model_path,
             served_model_name=served_model_name(cfg, model_path),
-            dtype=cfg.dtype,
+            dtype=dtype,
             max_model_len=cfg.max_model_len,
             kv_transfer_config=kv_cfg,
             **engine_args,

@@ -11,6 +11,21 @@ def test_default_config_is_one_prefill_and_one_decode_engine_each_on_its_own_cor
     assert pools["prefill"].cpu_binds == ["0"] and pools["decode"].cpu_binds == ["1"]
 
 
+def test_default_dtype_is_float32_on_cpu_pools_and_left_to_vllm_on_gpu_pools():
+    assert load_config(None).dtype == "auto"
+    assert load_config(None).engine_dtype == "float32"
+    assert parse_config({"mode": "colocated"}).engine_dtype == "float32"
+    gpu = {"num_gpus": 1}
+    assert parse_config({"prefill": gpu, "decode": gpu}).engine_dtype == "auto"
+    assert parse_config({"dtype": "bfloat16"}).engine_dtype == "bfloat16"
+
+
+def test_auto_dtype_that_would_differ_between_a_cpu_and_a_gpu_pool_is_refused():
+    with pytest.raises(ConfigError, match="set dtype explicitly"):
+        parse_config({"decode": {"num_gpus": 1}})
+    assert parse_config({"dtype": "float32", "decode": {"num_gpus": 1}}).engine_dtype == "float32"
+
+
 def test_colocated_mode_deploys_only_the_colocated_pool_with_small_prefill_chunks():
     cfg = parse_config({"mode": "colocated"})
     assert list(cfg.pools()) == ["colocated"]

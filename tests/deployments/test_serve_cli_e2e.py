@@ -56,6 +56,7 @@ def test_serve_answers_the_readme_examples_and_ctrl_c_leaves_no_process(tmp_path
     try:
         banner = _wait_for_line(proc, "Press Ctrl-C to stop.", timeout_s=400)
         assert f"127.0.0.1:{http_port}" in banner and f"127.0.0.1:{grpc_port}" in banner
+        assert "; float32)" in banner  # the default dtype answers right on every CPU (bfloat16 does not on AMX)
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
 
         curl = _readme_example("curl").replace("8000", str(http_port)).replace("\\\n", " ")
