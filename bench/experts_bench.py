@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pdserve.experts.config import WORKER_EXTENSION, EvictionPolicy, ExpertBufferConfig
+from pdserve.config.experts import WORKER_EXTENSION, EvictionPolicy, ExpertBufferConfig
 
 POLICIES: tuple[EvictionPolicy, ...] = ("lifo", "lru", "pinned_hot")
 _TEXT = (

@@ -12,7 +12,7 @@ import statistics
 import uuid
 from dataclasses import dataclass
 
-from pdserve.deployments.engine_process import DisaggregatedPair
+from pdserve.bench.engine_process import DisaggregatedPair
 from pdserve.kvtransfer import params
 
 _TEXT = (

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.fingerprint import KVFingerprint
-from pdserve.kvtransfer.settings import KVTransferSettings
 
 # A synthetic engine whose KV block is exactly 1 MiB per layer (8 heads x 128
 # tokens x 2 x 128 dims x fp32), one layer, so a payload of N MiB is N blocks.

@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pdserve.bench.loadgen import RequestResult, RequestSpec
+from pdserve.bench.overload_settings import OverloadSettings
 from pdserve.bench.slo_compare import phase_summary
-
-if TYPE_CHECKING:
-    from pdserve.bench.overload import OverloadSettings
 
 MEMORY_WINDOW_S = 10.0
 """Memory levels off when the peak of the overload's last window is no higher than its first's."""

@@ -16,9 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pdserve.controller.config import RoutingConfig
+from pdserve.config.routing import CPU_PROFILE, RoutingConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
-from pdserve.controller.latency_model import CPU_PROFILE
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import LoadReport, Registry
 from pdserve.controller.slo_router import choose_slo

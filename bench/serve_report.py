@@ -11,17 +11,15 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from pdserve.bench.goodput import attainment
 from pdserve.bench.hardware import hardware
 from pdserve.bench.loadgen import RequestResult, RequestSpec, percentiles
+from pdserve.bench.serve_settings import Run, ServeBenchSettings, Target
 from pdserve.bench.workloads import describe
-
-if TYPE_CHECKING:
-    from pdserve.bench.serve_bench import Run, ServeBenchSettings, Target
 
 _QS = (50, 90, 99)
 

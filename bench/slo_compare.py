@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pdserve.bench.loadgen import RequestResult, RequestSpec, gamma_arrivals, mixed_prompts, run_load, summarize
-from pdserve.deployments.config import ClusterConfig
+from pdserve.config.cluster import ClusterConfig
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ def run(cfg: ClusterConfig, model_path: str, w: Workload, progress: Callable[[st
         ) -> dict:
     """Deploy `cfg` with each routing policy in turn on one local Ray cluster and compare."""
     from pdserve.deployments import service
-    from pdserve.deployments.engine_server import served_model_name
+    from pdserve.prefill.engine import served_model_name
 
     def phase(name: str) -> Callable[[int, int], None] | None:
         return (lambda done, total: progress(name, done, total)) if progress else None

@@ -16,7 +16,7 @@ import numpy as np
 
 from pdserve.bench.loadgen import gamma_gaps
 from pdserve.bench.workloads import AnyWorkload, sample_lengths
-from pdserve.controller.autoscale_trace import TraceRequest
+from pdserve.controller.autoscaling.trace import TraceRequest
 
 Arrival = Literal["poisson", "gamma"]
 

@@ -13,41 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class LatencyProfile(BaseModel):
-    """Latency coefficients of one accelerator type running the served model; a few
-    requests measure them (`pdserve bench route --help` says how), the online correction
-    keeps them honest."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    prefill_base_ms: float = Field(ge=0)
-    """Fixed cost of a prefill (scheduling, sampling, the first token's output)."""
-    prefill_ms_per_token: float = Field(gt=0)
-    """Compute per prompt token."""
-    decode_base_ms: float = Field(gt=0)
-    """Step time of a batch of one with a short context."""
-    decode_ms_per_seq: float = Field(ge=0)
-    """Step time added by each running sequence."""
-    decode_ms_per_1k_context_tokens: float = Field(ge=0)
-    """Step time added per 1,000 tokens of context held by the batch (attention reads)."""
-
-    def prefill_ms(self, prompt_tokens: int, queued_tokens: int) -> float:
-        return self.prefill_base_ms + self.prefill_ms_per_token * (queued_tokens + prompt_tokens)
-
-    def step_ms(self, batch: int, context_tokens: int) -> float:
-        return self.decode_base_ms + self.decode_ms_per_seq * batch + self.decode_ms_per_1k_context_tokens * (
-            context_tokens / 1000.0)
-
-
-# From `pdserve bench slo --config bench/cpu_float32.yaml` on the 2-core development machine (no
-# GPU), SmolLM2-135M-Instruct in float32, one engine per core: unloaded TTFT 644 ms for a 14-token
-# prompt and 1675 ms for 1000 tokens, TPOT 99-112 ms. The batch and context terms are estimates.
-CPU_PROFILE = LatencyProfile(prefill_base_ms=630.0, prefill_ms_per_token=1.05, decode_base_ms=95.0,
-                             decode_ms_per_seq=5.0, decode_ms_per_1k_context_tokens=10.0)
-
 
 @dataclass
 class Correction:

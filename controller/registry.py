@@ -15,9 +15,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.hot_experts import ExpertReport
-from pdserve.controller.latency_model import Correction, InstanceCorrection, LatencyProfile
+from pdserve.controller.latency_model import Correction, InstanceCorrection
 from pdserve.controller.pool_view import PoolView, Row
 
 log = logging.getLogger(__name__)

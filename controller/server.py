@@ -10,17 +10,17 @@ import logging
 import time
 from dataclasses import replace
 
-from pdserve.controller.autoscale_config import AutoscalingConfig
-from pdserve.controller.autoscale_policy import AutoscalingPolicy
-from pdserve.controller.autoscaler import Autoscaler, RateWindow, describe
-from pdserve.controller.config import RoutingConfig
+from pdserve import telemetry
+from pdserve.config.autoscaling import AutoscalingConfig
+from pdserve.config.autoscaling_policy import AutoscalingPolicy
+from pdserve.config.routing import RoutingConfig
+from pdserve.controller.autoscaling.loop import Autoscaler, RateWindow, describe
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.hot_experts import ExpertWindow, hot_set
 from pdserve.controller.hot_experts import describe as describe_hot
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import Instance, LoadReport, Registry
 from pdserve.controller.slo_router import choose_slo
-from pdserve.deployments import telemetry
 
 log = logging.getLogger("pdserve.controller")
 
@@ -143,11 +143,11 @@ class Controller:
 
 
 def _autoscaler(app_name: str, cfg: AutoscalingConfig, policy: AutoscalingPolicy) -> Autoscaler:
-    from pdserve.controller.serve_actuator import ServeActuator
+    from pdserve.controller.autoscaling.serve_actuator import ServeActuator
 
     actuators = [ServeActuator(app_name)]
     if cfg.kubernetes is not None:
-        from pdserve.controller.k8s_actuator import KubernetesActuator
+        from pdserve.controller.autoscaling.k8s_actuator import KubernetesActuator
 
         actuators.append(KubernetesActuator(cfg.kubernetes))
     log.info("autoscaling every %.0f s: prefill %d-%d replicas for ttft %.0f ms, decode %d-%d for tpot %.0f ms, "

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from pdserve.controller.config import RoutingConfig
+from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
 from pdserve.controller.pool_view import PoolView
 

@@ -8,9 +8,10 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
+from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.server import Controller
-from pdserve.decode.server import ColocatedServer, DecodeServer
-from pdserve.deployments.config import ClusterConfig
+from pdserve.decode.colocated import ColocatedServer
+from pdserve.decode.server import DecodeServer
 from pdserve.deployments.exact_router import ExactReplicaRouter
 from pdserve.deployments.ingress import Ingress
 from pdserve.prefill.server import PrefillServer

@@ -14,8 +14,8 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from pdserve.controller.decision import Decision, Outcome
-from pdserve.deployments.errors import EngineFailure, Overloaded, ReplicaLost, ServeError, Unavailable
-from pdserve.deployments.requests import GenerateChunk
+from pdserve.errors import EngineFailure, Overloaded, ReplicaLost, ServeError, Unavailable
+from pdserve.prefill.requests import GenerateChunk
 
 log = logging.getLogger("pdserve.ingress")
 

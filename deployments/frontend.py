@@ -19,12 +19,13 @@ from typing import Any, Protocol
 from opentelemetry import trace
 from ray.exceptions import RayActorError
 
+from pdserve import telemetry
+from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
-from pdserve.deployments import telemetry
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
-from pdserve.deployments.config import ClusterConfig
-from pdserve.deployments.engine_server import served_model_name
-from pdserve.deployments.errors import (
+from pdserve.deployments.failover import AnswerRun, decode_stream, refusal
+from pdserve.deployments.metrics import IngressMetrics
+from pdserve.errors import (
     InvalidRequest,
     ModelNotFound,
     ReplicaLost,
@@ -32,9 +33,8 @@ from pdserve.deployments.errors import (
     Unauthenticated,
     Unavailable,
 )
-from pdserve.deployments.failover import AnswerRun, decode_stream, refusal
-from pdserve.deployments.metrics import IngressMetrics
-from pdserve.deployments.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
+from pdserve.prefill.engine import served_model_name
+from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
 
 log = logging.getLogger("pdserve.ingress")
 
@@ -44,7 +44,7 @@ ROUTE_POLL_S = 0.25
 
 class FrontendAPI(Protocol):
     """What an API module needs from the ingress. Every method raises a
-    `pdserve.deployments.errors.ServeError` subclass for a request it will not serve."""
+    `pdserve.errors.ServeError` subclass for a request it will not serve."""
 
     model_name: str
     """The one model this service serves (OpenAI's `model` field)."""

@@ -8,12 +8,12 @@ from typing import Any
 
 from ray import serve
 
-from pdserve.deployments import telemetry
-from pdserve.deployments.config import ClusterConfig
-from pdserve.deployments.errors import Unavailable
+from pdserve import telemetry
+from pdserve.config.cluster import ClusterConfig
+from pdserve.deployments.api.grpc_api import GrpcHealth, start_grpc_server
+from pdserve.deployments.api.http_api import build_http_app
 from pdserve.deployments.frontend import Frontend
-from pdserve.deployments.grpc_api import GrpcHealth, start_grpc_server
-from pdserve.deployments.http_api import build_http_app
+from pdserve.errors import Unavailable
 
 log = logging.getLogger("pdserve.ingress")
 

@@ -12,7 +12,7 @@ from collections import deque
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from pdserve.deployments.requests import SLOReport
+from pdserve.prefill.requests import SLOReport
 
 GOODPUT_WINDOW_S = 60.0
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

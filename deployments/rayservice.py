@@ -16,10 +16,10 @@ from typing import Any
 
 from ray.serve.deployment import Application
 
+from pdserve.config.cluster import load_config
 from pdserve.deployments.app import build_app
-from pdserve.deployments.config import load_config
-from pdserve.deployments.model_store import resolve_model
 from pdserve.deployments.service import with_secret
+from pdserve.model_store import resolve_model
 
 
 def build(args: dict[str, Any]) -> Application:

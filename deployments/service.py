@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from pydantic import SecretStr
 
-from pdserve.deployments.config import ClusterConfig
+from pdserve.config.cluster import ClusterConfig
 
 log = logging.getLogger("pdserve.service")
 

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 import torch
 
-from pdserve.experts.config import ExpertBufferConfig
+from pdserve.config.experts import ExpertBufferConfig
 from pdserve.experts.counters import LayerCounters
 from pdserve.experts.eviction import SlotTable, commit, plan_loads, plan_prefetch, split_rounds, touch
 

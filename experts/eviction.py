@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from pdserve.experts.config import EvictionPolicy
+from pdserve.config.experts import EvictionPolicy
 
 FREE = -1
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from pdserve.config.experts import ExpertBufferConfig
 from pdserve.experts.buffer import ExpertBuffer
-from pdserve.experts.config import ExpertBufferConfig
 from pdserve.experts.counters import summarize
 
 log = logging.getLogger("pdserve.experts")

@@ -15,9 +15,9 @@ from __future__ import annotations
 import functools
 import os
 
+from pdserve.config.experts import CONFIG_ENV, ExpertBufferConfig
 from pdserve.experts import vllm_layers
 from pdserve.experts.buffer import ExpertBuffer
-from pdserve.experts.config import CONFIG_ENV, ExpertBufferConfig
 
 _loaded: list[ExpertBuffer] = []
 """Layers buffered while this process loaded its model, in load (forward) order."""

@@ -6,7 +6,7 @@ import hmac
 
 import grpc
 
-from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.config.kvtransfer import KVTransferSettings
 
 SECRET_METADATA_KEY = "x-pdserve-kv-secret"
 

@@ -28,10 +28,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, GrpcWorkerMetadata
 from pdserve.kvtransfer.connector_scheduler import SchedulerSide
 from pdserve.kvtransfer.connector_worker import WorkerSide
-from pdserve.kvtransfer.settings import KVTransferSettings
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

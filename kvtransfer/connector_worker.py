@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import torch
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, LoadJob, SendJob, TransferReport
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
-from pdserve.kvtransfer.settings import KVTransferSettings
 from pdserve.kvtransfer.transfer import IncomingTransfer, TransferState
 
 log = logging.getLogger(__name__)

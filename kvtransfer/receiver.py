@@ -14,16 +14,16 @@ import uuid
 
 import grpc
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import auth, framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint, mismatches
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
-from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-SERVICE = "pdserve.kvtransfer.v1.KVTransfer"
 _REAP_INTERVAL_S = 0.05
 
 

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import grpc
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import auth, framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
-from pdserve.kvtransfer.receiver import SERVICE
-from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 

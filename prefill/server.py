@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import time
 
-from pdserve.deployments import telemetry
-from pdserve.deployments.engine_server import EngineServer
-from pdserve.deployments.errors import EngineFailure
-from pdserve.deployments.requests import GenerateRequest
+from pdserve import telemetry
+from pdserve.errors import EngineFailure
 from pdserve.kvtransfer import params
+from pdserve.prefill.engine import EngineServer
+from pdserve.prefill.requests import GenerateRequest
 
 
 class PrefillServer(EngineServer):

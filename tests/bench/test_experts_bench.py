@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 def test_bench_experts_writes_a_report_and_plot_with_identical_outputs_at_every_setting(tmp_path) -> None:
     out = tmp_path / "experts"
     run = subprocess.run(
-        [sys.executable, "-m", "pdserve.deployments.cli", "bench", "experts", "--resident-pct", "13,50,100",
+        [sys.executable, "-m", "pdserve.cli.main", "bench", "experts", "--resident-pct", "13,50,100",
          "--policies", "lifo,pinned_hot", "--batch", "6", "--output-tokens", "32", "--repeats", "1",
          "--out", str(out), "--quiet"],
         capture_output=True, text=True, timeout=600,

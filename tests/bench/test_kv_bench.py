@@ -2,7 +2,7 @@
 
 import json
 
-from pdserve.deployments.cli import main
+from pdserve.cli.main import main
 
 
 def test_bench_kv_json_last_line_has_grpc_tcp_and_ratio_per_size(capsys):

@@ -3,9 +3,9 @@
 
 import pytest
 
-from pdserve.bench.overload import OverloadSettings
+from pdserve.bench.overload_settings import OverloadSettings
 from pdserve.bench.slo_compare import Workload, trace_within
-from pdserve.deployments.cli import main
+from pdserve.cli.main import main
 
 
 def test_trace_within_a_window_cuts_arrivals_at_its_end():

@@ -7,8 +7,8 @@ import pytest
 
 from pdserve.bench import overload_report
 from pdserve.bench.loadgen import RequestResult, RequestSpec
-from pdserve.bench.overload import OverloadSettings
 from pdserve.bench.overload_report import MemorySample, Phase, Probe
+from pdserve.bench.overload_settings import OverloadSettings
 
 NORMAL = {"source": "baseline", "ttft_ms": 100.0, "tpot_ms": 20.0}
 MIB = 2**20

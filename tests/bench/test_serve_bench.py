@@ -3,9 +3,10 @@ contents per rate (so no run is prefilled from an earlier run's prefix cache).""
 
 from transformers import AutoTokenizer
 
-from pdserve.bench.serve_bench import ServeBenchSettings, build_requests
+from pdserve.bench.serve_bench import build_requests
+from pdserve.bench.serve_settings import ServeBenchSettings
 from pdserve.bench.workloads import BUILT_IN
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
 
 
 def test_every_rate_gets_the_same_lengths_with_prompts_no_other_run_has_sent():

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.bench import plots, serve_bench, serve_report
+from pdserve.bench import plots, serve_bench, serve_report, serve_settings
 from pdserve.bench.workloads import LengthDist, Workload
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
 from tests.deployments.service_fixtures import init_ray, service_config
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -52,7 +52,7 @@ def report(tmp_path_factory):
     try:
         tiny = Workload(name="tiny", source="this test",
                         prompt_tokens=LengthDist(mean=40, sigma=0.3), output_tokens=LengthDist(mean=6, sigma=0.2))
-        settings = serve_bench.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
+        settings = serve_settings.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
                                                   calibration_requests=2, calibration_max_tokens=4)
         rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)), ["colocated", "disaggregated"],
                                         tiny, settings)

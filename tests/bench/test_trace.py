@@ -6,7 +6,7 @@ import pytest
 
 from pdserve.bench.trace import Phase, arrival_times, make_trace, parse_phases
 from pdserve.bench.workloads import BUILT_IN
-from pdserve.controller.autoscale_trace import load_trace, write_trace
+from pdserve.controller.autoscaling.trace import load_trace, write_trace
 
 
 def test_phases_parse_and_bad_ones_say_which_part_is_wrong():

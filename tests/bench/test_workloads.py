@@ -83,7 +83,7 @@ def test_unknown_workload_names_the_built_ins():
 def test_prompts_have_exactly_the_drawn_lengths_in_the_real_tokenizer():
     from transformers import AutoTokenizer
 
-    from pdserve.deployments.model_store import resolve_model
+    from pdserve.model_store import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
     vocab = word_token_ids(tokenizer)

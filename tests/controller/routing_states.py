@@ -3,8 +3,8 @@ reports and assignments, on profiles with round numbers."""
 
 from __future__ import annotations
 
+from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import LatencyProfile
 from pdserve.controller.registry import LoadReport, Registry
 
 # FAST prefills 3x faster than the default (SLOW) accelerator type.

@@ -3,7 +3,7 @@ set per layer, the pool's figures, and the hot set answered to buffered replicas
 
 import asyncio
 
-from pdserve.controller.config import RoutingConfig
+from pdserve.config.routing import RoutingConfig
 from pdserve.controller.hot_experts import ExpertReport, ExpertWindow, describe, hot_set
 from pdserve.controller.registry import LoadReport
 from pdserve.controller.server import Controller

@@ -4,7 +4,7 @@ refused every request for a while."""
 import asyncio
 import time
 
-from pdserve.controller.config import RoutingConfig
+from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Outcome
 from pdserve.controller.server import Controller
 

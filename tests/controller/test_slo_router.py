@@ -1,6 +1,6 @@
 import math
 
-from pdserve.controller.config import RoutingConfig
+from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import SLO, Outcome, RouteRequest
 from pdserve.controller.slo_router import choose_slo, transfer_ms
 

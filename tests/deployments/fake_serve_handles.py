@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from pdserve.deployments.requests import GenerateChunk
+from pdserve.prefill.requests import GenerateChunk
 
 
 class FakeRemoteMethod:

@@ -6,9 +6,9 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from pdserve.config.cluster import ClusterConfig, parse_config
 from pdserve.deployments import service
-from pdserve.deployments.config import ClusterConfig, parse_config
-from pdserve.deployments.engine_process import free_port
+from pdserve.ports import free_port
 
 
 def service_config(**overrides) -> ClusterConfig:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from pdserve.deployments.api.http_api import build_http_app
 from pdserve.deployments.api_keys import ApiKeys, bearer_token
-from pdserve.deployments.errors import Unauthenticated
-from pdserve.deployments.http_api import build_http_app
-from tests.deployments.test_http_api import FakeAnsweringFrontend
+from pdserve.errors import Unauthenticated
+from tests.deployments.api.test_http_api import FakeAnsweringFrontend
 
 KEY = "sk-team-a-6c1d0e"
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from pdserve.deployments import service
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
 from tests.deployments.service_fixtures import init_ray, service_config
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,8 @@ import urllib.request
 import pytest
 
 from pdserve.deployments import service
-from pdserve.deployments.engine_process import free_port
-from pdserve.experts.moe_checkpoint import prepare_moe_model
+from pdserve.moe_checkpoint import prepare_moe_model
+from pdserve.ports import free_port
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow

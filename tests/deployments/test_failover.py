@@ -12,12 +12,12 @@ from typing import Any
 import pytest
 from ray.exceptions import ActorDiedError
 
+from pdserve.config.cluster import parse_config
 from pdserve.controller.decision import Decision, Outcome, Target
-from pdserve.deployments.config import parse_config
-from pdserve.deployments.errors import Overloaded, ReplicaLost, Unavailable
 from pdserve.deployments.frontend import Frontend
-from pdserve.deployments.model_store import resolve_model
-from pdserve.deployments.requests import GenerateChunk, Sampling
+from pdserve.errors import Overloaded, ReplicaLost, Unavailable
+from pdserve.model_store import resolve_model
+from pdserve.prefill.requests import GenerateChunk, Sampling
 from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
 
 pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model)

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow

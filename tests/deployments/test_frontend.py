@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.deployments.config import parse_config
-from pdserve.deployments.errors import InvalidRequest, ModelNotFound
+from pdserve.config.cluster import parse_config
 from pdserve.deployments.frontend import Frontend
-from pdserve.deployments.model_store import resolve_model
-from pdserve.deployments.requests import Sampling
+from pdserve.errors import InvalidRequest, ModelNotFound
+from pdserve.model_store import resolve_model
+from pdserve.prefill.requests import Sampling
 
 pytestmark = pytest.mark.slow  # needs the default model's checkpoint (make model)
 

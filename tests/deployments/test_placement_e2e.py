@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pdserve.deployments import service
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
 from tests.deployments.service_fixtures import service_config
 
 pytestmark = pytest.mark.slow

@@ -11,8 +11,8 @@ import grpc
 import pytest
 
 from pdserve.deployments import service
-from pdserve.deployments.engine_process import free_port
-from pdserve.deployments.model_store import resolve_model
+from pdserve.model_store import resolve_model
+from pdserve.ports import free_port
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow

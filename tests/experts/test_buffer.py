@@ -4,8 +4,8 @@ over several rounds too, and the counters count what moved."""
 import pytest
 import torch
 
+from pdserve.config.experts import ExpertBufferConfig
 from pdserve.experts.buffer import ExpertBuffer
-from pdserve.experts.config import ExpertBufferConfig
 
 E, H, INTER, TOP_K = 8, 16, 24, 2
 

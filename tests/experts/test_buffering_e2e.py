@@ -6,8 +6,8 @@ import secrets
 
 import pytest
 
-from pdserve.deployments.engine_process import DisaggregatedPair, EngineProcess, EngineSpec
-from pdserve.experts.moe_checkpoint import prepare_moe_model
+from pdserve.bench.engine_process import DisaggregatedPair, EngineProcess, EngineSpec
+from pdserve.moe_checkpoint import prepare_moe_model
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from pdserve.controller.autoscale_policy import load_policy, parse_policy
-from pdserve.deployments.config import parse_config
+from pdserve.config.autoscaling_policy import load_policy, parse_policy
+from pdserve.config.cluster import parse_config
 
 K8S = Path(__file__).resolve().parents[2] / "k8s"
 CRD = Path(__file__).resolve().parent / "crds" / "ray.io_rayservices.yaml"

@@ -9,12 +9,13 @@ import uuid
 import grpc
 import pytest
 
-from pdserve.deployments.engine_process import DisaggregatedPair, EngineProcess, EngineSpec, free_port
-from pdserve.deployments.model_store import resolve_model
+from pdserve.bench.engine_process import DisaggregatedPair, EngineProcess, EngineSpec
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import params
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.sender import KVSender
-from pdserve.kvtransfer.settings import KVTransferSettings
+from pdserve.model_store import resolve_model
+from pdserve.ports import free_port
 from tests.kvtransfer.fake_corrupting_proxy import FakeCorruptingProxy
 
 pytestmark = pytest.mark.slow

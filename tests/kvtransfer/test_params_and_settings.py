@@ -7,9 +7,9 @@ from pathlib import Path
 import pydantic
 import pytest
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import params
 from pdserve.kvtransfer.params import RecvParams, SendParams
-from pdserve.kvtransfer.settings import KVTransferSettings
 
 
 def test_for_prefill_round_trips_through_parse():

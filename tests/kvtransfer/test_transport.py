@@ -12,13 +12,13 @@ import grpc
 import pytest
 import torch
 
+from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.auth import SECRET_METADATA_KEY
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.receiver import SERVICE, KVReceiver
 from pdserve.kvtransfer.sender import KVSender
-from pdserve.kvtransfer.settings import KVTransferSettings
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 

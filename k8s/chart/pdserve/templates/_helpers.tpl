@@ -61,7 +61,7 @@ pdserve_pool:{{ . }}
 {{- end }}
 {{- end }}
 
-{{/* cluster.yaml (deployments/config.py's ClusterConfig); the KV secret comes from env. */}}
+{{/* cluster.yaml (pdserve/config/cluster.py's ClusterConfig); the KV secret comes from env. */}}
 {{- define "pdserve.clusterConfig" -}}
 {{- $v := .Values }}
 {{- $cfg := dict "model" $v.model "served_model_name" $v.servedModelName "dtype" $v.dtype
@@ -91,7 +91,7 @@ pdserve_pool:{{ . }}
 {{- toYaml (mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides)) }}
 {{- end }}
 
-{{/* autoscaling.yaml (controller/autoscale_policy.py): the user's policy, with each pool's
+{{/* autoscaling.yaml (pdserve/config/autoscaling_policy.py): the user's policy, with each pool's
      bounds and objective taken from pools and slo so they cannot disagree with the groups. */}}
 {{- define "pdserve.policy" -}}
 {{- $v := .Values }}

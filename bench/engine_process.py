@@ -1,0 +1,289 @@
+"""A real vLLM engine in its own OS process, driven over a pipe.
+
+The demo, the benchmark and the end-to-end tests run a prefill engine and a
+decode engine as two processes, the way they run on two machines. The engine
+core runs in-process inside that child (no further engine-core process), so the
+child can also report the scheduler's free KV blocks and the connector's state.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from pdserve.kvtransfer.vllm_config import kv_transfer_config
+from pdserve.ports import free_port
+
+Role = Literal["prefill", "decode", "plain"]
+
+
+@dataclass
+class EngineSpec:
+    """How to start one engine process."""
+
+    model: str
+    role: Role = "plain"
+    kv_settings: dict[str, Any] = field(default_factory=dict)  # KVTransferSettings fields
+    dtype: str = "float32"
+    cpu_bind: str = "0-1"  # VLLM_CPU_OMP_THREADS_BIND: cores for this engine's compute
+    kv_cache_gib: int = 1
+    max_model_len: int = 2048
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
+    log_level: str = "INFO"  # vLLM's logging level inside the engine process
+    expert_buffers: str | None = None  # ExpertBufferConfig JSON: run the MoE layers buffered
+
+
+def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
+    os.environ.update(
+        VLLM_CPU_KVCACHE_SPACE=str(spec.kv_cache_gib),
+        VLLM_CPU_OMP_THREADS_BIND=spec.cpu_bind,
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        VLLM_LOGGING_LEVEL=spec.log_level,
+        VLLM_LOGGING_STREAM="ext://sys.stderr",  # stdout is for results (answers, JSON reports)
+    )
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+    kv_cfg = None
+    if spec.role != "plain":
+        kv_cfg = kv_transfer_config(spec.role, spec.kv_settings, spec.kv_load_failure_policy)
+    extra: dict[str, Any] = {}
+    if spec.max_num_batched_tokens:
+        extra["max_num_batched_tokens"] = spec.max_num_batched_tokens
+    if spec.block_size:
+        extra["block_size"] = spec.block_size
+    from pdserve.config.experts import CONFIG_ENV, WORKER_EXTENSION
+
+    if spec.expert_buffers:  # buffered from the model's load on (worker_extension.py)
+        os.environ[CONFIG_ENV] = spec.expert_buffers
+
+    llm = LLM(
+        model=spec.model,
+        worker_extension_cls=WORKER_EXTENSION,  # expert buffering, driven by "rpc" commands
+        dtype=spec.dtype,
+        enforce_eager=True,
+        max_model_len=spec.max_model_len,
+        kv_transfer_config=kv_cfg,
+        **extra,
+    )
+    if spec.expert_buffers:
+        llm.collective_rpc("pdserve_require_expert_buffers")
+    core = llm.llm_engine.engine_core.engine_core
+    block_pool = core.scheduler.kv_cache_manager.block_pool
+    worker = get_kv_transfer_group().worker if has_kv_transfer_group() else None
+    send_lock = threading.Lock()
+
+    def reply(seq: int, msg: dict[str, Any]) -> None:
+        with send_lock:
+            conn.send((seq, msg))
+
+    # Generation runs on its own thread so that control calls (free blocks,
+    # connector state) are answered while a request is in flight.
+    jobs: queue.Queue = queue.Queue()
+
+    def generate_loop() -> None:
+        while (job := jobs.get()) is not None:
+            seq, req = job
+            try:
+                out = _generate(llm, SamplingParams, req)
+                _drain(llm, core)
+                reply(seq, {"ok": out})
+            except Exception as exc:  # reported to the parent, which raises it
+                reply(seq, {"error": f"{type(exc).__name__}: {exc}"})
+
+    gen_thread = threading.Thread(target=generate_loop, name="pdserve-generate", daemon=True)
+    gen_thread.start()
+    reply(0, {"ok": {"free_blocks": block_pool.get_num_free_blocks()}})
+    while True:
+        try:
+            seq, cmd, arg = conn.recv()
+        except EOFError:
+            break
+        if cmd == "generate":
+            jobs.put((seq, arg))
+            continue
+        if cmd == "stop":
+            jobs.put(None)
+            gen_thread.join()
+            llm.llm_engine.engine_core.shutdown()
+            reply(seq, {"ok": "stopped"})
+            break
+        try:
+            if cmd == "free_blocks":
+                out: Any = block_pool.get_num_free_blocks()
+            elif cmd == "rpc":  # a worker method by name, e.g. the expert buffer's (worker_extension.py)
+                out = llm.collective_rpc(arg["method"], args=tuple(arg.get("args", ())))[0]
+            elif cmd == "connector":
+                out = {
+                    "counters": dict(worker.counters) if worker else {},
+                    "receiver": worker.receiver.stats() if worker and worker.receiver else {},
+                    "fingerprint": asdict(worker.fingerprint) if worker and worker.fingerprint else {},
+                }
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+            reply(seq, {"ok": out})
+        except Exception as exc:
+            reply(seq, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _drain(llm, core, timeout_s: float = 60.0) -> None:
+    """Step until finished requests have released their blocks (a producer keeps
+    them until its push is acknowledged), as a serving loop would keep stepping."""
+    deadline = time.monotonic() + timeout_s
+    while core.scheduler.has_finished_requests() and time.monotonic() < deadline:
+        llm.llm_engine.step()
+        time.sleep(0.001)
+
+
+def _generate(llm, sampling_cls, req: dict[str, Any]) -> dict[str, Any]:
+    sp = sampling_cls(
+        max_tokens=req.get("max_tokens", 16),
+        temperature=req.get("temperature", 0.0),
+        extra_args={"kv_transfer_params": req["kv_transfer_params"]} if req.get("kv_transfer_params") else None,
+    )
+    out = llm.generate({"prompt_token_ids": req["prompt_token_ids"]}, sp, use_tqdm=False)[0]
+    comp = out.outputs[0]
+    return {
+        "token_ids": list(comp.token_ids),
+        "text": comp.text,
+        "finish_reason": comp.finish_reason,
+        "num_cached_tokens": out.num_cached_tokens,
+        "kv_transfer_params": out.kv_transfer_params,
+    }
+
+
+class EngineProcess:
+    """Parent-side handle. `send_generate` returns a ticket so that two engines
+    (or a request and control calls) can be in flight at once."""
+
+    def __init__(self, spec: EngineSpec, wait: bool = True, start_timeout_s: float = 300.0):
+        self.spec = spec
+        self.start_timeout_s = start_timeout_s
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_main, args=(spec, child), name=f"pdserve-{spec.role}", daemon=False)
+        self.proc.start()
+        child.close()
+        self._seq = 0
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._pending_generates: list[int] = []
+        self.idle_free_blocks = -1
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self) -> "EngineProcess":
+        """Block until the engine has loaded the model (start several, then wait for each)."""
+        if self.idle_free_blocks < 0:
+            self.idle_free_blocks = self._wait(0, self.start_timeout_s)["free_blocks"]
+        return self
+
+    def _submit(self, cmd: str, arg: Any) -> int:
+        self._seq += 1
+        self._conn.send((self._seq, cmd, arg))
+        return self._seq
+
+    def _wait(self, seq: int, timeout_s: float | None) -> Any:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while seq not in self._replies:
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
+            if not self._conn.poll(remaining):
+                raise TimeoutError(f"{self.spec.role} engine did not answer within {timeout_s} s")
+            try:
+                got, msg = self._conn.recv()
+            except EOFError:
+                raise RuntimeError(f"{self.spec.role} engine process exited (code {self.proc.exitcode})") from None
+            self._replies[got] = msg
+        msg = self._replies.pop(seq)
+        if "error" in msg:
+            raise RuntimeError(f"{self.spec.role} engine: {msg['error']}")
+        return msg["ok"]
+
+    def call(self, cmd: str, arg: Any = None, timeout_s: float | None = 600) -> Any:
+        return self._wait(self._submit(cmd, arg), timeout_s)
+
+    def send_generate(self, req: dict[str, Any]) -> int:
+        ticket = self._submit("generate", req)
+        self._pending_generates.append(ticket)
+        return ticket
+
+    def result(self, ticket: int | None = None, timeout_s: float | None = 600) -> dict[str, Any]:
+        """The reply to `ticket`, or to the oldest generate still unanswered."""
+        ticket = self._pending_generates[0] if ticket is None else ticket
+        self._pending_generates.remove(ticket)
+        return self._wait(ticket, timeout_s)
+
+    def generate(self, req: dict[str, Any], timeout_s: float | None = 600) -> dict[str, Any]:
+        return self.result(self.send_generate(req), timeout_s)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crashed machine would die: no cleanup runs in the child."""
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.call("stop", timeout_s=60)
+            except (RuntimeError, TimeoutError, BrokenPipeError, OSError):
+                pass
+            self.proc.join(30)
+        if self.proc.is_alive():
+            self.kill()
+        self._conn.close()
+
+
+class DisaggregatedPair:
+    """A prefill engine (core 0) pushing KV to a decode engine (core 1) over pdserve's
+    gRPC layer: one request is prefilled on one and continued on the other."""
+
+    def __init__(self, model: str, secret: str, dtype: str = "float32", log_level: str = "INFO",
+                 decode_expert_buffers: str | None = None):
+        self.model, self.secret = model, secret
+        self.addr = f"127.0.0.1:{free_port()}"
+        common = {"dtype": dtype, "log_level": log_level}
+        self.decode = EngineProcess(
+            EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1",
+                       expert_buffers=decode_expert_buffers, **common), wait=False
+        )
+        self.prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", **common), wait=False)
+        try:
+            self.decode.wait_ready()
+            self.prefill.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def generate(self, prompt_token_ids: list[int], max_tokens: int) -> dict[str, Any]:
+        """The decode engine's result; its `kv_transfer_params` say how the KV travelled."""
+        from pdserve.kvtransfer import params
+
+        tid = uuid.uuid4().hex
+        self.decode.send_generate(
+            {"prompt_token_ids": prompt_token_ids, "max_tokens": max_tokens, "kv_transfer_params": params.for_decode(tid)}
+        )
+        self.prefill.generate(
+            {"prompt_token_ids": prompt_token_ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, self.addr)}
+        )
+        return self.decode.result()
+
+    def stop(self) -> None:
+        self.prefill.stop()
+        self.decode.stop()
+
+    def __enter__(self) -> "DisaggregatedPair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""The ingress's client APIs: OpenAI-compatible HTTP with its request models, and gRPC."""

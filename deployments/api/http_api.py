@@ -1,0 +1,303 @@
+"""The OpenAI-compatible HTTP API: a FastAPI app that translates OpenAI's wire format
+to and from `FrontendAPI` calls.
+
+The app holds no serving state: `get_frontend` is called per request, because the
+frontend is created later, by the Ray Serve ingress replica that wraps this app. Every
+failure reads as OpenAI's error body, so OpenAI clients raise their usual exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdserve.deployments.api.openai_models import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    ErrorDetail,
+    ErrorResponse,
+    KVTransferUsage,
+    ModelCard,
+    ModelList,
+    SLOUsage,
+    Usage,
+    invalid_request,
+)
+from pdserve.deployments.frontend import FrontendAPI
+from pdserve.errors import EngineFailure, InvalidRequest, ServeError
+from pdserve.prefill.requests import GenerateChunk, GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+_TRACE_HEADERS = ("traceparent", "tracestate")
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = "data: [DONE]\n\n"
+_NO_KEY = "No valid API key (the service has keys)"
+# Module level: the route's annotations (strings, with postponed evaluation) resolve here.
+_BEARER = HTTPBearer(auto_error=False, description="One of the service's API keys, when it has any")
+
+
+def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
+    """The OpenAI API app; `get_frontend()` returns the replica's frontend when a request arrives."""
+    app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve", version="0.1.0")
+    _add_error_handlers(app)
+    started_s = int(time.time())
+
+    async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
+        """Runs before the body is validated: a client without a key learns nothing from the answer."""
+        get_frontend().authorize(credentials.credentials if credentials else None)
+
+    keyed = [Depends(authorized)]
+
+    @app.post("/v1/chat/completions", response_model=None, responses=_docs(ChatCompletion), dependencies=keyed)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        frontend = get_frontend()
+        frontend.check_model(body.model)
+        req = frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
+                                    body.objectives(request.headers))
+        return await _answer(frontend, req, body.stream, body.include_usage,
+                             _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
+
+    @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        frontend = get_frontend()
+        frontend.check_model(body.model)
+        req = frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
+                                          body.objectives(request.headers))
+        return await _answer(frontend, req, body.stream, body.include_usage,
+                             _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
+
+    @app.get("/v1/models", dependencies=keyed, responses={401: {"model": ErrorResponse, "description": _NO_KEY}})
+    async def models() -> ModelList:
+        frontend = get_frontend()
+        return ModelList(data=[ModelCard(id=frontend.model_name, created=started_s,
+                                         max_model_len=frontend.max_model_len)])
+
+    @app.get("/health", responses={503: {"description": "Some pool has no live instance"}})
+    async def health() -> JSONResponse:
+        body = await get_frontend().health()
+        return JSONResponse(body, status_code=200 if body.get("status") == "ok" else 503)
+
+    @app.get("/metrics", response_class=Response)
+    async def metrics() -> Response:
+        content, content_type = get_frontend().metrics_text()
+        return Response(content, media_type=content_type)
+
+    return app
+
+
+def _docs(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI answers of a generation route: the JSON body, SSE when streaming, OpenAI's errors
+    (listing "default" also keeps FastAPI from documenting a 422 this API never sends)."""
+    stream = {"text/event-stream": {"schema": {"type": "string", "description": "stream=true: `data: <chunk JSON>` "
+                                               "events, then `data: [DONE]`"}}}
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorResponse, "description": what}
+        for code, what in ((400, "Invalid request"), (401, _NO_KEY), (404, "Unknown model"),
+                           (429, "Overloaded: retry later"), (503, "No instance available"), ("default", "Engine failure or other server error"))}
+    return {200: {"model": body, "content": stream}, **errors}
+
+
+def _trace_carrier(request: Request) -> dict[str, str]:
+    """The client's W3C trace context, so the request's spans join the client's trace."""
+    return {name: value for name in _TRACE_HEADERS if (value := request.headers.get(name)) is not None}
+
+
+@dataclass
+class _ChatShapes:
+    """Chat's wire shapes of one answer; id and created are shared by all its chunks."""
+
+    id: str
+    created: int
+    model: str
+
+    def opening(self) -> list[BaseModel]:
+        return [self._chunk(ChatDelta(role="assistant", content=""))]
+
+    def delta(self, text: str, finish_reason: str | None) -> BaseModel:
+        return self._chunk(ChatDelta(content=text or None), finish_reason)
+
+    def usage(self, usage: Usage) -> BaseModel:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def whole(self, text: str, finish_reason: str | None, usage: Usage) -> BaseModel:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+    def _chunk(self, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+
+@dataclass
+class _CompletionShapes:
+    """Completions' wire shapes of one answer."""
+
+    id: str
+    created: int
+    model: str
+
+    def opening(self) -> list[BaseModel]:
+        return []
+
+    def delta(self, text: str, finish_reason: str | None) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage(self, usage: Usage) -> BaseModel:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+    def whole(self, text: str, finish_reason: str | None, usage: Usage) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+
+_Shapes = _ChatShapes | _CompletionShapes
+
+
+async def _answer(frontend: FrontendAPI, req: GenerateRequest, stream: bool | None, include_usage: bool,
+                  shapes: _Shapes) -> Response:
+    """Wait for the first chunk before answering, so that a request that cannot be routed
+    (Overloaded, Unavailable) gets its own status code even when it asked for a stream."""
+    chunks = aiter(frontend.stream(req))
+    try:
+        first = await anext(chunks)
+    except StopAsyncIteration:
+        raise EngineFailure("The engine ended the answer without any output") from None
+    if stream:
+        return StreamingResponse(_events(first, chunks, shapes, include_usage), media_type="text/event-stream",
+                                 headers=_SSE_HEADERS)
+    texts, last = [first.text], first
+    async for chunk in chunks:
+        texts.append(chunk.text)
+        last = chunk
+    whole = shapes.whole("".join(texts), _finish_reason(last), _usage(last))
+    return Response(whole.model_dump_json(), media_type="application/json", headers=_slo_headers(last))
+
+
+async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], shapes: _Shapes,
+                  include_usage: bool) -> AsyncIterator[str]:
+    """SSE events of a streamed answer. Once the response has started, its status can no longer
+    change, so a failure becomes a last `{"error": ...}` event before `[DONE]`."""
+    try:
+        for event in shapes.opening():
+            yield _event(event.model_dump_json())
+        last = first
+        async for chunk in _chain(first, chunks):
+            last = chunk
+            if chunk.text or chunk.finish_reason:
+                yield _event(shapes.delta(chunk.text, chunk.finish_reason).model_dump_json())
+        _finish_reason(last)
+        if include_usage:
+            yield _event(shapes.usage(_usage(last)).model_dump_json())
+    except ServeError as err:
+        yield _event(json.dumps(err.openai_body()))
+    except Exception as exc:
+        logger.exception("request %s failed mid-stream", shapes.id)
+        yield _event(json.dumps(_internal_error(exc).openai_body()))
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:  # a client that went away: let the frontend abort the engine request
+            await aclose()
+    yield _DONE
+
+
+async def _chain(first: GenerateChunk, rest: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _event(data: str) -> str:
+    return f"data: {data}\n\n"
+
+
+def _usage(last: GenerateChunk) -> Usage:
+    slo = SLOUsage(**last.slo.as_dict()) if last.slo else None
+    kv = KVTransferUsage.from_report(last.kv_transfer) if last.kv_transfer else None
+    return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
+                 total_tokens=last.prompt_tokens + last.completion_tokens, slo=slo, kv_transfer=kv)
+
+
+def _slo_headers(last: GenerateChunk) -> dict[str, str]:
+    """A whole answer's measured TTFT/TPOT and whether each met its objective. (A stream's
+    headers leave before its answer exists: it reports them in its usage chunk.)"""
+    if last.slo is None:
+        return {}
+    r = last.slo
+    headers = {"x-pdserve-ttft-ms": f"{r.ttft_ms:.1f}", "x-pdserve-ttft-met": str(r.ttft_met).lower(),
+               "x-pdserve-tpot-met": str(r.tpot_met).lower()}
+    if r.tpot_ms is not None:
+        headers["x-pdserve-tpot-ms"] = f"{r.tpot_ms:.1f}"
+    return headers
+
+
+def _finish_reason(last: GenerateChunk) -> str:
+    """The answer's finish reason; an answer without one was cut short, which a client must not
+    mistake for a complete one."""
+    if last.finish_reason is None:
+        raise EngineFailure("The engine ended the answer without a finish reason")
+    return last.finish_reason
+
+
+def _internal_error(exc: Exception) -> ServeError:
+    """A bug or an unexpected failure: name its class only, since its message may hold internals."""
+    return ServeError(f"Internal server error ({type(exc).__name__})")
+
+
+def _error_response(err: ServeError) -> JSONResponse:
+    return JSONResponse(err.openai_body(), status_code=err.http_status, headers=err.headers())
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Answer every failure with OpenAI's error body; invalid bodies are 400, as in OpenAI's API."""
+
+    @app.exception_handler(ServeError)
+    async def serve_error(_: Request, err: ServeError) -> JSONResponse:
+        return _error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error_response(_invalid_body(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code == 404 else str(exc.detail)
+        body = ErrorResponse(error=ErrorDetail(message=message, type="invalid_request_error"))
+        return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        # Starlette re-raises `exc` after sending this answer, so the server still logs the traceback.
+        return _error_response(_internal_error(exc))
+
+
+def _invalid_body(exc: RequestValidationError) -> InvalidRequest:
+    """FastAPI's validation errors, with locations relative to the body (`messages[0].role`)."""
+    errors = list(exc.errors())
+    first = errors[0] if errors else None
+    if first and first["type"] == "json_invalid":
+        return InvalidRequest(f"The request body is not valid JSON: {first.get('ctx', {}).get('error', '')}")
+    if first and tuple(first["loc"]) == ("body",) and isinstance(first.get("input"), bytes):
+        return InvalidRequest("The request body must be JSON, sent with 'Content-Type: application/json'")
+    return invalid_request([{**e, "loc": tuple(e["loc"])[1:]} for e in errors])  # type: ignore[typeddict-item]

@@ -1,0 +1,366 @@
+"""OpenAI's chat and completions bodies, as far as pdserve serves them.
+
+Requests ignore fields they do not know (OpenAI clients send many) but validate the
+ones they know strictly: `"max_tokens": "5"` is a 400, not a silent coercion. Value
+ranges are checked once, by `Sampling`, whose errors come back naming the request field.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from pdserve.errors import InvalidRequest
+from pdserve.prefill.requests import Objectives, Sampling
+
+OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-ms", "priority": "x-pdserve-priority"}
+"""Request headers that carry the objectives when the body does not (e.g. set by a gateway)."""
+COMPLETION_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default `max_tokens` for /v1/completions (chat has none: up to the context length)."""
+
+
+def field_path(loc: Sequence[int | str]) -> str:
+    """`("messages", 0, "role")` -> `messages[0].role`: how a user would name the field."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).removeprefix(".")
+
+
+def invalid_request(errors: Sequence[ErrorDetails], renames: dict[str, str] | None = None) -> InvalidRequest:
+    """One InvalidRequest for pydantic errors: the message lists each field and problem (up to 3),
+    `param` names the first field. `renames` maps a model's field to the request field it came from."""
+    parts, params = [], []
+    for err in errors[:3]:
+        path = field_path(err["loc"])
+        path = (renames or {}).get(path, path)
+        params.append(path)
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"Invalid '{path}': {msg}" if path else f"Invalid request body: {msg}")
+    return InvalidRequest("; ".join(parts), param=params[0] if params and params[0] else None)
+
+
+def _one_of(expected: str) -> WrapValidator:
+    """Report a union's failure as one error on the field ("should be a string or ...") instead of
+    one error per member type under made-up paths like `stop.list[str]`."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", "Input should be {expected}", {"expected": expected}) from None
+
+    return WrapValidator(validate)
+
+
+StopField = Annotated[str | list[str] | None, _one_of("a string, a list of strings or null")]
+PromptField = Annotated[str | list[int] | list[str], _one_of("a string, a list of token ids or a list of one string")]
+
+
+class _Model(BaseModel):
+    """Field docstrings become the field descriptions of the OpenAPI document."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+
+class _StrictBody(_Model):
+    """Unknown fields are dropped; known fields must have the documented JSON type."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_StrictBody):
+    include_usage: bool = False
+    """Send a last chunk with empty `choices` and the request's token usage."""
+
+
+class _GenerationRequest(_StrictBody, ABC):
+    """Fields chat and completions share."""
+
+    model: str
+    temperature: float | None = None
+    """0..2; 0 is greedy; null means 1."""
+    top_p: float | None = None
+    """(0, 1]; null means 1."""
+    stop: StopField = None
+    """Up to 4 strings; generation ends before the first one, which is not returned."""
+    seed: int | None = None
+    ignore_eos: bool | None = None
+    """vLLM's extension: keep generating past end of sequence, up to the token limit (benchmarks)."""
+    n: int | None = 1
+    """Choices per request; pdserve serves exactly one."""
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    """Accepted for compatibility; unused."""
+    ttft_ms: float | None = None
+    """pdserve's SLO contract (OpenAI clients send it in `extra_body`, or as the header
+    `x-pdserve-ttft-ms`): time-to-first-token objective in ms; unset: the service's default."""
+    tpot_ms: float | None = None
+    """Time-per-output-token objective in ms (header `x-pdserve-tpot-ms`)."""
+    priority: int | None = None
+    """0 (most important) to 9; under load higher values are refused first (header `x-pdserve-priority`)."""
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise PydanticCustomError("unsupported", "only n=1 is supported, got {n}", {"n": n})
+        return n
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
+            raise PydanticCustomError("unsupported", "stream_options is only allowed when stream is true")
+        return options
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether a streamed answer ends with a usage chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def objectives(self, headers: Mapping[str, str]) -> Objectives:
+        """The request's latency objectives: body fields first, else the `x-pdserve-*` headers;
+        InvalidRequest naming the field or header when a value is not one."""
+        values: dict[str, Any] = {}
+        sources: dict[str, str] = {}
+        for name, parse in (("ttft_ms", float), ("tpot_ms", float), ("priority", int)):
+            value, source = getattr(self, name), name
+            if value is None and (raw := headers.get(OBJECTIVE_HEADERS[name])) is not None:
+                source = OBJECTIVE_HEADERS[name]
+                try:
+                    value = parse(raw)
+                except ValueError:
+                    raise InvalidRequest(f"Invalid '{source}' header: {raw!r} is not a number", param=source) from None
+            if value is not None:
+                values[name], sources[name] = value, source
+        try:
+            return Objectives(**values)
+        except ValidationError as e:
+            raise invalid_request(e.errors(), renames=sources) from None
+
+    @abstractmethod
+    def _max_tokens(self) -> tuple[int | None, str]:
+        """The requested token limit and the request field it came from."""
+
+    def sampling(self) -> Sampling:
+        """The shared sampling options; InvalidRequest (naming the field) when a value is out of range."""
+        max_tokens, max_tokens_field = self._max_tokens()
+        values = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+                  "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos}
+        try:
+            return Sampling(**{k: v for k, v in values.items() if v is not None})
+        except ValidationError as e:
+            raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field}) from None
+
+
+class ChatMessage(_StrictBody):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    """Body of POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    """Tokens to generate at most (OpenAI's older name); null means up to the context length."""
+    max_completion_tokens: int | None = None
+    """OpenAI's newer name for `max_tokens`; set either, or both to the same value."""
+
+    def _max_tokens(self) -> tuple[int | None, str]:
+        if self.max_completion_tokens is None:
+            return self.max_tokens, "max_tokens"
+        if self.max_tokens not in (None, self.max_completion_tokens):
+            raise InvalidRequest("max_tokens and max_completion_tokens differ; set only one",
+                                 param="max_completion_tokens")
+        return self.max_completion_tokens, "max_completion_tokens"
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        """Messages as the frontend's chat template takes them."""
+        return [{"role": m.role, "content": m.content} for m in self.messages]
+
+
+class CompletionRequest(_GenerationRequest):
+    """Body of POST /v1/completions."""
+
+    prompt: PromptField
+    """Text, token ids, or a batch of exactly one text."""
+    max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
+    """Tokens to generate at most; null means OpenAI's default, 16."""
+    echo: bool | None = False
+    """Not supported: must be false or absent."""
+    logprobs: int | None = None
+    """Not supported: must be null or absent."""
+
+    @field_validator("prompt")
+    @classmethod
+    def _single_prompt(cls, prompt: str | list[int] | list[str]) -> str | list[int] | list[str]:
+        if isinstance(prompt, list) and (not prompt or (isinstance(prompt[0], str) and len(prompt) != 1)):
+            raise PydanticCustomError("unsupported", "prompt must be a string, non-empty token ids or one string")
+        return prompt
+
+    @field_validator("echo", "logprobs")
+    @classmethod
+    def _unsupported(cls, value: bool | int | None, info: ValidationInfo) -> bool | int | None:
+        if value is not None and value is not False:
+            raise PydanticCustomError("unsupported", "{field} is not supported", {"field": info.field_name})
+        return value
+
+    def _max_tokens(self) -> tuple[int | None, str]:
+        return (COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens), "max_tokens"
+
+    def prompt_input(self) -> str | list[int]:
+        """The prompt as the frontend takes it: text or token ids."""
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        return self.prompt  # type: ignore[return-value]  # a list here holds ints
+
+
+def _absent_if_none() -> Any:
+    """A field left out of the JSON while None, as OpenAI leaves out a chunk's unset fields."""
+    return Field(None, exclude_if=lambda value: value is None)
+
+
+class SLOUsage(_Model):
+    """How the request did against its objectives, measured at the ingress."""
+
+    ttft_ms: float
+    tpot_ms: float | None
+    """null when the answer had a single token."""
+    ttft_objective_ms: float
+    tpot_objective_ms: float
+    ttft_met: bool
+    tpot_met: bool
+    priority: int
+
+
+class KVTransferUsage(_Model):
+    """How a disaggregated request's prompt KV moved from the prefill to the decode replica."""
+
+    state: str
+    """"DONE" or "FAILED"."""
+    tokens: int
+    bytes: int
+    transfer_ms: float
+    """Prefill forward start to the KV in the decode replica's cache (the push overlaps the forward)."""
+    exposed_ms: float
+    """End of the prefill forward to the KV in the decode cache: what the transfer adds to TTFT."""
+    load_ms: float
+    """Copying the received KV into the paged cache."""
+
+    @classmethod
+    def from_report(cls, report: Mapping[str, Any]) -> "KVTransferUsage":
+        start, ready = int(report.get("start_unix_ns") or 0), int(report.get("ready_unix_ns") or 0)
+        return cls(state=str(report.get("state", "")), tokens=int(report.get("tokens", 0)),
+                   bytes=int(report.get("bytes", 0)),
+                   transfer_ms=round((ready - start) / 1e6, 3) if start and ready else 0.0,
+                   exposed_ms=round(float(report.get("exposed_ms", 0.0)), 3),
+                   load_ms=round(float(report.get("load_ms", 0.0)), 3))
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    slo: SLOUsage | None = _absent_if_none()
+    """pdserve's addition: measured TTFT and TPOT against the request's objectives."""
+    kv_transfer: KVTransferUsage | None = _absent_if_none()
+    """pdserve's addition, disaggregated requests whose prompt KV came from a prefill replica."""
+
+
+class _Answer(_Model):
+    """What every answer object carries; a stream's chunks share the id and `created`."""
+
+    id: str
+    """`chatcmpl-<hex>` or `cmpl-<hex>`."""
+    created: int
+    """Unix seconds."""
+    model: str
+
+
+class AssistantMessage(_Model):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Model):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletion(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Model):
+    role: Literal["assistant"] | None = _absent_if_none()
+    content: str | None = _absent_if_none()
+
+
+class ChatChunkChoice(_Model):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Answer):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = _absent_if_none()
+    """Only on the last chunk (whose `choices` is empty), when `stream_options.include_usage` is true."""
+
+
+class CompletionChoice(_Model):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class Completion(_Answer):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Answer):
+    """OpenAI streams completions as `text_completion` objects, each holding the new text."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | None = _absent_if_none()
+
+
+class ModelCard(_Model):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pdserve"
+    max_model_len: int
+    """Context length in tokens (prompt plus generated), as vLLM reports it."""
+
+
+class ModelList(_Model):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Model):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(_Model):
+    """OpenAI's error body: every non-2xx answer, and the last event of a stream that failed."""
+
+    error: ErrorDetail

@@ -1,0 +1,1 @@
+"""`pdserve ...`: the command line, on top of every other part (nothing imports it)."""

@@ -1,0 +1,386 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+
+from pdserve.bench.hardware import hardware
+from pdserve.cli.autoscale import add_autoscale_parsers, add_bench_trace_parser
+from pdserve.cli.experts import add_bench_experts_parser
+
+# Models come from local checkpoint directories only; never reach for a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _cmd_model_prepare(args: argparse.Namespace) -> int:
+    if args.moe:
+        from pdserve.moe_checkpoint import prepare_moe_model
+
+        print(prepare_moe_model(force=args.force))
+        return 0
+    from pdserve.model_store import prepare_default_model
+
+    print(prepare_default_model(force=args.force))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from pdserve.cli import demo
+    from pdserve.model_store import resolve_model
+
+    demo.run(str(resolve_model(args.model)), args.prompt or demo.DEMO_PROMPTS, max_tokens=args.max_tokens)
+    return 0
+
+
+def _config_or_exit(path: str | None, command: str):
+    """The validated cluster config, or exit 2 with every problem listed."""
+    from pdserve.config.cluster import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        print(f"pdserve {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _model_path_or_exit(cfg, command: str) -> str:
+    """The checkpoint directory of `cfg.model` ("default": the embedded model), or exit 2 saying why not."""
+    from pdserve.model_store import ModelNotFoundError, resolve_model
+
+    try:
+        return str(resolve_model(None if cfg.model == "default" else cfg.model))
+    except ModelNotFoundError as err:
+        print(f"pdserve {command}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from pdserve.deployments import service
+
+    cfg = _config_or_exit(args.config, "serve")
+    if args.ray_address:
+        cfg = cfg.model_copy(update={"ray_address": args.ray_address})
+    model_path = _model_path_or_exit(cfg, "serve")
+    print(f"starting pdserve ({cfg.mode}, model {model_path}); engines take about a minute to load", file=sys.stderr)
+    svc = service.start(cfg, model_path)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    pools = ", ".join(f"{role} x{pool.replicas}" for role, pool in cfg.pools().items())
+    print(f"pdserve is serving {os.path.basename(model_path)} ({cfg.mode}: {pools}; {cfg.engine_dtype})\n"
+          f"  OpenAI HTTP API: {svc.http_url}/v1  (docs {svc.http_url}/docs, health {svc.http_url}/health, "
+          f"metrics {svc.http_url}/metrics)\n"
+          f"  gRPC API:        {svc.grpc_addr}  (pdserve.v1.Generation, health, reflection)\n"
+          "Press Ctrl-C to stop.", flush=True)
+    stop.wait()
+    svc.stop()
+    print("pdserve stopped", file=sys.stderr)
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = _config_or_exit(args.config, "config show")
+    print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_bench_kv(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pdserve.bench import kv_transfer
+    from pdserve.config.kvtransfer import KVTransferSettings
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    settings = KVTransferSettings(
+        secret=secrets.token_hex(16),
+        chunk_bytes=args.chunk_mib << 20,
+        num_streams=args.streams,
+        max_frame_bytes=(args.chunk_mib + 1) << 20,
+    )
+    total = len(sizes) * args.repeats + (0 if args.no_engines else args.engine_runs + 1)
+    bar = tqdm(total=total, desc="bench kv", file=sys.stderr, disable=args.quiet)
+    results = kv_transfer.run(sizes, args.repeats, settings, progress=bar.update)
+    report: dict = {
+        "hardware": hardware(),
+        "settings": {"chunk_mib": args.chunk_mib, "streams": args.streams, "repeats": args.repeats},
+        "sizes": [r.__dict__ for r in results],
+    }
+    big = [r.ratio for r in results if r.size_mib >= 64]
+    report["goal_ratio_at_64mib_plus"] = {"target": 0.8, "worst": min(big) if big else None,
+                                          "met": bool(big) and min(big) >= 0.8}
+    if not args.no_engines:
+        from pdserve.bench import kv_exposed
+        from pdserve.model_store import resolve_model
+
+        ex = kv_exposed.run(str(resolve_model(args.model)), settings.secret_value, args.prompt_tokens,
+                            args.engine_runs, progress=bar.update)
+        report["exposed"] = {**ex.__dict__, "exposed_fraction": ex.exposed_fraction,
+                             "goal": {"target_fraction": 0.1, "met": ex.exposed_fraction <= 0.1}}
+    bar.close()
+    if not args.json:
+        print(f"{'MiB':>5} {'gRPC MiB/s':>11} {'TCP MiB/s':>10} {'ratio':>6} {'bare grpcio MiB/s':>18}")
+        for r in results:
+            print(f"{r.size_mib:>5} {r.grpc_mib_s:>11.0f} {r.tcp_mib_s:>10.0f} {r.ratio:>6.2f} {r.grpcio_raw_mib_s:>18.0f}")
+        if "exposed" in report:
+            e = report["exposed"]
+            print(f"{e['prompt_tokens']}-token prompt: prefill {e['prefill_compute_ms']:.0f} ms, exposed transfer "
+                  f"{e['exposed_transfer_ms']:.1f} ms ({100 * e['exposed_fraction']:.1f}%), {e['kv_mib']:.1f} MiB KV")
+    print(json.dumps(report))
+    return 0
+
+
+def _cmd_bench_route(args: argparse.Namespace) -> int:
+    from pdserve.bench import route_bench
+
+    report = {"hardware": hardware(), **route_bench.run(args.instances, args.decisions, args.seed)}
+    if not args.json:
+        print(f"{args.instances} instances, {args.decisions} decisions each (goal: p99 < 100 us)")
+        for name in ("slo", "slo_slow_links_between_nodes", "least_load", "slo_decision_and_booking"):
+            r = report[name]
+            print(f"  {name:32s} p50 {r['p50_us']:7.1f} us   p99 {r['p99_us']:7.1f} us   mean {r['mean_us']:7.1f} us")
+    print(json.dumps(report))
+    return 0
+
+
+def _cmd_bench_slo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pdserve.bench import slo_compare
+
+    cfg = _config_or_exit(args.config, "bench slo")
+    w = slo_compare.Workload(requests=args.requests, load=args.load, overload=args.overload,
+                             overload_s=args.overload_s, burstiness=args.burstiness, long_fraction=args.long_fraction,
+                             long_tokens=args.long_tokens, max_tokens=args.max_tokens, slo_scale=args.slo_scale,
+                             seed=args.seed)
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar = bars.setdefault(phase, tqdm(total=total, desc=f"bench slo: {phase}", file=sys.stderr))
+        bar.update(done - bar.n)
+
+    report = slo_compare.run(cfg, _model_path_or_exit(cfg, "bench slo"), w, progress)
+    for bar in bars.values():
+        bar.close()
+    report["hardware"] = hardware()
+    for name in ("least_load", "slo", "overload"):
+        r = report[name]
+        print(f"{name:10s} goodput {r['goodput_rps']:.3f} req/s  met {r['met']}/{r['requests']}  ok {r['ok']}  "
+              f"rejected {r['rejected']}  errors {r['error']}  admitted attainment {r['attainment_admitted']}  "
+              f"reject p99 {(r['reject_ms'] or {}).get('p99')} ms")
+    print(json.dumps(report))
+    return 0
+
+
+def _cmd_bench_overload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import httpx
+    from tqdm import tqdm
+
+    from pdserve.bench import overload, overload_report, overload_settings
+
+    try:
+        settings = overload_settings.OverloadSettings(overload=args.overload, duration_s=args.duration_s,
+                                             recovery_s=args.recovery_s, slo_scale=args.slo_scale, seed=args.seed)
+    except ValueError as err:
+        print(f"pdserve bench overload: {err}", file=sys.stderr)
+        return 2
+    cfg = _config_or_exit(args.config, "bench overload")
+    model_path = None if args.url else _model_path_or_exit(cfg, "bench overload")
+    bars: dict[str, tqdm] = {}
+
+    def progress(phase: str, done: int, total: int | None) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"bench overload: {phase}", file=sys.stderr, disable=args.quiet)
+        bars[phase].update(done - bars[phase].n)
+
+    try:
+        report = overload.run(cfg, model_path, settings, args.url, progress)
+    except (httpx.HTTPError, RuntimeError) as err:  # --url unreachable, or calibration failed
+        print(f"pdserve bench overload: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for bar in bars.values():
+            bar.close()
+    json_path, png_path = overload_report.write({**report, "hardware": hardware()}, Path(args.out))
+    print("\n".join(overload_report.summary_lines(report)))
+    print(f"report: {json_path}; plot: {png_path}")
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from pdserve.bench import plots, serve_bench, serve_report, serve_settings
+    from pdserve.bench.workloads import load_workload
+
+    try:
+        workload = load_workload(args.workload)
+        settings = serve_settings.ServeBenchSettings(
+            requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
+            rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
+            slo_scales=args.slo_scale, reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms,
+            max_runs=args.max_runs, calibration_requests=args.calibration_requests,
+            probe_prompt_tokens=args.probe_prompt_tokens, seed=args.seed)
+    except (ValueError, ValidationError) as err:
+        print(f"pdserve bench serve: {err}", file=sys.stderr)
+        return 2
+    bar: dict[str, tqdm] = {}  # the current run's bar, by label (a disabled tqdm keeps no desc)
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in bar:
+            for old in bar.values():
+                old.close()
+            bar.clear()
+            bar[label] = tqdm(total=total, desc=label, file=sys.stderr, disable=args.quiet)
+        bar[label].update(done - bar[label].n)
+
+    cfg = _config_or_exit(args.config, "bench serve")
+    model_path = _model_path_or_exit(cfg, "bench serve")
+    if args.url:
+        report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
+    else:
+        modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+        if not modes or set(modes) - {"colocated", "disaggregated"}:
+            print(f"pdserve bench serve: --compare takes colocated and/or disaggregated, got {args.compare!r}",
+                  file=sys.stderr)
+            return 2
+        report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
+    for b in bar.values():
+        b.close()
+    out = Path(args.out)
+    path = serve_report.write(report, out)
+    pngs = plots.write_all(report, out)
+    print("\n".join(serve_report.summary(report)))
+    print(f"report: {path}; plots: {', '.join(str(p) for p in pngs)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    model = sub.add_parser("model", help="manage the default model").add_subparsers(dest="model_cmd", required=True)
+    prep = model.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into an HF checkpoint (once)")
+    prep.add_argument("--force", action="store_true", help="convert again even if the checkpoint exists")
+    prep.add_argument("--moe", action="store_true", help="the generated test MoE model (a small Mixtral) instead")
+    prep.set_defaults(func=_cmd_model_prepare)
+
+    demo = sub.add_parser("demo", help="answer prompts with one prefill and one decode engine process")
+    demo.add_argument("--model", help="HF checkpoint directory (default: the embedded SmolLM2-135M-Instruct)")
+    demo.add_argument("--prompt", action="append", help="a prompt (repeatable; default: three examples)")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.set_defaults(func=_cmd_demo)
+
+    serve = sub.add_parser("serve", help="serve a model: prefill and decode pools on Ray Serve, HTTP and gRPC APIs")
+    serve.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    serve.add_argument("--ray-address", help="join this Ray cluster instead of starting a local one")
+    serve.set_defaults(func=_cmd_serve)
+
+    config = sub.add_parser("config", help="cluster configuration").add_subparsers(dest="config_cmd", required=True)
+    show = config.add_parser("show", help="validate a config and print it with every default filled in")
+    show.add_argument("--config", help="cluster YAML (default: the built-in config)")
+    show.set_defaults(func=_cmd_config_show)
+
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    kv = bench.add_parser("kv", help="KV transfer: gRPC vs plain TCP throughput, exposed transfer time")
+    kv.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
+    kv.add_argument("--sizes", default="1,4,16,64,256", help="payload sizes in MiB, comma separated")
+    kv.add_argument("--repeats", type=int, default=5, help="timed runs per size and transport (median)")
+    kv.add_argument("--chunk-mib", type=int, default=8, help="payload MiB per chunk")
+    kv.add_argument("--streams", type=int, default=2, help="gRPC streams (connections) per transfer")
+    kv.add_argument("--no-engines", action="store_true", help="skip the real-engine exposed-time measurement")
+    kv.add_argument("--prompt-tokens", type=int, default=1000)
+    kv.add_argument("--engine-runs", type=int, default=3)
+    kv.add_argument("--model", help="HF checkpoint directory (default: the embedded model)")
+    kv.add_argument("--quiet", action="store_true", help="no progress bar")
+    kv.set_defaults(func=_cmd_bench_kv)
+    route = bench.add_parser("route", help="routing decision latency with many registered instances")
+    route.add_argument("--instances", type=int, default=1000)
+    route.add_argument("--decisions", type=int, default=5000)
+    route.add_argument("--seed", type=int, default=0)
+    route.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
+    route.set_defaults(func=_cmd_bench_route)
+    slo = bench.add_parser("slo", help="SLO-aware routing vs least-load on a real service, then 3x overload")
+    slo.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    slo.add_argument("--requests", type=int, default=60, help="requests in each policy's trace")
+    slo.add_argument("--load", type=float, default=1.0, help="arrival rate as a multiple of the estimated capacity")
+    slo.add_argument("--overload", type=float, default=3.0, help="overload phase rate, x capacity")
+    slo.add_argument("--overload-s", type=float, default=40.0, help="overload phase length")
+    slo.add_argument("--burstiness", type=float, default=4.0, help="gamma arrivals: squared CV of gaps (1 = Poisson)")
+    slo.add_argument("--long-fraction", type=float, default=0.3, help="share of long prompts")
+    slo.add_argument("--long-tokens", type=int, default=1000)
+    slo.add_argument("--max-tokens", type=int, default=32)
+    slo.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
+    slo.add_argument("--seed", type=int, default=0)
+    slo.set_defaults(func=_cmd_bench_slo)
+    ov = bench.add_parser("overload", help="several times capacity for a minute: errors, attainment of the admitted, "
+                          "refusal latency, memory, recovery")
+    ov.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
+    ov.add_argument("--url", help="drive this running service instead of deploying one (memory is then not sampled)")
+    ov.add_argument("--overload", type=float, default=3.0, help="overload arrival rate, x the estimated capacity")
+    ov.add_argument("--duration-s", type=float, default=60.0, help="length of the overload")
+    ov.add_argument("--recovery-s", type=float, default=20.0, help="probing for normal latency after the overload")
+    ov.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
+    ov.add_argument("--seed", type=int, default=0)
+    ov.add_argument("--out", default="bench-overload", help="directory for overload.json and overload.png")
+    ov.add_argument("--quiet", action="store_true", help="no progress bars")
+    ov.set_defaults(func=_cmd_bench_overload)
+    sv = bench.add_parser("serve", help="goodput: colocated vs disaggregated (or a running service), SLO-scale sweep")
+    sv.add_argument("--config", help="cluster YAML both configurations start from (default: the built-in one)")
+    sv.add_argument("--compare", default="colocated,disaggregated", help="modes to deploy and run, in order")
+    sv.add_argument("--url", help="measure this running service instead of deploying (e.g. http://127.0.0.1:8000)")
+    sv.add_argument("--workload", default="chat", help="chat, summarization, code, or a .yaml/.json/.jsonl file")
+    sv.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    sv.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps")
+    sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")
+    sv.add_argument("--rates", type=_floats, help="run these rates (req/s, comma separated) instead of searching")
+    sv.add_argument("--start-rate", type=float, help="search start (req/s); default from the unloaded latency")
+    sv.add_argument("--slo-scale", type=_floats, default=[1.0, 1.5, 2.0, 3.0, 5.0],
+                    help="objectives as multiples of the unloaded p90 TTFT and TPOT, comma separated")
+    sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
+    sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
+    sv.add_argument("--requests", type=int, default=40, help="requests per rate")
+    sv.add_argument("--max-runs", type=int, default=8, help="runs per configuration at most")
+    sv.add_argument("--calibration-requests", type=int, default=10, help="unloaded requests, and as many pairs")
+    sv.add_argument("--probe-prompt-tokens", type=int, default=16, help="prompt length of the added-latency pairs")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--out", default="bench-serve", help="directory for serve.json and the PNG plots")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar")
+    sv.set_defaults(func=_cmd_bench_serve)
+    add_bench_trace_parser(bench)
+    add_bench_experts_parser(bench)
+    add_autoscale_parsers(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request would drown the decisions
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The cluster configuration: one YAML file, validated here, read by `pdserve serve`.
+
+Errors name the field and the problem (`pools.decode.replicas: Input should be
+greater than or equal to 1`) so an operator can fix a file without reading code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from pdserve.config.autoscaling import AutoscalingConfig
+from pdserve.config.autoscaling_policy import PolicyError
+from pdserve.config.experts import ExpertPoolConfig
+from pdserve.config.files import describe, read_mapping
+from pdserve.config.kvtransfer import KVTransferSettings
+from pdserve.config.routing import RoutingConfig
+
+# Engine arguments pdserve sets itself; a pool may not override them.
+_RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name",
+                         "worker_extension_cls"}
+
+
+@cache
+def _engine_arg_names() -> frozenset[str]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+class PoolConfig(BaseModel):
+    """One pool of identical engine replicas (prefill, decode or colocated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: int = Field(1, ge=1, le=1024)
+    """Number of engine replicas in the pool."""
+    accelerator_type: str | None = None
+    """Ray accelerator type (e.g. "H100", "L4"): replicas only land on nodes that carry
+    the resource `accelerator_type:<type>`, so prefill and decode can sit on different GPUs."""
+    num_cpus: float = Field(1.0, ge=0)
+    """CPUs Ray reserves per replica."""
+    num_gpus: float = Field(0.0, ge=0)
+    """GPUs Ray reserves per replica (0 on CPU-only clusters)."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Extra custom Ray resources each replica needs."""
+    cpu_binds: list[str] = Field(default_factory=list)
+    """CPU engines only: cores for each replica's compute (vLLM's VLLM_CPU_OMP_THREADS_BIND),
+    indexed by the replica's rank on its node, e.g. ["0"] or ["0", "1"]; empty lets vLLM choose."""
+    kv_cache_gib: int = Field(1, ge=1)
+    """CPU engines only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    cpu_nice: int = Field(10, ge=0, le=19)
+    """CPU engines only: scheduling niceness of the engine's processes. Engines keep their cores
+    busy; a positive value lets the ingress, controller and proxy sharing those cores run first,
+    so routing and refusals stay fast under load. Ignored on GPU engines."""
+    warmup: bool = True
+    """Before the replica takes traffic, run prompts that fill the engine's largest step and spill
+    into the next: an engine's first prompt longer than any before runs several times slower (on
+    this project's CPU, 1000 tokens: 4.6 s the first time, 0.7 s after), which would break the
+    first requests' objectives and mislead the controller's latency model."""
+    max_ongoing_requests: int = Field(64, ge=1)
+    """Requests one replica runs at once; the router treats a full replica as unavailable."""
+    experts: ExpertPoolConfig | None = None
+    """MoE models only: run each MoE layer with a few expert slots in device memory and every
+    expert in host memory (typically decode pools; prefill touches nearly every expert). None
+    keeps all experts resident."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Further vLLM engine arguments (AsyncEngineArgs fields), e.g. max_num_seqs,
+    max_num_batched_tokens, gpu_memory_utilization, enforce_eager."""
+
+    @field_validator("engine_args")
+    @classmethod
+    def _known_engine_args(cls, v: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(set(v) & _RESERVED_ENGINE_ARGS)
+        if reserved:
+            raise ValueError(f"{reserved} are set by pdserve from the top-level config, not per pool")
+        unknown = sorted(set(v) - _engine_arg_names())
+        if unknown:
+            raise ValueError(f"unknown vLLM engine arguments {unknown}")
+        return v
+
+    @property
+    def on_cpu(self) -> bool:
+        """Whether this pool's engines run on CPUs (Ray gives them no GPU)."""
+        return self.num_gpus == 0
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.accelerator_type:
+            opts["accelerator_type"] = self.accelerator_type
+        if self.resources:
+            opts["resources"] = dict(self.resources)
+        return opts
+
+
+class SLOConfig(BaseModel):
+    """The served model's latency objectives: defaults for requests that do not state
+    their own, and what happens to a request none of whose routes is predicted to meet them.
+    (A service serves one model, so this section is that model's.)"""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ttft_ms: float = Field(2000.0, gt=0)
+    """Time to first token."""
+    tpot_ms: float = Field(200.0, gt=0)
+    """Time per output token after the first."""
+    priority: int = Field(0, ge=0, le=9)
+    """Priority of requests that state none; 0 is the most important."""
+    on_unmeetable: Literal["reject", "best_effort"] = "reject"
+    """"reject": refuse at once (429 + Retry-After, gRPC RESOURCE_EXHAUSTED) instead of
+    queueing a request predicted to miss its objectives; "best_effort": serve it anyway on
+    the best route (requests still get 429 when every instance is full)."""
+
+
+class IngressConfig(BaseModel):
+    """Where clients reach the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    """Address the HTTP and gRPC ingresses bind."""
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_\-/]*$")
+    """HTTP path prefix of this application, so several can share one Serve proxy."""
+    replicas: int = Field(1, ge=1)
+    """Ingress replicas (tokenize, route, stream); each is light."""
+    resources: dict[str, float] = Field(default_factory=dict)
+    """Custom Ray resources an ingress replica needs, e.g. {pdserve_ingress: 1} to pin it to the
+    node clients reach (on Kubernetes the head, whose Service carries the gRPC port)."""
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Longest a request may run end to end, retries included, before it is cancelled."""
+    replica_loss_retries: int = Field(2, ge=0)
+    """How many times a request whose replica died moves to another one: before its first
+    token it is prefilled again; mid-stream the new decode replica prefills the prompt plus the
+    tokens already sent and goes on from there. 0: end it at once with a retriable 503
+    (gRPC UNAVAILABLE)."""
+    route_wait_s: float = Field(5.0, ge=0)
+    """How long a request waits for a pool to have a live instance again (a replica being
+    replaced, the controller restarting) before it fails with 503. Overload is refused at once."""
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    """Keys clients must present (`Authorization: Bearer <key>`, over HTTP and gRPC), on top of
+    those in PDSERVE_API_KEYS (comma-separated; the Helm chart sets it from a Secret). None
+    anywhere: no key needed. Prefer the environment: a config file is easily shared."""
+
+
+class TracingConfig(BaseModel):
+    """OpenTelemetry traces: one per request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exporter: Literal["none", "otlp", "memory"] = "none"
+    """"otlp" sends spans to `otlp_endpoint`; "memory" keeps them in each process,
+    readable through the deployments' `finished_spans()` (tests)."""
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    """OTLP/gRPC collector address."""
+    service_name: str = "pdserve"
+
+
+# Per-role pool defaults for one 2-core machine: each engine on its own core.
+_POOL_DEFAULTS: dict[str, dict[str, Any]] = {
+    "prefill": {"cpu_binds": ["0"]},
+    "decode": {"cpu_binds": ["1"]},
+    "colocated": {"replicas": 2, "cpu_binds": ["0", "1"], "engine_args": {"max_num_batched_tokens": 256}},
+}
+
+
+class ClusterConfig(BaseModel):
+    """Everything `pdserve serve` deploys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "default"
+    """Checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct."""
+    served_model_name: str = ""
+    """Name clients put in `model`; empty uses the checkpoint directory's name."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV cache dtype; prefill and decode must agree for KV to move. "auto": float32
+    on CPUs (see `resolve_dtype`), vLLM's own choice (the checkpoint's dtype) on GPUs."""
+    max_model_len: int = Field(2048, ge=16)
+    """Context length: prompt plus generated tokens."""
+    enforce_eager: bool | None = None
+    """Run engines without graph capture/compilation; None: eager on CPUs (where vLLM's
+    compiled mode starts minutes slower and is no faster), compiled on GPUs. A pool's
+    engine_args may still set it."""
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    """disaggregated: prefill and decode pools with KV moving between them;
+    colocated: one pool of plain engines doing both (baseline and fallback)."""
+    ray_address: str | None = None
+    """Join this Ray cluster ("auto" or host:port); None starts a local one."""
+    app_name: str = "pdserve"
+    """Ray Serve application name."""
+    prefill: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["prefill"]))
+    """The prefill pool (disaggregated mode)."""
+    decode: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["decode"]))
+    """The decode pool (disaggregated mode)."""
+    colocated: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["colocated"]))
+    """The plain engine pool (colocated mode); a small prefill chunk keeps decode steps short."""
+    kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
+    """KV channel between the pools (secret, chunking, lease). An empty secret makes
+    `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
+    slo: SLOConfig = Field(default_factory=SLOConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    """How the controller routes requests and predicts their latencies."""
+    autoscaling: AutoscalingConfig | None = None
+    """Size the prefill and decode pools from a policy file (disaggregated mode); None keeps
+    each pool at its `replicas`."""
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    log_level: str = "INFO"
+    """pdserve's and vLLM's log level inside the replicas."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pool_defaults_per_field(cls, data: Any) -> Any:
+        """A pool section overrides the role's defaults field by field (and engine_args key by
+        key): `decode: {replicas: 2}` keeps the decode pool's default cores."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for role, defaults in _POOL_DEFAULTS.items():
+            given = data.get(role)
+            if isinstance(given, dict):
+                merged = {**defaults, **given}
+                if isinstance(given.get("engine_args"), dict):
+                    merged["engine_args"] = {**defaults.get("engine_args", {}), **given["engine_args"]}
+                data[role] = merged
+        return data
+
+    @model_validator(mode="after")
+    def _pools_fit_mode(self) -> "ClusterConfig":
+        if self.kv_transfer.listen_addr != "127.0.0.1:0":
+            raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
+        if self.ingress.http_port == self.ingress.grpc_port:
+            raise ValueError("ingress.http_port and ingress.grpc_port must differ")
+        if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":
+            raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so the "
+                             "prefill and decode engines would hold KV of different dtypes: set dtype explicitly")
+        if self.autoscaling is not None and self.mode != "disaggregated":
+            raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
+        return self
+
+    @property
+    def engine_dtype(self) -> str:
+        """The dtype every engine of this service is built with, "auto" resolved (the validator keeps
+        "auto" from resolving differently for two pools that move KV)."""
+        return resolve_dtype(self.dtype, on_cpu=all(pool.on_cpu for pool in self.pools().values()))
+
+    def pools(self) -> dict[str, PoolConfig]:
+        """The pools this mode deploys, by role."""
+        if self.mode == "colocated":
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
+
+
+def resolve_dtype(dtype: str, on_cpu: bool) -> str:
+    """The dtype an engine is built with. "auto" is float32 on CPUs: vLLM's CPU bfloat16 path
+    answers the default model's "What is the capital of France?" with "L'Étoile, la Marseillaise,
+    ..." on Intel Xeon machines with AMX (right on AMD EPYC), while float32 is right on both, and
+    CPUs without native bfloat16 run float32 faster. On GPUs "auto" is left to vLLM."""
+    return "float32" if dtype == "auto" and on_cpu else dtype
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message lists every problem."""
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "config") -> ClusterConfig:
+    try:
+        return ClusterConfig.model_validate(data or {})
+    except ValidationError as err:
+        raise ConfigError(f"{source} is invalid:\n{describe(err)}") from None
+
+
+def load_config(path: str | Path | None) -> ClusterConfig:
+    """The config in `path` (YAML), or the defaults when `path` is None. A relative policy
+    file is relative to the config's directory, and is checked here too."""
+    if path is None:
+        return parse_config({}, "default config")
+    p = Path(path)
+    data = read_mapping(p, "config", ConfigError)
+    cfg = parse_config(data, str(p))
+    if cfg.autoscaling is not None:
+        policy = Path(cfg.autoscaling.policy_file)
+        cfg.autoscaling.policy_file = str(policy if policy.is_absolute() else (p.parent / policy).resolve())
+        try:
+            cfg.autoscaling.policy()
+        except PolicyError as err:
+            raise ConfigError(f"{p}: autoscaling.policy_file: {err}") from None
+    return cfg

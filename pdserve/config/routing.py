@@ -1,0 +1,83 @@
+"""The controller's section of the cluster config: which routing policy, and the numbers
+the SLO-aware one predicts with (a latency profile per accelerator type, which the autoscaling
+policy file uses too)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class LatencyProfile(BaseModel):
+    """Latency coefficients of one accelerator type running the served model; a few
+    requests measure them (`pdserve bench route --help` says how), the online correction
+    keeps them honest."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prefill_base_ms: float = Field(ge=0)
+    """Fixed cost of a prefill (scheduling, sampling, the first token's output)."""
+    prefill_ms_per_token: float = Field(gt=0)
+    """Compute per prompt token."""
+    decode_base_ms: float = Field(gt=0)
+    """Step time of a batch of one with a short context."""
+    decode_ms_per_seq: float = Field(ge=0)
+    """Step time added by each running sequence."""
+    decode_ms_per_1k_context_tokens: float = Field(ge=0)
+    """Step time added per 1,000 tokens of context held by the batch (attention reads)."""
+
+    def prefill_ms(self, prompt_tokens: int, queued_tokens: int) -> float:
+        return self.prefill_base_ms + self.prefill_ms_per_token * (queued_tokens + prompt_tokens)
+
+    def step_ms(self, batch: int, context_tokens: int) -> float:
+        return self.decode_base_ms + self.decode_ms_per_seq * batch + self.decode_ms_per_1k_context_tokens * (
+            context_tokens / 1000.0)
+
+
+# From `pdserve bench slo --config bench/cpu_float32.yaml` on the 2-core development machine (no
+# GPU), SmolLM2-135M-Instruct in float32, one engine per core: unloaded TTFT 644 ms for a 14-token
+# prompt and 1675 ms for 1000 tokens, TPOT 99-112 ms. The batch and context terms are estimates.
+CPU_PROFILE = LatencyProfile(prefill_base_ms=630.0, prefill_ms_per_token=1.05, decode_base_ms=95.0,
+                             decode_ms_per_seq=5.0, decode_ms_per_1k_context_tokens=10.0)
+
+
+class RoutingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    policy: Literal["slo", "least_load"] = "slo"
+    """"slo": the pair predicted to meet the request's objectives, refusing early what none
+    would meet; "least_load": the least-loaded instance of each pool (the baseline)."""
+    priority_margin: float = Field(0.1, ge=0, le=0.5)
+    """A request of priority p must be predicted to meet its objectives with a margin of
+    p x this fraction of them, so lower priorities are refused first as load grows."""
+    local_prefill_max_tokens: int = Field(64, ge=0)
+    """Prompts up to this many tokens may be prefilled on the decode instance itself, when
+    that is predicted to give the first token sooner than a prefill instance plus the KV
+    transfer; 0 always disaggregates."""
+    intra_node_kv_gbps: float = Field(10.0, gt=0)
+    """KV transfer bandwidth between instances on one node, in gigabits per second."""
+    inter_node_kv_gbps: float = Field(10.0, gt=0)
+    """The same between nodes; set it lower when that network is slow and the router weighs
+    same-node pairs accordingly."""
+    kv_reserve_tokens: int = Field(256, ge=0)
+    """Output tokens of KV room a decode instance must have free for a new request (at most
+    its max_tokens), beyond its prompt."""
+    ttl_s: float = Field(3.0, gt=0)
+    """An instance silent this long gets no new requests until it reports again."""
+    probe_after_s: float = Field(5.0, ge=0)
+    """Once no request has been routed for this long because every pair was predicted to miss,
+    the next such request is served best effort as a probe: its latency re-measures predictions
+    that would otherwise stay pessimistic with the engines idle (a correction learned under load,
+    a profile slower than the hardware), refusing everything for good. 0: never probe."""
+    profiles: dict[str, LatencyProfile] = Field(default_factory=lambda: {"default": CPU_PROFILE})
+    """Latency profile per accelerator type (a pool's `accelerator_type`); "default" covers
+    pools without one or of a type not listed. Each instance's predictions are corrected
+    online from its observed latencies."""
+
+    @field_validator("profiles")
+    @classmethod
+    def _has_default(cls, v: dict[str, LatencyProfile]) -> dict[str, LatencyProfile]:
+        if "default" not in v:
+            raise ValueError('needs a "default" profile for instances of unlisted accelerator types')
+        return v

@@ -1,0 +1,200 @@
+"""What every engine replica shares: a vLLM AsyncLLM built from its pool's config,
+pinned to its cores, reporting its load to the controller, shut down with the replica.
+
+The prefill, decode and colocated deployments (`prefill/server.py`, `decode/server.py`,
+`decode/colocated.py`) add the phase they serve. It lives with the prefill engine, the lowest of
+the engine folders, so that `decode/` builds on it without a cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+
+from pdserve import telemetry
+from pdserve.config.cluster import ClusterConfig
+from pdserve.config.experts import CONFIG_ENV, WORKER_EXTENSION
+from pdserve.controller.hot_experts import ExpertReport
+from pdserve.controller.registry import LoadReport
+from pdserve.kvtransfer.vllm_config import kv_transfer_config
+from pdserve.prefill.engine_load import EngineLoad, RequestProgress
+from pdserve.prefill.requests import GenerateRequest
+
+log = logging.getLogger("pdserve.engine")
+
+REPORT_INTERVAL_S = 0.5
+
+
+def served_model_name(cfg: ClusterConfig, model_path: str) -> str:
+    return cfg.served_model_name or os.path.basename(model_path.rstrip("/"))
+
+
+class EngineServer:
+    """Base of the engine deployments; `role` is the pool name ("prefill", "decode", "colocated")."""
+
+    role = ""
+
+    async def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, kv_listen_addr: str = ""):
+        import ray
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        self.replica_id = ctx.replica_id.unique_id
+        pool = cfg.pools()[self.role]
+        telemetry.setup_tracing(cfg.tracing, f"{self.role}:{self.replica_id}")
+        telemetry.setup_logging(cfg.log_level)
+        cpu_bind = pool.cpu_binds[ctx.rank.local_rank % len(pool.cpu_binds)] if pool.cpu_binds else ""
+        os.environ.update(
+            VLLM_CPU_KVCACHE_SPACE=str(pool.kv_cache_gib),
+            VLLM_LOGGING_LEVEL=cfg.log_level,
+            HF_HUB_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+        )
+        if cpu_bind:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind
+        if pool.num_gpus == 0 and pool.cpu_nice:  # the engine's processes, started below, inherit it
+            os.nice(pool.cpu_nice)
+        self.load = EngineLoad()
+        engine_args = dict(pool.engine_args)
+        self.expert_buffers = pool.experts.for_accelerator(pool.accelerator_type) if pool.experts else None
+        """This replica's buffering, set up while the engine loads the model (`worker_extension.py`)."""
+        self._hot: list[list[int]] | None = None
+        if self.expert_buffers:
+            engine_args["worker_extension_cls"] = WORKER_EXTENSION
+            os.environ[CONFIG_ENV] = self.expert_buffers.model_dump_json()  # the engine's processes inherit it
+        self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
+        if self.expert_buffers:
+            await self.engine.collective_rpc("pdserve_require_expert_buffers")
+        if pool.warmup:
+            await self._warm_up(cfg.max_model_len)
+        self.controller = controller
+        node_id = ray.get_runtime_context().get_node_id()
+        self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
+                                  pool.max_ongoing_requests, time.time())
+        self._reporter = asyncio.create_task(self._report_loop())
+        log.info("%s replica %s ready (cores %s, node %s, kv %s)", self.role, self.replica_id, cpu_bind or "any",
+                 node_id[:8], kv_listen_addr or "-")
+
+    def _build_engine(self, cfg: ClusterConfig, engine_args: dict[str, Any], model_path: str, kv_listen_addr: str):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        kv_cfg = None
+        if self.role in ("prefill", "decode"):
+            settings = cfg.kv_transfer.model_dump(mode="json", exclude={"secret", "listen_addr"})
+            settings["secret"] = cfg.kv_transfer.secret_value
+            if kv_listen_addr:
+                settings["listen_addr"] = kv_listen_addr
+            kv_cfg = kv_transfer_config(self.role, settings)
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
+        engine_args = {"enforce_eager": eager, **engine_args}
+        dtype = cfg.engine_dtype
+        log.info("%s engine dtype %s (config %s, %s)", self.role, dtype, cfg.dtype, "CPU" if on_cpu else "GPU")
+        if on_cpu and dtype == "bfloat16":
+            log.warning("bfloat16 on a CPU: vLLM's CPU bfloat16 path answers wrongly on Intel AMX machines; "
+                        "dtype auto (float32) is right on every CPU")
+        args = AsyncEngineArgs(
+            model=model_path,
+            served_model_name=served_model_name(cfg, model_path),
+            dtype=dtype,
+            max_model_len=cfg.max_model_len,
+            kv_transfer_config=kv_cfg,
+            **engine_args,
+        )
+        return AsyncLLM.from_engine_args(args, stat_loggers=[self.load.stat_logger])
+
+    async def _warm_up(self, max_model_len: int) -> None:
+        """Prompts that fill the engine's largest step and spill into the next one, run together,
+        so that no client request pays a kernel path's first-time cost (a whole step, a prompt
+        continued across steps, prompts batched together)."""
+        from vllm import SamplingParams
+
+        n = min(max_model_len - 2, self.engine.vllm_config.scheduler_config.max_num_batched_tokens)
+        start = time.perf_counter()
+
+        async def one(i: int, tokens: int) -> None:
+            prompt = {"prompt_token_ids": [100 + (i * 7 + j) % 1000 for j in range(tokens)]}
+            async for _ in self.engine.generate(prompt, SamplingParams(max_tokens=2, temperature=0.0), f"warmup-{i}"):
+                pass
+
+        lengths = (n, n // 2 + 1, 16)
+        await asyncio.gather(*(one(i, t) for i, t in enumerate(lengths)))
+        log.info("%s replica %s warmed up with prompts of %s tokens in %.1f s", self.role, self.replica_id, lengths,
+                 time.perf_counter() - start)
+
+    async def _report_loop(self) -> None:
+        while True:
+            try:
+                report = self.load.report(self._report)
+                if self.expert_buffers:
+                    report = dataclasses.replace(report, experts=await self._expert_report())
+                hot = await self.controller.report.remote(report)
+                if hot is not None and hot != self._hot:
+                    await self.engine.collective_rpc("pdserve_set_hot_experts", args=(hot,))
+                    self._hot = hot
+            except Exception as exc:  # the controller restarting must not stop the replica
+                log.warning("load report to the controller failed: %s", exc)
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    async def _expert_report(self) -> ExpertReport:
+        stats = await self.expert_stats()
+        return ExpertReport(**{name: stats[name] for name in ExpertReport.__dataclass_fields__})
+
+    @contextmanager
+    def serving(self, span_name: str, req: GenerateRequest, attributes: dict[str, Any],
+                prefills: bool) -> Iterator[tuple[trace.Span, RequestProgress]]:
+        """One request on this replica: counted in the load reports while it runs (`prefills`:
+        this engine computes the prompt), and one span of the request's trace (parented
+        through the request's trace carrier)."""
+        span = telemetry.tracer().start_span(span_name, context=telemetry.extract(req.trace_carrier),
+                                             attributes={"pdserve.replica": self.replica_id, **attributes})
+        try:
+            with self.load.track(len(req.prompt_token_ids), prefills) as progress:
+                yield span, progress
+        finally:
+            span.end()
+
+    def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None):
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=list(sampling.stop) or None,
+            seed=sampling.seed,
+            ignore_eos=sampling.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+        )
+
+    async def expert_stats(self) -> dict:
+        """This replica's expert-buffer counters and the hot set its workers hold ({} when not buffered)."""
+        return (await self.engine.collective_rpc("pdserve_expert_stats"))[0] if self.expert_buffers else {}
+
+    def finished_spans(self) -> list[dict]:
+        return telemetry.finished_spans()
+
+    def check_health(self) -> None:
+        if self.engine.errored:
+            raise RuntimeError(f"{self.role} engine errored: {self.engine.dead_error}")
+
+    async def __del__(self) -> None:
+        if reporter := getattr(self, "_reporter", None):
+            reporter.cancel()
+        if engine := getattr(self, "engine", None):  # absent when the constructor failed
+            log.info("%s replica %s shutting down its engine", self.role, self.replica_id)
+            engine.shutdown()
+        telemetry.shutdown_tracing()
