@@ -17,7 +17,8 @@ import torch
 from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.auth import SECRET_METADATA_KEY
 from pdserve.kvtransfer.block_layout import BlockLayout
-from pdserve.kvtransfer.receiver import SERVICE, KVReceiver
+from pdserve.kvtransfer.receiver import KVReceiver
+from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
