@@ -17,6 +17,9 @@ from pdserve.proto import kvtransfer_pb2 as pb
 _PAYLOAD_FIELD = 15
 _PAYLOAD_TAG = bytes([(_PAYLOAD_FIELD << 3) | 2])  # field 15, length-delimited
 
+MAX_HEADER_BYTES = 4096
+"""Most bytes a frame may hold beyond its payload (an open frame's fingerprint included)."""
+
 
 class FrameError(ValueError):
     """A frame that does not parse as a KVFrame."""
@@ -71,10 +74,14 @@ def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
 
 
 def decode(data: bytes) -> tuple[pb.KVFrame, memoryview]:
-    """Parse a frame; the payload is returned as a view into `data` (no copy)."""
+    """Parse a frame; the payload is returned as a view into `data` (no copy).
+
+    The view keeps all of `data` alive while a chunk is staged, so a frame must be exactly its
+    header (as protobuf writes it: no unknown, repeated or padding fields) and one payload, and
+    its header at most `MAX_HEADER_BYTES`: a sender cannot make a small chunk hold a large frame."""
     buf = memoryview(data)
     pos = 0
-    payload = memoryview(b"")
+    payload: memoryview | None = None
     header_parts: list[memoryview] = []
     while pos < len(buf):
         start = pos
@@ -91,6 +98,8 @@ def decode(data: bytes) -> tuple[pb.KVFrame, memoryview]:
             if field == _PAYLOAD_FIELD:
                 if pos + length > len(buf):
                     raise FrameError("payload runs past the end of the frame")
+                if payload is not None:
+                    raise FrameError("a frame carries one payload")
                 payload = buf[pos : pos + length]
                 pos += length
                 continue
@@ -100,8 +109,14 @@ def decode(data: bytes) -> tuple[pb.KVFrame, memoryview]:
         if pos > len(buf):
             raise FrameError("field runs past the end of the frame")
         header_parts.append(buf[start:pos])
+    header_bytes = sum(p.nbytes for p in header_parts)
+    if header_bytes > MAX_HEADER_BYTES:
+        raise FrameError(f"header of {header_bytes} B exceeds {MAX_HEADER_BYTES} B")
     try:
         header = pb.KVFrame.FromString(b"".join(header_parts))
     except Exception as exc:  # protobuf raises DecodeError, a bare Exception subclass
         raise FrameError(f"bad frame header: {exc}") from exc
-    return header, payload
+    header.DiscardUnknownFields()
+    if header.ByteSize() != header_bytes:
+        raise FrameError(f"{header_bytes - header.ByteSize()} B of the header are unknown, repeated or default fields")
+    return header, payload if payload is not None else memoryview(b"")

@@ -25,6 +25,8 @@ from pdserve.proto import kvtransfer_pb2 as pb
 log = logging.getLogger(__name__)
 
 _REAP_INTERVAL_S = 0.05
+MAX_HANDSHAKE_BYTES = 64 << 10
+"""Largest handshake accepted (a fingerprint and a name: well under a kilobyte)."""
 
 
 class KVReceiver:
@@ -77,14 +79,16 @@ class KVReceiver:
 
     async def _start_server(self) -> None:
         limit = self.settings.max_frame_bytes
+        # Calls at once are bounded, and both handlers check the secret before reading a message:
+        # unread, a caller's bytes wait in HTTP/2 flow control, not in this process.
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20)]
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20)],
+            maximum_concurrent_rpcs=self.settings.max_concurrent_calls,
         )
         handlers = {
-            "Handshake": grpc.unary_unary_rpc_method_handler(
-                self._handshake,
-                request_deserializer=pb.HandshakeRequest.FromString,
-                response_serializer=pb.HandshakeReply.SerializeToString,
+            # A unary call for the sender; served as a stream so that nothing is read before the secret is checked.
+            "Handshake": grpc.stream_unary_rpc_method_handler(
+                self._handshake, request_deserializer=None, response_serializer=pb.HandshakeReply.SerializeToString
             ),
             "Push": grpc.stream_unary_rpc_method_handler(
                 self._push, request_deserializer=None, response_serializer=pb.PushAck.SerializeToString
@@ -131,7 +135,7 @@ class KVReceiver:
         return self.table.take(transfer_id)
 
     def discard(self, transfer_id: str) -> None:
-        self.table.discard(transfer_id)
+        self.table.discard(transfer_id, time.monotonic())
 
     def cancel(self, transfer_id: str, reason: str) -> None:
         self.table.cancel(transfer_id, reason, time.monotonic())
@@ -144,9 +148,17 @@ class KVReceiver:
         if ev is not None:
             ev.set()
 
-    async def _handshake(self, req: pb.HandshakeRequest, ctx: grpc.aio.ServicerContext) -> pb.HandshakeReply:
+    async def _handshake(self, messages, ctx: grpc.aio.ServicerContext) -> pb.HandshakeReply:
         if not auth.is_authorized(self.settings, ctx.invocation_metadata()):
             await ctx.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong cluster secret")
+        raws = [raw async for raw in _at_most(messages, 2)]
+        if len(raws) != 1 or len(raws[0]) > MAX_HANDSHAKE_BYTES:
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"a handshake is one message of at most {MAX_HANDSHAKE_BYTES} B")
+        try:
+            req = pb.HandshakeRequest.FromString(raws[0])
+        except Exception:  # protobuf's DecodeError
+            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed handshake")
         diff = mismatches(self.fingerprint, KVFingerprint.from_proto(req.fingerprint))
         if diff:
             log.warning("refused KV sender %s: fingerprint mismatch: %s", req.sender_id, "; ".join(diff))
@@ -184,13 +196,17 @@ class KVReceiver:
                     diff = mismatches(self.fingerprint, KVFingerprint.from_proto(header.open.fingerprint))
                     if diff:
                         raise TransferRefused("FAILED_PRECONDITION", "KV fingerprint mismatch: " + "; ".join(diff))
+                    if header.open.epoch != self.epoch:
+                        raise TransferRefused(  # ABORTED: a failed sequence check, which the sender acts on
+                            "ABORTED", f"stale epoch {header.open.epoch[:8]!r}: this receiver restarted "
+                            f"as epoch {self.epoch[:8]!r} since the sender's handshake; handshake again")
                     transfer = self.table.open(header.open, time.monotonic())
                     self._events.setdefault(transfer.transfer_id, asyncio.Event())
                     continue
                 if kind == "chunk":
                     if header.chunk.transfer_id != transfer.transfer_id:
                         raise TransferRefused("INVALID_ARGUMENT", "chunk for another transfer on this stream")
-                    if self.table.add_chunk(transfer, header.chunk, payload):
+                    if self.table.add_chunk(transfer, header.chunk, payload, len(raw)):
                         chunks += 1
                         nbytes += payload.nbytes
                 elif kind == "end":
@@ -228,3 +244,13 @@ class KVReceiver:
 
     def stats(self) -> dict[str, int]:
         return self.table.snapshot()
+
+
+async def _at_most(messages, n: int):
+    """The first `n` messages of a stream; a longer stream is cut there, unread."""
+    count = 0
+    async for message in messages:
+        yield message
+        count += 1
+        if count == n:
+            return

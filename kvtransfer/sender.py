@@ -30,6 +30,8 @@ from pdserve.proto import kvtransfer_pb2 as pb
 log = logging.getLogger(__name__)
 
 _CLOSE = object()
+MAX_PEERS = 256
+"""Receivers a sender keeps connections to; the least recently used idle ones close beyond it."""
 
 
 @dataclass
@@ -94,7 +96,8 @@ class OutgoingTransfer:
         self.dest = dest
         self._sender = sender
         self._loop = sender._loop
-        self._open_frame = framing.encode(pb.KVFrame(open=open_msg))
+        self._open_msg = open_msg
+        self._open_frame = b""  # framed once the handshake gave the receiver's epoch
         self._timeout_s = open_msg.lease_ms / 1000
         self._num_streams = sender.settings.num_streams
         self._next = 0
@@ -190,6 +193,8 @@ class OutgoingTransfer:
         try:
             peer = await sender._peer(self.dest)
             peer.active += 1
+            self._open_msg.epoch = peer.epoch
+            self._open_frame = framing.encode(pb.KVFrame(open=self._open_msg))
             self._peer.set_result(peer)
             await self._closed.wait()  # after this no stream starts
             acks = await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -202,8 +207,8 @@ class OutgoingTransfer:
             state, error = TransferState(ack.state), ack.error
         except grpc.aio.AioRpcError as exc:
             error = _describe(exc)
-            if exc.code() is grpc.StatusCode.UNAVAILABLE:
-                sender._retire(self.dest)  # the peer went away: re-handshake (new epoch) next time
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED):
+                sender._retire(self.dest)  # gone, or restarted (a stale epoch): handshake again next time
         except (Exception, asyncio.CancelledError) as exc:  # any failure fails this transfer only
             error = _describe(exc)
         finally:
@@ -254,7 +259,7 @@ class KVSender:
         self.fingerprint = fingerprint
         self.sender_id = sender_id or f"sender-{uuid.uuid4().hex[:8]}"
         self.metadata = auth.call_metadata(settings)
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, _Peer] = {}  # least recently used first
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-kv-sender", daemon=True)
         self._thread.start()
@@ -275,9 +280,11 @@ class KVSender:
         return OutgoingTransfer(self, transfer_id, dest, msg)
 
     async def _peer(self, address: str) -> _Peer:
-        peer = self._peers.get(address)
+        peer = self._peers.pop(address, None)
         if peer is None:
-            peer = self._peers[address] = _Peer(address, self.settings)
+            self._forget_idle_peers(MAX_PEERS - 1)
+            peer = _Peer(address, self.settings)
+        self._peers[address] = peer
         async with peer.lock:
             if not peer.epoch:
                 reply = await peer.handshake(
@@ -292,6 +299,15 @@ class KVSender:
     def handshake(self, address: str) -> str:
         """Handshake with `address` now (fail fast on a bad secret or fingerprint); returns its epoch."""
         return self._call(self._peer(address)).result().epoch
+
+    def _forget_idle_peers(self, keep: int) -> None:
+        """Close the least recently used peers that no transfer uses until at most `keep` remain:
+        decode replicas come and go, and each peer holds `num_streams` connections."""
+        for address, peer in list(self._peers.items()):
+            if len(self._peers) <= keep:
+                return
+            if peer.active == 0 and not peer.lock.locked():  # not mid-handshake either
+                self._retire(address)
 
     def _retire(self, address: str) -> None:
         """Stop using a peer that went away; its connections close once no transfer uses them."""

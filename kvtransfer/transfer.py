@@ -15,6 +15,14 @@ from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.framing import checksum
 from pdserve.proto import kvtransfer_pb2 as pb
 
+MAX_TRANSFER_ID_BYTES = 128
+"""Longest transfer id accepted (pdserve's are request ids of about 40 bytes)."""
+CHUNK_OVERHEAD_BYTES = 256
+"""Most bytes a chunk frame holds beyond its payload, given transfer ids of at most
+`MAX_TRANSFER_ID_BYTES`; a transfer's reservation includes it for every block of every layer."""
+MAX_TRANSFERS = 16_384
+"""Transfers a table keeps, tombstones included; the oldest tombstones go first beyond it."""
+
 
 class TransferState(enum.Enum):
     WAITING = pb.WAITING
@@ -53,9 +61,10 @@ class IncomingTransfer:
     state: TransferState = TransferState.WAITING
     error: str = ""
     chunks: dict[tuple[int, int], StagedChunk] = field(default_factory=dict)
+    staged_blocks: list[bytearray] = field(default_factory=list)  # per layer, 1 where a block is staged
     chunks_received: int = 0
     bytes_received: int = 0
-    staged_bytes: int = 0
+    staged_bytes: int = 0  # what the staged chunks hold: their whole frames
     reserved_bytes: int = 0
     end_totals: tuple[int, int] | None = None
     compute_ns: tuple[int, int] = (0, 0)  # sender's prefill forward start/end, unix ns
@@ -75,20 +84,24 @@ class IncomingTransfer:
 class TransferTable:
     """All transfers a receiver knows, keyed by transfer id."""
 
-    def __init__(self, fingerprint: KVFingerprint, max_staging_bytes: int, max_lease_ms: int):
+    def __init__(self, fingerprint: KVFingerprint, max_staging_bytes: int, max_lease_ms: int,
+                 max_transfers: int = MAX_TRANSFERS):
         self.fingerprint = fingerprint
         self.max_staging_bytes = max_staging_bytes
         self.max_lease_ms = max_lease_ms
+        self.max_transfers = max_transfers
         self._lock = threading.Lock()
         self._transfers: dict[str, IncomingTransfer] = {}
         self.reserved_bytes = 0
         self.counters = {"opened": 0, "done": 0, "failed": 0, "expired": 0, "bytes": 0, "chunks": 0,
-                         "duplicate_chunks": 0}
+                         "duplicate_chunks": 0, "evicted_tombstones": 0}
 
     # --- gRPC side -------------------------------------------------------
     def open(self, msg: pb.TransferOpen, now_s: float) -> IncomingTransfer:
-        """Create the transfer, or join it from another stream; reserve its staging bytes."""
-        block_bytes = self.fingerprint.block_bytes_per_layer
+        """Create the transfer, or join it from another stream; reserve its staging bytes: every
+        block of every layer once, with the most its chunk frames may hold beyond the payload."""
+        check_transfer_id(msg.transfer_id)
+        block_bytes = self.fingerprint.block_bytes_per_layer + CHUNK_OVERHEAD_BYTES
         bs = self.fingerprint.block_size
         if msg.num_tokens <= 0 or msg.num_blocks != -(-msg.num_tokens // bs):
             raise TransferRefused(
@@ -113,36 +126,47 @@ class TransferTable:
                     f"> {self.max_staging_bytes} B",
                 )
             if t is None:
+                if not self._make_room():
+                    raise TransferRefused("RESOURCE_EXHAUSTED", f"{len(self._transfers)} transfers in flight")
                 t = IncomingTransfer(msg.transfer_id, deadline_s=now_s + lease_s)
                 self._transfers[msg.transfer_id] = t
             t.opened, t.num_tokens, t.num_blocks = True, msg.num_tokens, msg.num_blocks
+            t.staged_blocks = [bytearray(msg.num_blocks) for _ in range(self.fingerprint.num_layers)]
             t.reserved_bytes, t.trace_parent = need, msg.trace_parent
             self.reserved_bytes += need
             self.counters["opened"] += 1
             return t
 
-    def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview) -> bool:
-        """Verify and stage one chunk; a bad chunk fails the whole transfer. A byte-identical copy
-        of a staged chunk (a replayed frame) is dropped uncounted: counted, it would exceed the
-        sender's totals and fail a transfer whose bytes are all there. Returns whether it counted."""
+    def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview, frame_bytes: int) -> bool:
+        """Verify and stage one chunk, which holds its whole frame of `frame_bytes`; a bad chunk
+        fails the whole transfer. A byte-identical copy of a staged chunk (a replayed frame) is
+        dropped uncounted: counted, it would exceed the sender's totals and fail a transfer whose
+        bytes are all there. Any other chunk over blocks already staged is refused, so that what a
+        transfer stages never exceeds its reservation. Returns whether it counted."""
         fp = self.fingerprint
         with self._lock:
             if t.state.terminal:
                 return False
             problem = ""
+            key = (hdr.layer, hdr.block_start)
+            old = t.chunks.get(key)
             if not 0 <= hdr.layer < fp.num_layers:
                 problem = f"layer {hdr.layer} out of range [0, {fp.num_layers})"
             elif hdr.num_blocks <= 0 or not 0 <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
                 problem = f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [0, {t.num_blocks})"
             elif payload.nbytes != hdr.num_blocks * fp.block_bytes_per_layer:
                 problem = f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {fp.block_bytes_per_layer} B"
+            elif frame_bytes - payload.nbytes > CHUNK_OVERHEAD_BYTES:
+                problem = f"chunk frame of {frame_bytes} B holds more than its payload + {CHUNK_OVERHEAD_BYTES} B"
             elif checksum([payload]) != hdr.crc32c:
                 problem = f"checksum mismatch in layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks})"
-            key = (hdr.layer, hdr.block_start)
-            old = t.chunks.get(key)
-            if not problem and old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
+            elif old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
                 self.counters["duplicate_chunks"] += 1
                 return False
+            elif any(t.staged_blocks[hdr.layer][hdr.block_start : hdr.block_start + hdr.num_blocks]):
+                problem = f"layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks}) overlap staged blocks"
+            elif t.staged_bytes + frame_bytes > t.reserved_bytes:
+                problem = f"staging {t.staged_bytes} + {frame_bytes} B would exceed the {t.reserved_bytes} B reserved"
             t.chunks_received += 1
             t.bytes_received += payload.nbytes
             self.counters["chunks"] += 1
@@ -150,10 +174,9 @@ class TransferTable:
             if problem:
                 self._fail(t, problem)
                 raise TransferRefused("DATA_LOSS", problem)
-            if old is not None:
-                t.staged_bytes -= old.payload.nbytes
             t.chunks[key] = StagedChunk(hdr.layer, hdr.block_start, hdr.num_blocks, payload)
-            t.staged_bytes += payload.nbytes
+            t.staged_blocks[hdr.layer][hdr.block_start : hdr.block_start + hdr.num_blocks] = b"\1" * hdr.num_blocks
+            t.staged_bytes += frame_bytes
             if t.state is TransferState.WAITING:
                 t.state = TransferState.TRANSFERRING
             self._maybe_complete(t)
@@ -186,22 +209,36 @@ class TransferTable:
         t.state = TransferState.DONE
         self.counters["done"] += 1
 
-    def _fail(self, t: IncomingTransfer, error: str) -> None:
+    def _fail(self, t: IncomingTransfer, error: str, count: bool = True) -> None:
         t.state, t.error = TransferState.FAILED, error
-        self.counters["failed"] += 1
+        self.counters["failed"] += count
         self._free(t)
 
     def _free(self, t: IncomingTransfer) -> None:
         t.chunks.clear()
+        t.staged_blocks = []
         t.staged_bytes = 0
         self.reserved_bytes -= t.reserved_bytes
         t.reserved_bytes = 0
 
     # --- engine side -----------------------------------------------------
+    def _make_room(self) -> bool:
+        """Below `max_transfers` again by forgetting the oldest tombstones; False if all are live."""
+        if len(self._transfers) < self.max_transfers:
+            return True
+        for tid, t in list(self._transfers.items()):
+            if t.state is TransferState.FAILED:
+                del self._transfers[tid]
+                self.counters["evicted_tombstones"] += 1
+                if len(self._transfers) < self.max_transfers:
+                    return True
+        return False
+
     def expect(self, transfer_id: str, deadline_s: float) -> None:
         """The decode engine waits for this transfer until `deadline_s` (its lease)."""
+        check_transfer_id(transfer_id)
         with self._lock:
-            if transfer_id not in self._transfers:
+            if transfer_id not in self._transfers and self._make_room():
                 self._transfers[transfer_id] = IncomingTransfer(transfer_id, deadline_s=deadline_s)
 
     def state_of(self, transfer_id: str) -> TransferState | None:
@@ -220,24 +257,27 @@ class TransferTable:
             t.reserved_bytes = 0
             return t
 
-    def discard(self, transfer_id: str) -> None:
-        """Forget a transfer whose request went away; its memory is released."""
-        with self._lock:
-            t = self._transfers.pop(transfer_id, None)
-            if t is not None:
-                self._free(t)
+    def discard(self, transfer_id: str, now_s: float) -> None:
+        """Forget a transfer whose request went away (aborted while its KV was on the way): its
+        memory is released, and a FAILED tombstone refuses a late `open` until `expire` drops it.
+        Not counted as failed: nothing went wrong with the transfer."""
+        self._tombstone(transfer_id, "discarded: its request went away", now_s, count=False)
 
     def cancel(self, transfer_id: str, reason: str, now_s: float) -> None:
         """No request will load this transfer: free it now, or refuse it if it has not
         arrived yet (a FAILED tombstone that a late `open` runs into)."""
+        self._tombstone(transfer_id, reason, now_s, count=True)
+
+    def _tombstone(self, transfer_id: str, reason: str, now_s: float, count: bool) -> None:
         with self._lock:
             t = self._transfers.get(transfer_id)
             if t is None:
-                self._transfers[transfer_id] = IncomingTransfer(
-                    transfer_id, deadline_s=now_s, state=TransferState.FAILED, error=reason
-                )
+                if self._make_room():
+                    self._transfers[transfer_id] = IncomingTransfer(
+                        transfer_id, deadline_s=now_s, state=TransferState.FAILED, error=reason
+                    )
             elif t.state is not TransferState.FAILED:
-                self._fail(t, reason)
+                self._fail(t, reason, count)
                 t.deadline_s = min(t.deadline_s, now_s)
 
     def expire(self, now_s: float, tombstone_s: float = 60.0) -> list[str]:
@@ -262,3 +302,9 @@ class TransferTable:
                 "reserved_bytes": self.reserved_bytes,
                 "staged_bytes": sum(t.staged_bytes for t in self._transfers.values()),
             }
+
+
+def check_transfer_id(transfer_id: str) -> None:
+    if not transfer_id or len(transfer_id.encode()) > MAX_TRANSFER_ID_BYTES:
+        raise TransferRefused("INVALID_ARGUMENT",
+                              f"transfer ids are 1 to {MAX_TRANSFER_ID_BYTES} bytes, got {len(transfer_id.encode())}")

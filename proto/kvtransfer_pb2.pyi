@@ -56,20 +56,22 @@ class HandshakeReply(_message.Message):
     def __init__(self, receiver_id: _Optional[str] = ..., epoch: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class TransferOpen(_message.Message):
-    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent")
+    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent", "epoch")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     fingerprint: KVFingerprint
     num_tokens: int
     num_blocks: int
     lease_ms: int
     trace_parent: str
-    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ...) -> None: ...
+    epoch: str
+    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("transfer_id", "layer", "block_start", "num_blocks", "crc32c")

@@ -46,6 +46,10 @@ class KVTransferSettings(BaseModel):
     max_staging_bytes: int = Field(default=4 << 30, ge=1 << 20)
     """Receiver-wide budget for staged payloads; new transfers are refused beyond it."""
 
+    max_concurrent_calls: int = Field(default=256, ge=1)
+    """gRPC calls a receiver serves at once (a transfer takes `num_streams`); further calls are
+    refused (RESOURCE_EXHAUSTED), so callers without the secret cannot hold this process's memory."""
+
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """How long a sender waits for the receiver's handshake before failing the transfer."""
 

@@ -23,7 +23,7 @@ from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
 from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.kvtransfer import test_transport
-from tests.kvtransfer.test_transport import BB, BS, FP, SECRET, WAIT_S, assert_arrived, caches, raw_push
+from tests.kvtransfer.test_transport import BB, BS, FP, SECRET, WAIT_S, assert_arrived, caches, raw_push, reservation
 
 made, make_receiver, make_sender = test_transport.made, test_transport.make_receiver, test_transport.make_sender
 """The transport tests' fixtures: receivers and senders on 127.0.0.1, stopped after the test."""
@@ -34,12 +34,12 @@ reach it before a test looks at the broken transfer, which is why the tests chec
 rather than still TRANSFERRING.)"""
 
 
-def transfer_frames(tid: str, src: list[torch.Tensor], ids: list[int],
+def transfer_frames(tid: str, src: list[torch.Tensor], ids: list[int], epoch: str,
                     lease_ms: int = 10_000) -> tuple[bytes, list[bytes], bytes]:
     """The open frame, one chunk frame per (layer, block) in order, and the end frame of a
-    transfer of blocks `ids` of `src`, as a sender would frame them."""
+    transfer of blocks `ids` of `src`, as a sender that handshook for `epoch` would frame them."""
     msg = pb.TransferOpen(transfer_id=tid, fingerprint=FP.to_proto(), num_tokens=len(ids) * BS, num_blocks=len(ids),
-                          lease_ms=lease_ms)
+                          lease_ms=lease_ms, epoch=epoch)
     chunks = []
     for layer, kv in enumerate(src):
         lay = BlockLayout(kv, kv.shape[0])
@@ -100,7 +100,7 @@ async def test_a_push_cut_before_its_end_never_completes_and_its_lease_frees_its
     rx, tx = make_receiver(), make_sender()
     src, ids = caches(4, seed=10), [2, 0, 3]
     good = await start_good_transfer(tx, rx, src, ids)
-    opening, chunks, _ = transfer_frames("cut", caches(3, seed=11), [0, 1, 2], lease_ms=SHORT_LEASE_MS)
+    opening, chunks, _ = transfer_frames("cut", caches(3, seed=11), [0, 1, 2], rx.epoch, lease_ms=SHORT_LEASE_MS)
     if cut == "half_closed":  # the client ends its side of the stream without the end frame
         ack = await raw_push(rx.address, [opening, *chunks[:4]])
         assert (ack.state, ack.chunks_received) == (pb.TRANSFERRING, 4)
@@ -129,7 +129,7 @@ async def test_chunks_out_of_order_over_two_streams_with_the_end_first_complete_
 ):
     rx = make_receiver()
     src, ids = caches(6, seed=12), [5, 1, 4, 0]
-    opening, chunks, end = transfer_frames("ooo", src, ids)
+    opening, chunks, end = transfer_frames("ooo", src, ids, rx.epoch)
     random.Random(12).shuffle(chunks)
     half = len(chunks) // 2
     ack_a, ack_b = await asyncio.gather(raw_push(rx.address, [opening, end, *chunks[:half]]),
@@ -145,7 +145,7 @@ async def test_a_replayed_chunk_is_dropped_uncounted_and_the_transfer_completes_
 ):
     rx = make_receiver()
     src, ids = caches(4, seed=13), [3, 1, 2]
-    opening, chunks, end = transfer_frames("replayed", src, ids)
+    opening, chunks, end = transfer_frames("replayed", src, ids, rx.epoch)
     ack_a, ack_b = await asyncio.gather(
         raw_push(rx.address, [opening, chunks[0], chunks[0], *chunks[1:4], chunks[2], end]),
         raw_push(rx.address, [opening, *chunks[4:], chunks[0], chunks[5]]))
@@ -161,10 +161,11 @@ async def test_a_replayed_chunk_with_other_bytes_fails_its_transfer_only(make_re
     rx, tx = make_receiver(), make_sender()
     src, ids = caches(4, seed=14), [1, 0, 2]
     good = await start_good_transfer(tx, rx, src, ids)
-    opening, chunks, end = transfer_frames("forged", caches(3, seed=15), [0, 1, 2])
-    ack = await raw_push(rx.address, [opening, *chunks[:-1], foreign_chunk("forged"), chunks[-1], end])
-    assert ack.state == pb.FAILED and "totals" in ack.error
-    assert rx.stats()["reserved_bytes"] == len(ids) * BB * FP.num_layers  # the good transfer's only
+    opening, chunks, end = transfer_frames("forged", caches(3, seed=15), [0, 1, 2], rx.epoch)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw_push(rx.address, [opening, *chunks[:-1], foreign_chunk("forged"), chunks[-1], end])
+    assert err.value.code() is grpc.StatusCode.DATA_LOSS and "overlap" in err.value.details()
+    assert rx.stats()["reserved_bytes"] == reservation(len(ids))  # the good transfer's only
     finish_good_transfer(good, rx, src, ids)
     assert rx.take("forged").state is TransferState.FAILED
     assert rx.stats()["reserved_bytes"] == 0 and rx.stats()["staged_bytes"] == 0
@@ -179,7 +180,7 @@ BAD_FRAMES = {
     "chunk_for_an_unknown_transfer": (lambda: foreign_chunk("nobody-opened-this"), "chunk for another transfer"),
     "end_for_a_concurrent_transfer": (lambda: end_frame("good"), "end for another transfer"),
     "end_for_an_unknown_transfer": (lambda: end_frame("nobody-opened-this"), "end for another transfer"),
-    "second_open": (lambda: transfer_frames("good", caches(3, seed=0), [0, 1, 2])[0], "unexpected `open`"),
+    "second_open": (lambda: transfer_frames("good", caches(3, seed=0), [0, 1, 2], "")[0], "unexpected `open`"),
     "chunk_cut_in_its_payload": (lambda: foreign_chunk("broken")[:-100], "malformed frame"),
 }
 
@@ -192,7 +193,7 @@ async def test_a_frame_the_stream_cannot_carry_is_invalid_argument_and_leaves_ev
     src, ids = caches(4, seed=16), [0, 3, 1]
     good = await start_good_transfer(tx, rx, src, ids)
     make_frame, words = BAD_FRAMES[bad]
-    opening, chunks, _ = transfer_frames("broken", caches(1, seed=17), [0], lease_ms=SHORT_LEASE_MS)
+    opening, chunks, _ = transfer_frames("broken", caches(1, seed=17), [0], rx.epoch, lease_ms=SHORT_LEASE_MS)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await raw_push(rx.address, [opening, chunks[0], make_frame(), chunks[1]])
     assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()

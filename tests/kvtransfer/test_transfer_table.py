@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.framing import checksum
-from pdserve.kvtransfer.transfer import TransferRefused, TransferState, TransferTable
+from pdserve.kvtransfer.transfer import CHUNK_OVERHEAD_BYTES, TransferRefused, TransferState, TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
 FP = KVFingerprint("m", "float32", block_size=4, kv_layout="cpu", num_layers=2, num_kv_heads=1, head_size=8)
 BB = FP.block_bytes_per_layer  # 256 B
 TOKENS, BLOCKS = 10, 3
-NEED = BLOCKS * BB * FP.num_layers
+NEED = BLOCKS * (BB + CHUNK_OVERHEAD_BYTES) * FP.num_layers
 
 
 def make_table(budget: int = 1 << 20, max_lease_ms: int = 60_000) -> TransferTable:
@@ -27,7 +28,12 @@ def chunk(layer: int, start: int, n: int, fill: int = 1, crc: int | None = None,
     payload = memoryview(bytes([(fill + layer * 7 + start) % 256]) * (n * BB if size is None else size))
     hdr = pb.ChunkHeader(transfer_id="t", layer=layer, block_start=start, num_blocks=n)
     hdr.crc32c = checksum([payload]) if crc is None else crc
-    return hdr, payload
+    return hdr, payload, frame_bytes(hdr, payload)
+
+
+def frame_bytes(hdr: pb.ChunkHeader, payload: memoryview) -> int:
+    """What the chunk holds once staged: its whole frame, as a sender frames it."""
+    return len(framing.encode(pb.KVFrame(chunk=hdr), [payload]))
 
 
 def end_msg(chunks: int, nbytes: int) -> pb.TransferEnd:
@@ -49,7 +55,7 @@ def test_done_only_once_end_totals_match_and_every_block_arrived_end_first():
     assert t.state is TransferState.TRANSFERRING
     table.add_chunk(t, *chunk(*FULL[3]))
     assert t.state is TransferState.DONE
-    assert t.staged_bytes == 6 * BB and t.covered_blocks(2) == BLOCKS
+    assert t.staged_bytes == sum(chunk(*c)[2] for c in FULL) and t.covered_blocks(2) == BLOCKS
     snap = table.snapshot()
     assert snap["done"] == 1 and snap["opened"] == 1 and snap["chunks"] == 4 and snap["active"] == 0
     assert snap["reserved_bytes"] == NEED
@@ -68,9 +74,9 @@ def test_not_done_without_end_even_when_every_block_arrived():
 def test_totals_that_match_but_miss_a_block_fail():
     table = make_table()
     t = table.open(open_msg(), 0.0)
-    for c in [(0, 0, 3), (1, 0, 2), (1, 0, 2, 9)]:  # the last resent with other bytes: it counts
+    for c in [(0, 0, 3), (1, 0, 2)]:
         table.add_chunk(t, *chunk(*c))
-    table.end(t, end_msg(3, 7 * BB))
+    table.end(t, end_msg(2, 5 * BB))
     assert t.state is TransferState.FAILED
     assert "only 2 of 3 blocks" in t.error
     assert table.reserved_bytes == 0
@@ -91,10 +97,10 @@ def test_checksum_mismatch_fails_frees_staging_and_raises_data_loss():
     table = make_table()
     t = table.open(open_msg(), 0.0)
     table.add_chunk(t, *chunk(0, 0, 2))
-    hdr, payload = chunk(1, 0, 2)
+    hdr, payload, held = chunk(1, 0, 2)
     hdr.crc32c ^= 1
     with pytest.raises(TransferRefused) as err:
-        table.add_chunk(t, hdr, payload)
+        table.add_chunk(t, hdr, payload, held)
     assert err.value.code == "DATA_LOSS" and "checksum" in str(err.value)
     assert t.state is TransferState.FAILED and "checksum" in t.error
     assert table.reserved_bytes == 0 and t.staged_bytes == 0 and not t.chunks
@@ -124,14 +130,35 @@ def test_malformed_chunks_are_refused_and_fail_the_transfer(layer, start, n, siz
     assert not t.chunks and t.chunks_received == 1
 
 
-def test_duplicate_chunk_replaces_staged_bytes_without_double_counting():
+@pytest.mark.parametrize("again", [(0, 0, 2, 50), (0, 1, 2, 1), (0, 1, 1, 1), (0, 0, 1, 1)],
+                         ids=["same_range_other_bytes", "overlapping_tail", "inside", "same_start_fewer_blocks"])
+def test_a_chunk_over_staged_blocks_fails_the_transfer_and_frees_its_staging(again):
     table = make_table()
     t = table.open(open_msg(), 0.0)
     table.add_chunk(t, *chunk(0, 0, 2, fill=1))
-    table.add_chunk(t, *chunk(0, 0, 2, fill=50))
-    assert t.staged_bytes == 2 * BB and len(t.chunks) == 1
-    assert t.chunks[(0, 0)].payload.tobytes() == chunk(0, 0, 2, fill=50)[1].tobytes()
-    assert table.snapshot()["staged_bytes"] == 2 * BB
+    with pytest.raises(TransferRefused, match="overlap"):
+        table.add_chunk(t, *chunk(*again[:3], fill=again[3]))
+    assert t.state is TransferState.FAILED and not t.chunks
+    assert table.reserved_bytes == 0 and table.snapshot()["staged_bytes"] == 0
+
+
+def test_a_chunk_frame_padded_beyond_its_payload_is_refused():
+    table = make_table()
+    t = table.open(open_msg(), 0.0)
+    hdr, payload, held = chunk(0, 0, 1)
+    with pytest.raises(TransferRefused, match="holds more than its payload"):
+        table.add_chunk(t, hdr, payload, payload.nbytes + CHUNK_OVERHEAD_BYTES + 1)
+    assert t.state is TransferState.FAILED and table.reserved_bytes == 0
+
+
+def test_what_a_transfer_stages_never_exceeds_its_reservation():
+    table = make_table()
+    t = table.open(open_msg(), 0.0)
+    for layer in range(FP.num_layers):
+        table.add_chunk(t, *chunk(layer, 0, 1))
+        table.add_chunk(t, *chunk(layer, 1, 2))
+    assert t.staged_bytes <= t.reserved_bytes == NEED
+    assert t.staged_bytes == sum(frame_bytes(*chunk(layer, s, n)[:2]) for layer in range(2) for s, n in [(0, 1), (1, 2)])
 
 
 def test_byte_identical_duplicate_is_dropped_uncounted_and_the_transfer_still_completes():
@@ -139,7 +166,8 @@ def test_byte_identical_duplicate_is_dropped_uncounted_and_the_transfer_still_co
     t = table.open(open_msg(), 0.0)
     counted = [table.add_chunk(t, *chunk(*c)) for c in [FULL[0], FULL[0], FULL[1], FULL[2], FULL[0]]]
     assert counted == [True, False, True, True, False]
-    assert (t.chunks_received, t.bytes_received, t.staged_bytes) == (3, 4 * BB, 4 * BB)
+    held = sum(chunk(*c)[2] for c in FULL[:3])
+    assert (t.chunks_received, t.bytes_received, t.staged_bytes) == (3, 4 * BB, held)
     table.end(t, end_msg(4, 6 * BB))
     assert table.add_chunk(t, *chunk(*FULL[3])) and t.state is TransferState.DONE
     snap = table.snapshot()
@@ -153,7 +181,7 @@ def test_staging_budget_exceeded_is_refused_without_reserving():
         table.open(open_msg("b"), 0.0)
     assert err.value.code == "RESOURCE_EXHAUSTED"
     assert table.reserved_bytes == NEED and table.state_of("b") is None
-    table.discard("a")
+    table.discard("a", 0.1)
     assert table.reserved_bytes == 0
     table.open(open_msg("b"), 0.0)
     assert table.reserved_bytes == NEED
@@ -272,18 +300,48 @@ def test_take_returns_only_terminal_transfers_and_removes_them():
     table.end(t, end_msg(2, 6 * BB))
     taken = table.take("t")
     assert taken is t and taken.state is TransferState.DONE
-    assert len(taken.chunks) == 2 and taken.staged_bytes == 6 * BB
+    assert len(taken.chunks) == 2 and taken.staged_bytes == chunk(0, 0, 3)[2] + chunk(1, 0, 3)[2]
     assert table.reserved_bytes == 0 and table.state_of("t") is None and table.take("t") is None
 
 
-def test_discard_frees_an_active_transfer_and_ignores_unknown_ids():
+def test_discard_frees_a_transfer_and_leaves_a_tombstone_that_refuses_a_late_open():
     table = make_table()
     t = table.open(open_msg(), 0.0)
     table.add_chunk(t, *chunk(0, 0, 2))
-    table.discard("t")
-    table.discard("unknown")
-    assert table.reserved_bytes == 0 and t.staged_bytes == 0 and table.state_of("t") is None
-    assert table.snapshot()["active"] == 0
+    table.discard("t", 0.5)
+    table.discard("unknown", 0.5)
+    assert table.reserved_bytes == 0 and t.staged_bytes == 0
+    assert table.state_of("t") is table.state_of("unknown") is TransferState.FAILED
+    assert table.snapshot()["active"] == 0 and table.snapshot()["failed"] == 0  # nothing went wrong
+    for tid in ("t", "unknown"):
+        with pytest.raises(TransferRefused, match="discarded"):
+            table.open(open_msg(tid), 0.6)
+    table.expire(0.5 + 61.0)
+    assert table.state_of("t") is None and table.state_of("unknown") is None
+
+
+@pytest.mark.parametrize("tid", ["", "x" * 129, "é" * 65])
+def test_transfer_ids_beyond_128_bytes_or_empty_are_refused(tid):
+    table = make_table()
+    with pytest.raises(TransferRefused, match="1 to 128 bytes") as err:
+        table.open(open_msg(tid), 0.0)
+    assert err.value.code == "INVALID_ARGUMENT" and table.reserved_bytes == 0
+
+
+def test_tombstones_beyond_the_table_bound_go_oldest_first_and_live_transfers_stay():
+    table = TransferTable(FP, 1 << 20, 60_000, max_transfers=4)
+    live = table.open(open_msg("live"), 0.0)
+    for i in range(10):
+        table.cancel(f"gone-{i}", "cancelled", 0.0)
+    assert table.state_of("live") is live.state is TransferState.WAITING
+    assert [table.state_of(f"gone-{i}") for i in (6, 7, 8, 9)] == [None, TransferState.FAILED, TransferState.FAILED,
+                                                                   TransferState.FAILED]
+    assert table.snapshot()["evicted_tombstones"] == 7
+    table.open(open_msg("second"), 0.0)
+    with pytest.raises(TransferRefused) as err:
+        for i in range(4):
+            table.open(open_msg(f"more-{i}"), 0.0)
+    assert err.value.code == "RESOURCE_EXHAUSTED" and table.state_of("live") is TransferState.WAITING
 
 
 def test_cancel_frees_an_arriving_transfer_and_refuses_its_late_streams():

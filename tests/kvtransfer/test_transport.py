@@ -20,7 +20,7 @@ from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.sender import KVSender
-from pdserve.kvtransfer.transfer import TransferState
+from pdserve.kvtransfer.transfer import CHUNK_OVERHEAD_BYTES, TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 
 SECRET = "unit-test-secret"
@@ -29,6 +29,12 @@ HEADS, BS, HEAD = FP.num_kv_heads, FP.block_size, FP.head_size
 BB = FP.block_bytes_per_layer  # 4 KiB
 BASE = dict(secret=SECRET, num_streams=3, chunk_bytes=2 * BB, max_frame_bytes=64 << 10, tune_malloc=False)
 WAIT_S = 10
+
+
+def reservation(num_blocks: int) -> int:
+    """What a receiver reserves for a transfer of `num_blocks` blocks: each block of each layer
+    with the most its chunk frame may hold beyond the payload."""
+    return num_blocks * (BB + CHUNK_OVERHEAD_BYTES) * FP.num_layers
 
 
 def settings(**kw) -> KVTransferSettings:
@@ -132,8 +138,9 @@ async def raw_push(address: str, frames: list[bytes], secret: str | None = SECRE
         return await push(iter(frames), metadata=metadata, timeout=WAIT_S)
 
 
-def open_frame(tid: str = "raw", fp: KVFingerprint = FP) -> bytes:
-    msg = pb.TransferOpen(transfer_id=tid, fingerprint=fp.to_proto(), num_tokens=BS, num_blocks=1, lease_ms=5000)
+def open_frame(tid: str = "raw", fp: KVFingerprint = FP, epoch: str = "") -> bytes:
+    msg = pb.TransferOpen(transfer_id=tid, fingerprint=fp.to_proto(), num_tokens=BS, num_blocks=1, lease_ms=5000,
+                          epoch=epoch)
     return framing.encode(pb.KVFrame(open=msg))
 
 
@@ -175,7 +182,7 @@ async def test_push_not_starting_with_open_is_invalid_argument(make_receiver, fr
 async def test_raw_push_with_hand_made_frames_is_answered_with_its_state(make_receiver):
     rx = make_receiver(fp=dataclasses.replace(FP, num_layers=1))
     end = framing.encode(pb.KVFrame(end=pb.TransferEnd(transfer_id="raw", num_chunks=1, total_bytes=BB)))
-    ack = await raw_push(rx.address, [open_frame(fp=rx.fingerprint), chunk_frame(), end])
+    ack = await raw_push(rx.address, [open_frame(fp=rx.fingerprint, epoch=rx.epoch), chunk_frame(), end])
     assert ack.state == pb.DONE and (ack.chunks_received, ack.bytes_received) == (1, BB)
 
 
@@ -203,7 +210,7 @@ def test_lease_expiry_while_the_sender_stalls_frees_staging_and_fails_the_send(m
     t = tx.open("stall", rx.address, num_tokens=4 * BS, lease_ms=300)
     t.send_chunk(0, 0, 1, [memoryview(bytes(BB))])
     wait_for(lambda: rx.stats()["chunks"] == 1)
-    assert rx.stats()["reserved_bytes"] == 4 * BB * FP.num_layers
+    assert rx.stats()["reserved_bytes"] == reservation(4)
     res = t.result.result(WAIT_S)
     assert res.state is TransferState.FAILED
     wait_for(lambda: rx.stats()["expired"] == 1)
