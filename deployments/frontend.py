@@ -12,7 +12,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -39,6 +40,11 @@ from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives,
 log = logging.getLogger("pdserve.ingress")
 
 ROUTE_POLL_S = 0.25
+HEALTH_STALE_POLLS = 5
+"""`health` trusts a view of the instances at most this many poll intervals old."""
+MAX_CHARS_PER_TOKEN = 32
+"""A text longer than this many characters per token of context is refused before it is
+tokenized (no tokenizer packs more into its tokens: it could not fit)."""
 """How often a request waiting for a live instance asks the controller again."""
 
 
@@ -50,6 +56,8 @@ class FrontendAPI(Protocol):
     """The one model this service serves (OpenAI's `model` field)."""
     max_model_len: int
     """Context length in tokens: prompt plus generated tokens."""
+    max_body_bytes: int
+    """Largest HTTP request body read (`ingress.max_body_bytes`)."""
 
     def authorize(self, api_key: str | None) -> None:
         """Raise Unauthenticated unless `api_key` is one of the service's keys (or it has none)."""
@@ -57,16 +65,16 @@ class FrontendAPI(Protocol):
     def check_model(self, model: str) -> None:
         """Raise ModelNotFound unless `model` is the served model's name."""
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None,
+                           objectives: Objectives | None = None) -> GenerateRequest:
         """Apply the chat template to `messages` ({"role", "content"} dicts), tokenize and
         validate lengths (InvalidRequest when the prompt does not fit the context); objectives
         the client left unset take the service's defaults."""
 
-    def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None,
-                           objectives: Objectives | None = None) -> GenerateRequest:
+    async def completion_request(self, prompt: str | list[int], sampling: Sampling,
+                                 trace_carrier: dict[str, str] | None = None,
+                                 objectives: Objectives | None = None) -> GenerateRequest:
         """Tokenize a text prompt (or take token ids as given) and validate lengths."""
 
     def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -91,6 +99,7 @@ class Frontend:
         self.cfg = cfg
         self.model_name = served_model_name(cfg, model_path)
         self.max_model_len = cfg.max_model_len
+        self.max_body_bytes = cfg.ingress.max_body_bytes
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.controller = controller
         self.pools = pools
@@ -98,6 +107,10 @@ class Frontend:
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
+        self._live: dict[str, int] | None = None  # live instances per pool, from the last snapshot
+        self._live_at_s = 0.0
+        self._poll_interval_s = 1.0
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenizer")
         log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
 
     # --- validation ----------------------------------------------------------
@@ -111,17 +124,25 @@ class Frontend:
             self.metrics.requests.labels("not_found").inc()
             raise ModelNotFound(model, self.model_name)
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
-        with self._counting_refusals():
-            return self._checked(self._chat_ids(messages), sampling, trace_carrier, objectives)
-
-    def completion_request(self, prompt: str | list[int], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None,
                            objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            return self._checked(self._prompt_ids(prompt), sampling, trace_carrier, objectives)
+            _check_text(sampling.stop, "stop")
+            return self._checked(await self._tokenizing(self._chat_ids, messages), sampling, trace_carrier, objectives)
+
+    async def completion_request(self, prompt: str | list[int], sampling: Sampling,
+                                 trace_carrier: dict[str, str] | None = None,
+                                 objectives: Objectives | None = None) -> GenerateRequest:
+        with self._counting_refusals():
+            _check_text(sampling.stop, "stop")
+            return self._checked(await self._tokenizing(self._prompt_ids, prompt), sampling, trace_carrier, objectives)
+
+    async def _tokenizing(self, tokenize: Callable[[Any], list[int]], prompt: Any) -> list[int]:
+        """`tokenize(prompt)` on the tokenizer's own thread: a long prompt takes a while, and on the
+        event loop it would stall every stream of this replica meanwhile. One thread, because the
+        tokenizer is not safe to call from several at once."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, tokenize, prompt)
 
     @contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -134,6 +155,12 @@ class Frontend:
     def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         if not messages:
             raise InvalidRequest("messages must hold at least one message", param="messages")
+        if len(messages) > self.max_model_len:  # the template spends a token or more on each
+            raise InvalidRequest(f"{len(messages)} messages cannot fit a context of {self.max_model_len} tokens",
+                                 param="messages", code="context_length_exceeded")
+        contents = [m["content"] for m in messages]
+        _check_text(contents, "messages")
+        self._check_chars(sum(map(len, contents)), "messages")
         try:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            return_dict=True)["input_ids"])
@@ -142,12 +169,21 @@ class Frontend:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            _check_text([prompt], "prompt")
+            self._check_chars(len(prompt), "prompt")
             return self.tokenizer.encode(prompt) if prompt else []
         vocab = len(self.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
         return list(prompt)
+
+    def _check_chars(self, chars: int, param: str) -> None:
+        """Refuse before tokenizing a text no tokenizer could fit in the context."""
+        if chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.max_model_len} tokens; {chars} characters of "
+                f"prompt are more than {MAX_CHARS_PER_TOKEN} per token", param=param, code="context_length_exceeded")
 
     def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None,
                  objectives: Objectives | None) -> GenerateRequest:
@@ -308,11 +344,16 @@ class Frontend:
 
     # --- health and metrics --------------------------------------------------
     async def start_polling(self, interval_s: float = 1.0) -> None:
-        """Keep the queue-depth and live-instance gauges fresh from the controller."""
+        """Keep the queue-depth and live-instance gauges, and the view `health` answers from,
+        fresh from the controller."""
+        self._poll_interval_s = interval_s
+
         async def poll() -> None:
             while True:
                 try:
-                    self.metrics.observe_instances(await self.controller.snapshot.remote())
+                    snapshot = await self.controller.snapshot.remote()
+                    self._observe_live(snapshot)
+                    self.metrics.observe_instances(snapshot)
                     self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
                     self.metrics.observe_experts(await self.controller.expert_status.remote())
                 except Exception as exc:
@@ -321,14 +362,34 @@ class Frontend:
 
         self._poller = asyncio.create_task(poll())
 
-    async def health(self) -> dict:
-        snapshot = await self.controller.snapshot.remote()
+    def _observe_live(self, snapshot: list[dict]) -> None:
         live = {pool: 0 for pool in self.cfg.pools()}
         for inst in snapshot:
             if inst["live"] and inst["pool"] in live:
                 live[inst["pool"]] += 1
-        status = "ok" if all(live.values()) else "unavailable"
-        return {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live}
+        self._live, self._live_at_s = live, time.monotonic()
+
+    async def health(self) -> dict:
+        """From this ingress's own view (the poller's last snapshot), so that probes cost the
+        controller nothing; a view older than a few polls counts as no view (the controller is away)."""
+        age_s = time.monotonic() - self._live_at_s
+        live = self._live if self._live is not None and age_s <= HEALTH_STALE_POLLS * self._poll_interval_s else None
+        status = "ok" if live and all(live.values()) else "unavailable"
+        body = {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live or {}}
+        if live is None:
+            body["reason"] = "no recent view of the instances from the controller"
+        return body
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
+
+
+def _check_text(texts: Iterable[str], param: str) -> None:
+    """Text that cannot be encoded as UTF-8 (a lone surrogate, which JSON's \\uD800 escapes can carry)
+    is the client's error, not a tokenizer crash."""
+    for text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidRequest(f"{param} holds a character that is not valid text ({err.reason} at "
+                                 f"position {err.start})", param=param) from None

@@ -52,6 +52,18 @@ class Unauthenticated(ServeError):
         return {"WWW-Authenticate": "Bearer"}
 
 
+class PayloadTooLarge(ServeError):
+    """The request body is larger than the service reads (`ingress.max_body_bytes`)."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "invalid_request_error"
+
+    def __init__(self, limit_bytes: int):
+        super().__init__(f"the request body exceeds this service's limit of {limit_bytes} bytes",
+                         code="request_too_large")
+
+
 class ModelNotFound(ServeError):
     http_status = 404
     grpc_code = grpc.StatusCode.NOT_FOUND

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pdserve.controller.decision import SLO
 
+MAX_STOP_CHARS = 256
+"""Longest stop string: vLLM holds back up to its length - 1 characters of a streamed answer, and
+looks for every stop string in the new text at each step."""
+
 
 class Sampling(BaseModel):
     """Sampling options shared by every API; validated once, here."""
@@ -44,9 +48,11 @@ class Sampling(BaseModel):
 
     @field_validator("stop")
     @classmethod
-    def _non_empty(cls, v: list[str]) -> list[str]:
+    def _non_empty_and_short(cls, v: list[str]) -> list[str]:
         if any(s == "" for s in v):
             raise ValueError("stop strings must not be empty")
+        if any(len(s) > MAX_STOP_CHARS for s in v):
+            raise ValueError(f"stop strings are at most {MAX_STOP_CHARS} characters")
         return v
 
 

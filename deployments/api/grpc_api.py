@@ -88,7 +88,7 @@ class _GenerationService:
 
     async def generate(self, raw: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         try:
-            frontend, req, client_id = _translate(raw, context, self._get_frontend)
+            frontend, req, client_id = await _translate(raw, context, self._get_frontend)
             response_id = client_id or req.request_id
             chunks = frontend.stream(req)
             try:
@@ -105,7 +105,7 @@ class _GenerationService:
 
     async def generate_unary(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         try:
-            frontend, req, client_id = _translate(raw, context, self._get_frontend)
+            frontend, req, client_id = await _translate(raw, context, self._get_frontend)
             texts: list[str] = []
             token_ids: list[int] = []
             last: GenerateChunk | None = None
@@ -125,8 +125,8 @@ class _GenerationService:
             await _abort(context, exc)
 
 
-def _translate(raw: bytes, context: grpc.aio.ServicerContext,
-               get_frontend: Callable[[], FrontendAPI]) -> tuple[FrontendAPI, GenerateRequest, str]:
+async def _translate(raw: bytes, context: grpc.aio.ServicerContext,
+                     get_frontend: Callable[[], FrontendAPI]) -> tuple[FrontendAPI, GenerateRequest, str]:
     """Check the caller's key, parse and validate the wire request; returns the frontend, its
     request and the client's id."""
     metadata = context.invocation_metadata() or ()
@@ -148,7 +148,7 @@ def _translate(raw: bytes, context: grpc.aio.ServicerContext,
     if kind == "prompt":
         if not msg.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return frontend, frontend.completion_request(msg.prompt, sampling, carrier, objectives), msg.request_id
+        return frontend, await frontend.completion_request(msg.prompt, sampling, carrier, objectives), msg.request_id
     if kind == "chat":
         if not msg.chat.messages:
             raise InvalidRequest("chat needs at least one message", param="chat")
@@ -157,14 +157,14 @@ def _translate(raw: bytes, context: grpc.aio.ServicerContext,
                 raise InvalidRequest(f"chat.messages[{i}].role is {m.role!r}; use one of {', '.join(CHAT_ROLES)}",
                                      param="chat")
         messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-        return frontend, frontend.chat_request(messages, sampling, carrier, objectives), msg.request_id
+        return frontend, await frontend.chat_request(messages, sampling, carrier, objectives), msg.request_id
     ids = list(msg.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids must not be empty", param="prompt_token_ids")
     for i, t in enumerate(ids):
         if not 0 <= t < TOKEN_ID_LIMIT:
             raise InvalidRequest(f"prompt_token_ids[{i}] is {t}, not a token id", param="prompt_token_ids")
-    return frontend, frontend.completion_request(ids, sampling, carrier, objectives), msg.request_id
+    return frontend, await frontend.completion_request(ids, sampling, carrier, objectives), msg.request_id
 
 
 def _sampling(msg: pb.GenerateRequest) -> Sampling:

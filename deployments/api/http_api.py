@@ -13,15 +13,16 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.deployments.api.front_door import FrontDoor
 from pdserve.deployments.api.openai_models import (
     AssistantMessage,
     ChatChoice,
@@ -61,19 +62,15 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     """The OpenAI API app; `get_frontend()` returns the replica's frontend when a request arrives."""
     app = FastAPI(title="pdserve", summary="OpenAI-compatible API of pdserve", version="0.1.0")
     _add_error_handlers(app)
+    app.add_middleware(FrontDoor, get_frontend=get_frontend)  # the key and the body's size, before the body
     started_s = int(time.time())
-
-    async def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]) -> None:
-        """Runs before the body is validated: a client without a key learns nothing from the answer."""
-        get_frontend().authorize(credentials.credentials if credentials else None)
-
-    keyed = [Depends(authorized)]
+    keyed = [Depends(_BEARER)]  # checked by FrontDoor; named here so that the OpenAPI document shows the scheme
 
     @app.post("/v1/chat/completions", response_model=None, responses=_docs(ChatCompletion), dependencies=keyed)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
-        req = frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
+        req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
                                     body.objectives(request.headers))
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
@@ -82,7 +79,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
-        req = frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
+        req = await frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
                                           body.objectives(request.headers))
         return await _answer(frontend, req, body.stream, body.include_usage,
                              _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))

@@ -142,6 +142,9 @@ class IngressConfig(BaseModel):
     route_wait_s: float = Field(5.0, ge=0)
     """How long a request waits for a pool to have a live instance again (a replica being
     replaced, the controller restarting) before it fails with 503. Overload is refused at once."""
+    max_body_bytes: int = Field(8 << 20, ge=1 << 10)
+    """Largest HTTP request body read; a larger one is answered 413 before it is read (a prompt
+    of a 128k-token context is under 1 MiB of JSON)."""
     api_keys: list[SecretStr] = Field(default_factory=list)
     """Keys clients must present (`Authorization: Bearer <key>`, over HTTP and gRPC), on top of
     those in PDSERVE_API_KEYS (comma-separated; the Helm chart sets it from a Secret). None

@@ -122,7 +122,7 @@ def collect(fe: Frontend, max_tokens: int) -> tuple[list[GenerateChunk], BaseExc
     chunks: list[GenerateChunk] = []
 
     async def go() -> None:
-        async for chunk in fe.stream(fe.completion_request(PROMPT, Sampling(max_tokens=max_tokens))):
+        async for chunk in fe.stream(await fe.completion_request(PROMPT, Sampling(max_tokens=max_tokens))):
             chunks.append(chunk)
 
     try:
@@ -222,3 +222,36 @@ def test_an_answer_resumed_while_the_pool_is_full_waits_for_room_instead_of_fail
     chunks, error = collect(frontend(model_path, controller, pools), max_tokens=4)
     assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
     assert [resuming for _, _, resuming in controller.routes] == [False, True, True, True]
+
+
+class FakeSnapshotController(FakeController):
+    """Also answers the ingress's poller: `live` instances per pool, counting snapshot calls."""
+
+    def __init__(self, live: dict[str, int]):
+        super().__init__(routed("p1", "d1"))
+        self.live, self.snapshots = live, 0
+        self.snapshot = FakeRemoteMethod(self._snapshot)
+        self.autoscale_status = FakeRemoteMethod(lambda: {})
+        self.expert_status = FakeRemoteMethod(lambda: {})
+
+    async def _snapshot(self) -> list[dict]:
+        self.snapshots += 1
+        return [{"pool": pool, "live": True, "replica_id": f"{pool}-{i}"} for pool, n in self.live.items()
+                for i in range(n)]
+
+
+async def test_health_probes_are_answered_from_the_ingress_view_without_calling_the_controller(model_path):
+    controller = FakeSnapshotController({"prefill": 1, "decode": 2})
+    fe = frontend(model_path, controller, FakePools())
+    assert (await fe.health())["status"] == "unavailable"  # no view yet
+    fe.metrics.observe_instances = lambda snapshot: None  # the gauges' own input is tested elsewhere
+    await fe.start_polling(interval_s=0.05)
+    await asyncio.sleep(0.2)
+    fe._poller.cancel()
+    polled = controller.snapshots
+    answers = [await fe.health() for _ in range(50)]
+    assert controller.snapshots == polled
+    assert answers[0]["status"] == "ok" and answers[0]["live_instances"] == {"prefill": 1, "decode": 2}
+    await asyncio.sleep(0.05 * 6)  # the poller stopped: its view goes stale
+    stale = await fe.health()
+    assert stale["status"] == "unavailable" and "no recent view" in stale["reason"]

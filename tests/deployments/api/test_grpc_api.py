@@ -40,12 +40,12 @@ class FakeValidatingFrontend:
         if model != self.model_name:
             raise ModelNotFound(model, self.model_name)
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                      trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         raise Unavailable("this frontend has no tokenizer for the chat template")
 
-    def completion_request(self, prompt: str | list[int], sampling: Sampling,
+    async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         if not prompt:

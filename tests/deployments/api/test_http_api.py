@@ -31,6 +31,7 @@ class FakeRejectingFrontend:
 
     model_name = MODEL
     max_model_len = 2048
+    max_body_bytes = 64 << 10
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
@@ -45,14 +46,14 @@ class FakeRejectingFrontend:
         if model != self.model_name:
             raise ModelNotFound(model, self.model_name)
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                      trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         self.calls.append({"messages": messages, "sampling": sampling, "trace_carrier": trace_carrier,
                            "objectives": objectives})
         raise InvalidRequest("the prompt does not fit the context", param="messages", code="context_length_exceeded")
 
-    def completion_request(self, prompt: str | list[int], sampling: Sampling,
+    async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         self.calls.append({"prompt": prompt, "sampling": sampling, "trace_carrier": trace_carrier,
@@ -69,7 +70,7 @@ class FakeRejectingFrontend:
 class FakeNoCapacityFrontend(FakeRejectingFrontend):
     """Accepts requests but routes none, like a cluster at capacity: no text is ever generated."""
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                      trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         return GenerateRequest("0" * 32, [], sampling, SLO(1000, 100, 0), trace_carrier or {})
@@ -89,7 +90,7 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
     """Answers every chat with two fixed chunks, the last with an SLO report: the HTTP layer's
     wire format of an answer, without an engine."""
 
-    def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
                      trace_carrier: dict[str, str] | None = None,
                      objectives: Objectives | None = None) -> GenerateRequest:
         return GenerateRequest("0" * 32, [1, 2, 3], sampling, SLO(500, 50, 0), trace_carrier or {})
@@ -199,7 +200,8 @@ def test_completion_rejects_echo_and_logprobs(fields: dict) -> None:
 
 @pytest.mark.parametrize(("fields", "param"), [
     ({"temperature": 2.5}, "temperature"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"max_tokens": 0}, "max_tokens"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["x" * 257]}, "stop"),
+    ({"max_tokens": 0}, "max_tokens"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"max_tokens": -1}, "max_tokens"),
     # Beyond int64: vLLM's engine would fail seeding its generator, and the whole engine with it.
     ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"),
@@ -386,3 +388,4 @@ def test_openapi_documents_the_request_bodies() -> None:
         assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
     assert "/v1/models" in doc["paths"] and "/health" in doc["paths"]
+
