@@ -14,6 +14,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from pdserve.controller.decision import Decision, Outcome
+from pdserve.deployments.exact_router import ReplicaGone
 from pdserve.errors import EngineFailure, Overloaded, ReplicaLost, ServeError, Unavailable
 from pdserve.prefill.requests import GenerateChunk
 
@@ -91,9 +92,10 @@ async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
 
 def as_serve_error(exc: BaseException, phase: str, replica_id: str) -> ServeError:
     """What the client is told of an engine call's failure; a dead replica (its actor gone,
-    possibly reported inside a task error) is a ReplicaLost, which the ingress may retry."""
+    possibly reported inside a task error, or missing from the router's list) is a ReplicaLost,
+    which the ingress may retry."""
     cause = getattr(exc, "cause", None)
-    if isinstance(exc, RayActorError) or isinstance(cause, RayActorError):
+    if isinstance(exc, (RayActorError, ReplicaGone)) or isinstance(cause, (RayActorError, ReplicaGone)):
         return ReplicaLost(phase, replica_id)
     if isinstance(exc, ServeError):
         return exc

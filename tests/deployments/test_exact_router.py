@@ -1,0 +1,92 @@
+"""The exact-replica router: a call reaches the replica it names; when that replica is not
+running, the router asks Serve to back off (never a busy retry) and, past a short grace, fails
+the call as a lost replica so the ingress routes the request again."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+from ray.serve.request_router import PendingRequest
+
+from pdserve.deployments.exact_router import MISSING_REPLICA_GRACE_S, ExactReplicaRouter, ReplicaGone
+from pdserve.deployments.failover import as_serve_error
+from pdserve.errors import ReplicaLost
+from tests.deployments.service_fixtures import init_ray
+
+
+def fake_running_replica(unique_id: str) -> SimpleNamespace:
+    """What the router reads of Serve's RunningReplica: its id."""
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
+
+
+REPLICAS = [fake_running_replica("a"), fake_running_replica("b")]
+
+
+def pending(target: str | None, age_s: float = 0.0) -> PendingRequest:
+    kwargs = {} if target is None else {"replica_id": target}
+    return PendingRequest(args=[], kwargs=kwargs, metadata=None, created_at=time.time() - age_s)
+
+
+async def choose(request: PendingRequest) -> list[list]:
+    return await ExactReplicaRouter.choose_replicas(None, REPLICAS, request)  # the router keeps no state
+
+
+async def test_a_call_goes_to_the_replica_it_names_and_unnamed_calls_to_any():
+    assert await choose(pending("b")) == [[REPLICAS[1]]]
+    assert await choose(pending(None)) == [REPLICAS]
+
+
+async def test_a_missing_replica_makes_serve_back_off_instead_of_retrying_at_once():
+    request = pending("gone")
+    assert await choose(request) == [[]]
+    assert request.routing_context.should_backoff and not request.future.done()
+
+
+async def test_a_call_for_a_missing_replica_fails_as_lost_after_the_grace_and_the_ingress_retries_it():
+    request = pending("gone", age_s=MISSING_REPLICA_GRACE_S)
+    assert await choose(request) == [REPLICAS]  # candidates, so that Serve's loop sees the call done and stops
+    with pytest.raises(ReplicaGone, match="replica gone is not running") as err:
+        await asyncio.wait_for(request.future, 1)
+    lost = as_serve_error(err.value, "decode", "gone")
+    assert isinstance(lost, ReplicaLost) and lost.replica_id == "gone"
+    assert await choose(request) == [REPLICAS]  # asked again: the failure stands
+
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0},
+                  request_router_config=RequestRouterConfig(request_router_class=ExactReplicaRouter))
+class Echo:
+    """Answers with its own replica id."""
+
+    def whoami(self, replica_id: str = "") -> str:
+        return serve.get_replica_context().replica_id.unique_id
+
+
+@pytest.mark.slow
+def test_through_serve_a_named_replica_answers_and_a_gone_one_fails_within_the_grace_not_the_deadline():
+    import ray
+
+    init_ray(num_cpus=2)
+    try:
+        handle = serve.run(Echo.bind(), name="exact-router-test", route_prefix=None)
+        seen = {handle.whoami.remote().result(timeout_s=30) for _ in range(20)}  # unnamed: any replica
+        assert len(seen) == 2
+        for rid in seen:
+            assert handle.whoami.remote(replica_id=rid).result(timeout_s=30) == rid
+        start = time.monotonic()
+        with pytest.raises(Exception) as err:
+            handle.whoami.remote(replica_id="no-such-replica").result(timeout_s=60)
+        waited_s = time.monotonic() - start
+        assert isinstance(as_serve_error(err.value, "decode", "no-such-replica"), ReplicaLost), repr(err.value)
+        assert MISSING_REPLICA_GRACE_S <= waited_s < MISSING_REPLICA_GRACE_S + 10
+        router = handle._router._asyncio_router.request_router  # Serve's internals: the router in this process
+        time.sleep(0.5)
+        assert len(router._routing_tasks) == 0  # no routing loop left behind for the failed call
+    finally:
+        serve.shutdown()
+        ray.shutdown()
