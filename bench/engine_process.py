@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.ports import free_port
+from pdserve.prefill.engine_watchdog import WATCHDOG_ENV
 
 Role = Literal["prefill", "decode", "plain"]
 
@@ -44,6 +45,7 @@ class EngineSpec:
 
 def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
     os.environ.update(
+        {WATCHDOG_ENV: "1"},  # ends with its parent (a test, a benchmark) however that ends
         VLLM_CPU_KVCACHE_SPACE=str(spec.kv_cache_gib),
         VLLM_CPU_OMP_THREADS_BIND=spec.cpu_bind,
         VLLM_ENABLE_V1_MULTIPROCESSING="0",

@@ -26,6 +26,7 @@ from pdserve.controller.hot_experts import ExpertReport
 from pdserve.controller.registry import LoadReport
 from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.prefill.engine_load import EngineLoad, RequestProgress
+from pdserve.prefill.engine_watchdog import WATCHDOG_ENV
 from pdserve.prefill.requests import GenerateRequest
 
 log = logging.getLogger("pdserve.engine")
@@ -53,6 +54,7 @@ class EngineServer:
         telemetry.setup_logging(cfg.log_level)
         cpu_bind = pool.cpu_binds[ctx.rank.local_rank % len(pool.cpu_binds)] if pool.cpu_binds else ""
         os.environ.update(
+            {WATCHDOG_ENV: "1"},  # the engine's processes end if this replica is killed
             VLLM_CPU_KVCACHE_SPACE=str(pool.kv_cache_gib),
             VLLM_LOGGING_LEVEL=cfg.log_level,
             HF_HUB_OFFLINE="1",
