@@ -31,6 +31,9 @@ class RouteRequest:
     prompt_tokens: int
     max_tokens: int
     slo: SLO
+    lifetime_s: float = 600.0
+    """How long the request may still run (what is left of its deadline at the ingress): its
+    bookings on instances expire then, whether or not a release ever comes."""
 
 
 @dataclass(frozen=True)

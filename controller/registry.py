@@ -74,6 +74,9 @@ class Assignment:
     """The profile's prediction before correction, to correct it by what happens."""
     predicted_step_ms: float
     assigned_at_s: float
+    expires_at_s: float
+    """The request's deadline: past it the booking goes, release or not (an ingress that died,
+    a release lost on the way)."""
 
 
 @dataclass(eq=False)
@@ -150,6 +153,7 @@ class Registry:
     """Per profile: the (prefill, step) corrections all its instances feed."""
     _routes: dict[str, list[str]] = field(default_factory=dict)
     """request id -> the replicas it was routed to."""
+    _next_expiry_s: float = 0.0
 
     def report(self, r: LoadReport, now_s: float) -> None:
         inst = self.instances.get(r.replica_id)
@@ -187,6 +191,8 @@ class Registry:
         """Book a routed request on its instances: the prompt on the one that prefills it,
         the sequence on the one that decodes it."""
         kv_tokens = req.prompt_tokens + min(req.max_tokens, self.kv_reserve_tokens)
+        if req.request_id in self._routes:  # routed again under the same id (the ingress retried): one booking
+            self.release(req.request_id)
         targets = [t.replica_id for t in decision.targets()]
         self._routes[req.request_id] = targets
         for t in decision.targets():
@@ -200,7 +206,7 @@ class Registry:
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
                 predicted_prefill_ms=inst.raw_prefill_ms(req.prompt_tokens) if prefills else 0.0,
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
-                assigned_at_s=now_s)
+                assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s)
             self._refresh(inst)
 
     def prefill_done(self, request_id: str, prefill_ms: float) -> None:
@@ -229,6 +235,20 @@ class Registry:
             if tpot_ms and a.predicted_step_ms:
                 inst.step_fix.observe(a.predicted_step_ms, tpot_ms)
             self._refresh(inst)
+
+    def expire(self, now_s: float, every_s: float = 1.0) -> None:
+        """Drop bookings past their request's deadline (looked at most every `every_s`)."""
+        if now_s < self._next_expiry_s:
+            return
+        self._next_expiry_s = now_s + every_s
+        expired = {rid for inst in self.instances.values() for rid, a in inst.assignments.items()
+                   if a.expires_at_s < now_s}
+        for request_id in expired:
+            log.warning("request %s: booking expired at its deadline without a release", request_id)
+            self.release(request_id)
+            for inst in self.instances.values():  # an instance it was routed to before a restart of the ledger
+                if inst.assignments.pop(request_id, None) is not None:
+                    self._refresh(inst)
 
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""

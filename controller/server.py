@@ -71,6 +71,7 @@ class Controller:
         now = time.monotonic()
         self.registry.report(r, now)
         self.registry.forget_stale(now)
+        self.registry.expire(now)
         if r.experts is None:
             return None
         window = self.experts.setdefault(r.pool, ExpertWindow(self.expert_windows_s.get(r.pool, 60.0)))

@@ -243,7 +243,8 @@ class Frontend:
         for n in range(retries + 1):
             attempt = req.resumed(run.token_ids, n) if n else req
             with telemetry.tracer().start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
-                decision = await self._route(attempt, resuming=n > 0)
+                left_s = self.cfg.ingress.request_timeout_s - (time.perf_counter() - run.start_s)
+                decision = await self._route(attempt, resuming=n > 0, lifetime_s=left_s)
                 span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
             sent_before = run.tokens
             try:
@@ -266,12 +267,13 @@ class Frontend:
             finally:
                 self.controller.release.remote(attempt.request_id, run.tpot_ms(), run.tokens - sent_before)
 
-    async def _route(self, req: GenerateRequest, resuming: bool) -> Decision:
+    async def _route(self, req: GenerateRequest, resuming: bool, lifetime_s: float) -> Decision:
         """The controller's pair for `req`. Overload and unmeetable objectives are refused at once,
         unless the request is already streaming to its client (`resuming`, routed best effort),
         which waits for room; no live instance, or no answer from the controller (restarting),
         is waited out for up to `route_wait_s`."""
-        route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo)
+        route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
+                             lifetime_s=max(lifetime_s, 0.0))
         give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
         while True:
             try:

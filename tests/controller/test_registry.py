@@ -154,3 +154,30 @@ def test_a_replica_reported_lost_leaves_routing_at_once_and_a_live_one_comes_bac
     reg.forget("d1", "reported twice")  # and a second report of the same loss changes nothing
     reg.report(_report("d1"), now_s=1.0)
     assert sorted(reg.view("decode").replica_ids) == ["d1", "d2"] and reg.instances["d1"].load == 0
+
+
+def test_a_booking_without_a_release_expires_at_its_requests_deadline():
+    reg = registry()
+    add(reg, "p", "prefill")
+    add(reg, "d", "decode")
+    req = RouteRequest("orphan", 100, 10, SLO(1e3, 1e3), lifetime_s=30.0)
+    reg.assign(req, Decision(Outcome.ROUTED, Target("p", "", 0), Target("d", "a:1", 0)), now_s=0.0)
+    reg.expire(now_s=29.0)
+    assert reg.instances["p"].load == reg.instances["d"].load == 1  # the ingress may still release it
+    reg.expire(now_s=31.0)  # its ingress died, or the release was lost: the instances are free again
+    assert reg.instances["p"].load == reg.instances["d"].load == 0
+    assert reg.view("decode").load[0] == reg.view("prefill").load[0] == 0
+    reg.release("orphan")  # a release that does come late changes nothing
+    assert reg.instances["d"].load == 0
+
+
+def test_a_request_routed_again_under_the_same_id_is_booked_once_on_its_latest_route():
+    reg = registry()
+    add(reg, "d1", "decode")
+    add(reg, "d2", "decode")
+    req = RouteRequest("same", 100, 10, SLO(1e3, 1e3))
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0)), now_s=0.0)
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d2", "a:1", 0)), now_s=0.1)  # the ingress asked again
+    assert (reg.instances["d1"].load, reg.instances["d2"].load) == (0, 1)
+    reg.release("same")
+    assert reg.instances["d2"].load == 0
