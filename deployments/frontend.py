@@ -40,12 +40,12 @@ from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives,
 log = logging.getLogger("pdserve.ingress")
 
 ROUTE_POLL_S = 0.25
+"""How often a request waiting for a live instance asks the controller again."""
 HEALTH_STALE_POLLS = 5
 """`health` trusts a view of the instances at most this many poll intervals old."""
 MAX_CHARS_PER_TOKEN = 32
 """A text longer than this many characters per token of context is refused before it is
 tokenized (no tokenizer packs more into its tokens: it could not fit)."""
-"""How often a request waiting for a live instance asks the controller again."""
 
 
 class FrontendAPI(Protocol):
