@@ -109,6 +109,7 @@ class Frontend:
         self._poller: asyncio.Task | None = None
         self._live: dict[str, int] | None = None  # live instances per pool, from the last snapshot
         self._live_at_s = 0.0
+        self._health_fetch_at_s = -float("inf")
         self._poll_interval_s = 1.0
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenizer")
         log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
@@ -372,15 +373,24 @@ class Frontend:
         self._live, self._live_at_s = live, time.monotonic()
 
     async def health(self) -> dict:
-        """From this ingress's own view (the poller's last snapshot), so that probes cost the
-        controller nothing; a view older than a few polls counts as no view (the controller is away)."""
-        age_s = time.monotonic() - self._live_at_s
-        live = self._live if self._live is not None and age_s <= HEALTH_STALE_POLLS * self._poll_interval_s else None
+        """From this ingress's own view of the instances, kept fresh by the poller, so that probes
+        cost the controller nothing. A view older than a few polls (no poller yet, or one whose calls
+        fail) is refreshed by one snapshot at most per poll interval, however many probes come."""
+        if not self._view_fresh() and time.monotonic() - self._health_fetch_at_s >= self._poll_interval_s:
+            self._health_fetch_at_s = time.monotonic()
+            try:
+                self._observe_live(await asyncio.wait_for(self.controller.snapshot.remote(), ROUTE_POLL_S * 4))
+            except Exception as exc:  # the controller is away: the answer says so
+                log.warning("health: controller snapshot failed: %s", exc)
+        live = self._live if self._view_fresh() else None
         status = "ok" if live and all(live.values()) else "unavailable"
         body = {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live or {}}
         if live is None:
             body["reason"] = "no recent view of the instances from the controller"
         return body
+
+    def _view_fresh(self) -> bool:
+        return self._live is not None and time.monotonic() - self._live_at_s <= HEALTH_STALE_POLLS * self._poll_interval_s
 
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()

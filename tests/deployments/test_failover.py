@@ -243,15 +243,26 @@ class FakeSnapshotController(FakeController):
 async def test_health_probes_are_answered_from_the_ingress_view_without_calling_the_controller(model_path):
     controller = FakeSnapshotController({"prefill": 1, "decode": 2})
     fe = frontend(model_path, controller, FakePools())
-    assert (await fe.health())["status"] == "unavailable"  # no view yet
     fe.metrics.observe_instances = lambda snapshot: None  # the gauges' own input is tested elsewhere
     await fe.start_polling(interval_s=0.05)
     await asyncio.sleep(0.2)
-    fe._poller.cancel()
     polled = controller.snapshots
     answers = [await fe.health() for _ in range(50)]
-    assert controller.snapshots == polled
+    assert controller.snapshots - polled <= 1  # the poller's own next call, at most
     assert answers[0]["status"] == "ok" and answers[0]["live_instances"] == {"prefill": 1, "decode": 2}
-    await asyncio.sleep(0.05 * 6)  # the poller stopped: its view goes stale
-    stale = await fe.health()
-    assert stale["status"] == "unavailable" and "no recent view" in stale["reason"]
+    fe._poller.cancel()
+    await asyncio.sleep(0.05 * 6)  # no poller: the view goes stale
+    before = controller.snapshots
+    answers = [await fe.health() for _ in range(50)]
+    assert controller.snapshots - before == 1 and all(a["status"] == "ok" for a in answers)  # one refresh for all
+    controller.live = {"prefill": 1, "decode": 0}
+    await asyncio.sleep(0.05 * 6)
+    assert (await fe.health())["status"] == "unavailable"  # a pool without a live instance
+    controller.snapshot = FakeRemoteMethod(_controller_away)
+    await asyncio.sleep(0.05 * 6)
+    away = await fe.health()
+    assert away["status"] == "unavailable" and "no recent view" in away["reason"]
+
+
+async def _controller_away() -> list[dict]:
+    raise TimeoutError("the controller did not answer")
