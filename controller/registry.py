@@ -246,9 +246,6 @@ class Registry:
         for request_id in expired:
             log.warning("request %s: booking expired at its deadline without a release", request_id)
             self.release(request_id)
-            for inst in self.instances.values():  # an instance it was routed to before a restart of the ledger
-                if inst.assignments.pop(request_id, None) is not None:
-                    self._refresh(inst)
 
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""

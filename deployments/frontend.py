@@ -12,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -25,7 +25,9 @@ from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.failover import AnswerRun, decode_stream, refusal
+from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
+from pdserve.deployments.prompt_limits import check_chars, check_text
 from pdserve.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -41,11 +43,6 @@ log = logging.getLogger("pdserve.ingress")
 
 ROUTE_POLL_S = 0.25
 """How often a request waiting for a live instance asks the controller again."""
-HEALTH_STALE_POLLS = 5
-"""`health` trusts a view of the instances at most this many poll intervals old."""
-MAX_CHARS_PER_TOKEN = 32
-"""A text longer than this many characters per token of context is refused before it is
-tokenized (no tokenizer packs more into its tokens: it could not fit)."""
 
 
 class FrontendAPI(Protocol):
@@ -107,10 +104,7 @@ class Frontend:
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
-        self._live: dict[str, int] | None = None  # live instances per pool, from the last snapshot
-        self._live_at_s = 0.0
-        self._health_fetch_at_s = -float("inf")
-        self._poll_interval_s = 1.0
+        self.view = InstanceView(cfg.pools())
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenizer")
         log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
 
@@ -129,14 +123,14 @@ class Frontend:
                            trace_carrier: dict[str, str] | None = None,
                            objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            _check_text(sampling.stop, "stop")
+            check_text(sampling.stop, "stop")
             return self._checked(await self._tokenizing(self._chat_ids, messages), sampling, trace_carrier, objectives)
 
     async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                                  trace_carrier: dict[str, str] | None = None,
                                  objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            _check_text(sampling.stop, "stop")
+            check_text(sampling.stop, "stop")
             return self._checked(await self._tokenizing(self._prompt_ids, prompt), sampling, trace_carrier, objectives)
 
     async def _tokenizing(self, tokenize: Callable[[Any], list[int]], prompt: Any) -> list[int]:
@@ -160,8 +154,8 @@ class Frontend:
             raise InvalidRequest(f"{len(messages)} messages cannot fit a context of {self.max_model_len} tokens",
                                  param="messages", code="context_length_exceeded")
         contents = [m["content"] for m in messages]
-        _check_text(contents, "messages")
-        self._check_chars(sum(map(len, contents)), "messages")
+        check_text(contents, "messages")
+        check_chars(sum(map(len, contents)), self.max_model_len, "messages")
         try:
             return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                            return_dict=True)["input_ids"])
@@ -170,21 +164,14 @@ class Frontend:
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
-            _check_text([prompt], "prompt")
-            self._check_chars(len(prompt), "prompt")
+            check_text([prompt], "prompt")
+            check_chars(len(prompt), self.max_model_len, "prompt")
             return self.tokenizer.encode(prompt) if prompt else []
         vocab = len(self.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
         return list(prompt)
-
-    def _check_chars(self, chars: int, param: str) -> None:
-        """Refuse before tokenizing a text no tokenizer could fit in the context."""
-        if chars > self.max_model_len * MAX_CHARS_PER_TOKEN:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens; {chars} characters of "
-                f"prompt are more than {MAX_CHARS_PER_TOKEN} per token", param=param, code="context_length_exceeded")
 
     def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None,
                  objectives: Objectives | None) -> GenerateRequest:
@@ -349,13 +336,13 @@ class Frontend:
     async def start_polling(self, interval_s: float = 1.0) -> None:
         """Keep the queue-depth and live-instance gauges, and the view `health` answers from,
         fresh from the controller."""
-        self._poll_interval_s = interval_s
+        self.view.poll_interval_s = interval_s
 
         async def poll() -> None:
             while True:
                 try:
                     snapshot = await self.controller.snapshot.remote()
-                    self._observe_live(snapshot)
+                    self.view.observe(snapshot, time.monotonic())
                     self.metrics.observe_instances(snapshot)
                     self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
                     self.metrics.observe_experts(await self.controller.expert_status.remote())
@@ -365,43 +352,22 @@ class Frontend:
 
         self._poller = asyncio.create_task(poll())
 
-    def _observe_live(self, snapshot: list[dict]) -> None:
-        live = {pool: 0 for pool in self.cfg.pools()}
-        for inst in snapshot:
-            if inst["live"] and inst["pool"] in live:
-                live[inst["pool"]] += 1
-        self._live, self._live_at_s = live, time.monotonic()
-
     async def health(self) -> dict:
-        """From this ingress's own view of the instances, kept fresh by the poller, so that probes
-        cost the controller nothing. A view older than a few polls (no poller yet, or one whose calls
-        fail) is refreshed by one snapshot at most per poll interval, however many probes come."""
-        if not self._view_fresh() and time.monotonic() - self._health_fetch_at_s >= self._poll_interval_s:
-            self._health_fetch_at_s = time.monotonic()
+        """From this ingress's own view of the instances, kept fresh by the poller. A stale view (no
+        poller yet, or one whose calls fail) is refreshed here, at most once a poll interval."""
+        if self.view.refresh_due(time.monotonic()):
             try:
-                self._observe_live(await asyncio.wait_for(self.controller.snapshot.remote(), ROUTE_POLL_S * 4))
+                snapshot = await asyncio.wait_for(self.controller.snapshot.remote(), ROUTE_POLL_S * 4)
+                self.view.observe(snapshot, time.monotonic())
             except Exception as exc:  # the controller is away: the answer says so
                 log.warning("health: controller snapshot failed: %s", exc)
-        live = self._live if self._view_fresh() else None
+        live = self.view.live if self.view.fresh(time.monotonic()) else None
         status = "ok" if live and all(live.values()) else "unavailable"
         body = {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live or {}}
         if live is None:
             body["reason"] = "no recent view of the instances from the controller"
         return body
 
-    def _view_fresh(self) -> bool:
-        return self._live is not None and time.monotonic() - self._live_at_s <= HEALTH_STALE_POLLS * self._poll_interval_s
-
     def metrics_text(self) -> tuple[bytes, str]:
         return self.metrics.render()
 
-
-def _check_text(texts: Iterable[str], param: str) -> None:
-    """Text that cannot be encoded as UTF-8 (a lone surrogate, which JSON's \\uD800 escapes can carry)
-    is the client's error, not a tokenizer crash."""
-    for text in texts:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise InvalidRequest(f"{param} holds a character that is not valid text ({err.reason} at "
-                                 f"position {err.start})", param=param) from None

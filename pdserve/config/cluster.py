@@ -143,8 +143,8 @@ class IngressConfig(BaseModel):
     """How long a request waits for a pool to have a live instance again (a replica being
     replaced, the controller restarting) before it fails with 503. Overload is refused at once."""
     max_body_bytes: int = Field(8 << 20, ge=1 << 10)
-    """Largest HTTP request body read; a larger one is answered 413 before it is read (a prompt
-    of a 128k-token context is under 1 MiB of JSON)."""
+    """Largest HTTP request body read; a larger one is answered 413 before it is read (a 128k-token
+    prompt at about 4 characters a token is about 0.5 MiB of text)."""
     api_keys: list[SecretStr] = Field(default_factory=list)
     """Keys clients must present (`Authorization: Bearer <key>`, over HTTP and gRPC), on top of
     those in PDSERVE_API_KEYS (comma-separated; the Helm chart sets it from a Secret). None

@@ -9,7 +9,8 @@ import threading
 import pytest
 
 from pdserve.config.cluster import parse_config
-from pdserve.deployments.frontend import MAX_CHARS_PER_TOKEN, Frontend
+from pdserve.deployments.frontend import Frontend
+from pdserve.deployments.prompt_limits import MAX_CHARS_PER_TOKEN
 from pdserve.errors import InvalidRequest, ModelNotFound
 from pdserve.model_store import resolve_model
 from pdserve.prefill.requests import Sampling

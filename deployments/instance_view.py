@@ -1,0 +1,39 @@
+"""The ingress's own view of which instances are live, per pool: what `/health` answers from, so
+that probes cost the controller nothing while the view is fresh. Pure bookkeeping over snapshots
+the caller fetches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+STALE_POLLS = 5
+"""The view is trusted at most this many poll intervals after its snapshot."""
+
+
+class InstanceView:
+    def __init__(self, pools: Iterable[str]):
+        self.pools = list(pools)
+        self.poll_interval_s = 1.0
+        self.live: dict[str, int] | None = None
+        """Live instances per pool in the last snapshot; None before the first."""
+        self._seen_at_s = 0.0
+        self._refreshed_at_s = -float("inf")
+
+    def observe(self, snapshot: list[dict], now_s: float) -> None:
+        live = dict.fromkeys(self.pools, 0)
+        for inst in snapshot:
+            if inst["live"] and inst["pool"] in live:
+                live[inst["pool"]] += 1
+        self.live, self._seen_at_s = live, now_s
+
+    def fresh(self, now_s: float) -> bool:
+        return self.live is not None and now_s - self._seen_at_s <= STALE_POLLS * self.poll_interval_s
+
+    def refresh_due(self, now_s: float) -> bool:
+        """Whether a caller should fetch a snapshot itself now: the view is stale and nobody fetched
+        one within a poll interval (so probes cost at most one call an interval, however many come).
+        True also records the fetch."""
+        if self.fresh(now_s) or now_s - self._refreshed_at_s < self.poll_interval_s:
+            return False
+        self._refreshed_at_s = now_s
+        return True
