@@ -8,7 +8,7 @@ from typing import Any
 
 from pdserve.decode.stream import stream_answer
 from pdserve.kvtransfer import params
-from pdserve.ports import free_port
+from pdserve.ports import first_free_port, free_port
 from pdserve.prefill.engine import EngineServer
 from pdserve.prefill.requests import GenerateChunk, GenerateRequest
 
@@ -20,7 +20,11 @@ class DecodeServer(EngineServer):
         import ray
 
         ip = ray.util.get_node_ip_address()
-        await super().__init__(cfg, model_path, controller, f"{ip}:{free_port(ip)}")
+        if cfg.kv_receiver_port:
+            port = first_free_port(ip, cfg.kv_receiver_port, cfg.kv_receiver_port_count)
+        else:
+            port = free_port(ip)
+        await super().__init__(cfg, model_path, controller, f"{ip}:{port}")
 
     async def generate(
         self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool = False

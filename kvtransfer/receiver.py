@@ -73,6 +73,8 @@ class KVReceiver:
         self._thread.start()
         ready.wait()
         if errors:
+            self._thread.join()
+            self._loop, self._thread = None, None  # nothing to stop
             raise RuntimeError(f"KV receiver could not bind {self.settings.listen_addr}: {errors[0]}")
         log.info("KV receiver %s listening on %s (epoch %s)", self.receiver_id, self.address, self.epoch[:8])
         return self.address
@@ -82,7 +84,9 @@ class KVReceiver:
         # Calls at once are bounded, and both handlers check the secret before reading a message:
         # unread, a caller's bytes wait in HTTP/2 flow control, not in this process.
         self._server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20)],
+            # No SO_REUSEPORT: a second receiver on a taken port must fail, not share its connections.
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20),
+                     ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.settings.max_concurrent_calls,
         )
         handlers = {

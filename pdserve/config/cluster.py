@@ -206,6 +206,12 @@ class ClusterConfig(BaseModel):
     kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
     """KV channel between the pools (secret, chunking, lease). An empty secret makes
     `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
+    kv_receiver_port: int = Field(0, ge=0, le=65535)
+    """First port a decode replica's KV receiver may bind on its node's address; 0 picks any free
+    port. Fixed ports let a Kubernetes NetworkPolicy name them."""
+    kv_receiver_port_count: int = Field(1, ge=1, le=256)
+    """With a fixed `kv_receiver_port`: how many consecutive ports from it the decode replicas of
+    one node (pod) may take, one each; a replica that finds none free fails to start."""
     slo: SLOConfig = Field(default_factory=SLOConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     """How the controller routes requests and predicts their latencies."""
@@ -238,6 +244,8 @@ class ClusterConfig(BaseModel):
     def _pools_fit_mode(self) -> "ClusterConfig":
         if self.kv_transfer.listen_addr != "127.0.0.1:0":
             raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
+        if self.kv_receiver_port and self.kv_receiver_port + self.kv_receiver_port_count > 65536:
+            raise ValueError("kv_receiver_port + kv_receiver_port_count runs past port 65535")
         if self.ingress.http_port == self.ingress.grpc_port:
             raise ValueError("ingress.http_port and ingress.grpc_port must differ")
         if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":

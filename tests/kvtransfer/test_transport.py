@@ -320,3 +320,9 @@ def test_a_cancelled_transfer_is_refused_to_its_sender_at_once_not_at_the_lease(
     assert res.state is TransferState.FAILED
     assert "FAILED_PRECONDITION" in res.error and "decode request ended" in res.error
     assert rx.stats()["reserved_bytes"] == 0
+
+
+def test_a_second_receiver_on_a_taken_port_fails_instead_of_sharing_its_connections(make_receiver):
+    addr = make_receiver().address
+    with pytest.raises(RuntimeError, match=f"could not bind {addr}"):
+        make_receiver(listen_addr=addr)

@@ -150,3 +150,9 @@ def test_bad_expert_buffering_is_refused_with_the_field_names():
         assert expected in msg
     with pytest.raises(ConfigError, match="worker_extension_cls"):
         parse_config({"decode": {"engine_args": {"worker_extension_cls": "x.Y"}}})
+
+
+def test_fixed_kv_receiver_ports_must_fit_below_65536():
+    assert parse_config({"kv_receiver_port": 5600, "kv_receiver_port_count": 4}).kv_receiver_port_count == 4
+    with pytest.raises(ConfigError, match="runs past port 65535"):
+        parse_config({"kv_receiver_port": 65535, "kv_receiver_port_count": 2})
