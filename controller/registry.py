@@ -23,6 +23,9 @@ from pdserve.controller.pool_view import PoolView, Row
 
 log = logging.getLogger(__name__)
 
+DEPARTED_MEMORY_S = 600.0
+"""How long a departed replica's reports are ignored: past Serve's longest graceful shutdown."""
+
 
 @dataclass(frozen=True)
 class LoadReport:
@@ -77,6 +80,8 @@ class Assignment:
     expires_at_s: float
     """The request's deadline: past it the booking goes, release or not (an ingress that died,
     a release lost on the way)."""
+    owner: str = ""
+    """The ingress that routed it: when that ingress falls silent its bookings go ("": none)."""
 
 
 @dataclass(eq=False)
@@ -145,7 +150,15 @@ class Registry:
     """Missed-report time after which an instance stops receiving requests."""
     kv_reserve_tokens: int = 256
     """Output tokens of KV room reserved per routed request (at most its max_tokens)."""
+    ingress_silent_s: float = 10.0
+    """An ingress not heard from for this long is gone (its poller asks every second): the
+    bookings of the requests it routed go, without waiting for their deadlines."""
     instances: dict[str, Instance] = field(default_factory=dict)
+    _departed: dict[str, float] = field(default_factory=dict)
+    """Replicas that left for good (dead, or draining before Serve stops them), when: a draining
+    one still reports while it finishes its streams, and must not rejoin routing."""
+    _ingresses: dict[str, float] = field(default_factory=dict)
+    """When each ingress was last heard from."""
     _pools: dict[str, list[Instance]] = field(default_factory=dict)
     _views: dict[str, PoolView] = field(default_factory=dict)
     _nodes: dict[str, int] = field(default_factory=dict)
@@ -156,6 +169,8 @@ class Registry:
     _next_expiry_s: float = 0.0
 
     def report(self, r: LoadReport, now_s: float) -> None:
+        if r.replica_id in self._departed:
+            return
         inst = self.instances.get(r.replica_id)
         if inst is None or inst.report.started_at_s != r.started_at_s:
             log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
@@ -193,6 +208,8 @@ class Registry:
         kv_tokens = req.prompt_tokens + min(req.max_tokens, self.kv_reserve_tokens)
         if req.request_id in self._routes:  # routed again under the same id (the ingress retried): one booking
             self.release(req.request_id)
+        if req.ingress_id:
+            self._ingresses[req.ingress_id] = now_s
         targets = [t.replica_id for t in decision.targets()]
         self._routes[req.request_id] = targets
         for t in decision.targets():
@@ -206,7 +223,7 @@ class Registry:
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
                 predicted_prefill_ms=inst.raw_prefill_ms(req.prompt_tokens) if prefills else 0.0,
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
-                assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s)
+                assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id)
             self._refresh(inst)
 
     def prefill_done(self, request_id: str, prefill_ms: float) -> None:
@@ -236,24 +253,37 @@ class Registry:
                 inst.step_fix.observe(a.predicted_step_ms, tpot_ms)
             self._refresh(inst)
 
+    def heard_from_ingress(self, ingress_id: str, now_s: float) -> None:
+        self._ingresses[ingress_id] = now_s
+
     def expire(self, now_s: float, every_s: float = 1.0) -> None:
-        """Drop bookings past their request's deadline (looked at most every `every_s`)."""
+        """Drop bookings past their request's deadline or whose ingress fell silent (looked at
+        most every `every_s`)."""
         if now_s < self._next_expiry_s:
             return
         self._next_expiry_s = now_s + every_s
-        expired = {rid for inst in self.instances.values() for rid, a in inst.assignments.items()
-                   if a.expires_at_s < now_s}
-        for request_id in expired:
-            log.warning("request %s: booking expired at its deadline without a release", request_id)
+        silent = {i for i, seen in self._ingresses.items() if now_s - seen > self.ingress_silent_s}
+        expired = {rid: "its deadline passed" if a.expires_at_s < now_s else f"ingress {a.owner} fell silent"
+                   for inst in self.instances.values() for rid, a in inst.assignments.items()
+                   if a.expires_at_s < now_s or a.owner in silent}
+        for request_id, why in expired.items():
+            log.warning("request %s: booking dropped without a release: %s", request_id, why)
             self.release(request_id)
+        for ingress_id in silent:
+            del self._ingresses[ingress_id]
+        for rid in [rid for rid, at in self._departed.items() if now_s - at > DEPARTED_MEMORY_S]:
+            del self._departed[rid]
 
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""
         for rid in [rid for rid, i in self.instances.items() if now_s - i.last_seen_s > after_s]:
             self.forget(rid, f"silent for {now_s - self.instances[rid].last_seen_s:.0f} s")
 
-    def forget(self, replica_id: str, why: str) -> None:
-        """Take an instance out of routing and drop its ledger; unknown ids are ignored."""
+    def forget(self, replica_id: str, why: str, now_s: float | None = None) -> None:
+        """Take an instance out of routing and drop its ledger; unknown ids are ignored. With
+        `now_s` it left for good: its reports are ignored from then on."""
+        if now_s is not None:
+            self._departed[replica_id] = now_s
         inst = self.instances.pop(replica_id, None)
         if inst is None:
             return

@@ -113,10 +113,14 @@ class Controller:
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
 
-    async def replica_lost(self, replica_id: str) -> None:
-        """An ingress saw this replica's actor die: stop routing to it now (a live one that
-        reports again comes back as a new instance)."""
-        self.registry.forget(replica_id, "its actor died")
+    async def replica_lost(self, replica_id: str, departed: bool = True) -> None:
+        """An ingress found this replica gone: stop routing to it now. `departed`: for good (its
+        actor died, or it is draining before Serve stops it, still reporting while its streams
+        finish); otherwise a replica that reports again comes back."""
+        if departed:
+            self.registry.forget(replica_id, "it left the running replicas", time.monotonic())
+        else:
+            self.registry.forget(replica_id, "its router has not seen it")
         for window in self.experts.values():
             window.forget(replica_id)
 
@@ -137,9 +141,13 @@ class Controller:
         """The last sizing decision with its operands, for metrics; None without a policy or before the first."""
         return describe(self.autoscaler.last) if self.autoscaler and self.autoscaler.last else None
 
-    async def snapshot(self) -> list[dict]:
-        """Every known instance with its load, liveness and latency corrections, for health and metrics."""
+    async def snapshot(self, ingress_id: str = "") -> list[dict]:
+        """Every known instance with its load, liveness and latency corrections, for health and
+        metrics. An ingress names itself: its polls say it is alive (see Registry.ingress_silent_s)."""
         now = time.monotonic()
+        if ingress_id:
+            self.registry.heard_from_ingress(ingress_id, now)
+            self.registry.expire(now)
         return [_describe(i, now, self.registry.ttl_s) for i in self.registry.instances.values()]
 
 

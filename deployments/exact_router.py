@@ -6,17 +6,21 @@ caller names the replica with the `replica_id` keyword argument of the call; cal
 without it (diagnostics such as `finished_spans`) may go to any replica.
 
 The named replica may be missing from the router's list: it died, it is draining after a
-scale-down, or it is so new that the controller heard its first load report before this
-router heard of it. The router then backs off (Serve's routing loop would otherwise retry
-at once, spinning the event loop) and, once the call has waited `MISSING_REPLICA_GRACE_S`,
-fails it with `ReplicaGone`, which the ingress treats as a lost replica: it routes the
-request again, to another pair, well before the request's own deadline.
+scale-down (Serve takes a stopping replica out of its routers' lists at once, and lets it
+finish the calls it has), or it is so new that the controller heard its first load report
+before this router heard of it. A replica that was in the list and left it is gone for good:
+the call fails at once with `ReplicaGone(departed=True)`, and the ingress has the controller
+stop routing there. One never seen may yet appear: the router backs off (Serve's routing loop
+would otherwise retry at once, spinning the event loop) and, once the call has waited
+`MISSING_REPLICA_GRACE_S`, fails it too. Either way the ingress routes the request again, to
+another pair, well before the request's own deadline.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -28,15 +32,50 @@ MISSING_REPLICA_GRACE_S = 2.0
 within about a second of a replica starting) before it fails as gone."""
 
 
-class ReplicaGone(RuntimeError):
-    """The replica a call was meant for is not among the deployment's running replicas."""
+MAX_DEPARTED = 4096
+"""Replicas remembered as departed; the oldest are forgotten first (ids are never reused)."""
 
-    def __init__(self, replica_id: str, waited_s: float):
-        super().__init__(f"replica {replica_id} is not running (waited {waited_s:.1f} s for it)")
+
+class ReplicaGone(RuntimeError):
+    """The replica a call was meant for is not among the deployment's running replicas;
+    `departed`: it was, and left (stopping or dead), so it will not come back."""
+
+    def __init__(self, replica_id: str, waited_s: float, departed: bool = False):
+        why = "it left the running replicas" if departed else f"waited {waited_s:.1f} s for it"
+        super().__init__(f"replica {replica_id} is not running ({why})")
         self.replica_id = replica_id
+        self.departed = departed
+
+
+class Departures:
+    """Which replicas were running and left (the latest `MAX_DEPARTED`)."""
+
+    def __init__(self) -> None:
+        self.running: set[str] = set()
+        self._departed: dict[str, None] = {}
+        """Oldest first."""
+
+    def update(self, running: set[str]) -> None:
+        for rid in self.running - running:
+            self._departed[rid] = None
+            log.info("replica %s left the running replicas: calls for it fail at once", rid)
+        while len(self._departed) > MAX_DEPARTED:
+            del self._departed[next(iter(self._departed))]
+        self.running = running
+
+    def __contains__(self, replica_id: str) -> bool:
+        return replica_id in self._departed
 
 
 class ExactReplicaRouter(RequestRouter):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.departed = Departures()
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        self.departed.update({r.replica_id.unique_id for r in replicas})
+        super().update_replicas(replicas)
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> list[list[RunningReplica]]:
@@ -46,6 +85,10 @@ class ExactReplicaRouter(RequestRouter):
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
         if chosen:
             return [chosen]
+        if target in self.departed:
+            if not pending_request.future.done():
+                pending_request.future.set_exception(ReplicaGone(target, 0.0, departed=True))
+            return [candidate_replicas]
         if on_missing_replica(pending_request, target, time.time()):
             # Serve's routing loop looks at the call before choosing among candidates: handed some
             # with the call already failed, it ends its work on it (handed none, it would loop on).

@@ -31,6 +31,9 @@ class AnswerRun:
     last_s: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     """Every token sent to the client so far."""
+    text: str = ""
+    """Every character sent to the client so far: with stop strings, vLLM holds back the text
+    of the latest tokens, so this may end before `token_ids` does."""
     finished: bool = False
     """The answer's last chunk (with its finish_reason) has been sent."""
 
@@ -55,6 +58,37 @@ class AnswerRun:
         if self.tokens < 2:
             return None
         return (self.last_s - self.first_s) * 1e3 / (self.tokens - 1)
+
+
+class ResumedText:
+    """The text of an answer going on on a new replica after its first one died.
+
+    vLLM holds back the last `len(longest stop) - 1` characters of a streamed answer until it
+    knows no stop string starts there, so the client may hold tokens whose text it was never
+    sent (`carried`); and on the new replica those tokens are prompt, where vLLM looks for no
+    stop string. This sends the carried text ahead of the new replica's, and looks for the stop
+    strings across the seam, holding back as vLLM does, until the new replica's text is long
+    enough that no stop string can span the seam (then the engine's own holdback suffices)."""
+
+    def __init__(self, carried: str, stop: list[str]):
+        self.pending = carried
+        self.stop = stop
+        self.hold_chars = max((len(s) for s in stop), default=1) - 1
+        self._seam_chars_left = self.hold_chars
+        """New text still to see before a stop string starting in the carried text must have shown."""
+
+    def feed(self, text: str, last: bool) -> tuple[str, bool]:
+        """The text to send for a chunk carrying `text`, and whether a stop string ends the answer
+        there (the text stops before it; the new replica's stream is to be dropped)."""
+        buf = self.pending + text
+        hits = [at for s in self.stop if (at := buf.find(s)) >= 0]
+        if hits:
+            self.pending = ""
+            return buf[:min(hits)], True
+        self._seam_chars_left -= len(text)
+        keep = 0 if last or self._seam_chars_left <= 0 else min(self.hold_chars, len(buf))
+        self.pending = buf[len(buf) - keep:]
+        return buf[:len(buf) - keep], False
 
 
 def refusal(decision: Decision) -> ServeError:
@@ -96,7 +130,8 @@ def as_serve_error(exc: BaseException, phase: str, replica_id: str) -> ServeErro
     which the ingress may retry."""
     cause = getattr(exc, "cause", None)
     if isinstance(exc, (RayActorError, ReplicaGone)) or isinstance(cause, (RayActorError, ReplicaGone)):
-        return ReplicaLost(phase, replica_id)
+        gone = exc if isinstance(exc, ReplicaGone) else cause
+        return ReplicaLost(phase, replica_id, departed=gone.departed if isinstance(gone, ReplicaGone) else True)
     if isinstance(exc, ServeError):
         return exc
     if isinstance(cause, ServeError):

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import aclosing, contextmanager
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -24,7 +24,7 @@ from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
-from pdserve.deployments.failover import AnswerRun, decode_stream, refusal
+from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, refusal
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
 from pdserve.deployments.prompt_limits import check_chars, check_text
@@ -99,6 +99,8 @@ class Frontend:
         self.max_body_bytes = cfg.ingress.max_body_bytes
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.controller = controller
+        self.ingress_id = uuid.uuid4().hex[:12]
+        """Names this ingress to the controller, which drops its bookings once it falls silent."""
         self.pools = pools
         self.metrics = IngressMetrics()
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
@@ -229,6 +231,12 @@ class Frontend:
         anew, after it the new decode replica goes on from the tokens already sent."""
         retries = self.cfg.ingress.replica_loss_retries
         for n in range(retries + 1):
+            seam = ResumedText(await self._unsent_text(run), req.sampling.stop) if n else None
+            if n and run.tokens >= req.sampling.max_tokens:  # it died after its last token, before saying so
+                text, stopped = seam.feed("", last=True)
+                yield self._to_client(GenerateChunk(text, [], 0, 0, "stop" if stopped else "length"), req, run,
+                                       len(req.prompt_token_ids))
+                return
             attempt = req.resumed(run.token_ids, n) if n else req
             with telemetry.tracer().start_as_current_span("routing", context=trace.set_span_in_context(root)) as span:
                 left_s = self.cfg.ingress.request_timeout_s - (time.perf_counter() - run.start_s)
@@ -236,7 +244,7 @@ class Frontend:
                 span.set_attribute("pdserve.decision", f"{decision.outcome.value}: {decision.reason}")
             sent_before = run.tokens
             try:
-                async for chunk in self._run(attempt, decision, run, len(req.prompt_token_ids)):
+                async for chunk in self._run(attempt, decision, run, len(req.prompt_token_ids), seam):
                     yield chunk
                 return
             except ReplicaLost as lost:
@@ -261,7 +269,7 @@ class Frontend:
         which waits for room; no live instance, or no answer from the controller (restarting),
         is waited out for up to `route_wait_s`."""
         route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
-                             lifetime_s=max(lifetime_s, 0.0))
+                             lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id)
         give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
         while True:
             try:
@@ -281,14 +289,25 @@ class Frontend:
         """Take the dead replica out of routing now rather than when its reports stop (`ttl_s`),
         so that the retry goes elsewhere."""
         try:
-            await asyncio.wait_for(self.controller.replica_lost.remote(lost.replica_id), ROUTE_POLL_S * 4)
+            await asyncio.wait_for(self.controller.replica_lost.remote(lost.replica_id, lost.departed),
+                                   ROUTE_POLL_S * 4)
         except Exception as exc:  # the retry's routing copes with a controller that is away
             log.warning("could not tell the controller that replica %s is lost: %s", lost.replica_id, exc)
 
+    async def _unsent_text(self, run: AnswerRun) -> str:
+        """The text of tokens the client has but whose text vLLM held back (see ResumedText)."""
+        whole = await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_thread, lambda: self.tokenizer.decode(run.token_ids, skip_special_tokens=True))
+        if not whole.startswith(run.text):
+            log.warning("the text sent (%d chars) is not a prefix of its tokens' text; none carried", len(run.text))
+            return ""
+        return whole[len(run.text):].rstrip("\ufffd")  # an unfinished character completes on the new replica
+
     async def _run(self, req: GenerateRequest, decision: Decision, run: AnswerRun,
-                   client_prompt_tokens: int) -> AsyncIterator[GenerateChunk]:
+                   client_prompt_tokens: int, seam: ResumedText | None) -> AsyncIterator[GenerateChunk]:
         """One attempt at `req` on the decided pair; its chunks count on from what `run` already
-        sent and report the client's own prompt length."""
+        sent and report the client's own prompt length. After a replica loss `seam` joins the
+        new replica's text to what was sent."""
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
         prefill_task = None
@@ -303,21 +322,22 @@ class Frontend:
             prefill_task.add_done_callback(lambda task: self._prefill_done(req.request_id, task))
         stream = self.pools[pool_name].options(stream=True).generate.remote(
             req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=local)
-        sent_before = run.tokens
         try:
-            async for chunk in decode_stream(stream, prefill_task, decision):
-                chunk.prompt_tokens, chunk.completion_tokens = client_prompt_tokens, sent_before + chunk.completion_tokens
-                if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
-                    self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
-                    if local:
-                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
-                if chunk.kv_transfer:
-                    self.metrics.observe_kv(chunk.kv_transfer)
-                if chunk.finish_reason is not None:
-                    run.finished = True
-                    chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo)
-                    self.metrics.observe_slo(chunk.slo)
-                yield chunk
+            async with aclosing(decode_stream(stream, prefill_task, decision)) as chunks:
+                async for chunk in chunks:
+                    stopped = False
+                    if seam is not None:
+                        chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)
+                        chunk.finish_reason = "stop" if stopped else chunk.finish_reason
+                    if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
+                        self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
+                        if local:
+                            self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
+                    if chunk.kv_transfer:
+                        self.metrics.observe_kv(chunk.kv_transfer)
+                    yield self._to_client(chunk, req, run, client_prompt_tokens)
+                    if stopped:  # closing the stream stops the new replica's generation
+                        break
         finally:
             if prefill_task is not None and not prefill_task.done():
                 prefill_task.cancel()
@@ -326,6 +346,18 @@ class Frontend:
         if (tpot := run.tpot_ms()) is not None:
             self.metrics.tpot_s.labels(pool_name).observe(tpot / 1e3)
         self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - run.start_s)
+
+    def _to_client(self, chunk: GenerateChunk, req: GenerateRequest, run: AnswerRun,
+                    client_prompt_tokens: int) -> GenerateChunk:
+        """`chunk` as the client gets it: the client's prompt length, its text recorded, and on the
+        answer's last chunk its SLO report."""
+        chunk.prompt_tokens, chunk.completion_tokens = client_prompt_tokens, run.tokens
+        run.text += chunk.text
+        if chunk.finish_reason is not None:
+            run.finished = True
+            chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo)
+            self.metrics.observe_slo(chunk.slo)
+        return chunk
 
     def _prefill_done(self, request_id: str, task: asyncio.Future) -> None:
         """Tell the controller how long the prefill took, so its model of that instance learns."""
@@ -341,7 +373,7 @@ class Frontend:
         async def poll() -> None:
             while True:
                 try:
-                    snapshot = await self.controller.snapshot.remote()
+                    snapshot = await self.controller.snapshot.remote(self.ingress_id)
                     self.view.observe(snapshot, time.monotonic())
                     self.metrics.observe_instances(snapshot)
                     self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
@@ -357,7 +389,7 @@ class Frontend:
         poller yet, or one whose calls fail) is refreshed here, at most once a poll interval."""
         if self.view.refresh_due(time.monotonic()):
             try:
-                snapshot = await asyncio.wait_for(self.controller.snapshot.remote(), ROUTE_POLL_S * 4)
+                snapshot = await asyncio.wait_for(self.controller.snapshot.remote(self.ingress_id), ROUTE_POLL_S * 4)
                 self.view.observe(snapshot, time.monotonic())
             except Exception as exc:  # the controller is away: the answer says so
                 log.warning("health: controller snapshot failed: %s", exc)

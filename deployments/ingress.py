@@ -10,7 +10,7 @@ from ray import serve
 
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
-from pdserve.deployments.api.grpc_api import GrpcHealth, start_grpc_server
+from pdserve.deployments.api.grpc_api import GrpcHealth, server_credentials, start_grpc_server
 from pdserve.deployments.api.http_api import build_http_app
 from pdserve.deployments.frontend import Frontend
 from pdserve.errors import Unavailable
@@ -37,10 +37,11 @@ class Ingress:
         await self.frontend.start_polling()
         _frontend = self.frontend
         self.grpc_health = GrpcHealth()
+        tls = server_credentials(cfg.ingress)
         self.grpc = await start_grpc_server(_current_frontend, cfg.ingress.grpc_port, cfg.ingress.host,
-                                            self.grpc_health)
-        log.info("ingress ready: model %s, gRPC on %s:%d", self.frontend.model_name, cfg.ingress.host,
-                 cfg.ingress.grpc_port)
+                                            self.grpc_health, tls)
+        log.info("ingress ready: model %s, gRPC on %s:%d (%s)", self.frontend.model_name, cfg.ingress.host,
+                 cfg.ingress.grpc_port, "plaintext" if tls is None else "TLS")
 
     def finished_spans(self) -> list[dict]:
         return telemetry.finished_spans()

@@ -30,15 +30,26 @@ def is_authorized(settings: KVTransferSettings, metadata) -> bool:
 
 
 def server_credentials(settings: KVTransferSettings) -> grpc.ServerCredentials | None:
+    """The receiver's TLS credentials; with a client CA, a sender without a certificate it signed
+    is refused during the TLS handshake, before any call."""
     if settings.tls_cert_file is None:
         return None
     assert settings.tls_key_file is not None
+    client_ca = settings.tls_client_ca_file
     return grpc.ssl_server_credentials(
-        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())]
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=None if client_ca is None else client_ca.read_bytes(),
+        require_client_auth=client_ca is not None,
     )
 
 
 def channel_credentials(settings: KVTransferSettings) -> grpc.ChannelCredentials | None:
+    """The sender's TLS credentials, with its own certificate when one is configured."""
     if settings.tls_ca_file is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=settings.tls_ca_file.read_bytes())
+    cert, key = settings.tls_client_cert_file, settings.tls_client_key_file
+    return grpc.ssl_channel_credentials(
+        root_certificates=settings.tls_ca_file.read_bytes(),
+        private_key=None if key is None else key.read_bytes(),
+        certificate_chain=None if cert is None else cert.read_bytes(),
+    )

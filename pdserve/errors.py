@@ -109,10 +109,12 @@ class ReplicaLost(Unavailable):
     """The replica serving a request died (its Ray actor is gone). The ingress moves the
     request to another replica when it may; this is what the client sees when it may not."""
 
-    def __init__(self, phase: str, replica_id: str):
+    def __init__(self, phase: str, replica_id: str, departed: bool = True):
         super().__init__(f"the {phase} replica serving the request was lost", code="replica_lost")
         self.phase = phase
         self.replica_id = replica_id
+        self.departed = departed
+        """It is gone for good (dead, or stopping); False: it may yet appear (see ReplicaGone)."""
 
 
 class EngineFailure(ServeError):

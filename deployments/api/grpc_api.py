@@ -3,13 +3,15 @@ the ingress's `FrontendAPI`, which validates, routes and streams.
 
 Services are registered through generic handlers, as the KV receiver does, so the only
 generated code is `pdserve_pb2`. The server also carries the standard health service
-(for load balancers and Kubernetes probes) and server reflection (for grpcurl).
+(for load balancers and Kubernetes probes) and server reflection (for grpcurl). It serves
+plaintext, TLS, or mutual TLS, as `IngressConfig`'s grpc_tls_* files say.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import NoReturn
 
 import grpc
@@ -18,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
+from pdserve.config.cluster import IngressConfig
 from pdserve.deployments.api_keys import bearer_token
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import InvalidRequest, RetryLater, ServeError
@@ -48,16 +51,42 @@ class GrpcHealth:
             await self.servicer.set(service, status)
 
 
+def server_credentials(ingress: IngressConfig) -> grpc.ServerCredentials | None:
+    """The gRPC API's TLS credentials from the files `ingress` names (None: plaintext), read now,
+    so that a missing or unreadable file fails the ingress's start naming it."""
+    if ingress.grpc_tls_cert_file is None:
+        return None
+    assert ingress.grpc_tls_key_file is not None
+    client_ca = ingress.grpc_tls_client_ca_file
+    return grpc.ssl_server_credentials(
+        [(_read_pem(ingress.grpc_tls_key_file, "grpc_tls_key_file"),
+          _read_pem(ingress.grpc_tls_cert_file, "grpc_tls_cert_file"))],
+        root_certificates=None if client_ca is None else _read_pem(client_ca, "grpc_tls_client_ca_file"),
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _read_pem(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSError(f"ingress.{field}: cannot read {path}: {exc.strerror}") from None
+
+
 async def start_grpc_server(get_frontend: Callable[[], FrontendAPI], port: int, host: str = "127.0.0.1",
-                            health_status: GrpcHealth | None = None) -> grpc.aio.Server:
+                            health_status: GrpcHealth | None = None,
+                            credentials: grpc.ServerCredentials | None = None) -> grpc.aio.Server:
     """Bind host:port, serve Generation, health and reflection, and return the started server.
 
     `get_frontend` is called once per RPC, so the ingress can swap its frontend while
     serving. Pass `health_status` to flip the health service later; it starts SERVING.
+    With `credentials` (see `server_credentials`) the port serves TLS only.
     """
     health_status = health_status or GrpcHealth()
     await health_status.set_serving(True)
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES)])
+    # No SO_REUSEPORT: a second service on a taken port must fail, not share its connections.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+                                      ("grpc.so_reuseport", 0)])
     api = _GenerationService(get_frontend)
     # The request deserializer is None so that a malformed request (invalid UTF-8, say)
     # is the client's INVALID_ARGUMENT rather than grpc's generic INTERNAL.
@@ -73,10 +102,19 @@ async def start_grpc_server(get_frontend: Callable[[], FrontendAPI], port: int, 
     health_pb2_grpc.add_HealthServicer_to_server(health_status.servicer, server)
     health_service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
     reflection.enable_server_reflection((SERVICE, health_service, reflection.SERVICE_NAME), server)
-    if server.add_insecure_port(f"{host}:{port}") == 0:
-        raise OSError(f"gRPC API cannot bind {host}:{port}")
+    address = f"{host}:{port}"
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio's "Failed to bind", which says no more
+        causes = "the port is taken or the host is not this machine's"
+        if credentials is not None:
+            causes += ", or a grpc_tls_* file is not a PEM certificate or key"
+        raise OSError(f"gRPC API cannot bind {address}: {causes}") from None
     await server.start()
-    log.info("gRPC API listening on %s:%d", host, port)
+    log.info("gRPC API listening on %s (%s)", address, "plaintext" if credentials is None else "TLS")
     return server
 
 

@@ -149,6 +149,21 @@ class IngressConfig(BaseModel):
     """Keys clients must present (`Authorization: Bearer <key>`, over HTTP and gRPC), on top of
     those in PDSERVE_API_KEYS (comma-separated; the Helm chart sets it from a Secret). None
     anywhere: no key needed. Prefer the environment: a config file is easily shared."""
+    grpc_tls_cert_file: Path | None = None
+    """PEM certificate of the gRPC API; with grpc_tls_key_file the gRPC port serves TLS only."""
+    grpc_tls_key_file: Path | None = None
+    """PEM private key of the gRPC API's certificate."""
+    grpc_tls_client_ca_file: Path | None = None
+    """PEM CA bundle gRPC clients' certificates are checked against; setting it refuses any client
+    without a certificate it signed (mutual TLS)."""
+
+    @model_validator(mode="after")
+    def _grpc_tls_files(self) -> "IngressConfig":
+        if (self.grpc_tls_cert_file is None) != (self.grpc_tls_key_file is None):
+            raise ValueError("grpc_tls_cert_file and grpc_tls_key_file must be set together")
+        if self.grpc_tls_client_ca_file is not None and self.grpc_tls_cert_file is None:
+            raise ValueError("grpc_tls_client_ca_file (mutual TLS) needs grpc_tls_cert_file and grpc_tls_key_file")
+        return self
 
 
 class TracingConfig(BaseModel):

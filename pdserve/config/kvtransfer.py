@@ -65,10 +65,26 @@ class KVTransferSettings(BaseModel):
     tls_ca_file: Path | None = None
     """PEM CA bundle the sender trusts; setting it makes the sender use TLS."""
 
+    tls_client_ca_file: Path | None = None
+    """PEM CA bundle the receiver checks senders' certificates against; setting it requires one (mutual TLS)."""
+
+    tls_client_cert_file: Path | None = None
+    """PEM certificate the sender presents; with tls_client_key_file, for receivers that require one."""
+
+    tls_client_key_file: Path | None = None
+    """PEM private key of the sender's certificate."""
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "KVTransferSettings":
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if (self.tls_client_cert_file is None) != (self.tls_client_key_file is None):
+            raise ValueError("tls_client_cert_file and tls_client_key_file must be set together")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mutual TLS on the receiver) needs tls_cert_file and tls_key_file")
+        if self.tls_client_cert_file is not None and self.tls_ca_file is None:
+            raise ValueError("tls_client_cert_file (the sender's certificate) needs tls_ca_file: "
+                             "a sender presents it only over TLS")
         if self.chunk_bytes > self.max_frame_bytes - 4096:
             raise ValueError(
                 f"chunk_bytes ({self.chunk_bytes}) must leave room for the frame header "

@@ -181,3 +181,29 @@ def test_a_request_routed_again_under_the_same_id_is_booked_once_on_its_latest_r
     assert (reg.instances["d1"].load, reg.instances["d2"].load) == (0, 1)
     reg.release("same")
     assert reg.instances["d2"].load == 0
+
+
+def test_a_replica_that_left_for_good_stays_out_of_routing_while_it_drains_and_still_reports():
+    reg = registry()
+    add(reg, "d1", "decode")
+    add(reg, "d2", "decode")
+    book(reg, "streaming", 10, decode="d1")
+    reg.forget("d1", "it left the running replicas", now_s=1.0)
+    reg.report(_report("d1", running=1), now_s=2.0)  # draining: it finishes its streams, reporting as it goes
+    assert reg.view("decode").replica_ids == ["d2"] and "d1" not in reg.instances
+    reg.release("streaming")  # its stream ends normally
+    assert reg.instances["d2"].load == 0
+
+
+def test_the_bookings_of_an_ingress_that_falls_silent_go_and_those_of_a_live_one_stay():
+    reg = registry()
+    add(reg, "d", "decode")
+    for rid, ingress in (("a1", "ingress-a"), ("b1", "ingress-b")):
+        reg.assign(RouteRequest(rid, 100, 10, SLO(1e3, 1e3), lifetime_s=600.0, ingress_id=ingress),
+                   Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)), now_s=0.0)
+    for t in range(1, 13):  # ingress-b keeps polling; ingress-a died after routing its request
+        reg.heard_from_ingress("ingress-b", float(t))
+        reg.expire(now_s=float(t))
+    assert list(reg.instances["d"].assignments) == ["b1"]
+    reg.release("a1")  # a release that does come late changes nothing
+    assert reg.instances["d"].load == 1

@@ -32,8 +32,18 @@ def pending(target: str | None, age_s: float = 0.0) -> PendingRequest:
     return PendingRequest(args=[], kwargs=kwargs, metadata=None, created_at=time.time() - age_s)
 
 
+def router(departed: tuple[str, ...] = ()) -> ExactReplicaRouter:
+    """A router as Serve makes one, having seen `departed` running and leave."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+    r = ExactReplicaRouter(DeploymentID(name="decode", app_name="pdserve"), DeploymentHandleSource.UNKNOWN)
+    r.departed.update({"a", "b", *departed})
+    r.departed.update({"a", "b"})
+    return r
+
+
 async def choose(request: PendingRequest) -> list[list]:
-    return await ExactReplicaRouter.choose_replicas(None, REPLICAS, request)  # the router keeps no state
+    return await router().choose_replicas(REPLICAS, request)
 
 
 async def test_a_call_goes_to_the_replica_it_names_and_unnamed_calls_to_any():
@@ -53,9 +63,21 @@ async def test_a_call_for_a_missing_replica_fails_as_lost_after_the_grace_and_th
     with pytest.raises(ReplicaGone, match="replica gone is not running") as err:
         await asyncio.wait_for(request.future, 1)
     lost = as_serve_error(err.value, "decode", "gone")
-    assert isinstance(lost, ReplicaLost) and lost.replica_id == "gone"
+    assert isinstance(lost, ReplicaLost) and lost.replica_id == "gone" and not lost.departed
     assert await choose(request) == [REPLICAS]  # asked again: the failure stands
 
+
+
+async def test_a_call_for_a_replica_that_left_the_running_ones_fails_at_once_as_departed():
+    r = router(departed=("old",))  # "old" is draining after a scale-down, or died
+    request = pending("old")
+    assert await r.choose_replicas(REPLICAS, request) == [REPLICAS]
+    with pytest.raises(ReplicaGone, match="left the running replicas") as err:
+        await asyncio.wait_for(request.future, 1)
+    lost = as_serve_error(err.value, "decode", "old")
+    assert isinstance(lost, ReplicaLost) and lost.departed
+    newcomer = pending("c")  # never seen: it may be about to appear, so it gets the grace
+    assert await r.choose_replicas(REPLICAS, newcomer) == [[]] and not newcomer.future.done()
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0},
@@ -87,6 +109,18 @@ def test_through_serve_a_named_replica_answers_and_a_gone_one_fails_within_the_g
         router = handle._router._asyncio_router.request_router  # Serve's internals: the router in this process
         time.sleep(0.5)
         assert len(router._routing_tasks) == 0  # no routing loop left behind for the failed call
+        serve.run(Echo.options(num_replicas=1).bind(), name="exact-router-test", route_prefix=None)
+        deadline = time.monotonic() + 30
+        while not any(rid in router.departed for rid in seen):  # Serve tells its routers within a second or so
+            assert time.monotonic() < deadline, "the router never saw a replica leave"
+            time.sleep(0.1)
+        left = next(rid for rid in seen if rid in router.departed)  # scaled down: stopping, or stopped
+        start = time.monotonic()
+        with pytest.raises(Exception) as err:
+            handle.whoami.remote(replica_id=left).result(timeout_s=60)
+        lost = as_serve_error(err.value, "decode", left)
+        assert isinstance(lost, ReplicaLost) and lost.departed, repr(err.value)
+        assert time.monotonic() - start < MISSING_REPLICA_GRACE_S  # no grace for a replica seen leaving
     finally:
         serve.shutdown()
         ray.shutdown()

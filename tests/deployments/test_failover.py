@@ -52,7 +52,7 @@ class FakeController:
             raise answer
         return answer
 
-    async def _replica_lost(self, replica_id: str) -> None:
+    async def _replica_lost(self, replica_id: str, departed: bool) -> None:
         self.lost.append(replica_id)
 
 
@@ -117,12 +117,14 @@ def frontend(model_path: str, controller: FakeController, pools: FakePools, **in
     return Frontend(cfg, model_path, controller, {"prefill": pools, "decode": pools})
 
 
-def collect(fe: Frontend, max_tokens: int) -> tuple[list[GenerateChunk], BaseException | None]:
+def collect(fe: Frontend, max_tokens: int, stop: list[str] | None = None) -> tuple[list[GenerateChunk],
+                                                                                   BaseException | None]:
     """Every chunk the client receives, and the error that ended the answer, if any."""
     chunks: list[GenerateChunk] = []
 
     async def go() -> None:
-        async for chunk in fe.stream(await fe.completion_request(PROMPT, Sampling(max_tokens=max_tokens))):
+        sampling = Sampling(max_tokens=max_tokens, stop=stop or [])
+        async for chunk in fe.stream(await fe.completion_request(PROMPT, sampling)):
             chunks.append(chunk)
 
     try:
@@ -224,6 +226,94 @@ def test_an_answer_resumed_while_the_pool_is_full_waits_for_room_instead_of_fail
     assert [resuming for _, _, resuming in controller.routes] == [False, True, True, True]
 
 
+ANSWER = " Paris is the capital of France, a large city on the Seine with many museums."
+
+
+class FakeTextPools(FakePools):
+    """Decode replicas that go on with one fixed answer (`ANSWER`'s tokens, from wherever the
+    prompt leaves off) and stream its text as vLLM does with stop strings: detokenized after the
+    prompt, the last `len(longest stop) - 1` characters held back, a stop string in the generated
+    text ending the answer before it; the finish reason comes in a chunk of its own."""
+
+    def __init__(self, tokenizer: Any, **kw: Any):
+        super().__init__(**kw)
+        self.tokenizer = tokenizer
+        self.answer_ids: list[int] = tokenizer.encode(ANSWER, add_special_tokens=False)
+
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
+        self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        dies_after = self.decode_dies_after.pop(replica_id, None)
+        start = len(req.prompt_token_ids) - len(PROMPT)
+        ids = self.answer_ids[start:start + max_tokens]
+        stop, prompt_chars = req.sampling.stop, len(self.tokenizer.decode(req.prompt_token_ids))
+        hold = max((len(s) for s in stop), default=1) - 1
+
+        async def chunks():
+            sent = 0
+            for i, token in enumerate(ids):
+                await asyncio.sleep(0)
+                text = self.tokenizer.decode(req.prompt_token_ids + ids[:i + 1])[prompt_chars:]
+                if hits := [at for s in stop if (at := text.find(s)) >= 0]:
+                    yield GenerateChunk(text[sent:min(hits)], [token], len(req.prompt_token_ids), i + 1, "stop")
+                    return
+                upto = max(sent, len(text) - hold)
+                yield GenerateChunk(text[sent:upto], [token], len(req.prompt_token_ids), i + 1)
+                sent = upto
+                if i + 1 == dies_after:
+                    raise ActorDiedError()
+            yield GenerateChunk(text[sent:], [], len(req.prompt_token_ids), len(ids), "length")
+
+        self.streams.append(FakeEngineStream(chunks()))
+        return self.streams[-1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def text_of(chunks: list[GenerateChunk]) -> str:
+    return "".join(c.text for c in chunks)
+
+
+def test_text_held_back_for_a_stop_string_is_still_sent_when_its_replica_dies(model_path, tokenizer):
+    stop = ["a stop string that this answer never contains"]
+    whole, _ = collect(frontend(model_path, FakeController(routed(None, "d1")), FakeTextPools(tokenizer)), 12, stop)
+    controller = FakeController(routed(None, "d1"), routed(None, "d2"))
+    chunks, error = collect(frontend(model_path, controller, FakeTextPools(tokenizer, decode_dies_after={"d1": 6})),
+                            12, stop)
+    assert error is None and controller.lost == ["d1"]
+    ids = [t for c in chunks for t in c.token_ids]
+    assert text_of(chunks) == tokenizer.decode(ids) == text_of(whole) and chunks[-1].finish_reason == "length"
+
+
+def test_a_stop_string_spanning_the_point_where_the_replica_died_ends_the_answer_as_unbroken(model_path, tokenizer):
+    pools = FakeTextPools(tokenizer, decode_dies_after={"d1": 5})
+    seam = len(tokenizer.decode(pools.answer_ids[:5]))
+    stop = [ANSWER[seam - 4:seam + 5]]  # its first characters were streamed, as tokens, by the first replica
+    whole, _ = collect(frontend(model_path, FakeController(routed(None, "d1")), FakeTextPools(tokenizer)), 16, stop)
+    controller = FakeController(routed(None, "d1"), routed(None, "d2"))
+    chunks, error = collect(frontend(model_path, controller, pools), 16, stop)
+    assert error is None and controller.lost == ["d1"]
+    assert text_of(chunks) == text_of(whole) == ANSWER[:seam - 4]
+    assert chunks[-1].finish_reason == whole[-1].finish_reason == "stop"
+    assert all(s.cancelled for s in pools.streams)  # the new replica stops generating
+
+
+def test_a_replica_lost_after_its_last_token_but_before_its_finish_ends_the_answer_with_its_held_text(
+        model_path, tokenizer):
+    stop = ["a stop string that this answer never contains"]
+    controller = FakeController(routed(None, "d1"), routed(None, "d2"))
+    chunks, error = collect(frontend(model_path, controller, FakeTextPools(tokenizer, decode_dies_after={"d1": 8})),
+                            8, stop)
+    assert error is None and controller.lost == ["d1"] and len(controller.routes) == 1  # nothing left to generate
+    ids = [t for c in chunks for t in c.token_ids]
+    assert len(ids) == 8 and text_of(chunks) == tokenizer.decode(ids)
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 8
+
+
 class FakeSnapshotController(FakeController):
     """Also answers the ingress's poller: `live` instances per pool, counting snapshot calls."""
 
@@ -234,7 +324,7 @@ class FakeSnapshotController(FakeController):
         self.autoscale_status = FakeRemoteMethod(lambda: {})
         self.expert_status = FakeRemoteMethod(lambda: {})
 
-    async def _snapshot(self) -> list[dict]:
+    async def _snapshot(self, ingress_id: str) -> list[dict]:
         self.snapshots += 1
         return [{"pool": pool, "live": True, "replica_id": f"{pool}-{i}"} for pool, n in self.live.items()
                 for i in range(n)]

@@ -163,6 +163,73 @@ def test_a_decode_replica_killed_mid_stream_hands_its_streams_over_token_for_tok
     assert_kv_idle(svc, "decode kill")
 
 
+@dataclass
+class GrpcStream:
+    """One request streamed over gRPC on its own thread, with stop strings: its text and token ids
+    so far (gRPC sends every chunk, also those whose text vLLM holds back) and how it ended."""
+
+    prompt: str
+    stop: list[str]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = ""
+    error: str = ""
+    thread: threading.Thread = field(init=False)
+
+    def run(self, svc, model: str) -> GrpcStream:
+        from pdserve.proto import pdserve_pb2 as pb
+
+        with grpc.insecure_channel(svc.grpc_addr) as ch:
+            gen = ch.unary_stream("/pdserve.v1.Generation/Generate",
+                                  request_serializer=pb.GenerateRequest.SerializeToString,
+                                  response_deserializer=pb.GenerateResponse.FromString)
+            request = pb.GenerateRequest(model=model, prompt=self.prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                         stop=self.stop)
+            try:
+                for msg in gen(request, metadata=(("authorization", f"Bearer {API_KEY}"),), timeout=300):
+                    self.text += msg.text
+                    self.token_ids += msg.token_ids
+                    self.finish_reason = msg.finish_reason or self.finish_reason
+            except grpc.RpcError as exc:
+                self.error = f"{exc.code()}: {exc.details()}"
+        return self
+
+    def start(self, svc, model: str) -> GrpcStream:
+        self.thread = threading.Thread(target=self.run, args=(svc, model))
+        self.thread.start()
+        return self
+
+
+def test_a_decode_replica_killed_with_stop_strings_in_play_answers_as_an_unbroken_run(svc, model):
+    """vLLM holds back the text of an answer's last tokens while a stop string might start there:
+    the text of tokens streamed before the kill still arrives, and a stop string that began before
+    the kill still ends the answer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
+    never = ["a stop string that no story of a singing animal contains, whatever it sings"]
+    plain = {p: GrpcStream(p, []).run(svc, model).text for p in PROMPTS[2:]}
+    stops = {p: never for p in PROMPTS[:2]} | {p: [plain[p][8:68]] for p in PROMPTS[2:]}
+    unbroken = {p: GrpcStream(p, stops[p]).run(svc, model) for p in PROMPTS}
+    assert all(unbroken[p].text == plain[p][:8] and unbroken[p].finish_reason == "stop" for p in PROMPTS[2:])
+    before = losses(svc, "decode")
+    streams = [GrpcStream(p, stops[p]).start(svc, model) for p in PROMPTS]
+    wait_until(lambda: all(len(s.token_ids) >= 3 for s in streams), 120, "every stream to be under way")
+    busy = [i for i in snapshot(svc) if i["pool"] == "decode" and i["live"] and i["load"]]
+    victim = max(busy, key=lambda i: i["load"])
+    kill_replica(svc, "decode", victim["replica_id"])
+    for s in streams:
+        s.thread.join(timeout=300)
+    print("stop strings across a kill: " + "; ".join(f"{len(s.token_ids)} tokens, {s.finish_reason or s.error}"
+                                                     for s in streams))
+    assert not [s for s in streams if s.thread.is_alive() or s.error]
+    assert [(s.text, s.finish_reason) for s in streams] == [(unbroken[p].text, unbroken[p].finish_reason)
+                                                           for p in PROMPTS]
+    assert all(s.text == tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in streams[:2])
+    assert losses(svc, "decode") - before >= 1
+    assert_kv_idle(svc, "decode kill with stop strings")
+
+
 def test_a_prefill_replica_killed_with_prompts_queued_serves_them_on_the_other(svc, client, model, reference):
     wait_until(lambda: sum(i["pool"] == "prefill" and i["live"] for i in snapshot(svc)) == 2, 300,
                "two live prefill replicas")

@@ -90,6 +90,27 @@ def test_tls_cert_and_key_must_be_set_together(which):
     KVTransferSettings(tls_cert_file=Path("/tmp/c.pem"), tls_key_file=Path("/tmp/k.pem"))
 
 
+@pytest.mark.parametrize("which", ["tls_client_cert_file", "tls_client_key_file"])
+def test_the_senders_client_cert_and_key_must_be_set_together(which):
+    with pytest.raises(pydantic.ValidationError, match="tls_client_cert_file and tls_client_key_file"):
+        KVTransferSettings(tls_ca_file=Path("/tmp/ca.pem"), **{which: Path("/tmp/x.pem")})
+
+
+def test_a_senders_client_cert_needs_the_tls_ca_file_it_connects_with():
+    pair = dict(tls_client_cert_file=Path("/tmp/c.pem"), tls_client_key_file=Path("/tmp/k.pem"))
+    with pytest.raises(pydantic.ValidationError, match="tls_client_cert_file .* needs tls_ca_file"):
+        KVTransferSettings(**pair)
+    assert KVTransferSettings(tls_ca_file=Path("/tmp/ca.pem"), **pair).tls_client_key_file == Path("/tmp/k.pem")
+
+
+def test_a_receivers_client_ca_needs_its_own_cert_and_key():
+    with pytest.raises(pydantic.ValidationError, match="tls_client_ca_file .* needs tls_cert_file and tls_key_file"):
+        KVTransferSettings(tls_client_ca_file=Path("/tmp/ca.pem"))
+    s = KVTransferSettings(tls_client_ca_file=Path("/tmp/ca.pem"), tls_cert_file=Path("/tmp/c.pem"),
+                           tls_key_file=Path("/tmp/k.pem"))
+    assert s.tls_client_ca_file == Path("/tmp/ca.pem")
+
+
 @pytest.mark.parametrize("chunk, frame", [(2 << 20, 1 << 20), (1 << 20, 1 << 20), ((1 << 20) - 4095, 1 << 20)])
 def test_chunk_bytes_must_fit_in_a_frame_with_room_for_the_header(chunk, frame):
     with pytest.raises(pydantic.ValidationError, match="chunk_bytes"):

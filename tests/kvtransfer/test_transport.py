@@ -22,6 +22,7 @@ from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.sender import KVSender
 from pdserve.kvtransfer.transfer import CHUNK_OVERHEAD_BYTES, TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
+from tests.tls_certs import make_tls_files
 
 SECRET = "unit-test-secret"
 FP = KVFingerprint("tiny", "float32", block_size=4, kv_layout="cpu:test", num_layers=2, num_kv_heads=2, head_size=64)
@@ -326,3 +327,42 @@ def test_a_second_receiver_on_a_taken_port_fails_instead_of_sharing_its_connecti
     addr = make_receiver().address
     with pytest.raises(RuntimeError, match=f"could not bind {addr}"):
         make_receiver(listen_addr=addr)
+
+
+def mutual_tls(tmp_path) -> tuple[dict, dict]:
+    """Receiver and sender settings for mutual TLS under one CA."""
+    pki = make_tls_files(tmp_path / "ca")
+    receiver = dict(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca)
+    sender = dict(tls_ca_file=pki.ca, tls_client_cert_file=pki.client_cert, tls_client_key_file=pki.client_key)
+    return receiver, sender
+
+
+def test_with_mutual_tls_a_sender_presenting_a_certificate_the_ca_signed_transfers(
+    make_receiver, make_sender, tmp_path
+):
+    receiver_tls, sender_tls = mutual_tls(tmp_path)
+    rx, tx = make_receiver(**receiver_tls), make_sender(**sender_tls)
+    assert tx.handshake(rx.address) == rx.epoch
+    src, ids = caches(6, seed=6), [2, 0, 5, 1]
+    res = send(tx, rx.address, "mtls", src, ids).result.result(WAIT_S)
+    assert res.state is TransferState.DONE, res.error
+    assert_arrived(rx, "mtls", src, ids)
+
+
+@pytest.mark.parametrize("client_cert", ["none", "another_ca"])
+def test_with_mutual_tls_a_sender_without_a_certificate_the_ca_signed_is_refused_and_nothing_is_accepted(
+    make_receiver, make_sender, tmp_path, client_cert
+):
+    receiver_tls, sender_tls = mutual_tls(tmp_path)
+    if client_cert == "none":
+        sender_tls = dict(tls_ca_file=sender_tls["tls_ca_file"])
+    else:
+        other = make_tls_files(tmp_path / "other", ca_name="another CA")
+        sender_tls.update(tls_client_cert_file=other.client_cert, tls_client_key_file=other.client_key)
+    rx, tx = make_receiver(**receiver_tls), make_sender(connect_timeout_s=2, **sender_tls)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        tx.handshake(rx.address)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE
+    res = send(tx, rx.address, "refused", caches(2, 0), [0, 1]).result.result(WAIT_S)
+    assert res.state is TransferState.FAILED
+    assert rx.stats()["opened"] == 0 and rx.stats()["chunks"] == 0 and rx.stats()["reserved_bytes"] == 0

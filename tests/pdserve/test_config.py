@@ -156,3 +156,19 @@ def test_fixed_kv_receiver_ports_must_fit_below_65536():
     assert parse_config({"kv_receiver_port": 5600, "kv_receiver_port_count": 4}).kv_receiver_port_count == 4
     with pytest.raises(ConfigError, match="runs past port 65535"):
         parse_config({"kv_receiver_port": 65535, "kv_receiver_port_count": 2})
+
+
+@pytest.mark.parametrize("which", ["grpc_tls_cert_file", "grpc_tls_key_file"])
+def test_the_grpc_apis_tls_cert_and_key_must_be_set_together(which):
+    with pytest.raises(ConfigError, match="ingress: .*grpc_tls_cert_file and grpc_tls_key_file must be set together"):
+        parse_config({"ingress": {which: "/etc/pdserve/tls/x.pem"}})
+    cfg = parse_config({"ingress": {"grpc_tls_cert_file": "/etc/c.pem", "grpc_tls_key_file": "/etc/k.pem"}})
+    assert str(cfg.ingress.grpc_tls_cert_file) == "/etc/c.pem" and cfg.ingress.grpc_tls_client_ca_file is None
+
+
+def test_the_grpc_apis_client_ca_needs_its_server_cert_and_key():
+    with pytest.raises(ConfigError, match="grpc_tls_client_ca_file .* needs grpc_tls_cert_file and grpc_tls_key_file"):
+        parse_config({"ingress": {"grpc_tls_client_ca_file": "/etc/ca.pem"}})
+    cfg = parse_config({"ingress": {"grpc_tls_cert_file": "/etc/c.pem", "grpc_tls_key_file": "/etc/k.pem",
+                                    "grpc_tls_client_ca_file": "/etc/ca.pem"}})
+    assert str(cfg.ingress.grpc_tls_client_ca_file) == "/etc/ca.pem"
