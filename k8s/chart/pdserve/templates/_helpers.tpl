@@ -54,6 +54,20 @@ pdserve_pool:{{ . }}
 {{- .Values.kvTransfer.existingSecret | default (printf "%s-kv" (include "pdserve.fullname" .)) }}
 {{- end }}
 
+{{- define "pdserve.rayAuthSecretName" -}}
+{{- .Values.rayAuth.existingSecret | default (printf "%s-ray-auth" (include "pdserve.fullname" .)) }}
+{{- end }}
+
+{{/* Where the caches that default to the home directory go (an emptyDir: the root filesystem is read-only). */}}
+{{- define "pdserve.cacheDir" -}}
+/var/cache/pdserve
+{{- end }}
+
+{{/* Where the head mounts the gRPC TLS Secret (ingress.grpcTls). */}}
+{{- define "pdserve.grpcTlsDir" -}}
+/etc/pdserve-grpc-tls
+{{- end }}
+
 {{/* Empty when no API keys are configured. */}}
 {{- define "pdserve.apiKeysSecretName" -}}
 {{- if .Values.apiKeys.existingSecret }}{{ .Values.apiKeys.existingSecret }}
@@ -68,6 +82,14 @@ pdserve_pool:{{ . }}
       "max_model_len" $v.maxModelLen "mode" "disaggregated" "app_name" "pdserve"
       "slo" (dict "ttft_ms" $v.slo.ttftMs "tpot_ms" $v.slo.tpotMs)
       "ingress" (dict "host" "0.0.0.0" "http_port" $v.ingress.httpPort "grpc_port" $v.ingress.grpcPort "resources" (dict "pdserve_ingress" 1)) }}
+{{- with $v.ingress.grpcTls.existingSecret }}
+{{- $dir := include "pdserve.grpcTlsDir" $ }}
+{{- $_ := set $cfg.ingress "grpc_tls_cert_file" (printf "%s/tls.crt" $dir) }}
+{{- $_ := set $cfg.ingress "grpc_tls_key_file" (printf "%s/tls.key" $dir) }}
+{{- if $v.ingress.grpcTls.requireClientCerts }}
+{{- $_ := set $cfg.ingress "grpc_tls_client_ca_file" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- end }}
 {{- range $role := list "prefill" "decode" }}
 {{- $p := index $v.pools $role }}
 {{- if or (lt $p.replicas $p.minReplicas) (gt $p.replicas $p.maxReplicas) }}
@@ -88,7 +110,24 @@ pdserve_pool:{{ . }}
 {{- end }}
 {{- $_ := set $cfg "autoscaling" $as }}
 {{- end }}
-{{- toYaml (mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides)) }}
+{{- /* Fixed KV receiver ports, one per decode replica of a pod: the NetworkPolicy names them. */}}
+{{- $_ := set $cfg "kv_receiver_port" $v.kvTransfer.port }}
+{{- $_ := set $cfg "kv_receiver_port_count" $v.pools.decode.replicasPerPod }}
+{{- $cfg = mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides) }}
+{{- $kvFirst := int $cfg.kv_receiver_port }}{{ $kvLast := add $kvFirst (int $cfg.kv_receiver_port_count) -1 }}
+{{- $rayPorts := list 6379 8080 8265 10001 52365 (int $cfg.ingress.http_port) (int $cfg.ingress.grpc_port) }}
+{{- range $port := $rayPorts }}
+{{- if and (le $kvFirst $port) (ge $kvLast $port) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.decode.replicasPerPod) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $port) }}
+{{- end }}
+{{- end }}
+{{- if and $v.networkPolicy.enabled (lt $kvFirst 1024) }}
+{{- fail "the NetworkPolicy names the KV receiver ports: kv_receiver_port must be a fixed port from 1024 (kvTransfer.port)" }}
+{{- end }}
+{{- if and (le $kvFirst 19999) (ge $kvLast 10002) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.decode.replicasPerPod) overlap Ray's worker ports 10002-19999" $kvFirst $kvLast) }}
+{{- end }}
+{{- toYaml $cfg }}
 {{- end }}
 
 {{/* autoscaling.yaml (pdserve/config/autoscaling_policy.py): the user's policy, with each pool's
@@ -106,22 +145,39 @@ pdserve_pool:{{ . }}
 {{- toYaml $policy }}
 {{- end }}
 
-{{/* What every Ray container gets: the secrets as env, the config files, extra mounts. */}}
+{{/* What every Ray container gets: its security context, the config files, writable
+     scratch space (the root filesystem is read-only), extra mounts; the head's also gets the
+     secrets, since only processes there read them. Call with (list $ "head"), "prefill" or "decode". */}}
 {{- define "pdserve.containerCommon" -}}
-image: "{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}"
-imagePullPolicy: {{ .Values.image.pullPolicy }}
+{{- $top := index . 0 }}{{ $role := index . 1 }}
+{{- $cache := include "pdserve.cacheDir" $top -}}
+image: "{{ $top.Values.image.repository }}:{{ $top.Values.image.tag | default $top.Chart.AppVersion }}"
+imagePullPolicy: {{ $top.Values.image.pullPolicy }}
+securityContext:
+  {{- toYaml $top.Values.securityContext | nindent 2 }}
 env:
+  # Caches that default to the (read-only) home directory: vLLM's and Hugging Face's, vLLM's
+  # config and usage stats, Triton's, FlashInfer's and CUDA's kernel caches.
+  - {name: XDG_CACHE_HOME, value: {{ $cache }}}
+  - {name: XDG_CONFIG_HOME, value: {{ $cache }}/config}
+  - {name: TRITON_HOME, value: {{ $cache }}}
+  - {name: FLASHINFER_WORKSPACE_BASE, value: {{ $cache }}}
+  - {name: CUDA_CACHE_PATH, value: {{ $cache }}/nv}
+  {{- if eq $role "head" }}
+  # The application build (Serve runs it beside its controller, on the head) reads the KV secret
+  # and hands it to the engines; the ingress, pinned to the head, reads the API keys.
   - name: PDSERVE_KV_SECRET
     valueFrom:
       secretKeyRef:
-        name: {{ include "pdserve.kvSecretName" . }}
-        key: {{ ternary .Values.kvTransfer.existingSecretKey "kv-secret" (ne .Values.kvTransfer.existingSecret "") }}
-  {{- with include "pdserve.apiKeysSecretName" . }}
+        name: {{ include "pdserve.kvSecretName" $top }}
+        key: {{ ternary $top.Values.kvTransfer.existingSecretKey "kv-secret" (ne $top.Values.kvTransfer.existingSecret "") }}
+  {{- with include "pdserve.apiKeysSecretName" $top }}
   - name: PDSERVE_API_KEYS
     valueFrom:
       secretKeyRef:
         name: {{ . }}
-        key: {{ ternary $.Values.apiKeys.existingSecretKey "api-keys" (ne $.Values.apiKeys.existingSecret "") }}
+        key: {{ ternary $top.Values.apiKeys.existingSecretKey "api-keys" (ne $top.Values.apiKeys.existingSecret "") }}
+  {{- end }}
   {{- end }}
 volumeMounts:
   - name: pdserve-config
@@ -129,27 +185,64 @@ volumeMounts:
     readOnly: true
   - name: dshm
     mountPath: /dev/shm
-  {{- with .Values.extraVolumeMounts }}
+  - name: tmp
+    mountPath: /tmp
+  - name: cache
+    mountPath: {{ $cache }}
+  {{- if and (eq $role "head") $top.Values.ingress.grpcTls.existingSecret }}
+  - name: grpc-tls
+    mountPath: {{ include "pdserve.grpcTlsDir" $top }}
+    readOnly: true
+  {{- end }}
+  {{- with $top.Values.extraVolumeMounts }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
 {{- end }}
 
-{{/* Pod-level settings shared by head and workers. */}}
+{{/* Pod-level settings shared by head and workers. Call with (list $ "head"), "prefill" or "decode". */}}
 {{- define "pdserve.podCommon" -}}
+{{- $top := index . 0 }}{{ $role := index . 1 -}}
+securityContext:
+  {{- toYaml $top.Values.podSecurityContext | nindent 2 }}
 volumes:
   - name: pdserve-config
     configMap:
-      name: {{ include "pdserve.fullname" . }}-config
+      name: {{ include "pdserve.fullname" $top }}-config
   # Ray's object store and vLLM's workers use shared memory; a container's default is 64 MiB.
   - name: dshm
     emptyDir: {medium: Memory}
-  {{- with .Values.extraVolumes }}
+  # Ray's session dir (/tmp/ray: logs, sockets, spilled objects) and other scratch files.
+  - name: tmp
+    emptyDir: {}
+  - name: cache
+    emptyDir: {}
+  {{- if and (eq $role "head") $top.Values.ingress.grpcTls.existingSecret }}
+  # The gRPC ingress's certificate and key, on the head only, where the ingress serves gRPC.
+  - name: grpc-tls
+    secret:
+      secretName: {{ $top.Values.ingress.grpcTls.existingSecret }}
+      items:
+        - {key: tls.crt, path: tls.crt}
+        - {key: tls.key, path: tls.key}
+        {{- if $top.Values.ingress.grpcTls.requireClientCerts }}
+        - {key: ca.crt, path: ca.crt}
+        {{- end }}
+  {{- end }}
+  {{- with $top.Values.extraVolumes }}
   {{- toYaml . | nindent 2 }}
   {{- end }}
-{{- if include "pdserve.patchesWorkerGroups" . }}
-serviceAccountName: {{ include "pdserve.fullname" . }}
+{{- if ne $role "head" }}
+# Nothing on a worker calls the Kubernetes API.
+automountServiceAccountToken: false
+{{- else if include "pdserve.patchesWorkerGroups" $top }}
+# pdserve's controller, pinned to the head, patches the worker groups with this account's token.
+serviceAccountName: {{ include "pdserve.fullname" $top }}
+{{- else if not $top.Values.enableInTreeAutoscaling }}
+# Nothing on the head calls the Kubernetes API either (KubeRay's autoscaler sidecar would, with
+# the account KubeRay gives the head).
+automountServiceAccountToken: false
 {{- end }}
-{{- with .Values.imagePullSecrets }}
+{{- with $top.Values.imagePullSecrets }}
 imagePullSecrets:
   {{- toYaml . | nindent 2 }}
 {{- end }}
