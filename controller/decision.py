@@ -35,8 +35,8 @@ class RouteRequest:
     """How long the request may still run (what is left of its deadline at the ingress): its
     bookings on instances expire then, whether or not a release ever comes."""
     ingress_id: str = ""
-    """The ingress routing it, which the controller hears from while it lives; its bookings go
-    soon after it falls silent ("": only at the deadline)."""
+    """The Serve replica id of the ingress routing it: its bookings go once that replica is gone
+    ("": only at the deadline)."""
 
 
 @dataclass(frozen=True)

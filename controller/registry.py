@@ -81,7 +81,7 @@ class Assignment:
     """The request's deadline: past it the booking goes, release or not (an ingress that died,
     a release lost on the way)."""
     owner: str = ""
-    """The ingress that routed it: when that ingress falls silent its bookings go ("": none)."""
+    """The ingress replica that routed it: once Serve no longer runs it, the booking goes ("": none)."""
 
 
 @dataclass(eq=False)
@@ -150,15 +150,10 @@ class Registry:
     """Missed-report time after which an instance stops receiving requests."""
     kv_reserve_tokens: int = 256
     """Output tokens of KV room reserved per routed request (at most its max_tokens)."""
-    ingress_silent_s: float = 10.0
-    """An ingress not heard from for this long is gone (its poller asks every second): the
-    bookings of the requests it routed go, without waiting for their deadlines."""
     instances: dict[str, Instance] = field(default_factory=dict)
     _departed: dict[str, float] = field(default_factory=dict)
     """Replicas that left for good (dead, or draining before Serve stops them), when: a draining
     one still reports while it finishes its streams, and must not rejoin routing."""
-    _ingresses: dict[str, float] = field(default_factory=dict)
-    """When each ingress was last heard from."""
     _pools: dict[str, list[Instance]] = field(default_factory=dict)
     _views: dict[str, PoolView] = field(default_factory=dict)
     _nodes: dict[str, int] = field(default_factory=dict)
@@ -208,8 +203,6 @@ class Registry:
         kv_tokens = req.prompt_tokens + min(req.max_tokens, self.kv_reserve_tokens)
         if req.request_id in self._routes:  # routed again under the same id (the ingress retried): one booking
             self.release(req.request_id)
-        if req.ingress_id:
-            self._ingresses[req.ingress_id] = now_s
         targets = [t.replica_id for t in decision.targets()]
         self._routes[req.request_id] = targets
         for t in decision.targets():
@@ -253,26 +246,27 @@ class Registry:
                 inst.step_fix.observe(a.predicted_step_ms, tpot_ms)
             self._refresh(inst)
 
-    def heard_from_ingress(self, ingress_id: str, now_s: float) -> None:
-        self._ingresses[ingress_id] = now_s
-
     def expire(self, now_s: float, every_s: float = 1.0) -> None:
-        """Drop bookings past their request's deadline or whose ingress fell silent (looked at
-        most every `every_s`)."""
+        """Drop bookings past their request's deadline (looked at most every `every_s`)."""
         if now_s < self._next_expiry_s:
             return
         self._next_expiry_s = now_s + every_s
-        silent = {i for i, seen in self._ingresses.items() if now_s - seen > self.ingress_silent_s}
-        expired = {rid: "its deadline passed" if a.expires_at_s < now_s else f"ingress {a.owner} fell silent"
-                   for inst in self.instances.values() for rid, a in inst.assignments.items()
-                   if a.expires_at_s < now_s or a.owner in silent}
-        for request_id, why in expired.items():
-            log.warning("request %s: booking dropped without a release: %s", request_id, why)
+        expired = {rid for inst in self.instances.values() for rid, a in inst.assignments.items()
+                   if a.expires_at_s < now_s}
+        for request_id in expired:
+            log.warning("request %s: booking dropped without a release: its deadline passed", request_id)
             self.release(request_id)
-        for ingress_id in silent:
-            del self._ingresses[ingress_id]
         for rid in [rid for rid, at in self._departed.items() if now_s - at > DEPARTED_MEMORY_S]:
             del self._departed[rid]
+
+    def keep_owners(self, running: set[str], as_of_s: float) -> None:
+        """Drop the bookings made before `as_of_s` by ingresses not in `running` (the ingress
+        replicas Serve ran then): theirs will never be released."""
+        gone = {rid: a.owner for inst in self.instances.values() for rid, a in inst.assignments.items()
+                if a.owner and a.owner not in running and a.assigned_at_s < as_of_s}
+        for request_id, owner in gone.items():
+            log.warning("request %s: booking dropped without a release: its ingress %s is gone", request_id, owner)
+            self.release(request_id)
 
     def forget_stale(self, now_s: float, after_s: float = 60.0) -> None:
         """Drop instances silent for `after_s`: their replicas are gone for good."""

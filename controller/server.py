@@ -24,6 +24,9 @@ from pdserve.controller.slo_router import choose_slo
 
 log = logging.getLogger("pdserve.controller")
 
+INGRESS_WATCH_S = 5.0
+"""How often the controller asks Serve which ingress replicas run, to drop the bookings of gone ones."""
+
 PROBE_WITHIN = 4.0
 """A probe is a request predicted to miss its objectives by at most this factor, a miss that
 stale predictions can explain; one further off (a 0.01 ms TPOT) is out of reach anyway."""
@@ -55,14 +58,37 @@ class Controller:
         """Buffered pools' expert counters, by pool."""
         self.hot: dict[str, list[list[int]]] = {}
         """The hot set last computed per pool."""
+        self.app_name = app_name
+        self._ingress_watch: asyncio.Task | None = None
         self._routed_at_s = time.monotonic()
         """When a request was last routed: long ago with requests arriving, predictions need a probe."""
 
     def _start_autoscaling(self) -> None:
-        """On the replica's event loop, which the first call runs on (the constructor may not)."""
+        """On the replica's event loop, which the first call runs on (the constructor may not);
+        so is the watch on the ingress replicas."""
         if self.autoscaler is not None and self._autoscaling is None:
             self._autoscaling = asyncio.get_running_loop().create_task(
                 self.autoscaler.run(self.registry, self.window, time.monotonic))
+        if self._ingress_watch is None:
+            self._ingress_watch = asyncio.get_running_loop().create_task(self._watch_ingresses())
+
+    async def _watch_ingresses(self) -> None:
+        """Drop the bookings of ingress replicas Serve no longer runs (a killed or crashed ingress
+        releases nothing), asking Serve every `INGRESS_WATCH_S`."""
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        while True:
+            await asyncio.sleep(INGRESS_WATCH_S)
+            try:
+                as_of = time.monotonic()
+                serve_controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+                details = await serve_controller.get_serve_instance_details.remote()
+                replicas = details["applications"][self.app_name]["deployments"]["ingress"]["replicas"]
+            except Exception as exc:  # Serve is away or the application is changing: ask again later
+                log.warning("could not list the ingress replicas: %r", exc)
+                continue
+            self.registry.keep_owners({r["replica_id"] for r in replicas if r["state"] != "STOPPED"}, as_of)
 
     async def report(self, r: LoadReport) -> list[list[int]] | None:
         """Takes a replica's load; answers a buffered replica with its pool's hot set (experts
@@ -141,13 +167,9 @@ class Controller:
         """The last sizing decision with its operands, for metrics; None without a policy or before the first."""
         return describe(self.autoscaler.last) if self.autoscaler and self.autoscaler.last else None
 
-    async def snapshot(self, ingress_id: str = "") -> list[dict]:
-        """Every known instance with its load, liveness and latency corrections, for health and
-        metrics. An ingress names itself: its polls say it is alive (see Registry.ingress_silent_s)."""
+    async def snapshot(self) -> list[dict]:
+        """Every known instance with its load, liveness and latency corrections, for health and metrics."""
         now = time.monotonic()
-        if ingress_id:
-            self.registry.heard_from_ingress(ingress_id, now)
-            self.registry.expire(now)
         return [_describe(i, now, self.registry.ttl_s) for i in self.registry.instances.values()]
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from pdserve.errors import ReplicaGone
+
 log = logging.getLogger("pdserve.router")
 
 TARGET_KWARG = "replica_id"
@@ -34,17 +36,6 @@ within about a second of a replica starting) before it fails as gone."""
 
 MAX_DEPARTED = 4096
 """Replicas remembered as departed; the oldest are forgotten first (ids are never reused)."""
-
-
-class ReplicaGone(RuntimeError):
-    """The replica a call was meant for is not among the deployment's running replicas;
-    `departed`: it was, and left (stopping or dead), so it will not come back."""
-
-    def __init__(self, replica_id: str, waited_s: float, departed: bool = False):
-        why = "it left the running replicas" if departed else f"waited {waited_s:.1f} s for it"
-        super().__init__(f"replica {replica_id} is not running ({why})")
-        self.replica_id = replica_id
-        self.departed = departed
 
 
 class Departures:

@@ -14,8 +14,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from pdserve.controller.decision import Decision, Outcome
-from pdserve.deployments.exact_router import ReplicaGone
-from pdserve.errors import EngineFailure, Overloaded, ReplicaLost, ServeError, Unavailable
+from pdserve.errors import EngineFailure, Overloaded, ReplicaGone, ReplicaLost, ServeError, Unavailable
 from pdserve.prefill.requests import GenerateChunk
 
 log = logging.getLogger("pdserve.ingress")
@@ -105,6 +104,7 @@ async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
     (the decode replica would otherwise wait out the transfer's lease)."""
     assert decision.decode is not None
     prefill_id = decision.prefill.replica_id if decision.prefill is not None else ""
+    ended = False
     try:
         it = stream.__aiter__()
         while True:
@@ -117,11 +117,22 @@ async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
             try:
                 yield await step
             except StopAsyncIteration:
+                ended = True
                 return
             except Exception as exc:
+                ended = True
                 raise as_serve_error(exc, "decode", decision.decode.replica_id) from None
     finally:
+        if not ended:  # given up on (a client gone, a failed prefill, a stop string): free its engine slot
+            # Serve's cancel waits, blocking, until the call is routed: never on the event loop.
+            asyncio.get_running_loop().run_in_executor(None, _cancel, stream, decision.decode.replica_id)
+
+
+def _cancel(stream: Any, replica_id: str) -> None:
+    try:
         stream.cancel()
+    except Exception as exc:  # Serve re-raises the call's routing failure here
+        log.debug("cancelling the decode call of %s: %r", replica_id, exc)
 
 
 def as_serve_error(exc: BaseException, phase: str, replica_id: str) -> ServeError:

@@ -90,7 +90,8 @@ class FrontendAPI(Protocol):
 class Frontend:
     """The FrontendAPI over a controller and the engine pools' Serve handles."""
 
-    def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any]):
+    def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any],
+                 ingress_id: str = ""):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -99,8 +100,8 @@ class Frontend:
         self.max_body_bytes = cfg.ingress.max_body_bytes
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.controller = controller
-        self.ingress_id = uuid.uuid4().hex[:12]
-        """Names this ingress to the controller, which drops its bookings once it falls silent."""
+        self.ingress_id = ingress_id
+        """This ingress's Serve replica id: the controller drops its bookings once Serve no longer runs it."""
         self.pools = pools
         self.metrics = IngressMetrics()
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
@@ -373,7 +374,7 @@ class Frontend:
         async def poll() -> None:
             while True:
                 try:
-                    snapshot = await self.controller.snapshot.remote(self.ingress_id)
+                    snapshot = await self.controller.snapshot.remote()
                     self.view.observe(snapshot, time.monotonic())
                     self.metrics.observe_instances(snapshot)
                     self.metrics.observe_autoscale(await self.controller.autoscale_status.remote())
@@ -389,7 +390,7 @@ class Frontend:
         poller yet, or one whose calls fail) is refreshed here, at most once a poll interval."""
         if self.view.refresh_due(time.monotonic()):
             try:
-                snapshot = await asyncio.wait_for(self.controller.snapshot.remote(self.ingress_id), ROUTE_POLL_S * 4)
+                snapshot = await asyncio.wait_for(self.controller.snapshot.remote(), ROUTE_POLL_S * 4)
                 self.view.observe(snapshot, time.monotonic())
             except Exception as exc:  # the controller is away: the answer says so
                 log.warning("health: controller snapshot failed: %s", exc)

@@ -33,7 +33,7 @@ class Ingress:
         global _frontend
         telemetry.setup_tracing(cfg.tracing, "ingress")
         telemetry.setup_logging(cfg.log_level)
-        self.frontend = Frontend(cfg, model_path, controller, pools)
+        self.frontend = Frontend(cfg, model_path, controller, pools, serve.get_replica_context().replica_id.unique_id)
         await self.frontend.start_polling()
         _frontend = self.frontend
         self.grpc_health = GrpcHealth()

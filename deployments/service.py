@@ -93,8 +93,9 @@ def deploy(cfg: ClusterConfig, model_path: str, started_ray: bool = False) -> Se
 
     cfg = with_secret(cfg)
     # The controller's autoscaler sets the pools' replica counts through Serve's external-scaler API.
+    external = cfg.external_scaler_enabled if cfg.external_scaler_enabled is not None else cfg.autoscaling is not None
     serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
-              external_scaler_enabled=cfg.autoscaling is not None)
+              external_scaler_enabled=external)
     host, prefix = cfg.ingress.host, cfg.ingress.route_prefix.rstrip("/")
     return Service(cfg, f"http://{host}:{cfg.ingress.http_port}{prefix}", f"{host}:{cfg.ingress.grpc_port}",
                    started_ray)

@@ -117,6 +117,19 @@ class ReplicaLost(Unavailable):
         """It is gone for good (dead, or stopping); False: it may yet appear (see ReplicaGone)."""
 
 
+class ReplicaGone(RuntimeError):
+    """The replica a call was meant for is not among the deployment's running replicas;
+    `departed`: it was, and left (stopping or dead), so it will not come back. Raised by the
+    exact-replica router, which Serve ships to each process by value: defined here, the class
+    the ingress catches is the one the router raises."""
+
+    def __init__(self, replica_id: str, waited_s: float, departed: bool = False):
+        why = "it left the running replicas" if departed else f"waited {waited_s:.1f} s for it"
+        super().__init__(f"replica {replica_id} is not running ({why})")
+        self.replica_id = replica_id
+        self.departed = departed
+
+
 class EngineFailure(ServeError):
     """The engine failed while serving the request."""
 

@@ -233,6 +233,10 @@ class ClusterConfig(BaseModel):
     autoscaling: AutoscalingConfig | None = None
     """Size the prefill and decode pools from a policy file (disaggregated mode); None keeps
     each pool at its `replicas`."""
+    external_scaler_enabled: bool | None = None
+    """Let something outside Serve set the pools' replica counts through Serve's external-scaler
+    API (an operator through Serve's REST API, a test); None: on exactly when `autoscaling` is set,
+    whose autoscaler uses it."""
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log_level: str = "INFO"
@@ -266,6 +270,9 @@ class ClusterConfig(BaseModel):
         if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":
             raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so the "
                              "prefill and decode engines would hold KV of different dtypes: set dtype explicitly")
+        if self.autoscaling is not None and self.external_scaler_enabled is False:
+            raise ValueError("autoscaling sets the pools' sizes through Serve's external-scaler API: "
+                             "external_scaler_enabled may not be false")
         if self.autoscaling is not None and self.mode != "disaggregated":
             raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
         return self

@@ -195,15 +195,16 @@ def test_a_replica_that_left_for_good_stays_out_of_routing_while_it_drains_and_s
     assert reg.instances["d2"].load == 0
 
 
-def test_the_bookings_of_an_ingress_that_falls_silent_go_and_those_of_a_live_one_stay():
+def test_the_bookings_of_an_ingress_replica_serve_no_longer_runs_go_and_the_others_stay():
     reg = registry()
     add(reg, "d", "decode")
-    for rid, ingress in (("a1", "ingress-a"), ("b1", "ingress-b")):
+    for rid, ingress, at_s in (("a1", "ingress-a", 0.0), ("b1", "ingress-b", 0.0), ("n1", "ingress-new", 5.0)):
         reg.assign(RouteRequest(rid, 100, 10, SLO(1e3, 1e3), lifetime_s=600.0, ingress_id=ingress),
-                   Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)), now_s=0.0)
-    for t in range(1, 13):  # ingress-b keeps polling; ingress-a died after routing its request
-        reg.heard_from_ingress("ingress-b", float(t))
-        reg.expire(now_s=float(t))
-    assert list(reg.instances["d"].assignments) == ["b1"]
+                   Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)), now_s=at_s)
+    reg.assign(RouteRequest("anon", 100, 10, SLO(1e3, 1e3)), Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)),
+               now_s=0.0)
+    # Serve listed ingress-b alone at 4 s: ingress-a died; ingress-new started after that listing
+    reg.keep_owners({"ingress-b"}, as_of_s=4.0)
+    assert sorted(reg.instances["d"].assignments) == ["anon", "b1", "n1"]
     reg.release("a1")  # a release that does come late changes nothing
-    assert reg.instances["d"].load == 1
+    assert reg.instances["d"].load == 3

@@ -23,8 +23,11 @@ class FakeEngineStream:
     """A streaming Serve response: async-iterable chunks, and `cancel()`, which it records. As with
     a real one, an engine's failure comes out of the iteration, not out of `.remote()`."""
 
-    def __init__(self, chunks: AsyncIterator[GenerateChunk]) -> None:
+    def __init__(self, chunks: AsyncIterator[GenerateChunk], routing_error: Exception | None = None) -> None:
         self._chunks = chunks
+        self.routing_error = routing_error
+        """The router could not place the call: iterating raises it, and so does `cancel()`, as
+        Serve's does (it waits for the call's replica before cancelling)."""
         self.cancelled = False
 
     def __aiter__(self) -> AsyncIterator[GenerateChunk]:
@@ -32,3 +35,5 @@ class FakeEngineStream:
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.routing_error is not None:
+            raise self.routing_error

@@ -13,9 +13,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.request_router import PendingRequest
 
-from pdserve.deployments.exact_router import MISSING_REPLICA_GRACE_S, ExactReplicaRouter, ReplicaGone
+from pdserve.deployments.exact_router import MISSING_REPLICA_GRACE_S, ExactReplicaRouter
 from pdserve.deployments.failover import as_serve_error
-from pdserve.errors import ReplicaLost
+from pdserve.errors import ReplicaGone, ReplicaLost
 from tests.deployments.service_fixtures import init_ray
 
 
@@ -121,6 +121,35 @@ def test_through_serve_a_named_replica_answers_and_a_gone_one_fails_within_the_g
         lost = as_serve_error(err.value, "decode", left)
         assert isinstance(lost, ReplicaLost) and lost.departed, repr(err.value)
         assert time.monotonic() - start < MISSING_REPLICA_GRACE_S  # no grace for a replica seen leaving
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Caller:
+    """Calls Echo from inside a replica, as the ingress calls the engine pools: Serve ships the
+    router to this process by value, so what it raises must still be what the ingress catches."""
+
+    def __init__(self, echo):
+        self.echo = echo
+
+    async def call_missing(self) -> str:
+        try:
+            await self.echo.whoami.remote(replica_id="no-such-replica")
+        except Exception as exc:
+            return type(as_serve_error(exc, "decode", "no-such-replica")).__name__
+        return "answered"
+
+
+@pytest.mark.slow
+def test_from_inside_another_replica_a_gone_replica_is_a_lost_replica_not_an_engine_failure():
+    import ray
+
+    init_ray(num_cpus=2)
+    try:
+        handle = serve.run(Caller.bind(Echo.bind()), name="exact-router-caller-test", route_prefix=None)
+        assert handle.call_missing.remote().result(timeout_s=60) == "ReplicaLost"
     finally:
         serve.shutdown()
         ray.shutdown()

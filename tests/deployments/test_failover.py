@@ -7,6 +7,7 @@ token for token. Real replicas dying under load: tests/deployments/test_faults_e
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -15,7 +16,7 @@ from ray.exceptions import ActorDiedError
 from pdserve.config.cluster import parse_config
 from pdserve.controller.decision import Decision, Outcome, Target
 from pdserve.deployments.frontend import Frontend
-from pdserve.errors import Overloaded, ReplicaLost, Unavailable
+from pdserve.errors import Overloaded, ReplicaGone, ReplicaLost, Unavailable
 from pdserve.model_store import resolve_model
 from pdserve.prefill.requests import GenerateChunk, Sampling
 from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
@@ -63,8 +64,11 @@ class FakePools:
     all of them), one in `dead_prefills` dies when
     asked to prefill, so its KV never comes."""
 
-    def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = ()):
+    def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = (),
+                 departed: tuple[str, ...] = ()):
         self.decode_dies_after = decode_dies_after or {}
+        self.departed = departed
+        """Decode replicas the router saw leave (drained after a scale-down): calls fail at routing."""
         self.dead_prefills = dead_prefills
         self.served: list[tuple[str, str, int]] = []
         """(replica, request id, prompt tokens) of every generate call."""
@@ -82,6 +86,15 @@ class FakePools:
     def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         dies_after = self.decode_dies_after.pop(replica_id, None)
+        if replica_id in self.departed:
+            gone = ReplicaGone(replica_id, 0.0, departed=True)
+
+            async def refused():
+                raise gone
+                yield
+
+            self.streams.append(FakeEngineStream(refused(), routing_error=gone))
+            return self.streams[-1]
 
         async def chunks():
             if not local_prefill:
@@ -154,7 +167,46 @@ def test_a_decode_replica_lost_mid_stream_hands_over_without_repeating_or_losing
     first_id, second_id = (rid for _, rid, _ in pools.served)
     assert second_id == f"{first_id}-r1"
     assert controller.released == [(first_id, 4), (second_id, 6)]
-    assert all(s.cancelled for s in pools.streams)  # the dead stream is let go too
+    assert not any(s.cancelled for s in pools.streams)  # both ended by themselves: nothing to cancel
+
+
+def test_a_request_routed_to_a_draining_replica_is_routed_again_and_the_controller_drops_that_replica(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p1", "d2"))
+    lost: list[tuple[str, bool]] = []
+    controller.replica_lost = FakeRemoteMethod(lambda rid, departed: asyncio.sleep(0, lost.append((rid, departed))))
+    chunks, error = collect(frontend(model_path, controller, FakePools(departed=("d1",))), max_tokens=4)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert lost == [("d1", True)] and [resuming for *_, resuming in controller.routes] == [False, True]
+
+
+class FakeRoutingStream(FakeEngineStream):
+    """A stream Serve is still routing: its `cancel()` blocks until routing ends, as Serve's does."""
+
+    def cancel(self) -> None:
+        time.sleep(1.0)
+        super().cancel()
+
+
+async def test_a_client_that_goes_away_frees_its_engine_slot_without_blocking_the_event_loop(model_path):
+    pools = FakePools()
+    generate = pools._generate
+    pools.generate = FakeRemoteMethod(lambda *a, **kw: FakeRoutingStream(generate(*a, **kw)._chunks))
+    fe = frontend(model_path, FakeController(routed(None, "d1")), pools)
+    chunks = fe.stream(await fe.completion_request(PROMPT, Sampling(max_tokens=50)))
+    await anext(chunks)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    await chunks.aclose()  # the client went away mid-answer
+    await asyncio.sleep(0.3)
+    ticker.cancel()
+    assert ticks >= 10  # the loop ran on while Serve's cancel waited in a thread
 
 
 def test_a_replica_lost_after_the_last_chunk_leaves_the_answer_whole_and_is_not_retried(model_path):
@@ -299,7 +351,7 @@ def test_a_stop_string_spanning_the_point_where_the_replica_died_ends_the_answer
     assert error is None and controller.lost == ["d1"]
     assert text_of(chunks) == text_of(whole) == ANSWER[:seam - 4]
     assert chunks[-1].finish_reason == whole[-1].finish_reason == "stop"
-    assert all(s.cancelled for s in pools.streams)  # the new replica stops generating
+    assert [s.cancelled for s in pools.streams] == [False, True]  # the new replica is stopped generating
 
 
 def test_a_replica_lost_after_its_last_token_but_before_its_finish_ends_the_answer_with_its_held_text(
@@ -324,7 +376,7 @@ class FakeSnapshotController(FakeController):
         self.autoscale_status = FakeRemoteMethod(lambda: {})
         self.expert_status = FakeRemoteMethod(lambda: {})
 
-    async def _snapshot(self, ingress_id: str) -> list[dict]:
+    async def _snapshot(self) -> list[dict]:
         self.snapshots += 1
         return [{"pool": pool, "live": True, "replica_id": f"{pool}-{i}"} for pool, n in self.live.items()
                 for i in range(n)]

@@ -98,7 +98,7 @@ class FakeController:
                         decode=Target("decode-0", "127.0.0.1:2", 0), reason="fake")
 
     @staticmethod
-    async def _snapshot(ingress_id: str) -> list[dict]:
+    async def _snapshot() -> list[dict]:
         return [{"pool": "prefill", "live": True}, {"pool": "decode", "live": True}]
 
     @staticmethod
