@@ -46,7 +46,7 @@ def attainment_vs_rate(report: dict, path: Path) -> Path:
 
 def goodput_vs_scale(report: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
-    rows = report["comparison"]
+    rows = [r for r in report["comparison"] if r["slo_scale"] is not None]
     for name, cfg in report["configs"].items():
         line, = ax.plot([r["slo_scale"] for r in rows], [r["goodput_rps"][name] for r in rows], marker="o", label=name)
         # No failing rate found above it: the search stopped (budget or ceiling), goodput is at least this.
@@ -59,6 +59,34 @@ def goodput_vs_scale(report: dict, path: Path) -> Path:
     ax.set_ylabel(f"goodput (req/s, {report['slo']['target_attainment']:.0%} attainment)")
     ax.set_title(f"{report['workload']['name']}: goodput against SLO scale")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def goodput_by_setting(report: dict, path: Path) -> Path:
+    """Grid and absolute settings: a group of bars per setting, a bar per configuration (they have
+    no one axis from tight to loose to draw a line along)."""
+    rows = [r for r in report["comparison"] if r["slo_scale"] is None]
+    names = list(report["configs"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows) * len(names) + 2), 4.4))
+    x = np.arange(len(rows))
+    for i, (name, cfg) in enumerate(report["configs"].items()):
+        goodput = [r["goodput_rps"][name] for r in rows]
+        # No failing rate found above it: the search stopped (budget or ceiling), goodput is at least this.
+        open_ended = [bool(g) and cfg["goodput"][r["key"]]["upper_rps"] is None
+                      for r, g in zip(rows, goodput, strict=True)]
+        bars = ax.bar(x + (i - (len(names) - 1) / 2) * width, goodput, width, label=name)
+        for bar, lower_bound in zip(bars, open_ended, strict=True):
+            bar.set_hatch("//" if lower_bound else "")
+    ax.set_xticks(x, [f"{r['key']}\nTTFT {r['ttft_ms']:.0f} ms\nTPOT {r['tpot_ms']:.0f} ms" for r in rows], fontsize=7)
+    ax.set_ylabel(f"goodput (req/s, {report['slo']['target_attainment']:.0%} attainment)")
+    ax.set_title(f"{report['workload']['name']}: goodput per objective setting (hatched: lower bound, "
+                 f"no failing rate found)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -159,7 +187,12 @@ def expert_buffering(report: dict, path: Path) -> Path:
 
 
 def write_all(report: dict, out_dir: Path) -> list[Path]:
+    """The SLO-scale plots when scales were judged, the bars when grid or absolute settings were."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [attainment_vs_rate(report, out_dir / "attainment.png"),
-            goodput_vs_scale(report, out_dir / "goodput.png"),
-            latency_cdfs(report, out_dir / "latency.png")]
+    paths = []
+    if report["slo"]["scales"]:
+        paths += [attainment_vs_rate(report, out_dir / "attainment.png"),
+                  goodput_vs_scale(report, out_dir / "goodput.png")]
+    if any(r["slo_scale"] is None for r in report["comparison"]):
+        paths.append(goodput_by_setting(report, out_dir / "goodput_settings.png"))
+    return [*paths, latency_cdfs(report, out_dir / "latency.png")]

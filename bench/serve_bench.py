@@ -3,16 +3,18 @@
 For each configuration, one after the other on the same machine and with the same requests:
 1. calibrate (`engine_probe`): unloaded TTFT/TPOT, and the latency pdserve adds in front of
    an engine. The first configuration's unloaded p90 TTFT and TPOT are the reference
-   objectives; objectives at SLO scale s are s times those (as DistServe scales its SLOs),
-   the same for every configuration.
-2. runs at rates chosen by the goodput search (`goodput.search_goodput`), one per SLO scale;
-   a rate is measured once and every scale's attainment is computed from the same requests.
+   objectives; objectives at SLO scale s are s times both (as DistServe scales its SLOs), in a
+   grid each has its own scale, and absolute objectives are taken as given (DistServe's
+   per-application objectives): the same for every configuration (`serve_settings.judged_objectives`).
+2. runs at rates chosen by the goodput search (`goodput.search_goodput`), one per objective
+   setting; a rate is measured once and every setting's attainment is computed from the same
+   requests.
    Every rate sends the same lengths at the arrival times of one unit-rate trace divided by
    the rate; prompt contents are fresh per rate (see `Requests`).
 
 Requests go with `ignore_eos`, so each generates the output length its workload drew.
 The services run with `slo.on_unmeetable: best_effort`: every request is served and its
-latencies measured, which is what lets every SLO scale be judged from one run per rate.
+latencies measured, which is what lets every setting be judged from one run per rate.
 (Early rejection is what `pdserve bench slo` measures.)
 """
 
@@ -28,7 +30,7 @@ import numpy as np
 from pdserve.bench import engine_probe, serve_report
 from pdserve.bench.goodput import attainment, search_goodput
 from pdserve.bench.loadgen import RequestSpec, gamma_arrivals, run_load
-from pdserve.bench.serve_settings import Progress, Run, ServeBenchSettings, Target
+from pdserve.bench.serve_settings import Objective, Progress, Run, ServeBenchSettings, Target, judged_objectives
 from pdserve.bench.workloads import AnyWorkload, SampledRequest, make_requests, sample_lengths, word_token_ids
 
 log = logging.getLogger("pdserve.bench.serve")
@@ -125,29 +127,30 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
     log.info("%s unloaded: %s", target.name, calibration)
     reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths)
     runner = Runner(target, requests, settings, progress)
+    judged = judged_objectives(settings, reference.objectives)
     goodput: dict[str, dict] = {}
     if settings.rates_rps:
         for rate in settings.rates_rps:
             runner.run(rate)
     else:
         start = reference.start_rps
-        for scale in sorted(settings.slo_scales):
-            objectives = serve_report.objectives_at(reference.objectives, scale)
-            if (unloaded_attainment := attainment(unloaded, *objectives)) < settings.target_attainment:
-                log.info("%s: SLO scale %g is missed even unloaded (attainment %.2f): goodput 0 without runs",
-                         target.name, scale, unloaded_attainment)
-                goodput[f"{scale:g}"] = {"goodput_rps": 0.0, "upper_rps": None, "probes": [],
-                                         "unloaded_attainment": unloaded_attainment}
+        for objective in judged:
+            unloaded_attainment = attainment(unloaded, objective.ttft_ms, objective.tpot_ms)
+            if unloaded_attainment < settings.target_attainment:
+                log.info("%s: objectives %s are missed even unloaded (attainment %.2f): goodput 0 without runs",
+                         target.name, objective.key, unloaded_attainment)
+                goodput[objective.key] = {"goodput_rps": 0.0, "upper_rps": None, "probes": [],
+                                          "unloaded_attainment": unloaded_attainment}
                 continue
 
-            def attained(rate: float, objectives: tuple[float, float] = objectives) -> float | None:
+            def attained(rate: float, objective: Objective = objective) -> float | None:
                 run = runner.run(rate)
-                return None if run is None else attainment(run.results, *objectives)
+                return None if run is None else attainment(run.results, objective.ttft_ms, objective.tpot_ms)
 
             found = search_goodput(attained, start, target=settings.target_attainment, rel_tol=settings.rel_tol,
                                    min_rps=start / 4, max_probes=settings.max_runs)
-            goodput[f"{scale:g}"] = {**found.as_dict(), "unloaded_attainment": unloaded_attainment}
-    section = serve_report.target_section(target, calibration, runner.runs, reference.objectives, settings, goodput)
+            goodput[objective.key] = {**found.as_dict(), "unloaded_attainment": unloaded_attainment}
+    section = serve_report.target_section(target, calibration, runner.runs, judged, settings, goodput)
     return section, reference
 
 

@@ -18,15 +18,10 @@ import numpy as np
 from pdserve.bench.goodput import attainment
 from pdserve.bench.hardware import hardware
 from pdserve.bench.loadgen import RequestResult, RequestSpec, percentiles
-from pdserve.bench.serve_settings import Run, ServeBenchSettings, Target
+from pdserve.bench.serve_settings import Objective, Run, ServeBenchSettings, Target, judged_objectives
 from pdserve.bench.workloads import describe
 
 _QS = (50, 90, 99)
-
-
-def objectives_at(reference: dict, scale: float) -> tuple[float, float]:
-    """(ttft_ms, tpot_ms) at an SLO scale: the reference objectives times the scale."""
-    return reference["ttft_ms"] * scale, reference["tpot_ms"] * scale
 
 
 def _kv_stats(results: list[RequestResult]) -> dict | None:
@@ -48,7 +43,7 @@ def _request_row(spec: RequestSpec, r: RequestResult) -> dict:
             "error": r.error or None}
 
 
-def run_section(run: Run, reference: dict, scales: list[float]) -> dict:
+def run_section(run: Run, judged: list[Objective]) -> dict:
     ok = [r for r in run.results if r.outcome == "ok"]
     counts = {o: sum(r.outcome == o for r in run.results) for o in ("ok", "rejected", "error")}
     return {
@@ -58,60 +53,65 @@ def run_section(run: Run, reference: dict, scales: list[float]) -> dict:
         "ttft_ms": percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None], _QS),
         "tpot_ms": percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], _QS),
         "e2e_ms": percentiles([r.e2e_ms for r in ok], _QS),
-        "attainment": {f"{s:g}": attainment(run.results, *objectives_at(reference, s))
-                       for s in scales},
+        "attainment": {o.key: attainment(run.results, o.ttft_ms, o.tpot_ms) for o in judged},
         "kv_transfer": _kv_stats(run.results),
         "errors": sorted({r.error[:200] for r in run.results if r.outcome == "error"})[:5],
         "per_request": [_request_row(s, r) for s, r in zip(run.specs, run.results, strict=True)],
     }
 
 
-def _sweep_goodput(runs: list[dict], scale: str, target: float) -> dict:
+def _sweep_goodput(runs: list[dict], key: str, target: float) -> dict:
     """Goodput over fixed rates: the highest rate that passed (no search)."""
-    passed = [r["rate_rps"] for r in runs if r["attainment"][scale] >= target]
-    failed = [r["rate_rps"] for r in runs if r["attainment"][scale] < target]
+    passed = [r["rate_rps"] for r in runs if r["attainment"][key] >= target]
+    failed = [r["rate_rps"] for r in runs if r["attainment"][key] < target]
     good = max(passed, default=0.0)
     above = [f for f in failed if f > good]
     return {"goodput_rps": good, "upper_rps": min(above) if above else None,
-            "probes": [{"rate_rps": r["rate_rps"], "attainment": r["attainment"][scale]} for r in runs]}
+            "probes": [{"rate_rps": r["rate_rps"], "attainment": r["attainment"][key]} for r in runs]}
 
 
-def target_section(target: Target, calibration: dict, runs: Mapping[float, Run], reference: dict,
+def target_section(target: Target, calibration: dict, runs: Mapping[float, Run], judged: list[Objective],
                    settings: ServeBenchSettings, searched: dict[str, dict]) -> dict:
-    scales = sorted(settings.slo_scales)
-    run_rows = [run_section(runs[rate], reference, scales) for rate in sorted(runs)]
-    goodput = {f"{s:g}": searched.get(f"{s:g}") or _sweep_goodput(run_rows, f"{s:g}", settings.target_attainment)
-               for s in scales}
+    """One configuration: its runs, each judged at every setting, and its goodput per setting (as
+    searched, else the highest fixed rate that passed)."""
+    run_rows = [run_section(runs[rate], judged) for rate in sorted(runs)]
+    goodput = {o.key: searched.get(o.key) or _sweep_goodput(run_rows, o.key, settings.target_attainment)
+               for o in judged}
     return {"service": target.description, "http_url": target.http_url, "calibration": calibration,
             "runs": run_rows, "goodput": goodput}
 
 
-def comparison(configs: dict[str, dict], reference: dict, scales: list[float], baseline: str | None) -> list[dict]:
-    """Goodput of every configuration at every scale, and each one's ratio to the baseline's."""
+def comparison(configs: dict[str, dict], judged: list[Objective], baseline: str | None) -> list[dict]:
+    """Goodput of every configuration at every setting, and each one's ratio to the baseline's.
+    `slo_scale` is the SLO scale of a scale's row (as reports always had it), null in the others."""
     rows = []
-    for s in sorted(scales):
-        key = f"{s:g}"
-        goodput = {name: c["goodput"][key]["goodput_rps"] for name, c in configs.items()}
+    for o in judged:
+        goodput = {name: c["goodput"][o.key]["goodput_rps"] for name, c in configs.items()}
         base = goodput.get(baseline) if baseline else None
-        ttft_ms, tpot_ms = objectives_at(reference, s)
-        rows.append({"slo_scale": s, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms,
+        rows.append({**o.model_dump(), "slo_scale": o.ttft_scale if o.kind == "slo_scale" else None,
                      "goodput_rps": goodput,
                      "ratio_to_baseline": {n: (g / base if base else None) for n, g in goodput.items()}})
     return rows
 
 
 def headline(rows: list[dict], baseline: str, other: str, goal_ratio: float) -> dict:
-    """The issue's goal: `other`'s goodput over `baseline`'s at the tightest scale where the
-    baseline still serves anything (a goodput above 0)."""
-    served = [r for r in rows if r["goodput_rps"].get(baseline)]
+    """The issue's goal: `other`'s goodput over `baseline`'s. Over SLO scales, at the tightest scale
+    where the baseline still serves anything (a goodput above 0). Grid and absolute settings have
+    no one tightest (each is tight on one objective and loose on the other, or belongs to its own
+    application), so `by_setting` gives the ratio, and whether it reaches the goal, at each."""
+    ratios = {r["key"]: r["ratio_to_baseline"][other] for r in rows if r["kind"] != "slo_scale"}
+    by_setting = {key: {"ratio": q, "met": q is not None and q >= goal_ratio} for key, q in ratios.items()}
+    scales = [r for r in rows if r["kind"] == "slo_scale"]
+    served = [r for r in scales if r["goodput_rps"].get(baseline)]
     if not served:
-        return {"slo_scale": None, "ratio": None, "goal_ratio": goal_ratio, "met": False,
-                "note": f"{baseline} met no scale's objectives at any rate tried"}
+        note = f"{baseline} met no scale's objectives at any rate tried" if scales else "no SLO scale judged"
+        return {"slo_scale": None, "ratio": None, "goal_ratio": goal_ratio, "met": False, "note": note,
+                "by_setting": by_setting}
     tightest = served[0]
     ratio = tightest["ratio_to_baseline"][other]
     return {"slo_scale": tightest["slo_scale"], "ttft_ms": tightest["ttft_ms"], "tpot_ms": tightest["tpot_ms"],
             "goodput_rps": tightest["goodput_rps"], "ratio": ratio, "goal_ratio": goal_ratio,
-            "met": ratio is not None and ratio >= goal_ratio}
+            "met": ratio is not None and ratio >= goal_ratio, "by_setting": by_setting}
 
 
 def summary(report: dict) -> list[str]:
@@ -131,12 +131,15 @@ def summary(report: dict) -> list[str]:
                          f"from prefill start, {kv['exposed_ms']['p50']:.1f} ms exposed")
     for row in report["comparison"]:
         goodput = "  ".join(f"{n} {g:.3f}" for n, g in row["goodput_rps"].items())
-        lines.append(f"scale {row['slo_scale']:g} (TTFT {row['ttft_ms']:.0f} ms, TPOT {row['tpot_ms']:.1f} ms): "
-                     f"goodput req/s  {goodput}")
+        label = f"scale {row['slo_scale']:g}" if row["kind"] == "slo_scale" else row["key"]
+        lines.append(f"{label} (TTFT {row['ttft_ms']:.0f} ms, TPOT {row['tpot_ms']:.1f} ms): goodput req/s  {goodput}")
     if "goal" in report:
         g = report["goal"]
-        lines.append(f"goal: disaggregated/colocated at the tightest scale colocated serves ({g['slo_scale']}): "
-                     f"{g['ratio']} (target >= {g['goal_ratio']}) -> {'met' if g['met'] else 'not met'}")
+        if any(row["kind"] == "slo_scale" for row in report["comparison"]):
+            lines.append(f"goal: disaggregated/colocated at the tightest scale colocated serves ({g['slo_scale']}): "
+                         f"{g['ratio']} (target >= {g['goal_ratio']}) -> {'met' if g['met'] else 'not met'}")
+        lines += [f"goal at {key}: disaggregated/colocated {s['ratio']} (target >= {g['goal_ratio']}) -> "
+                  f"{'met' if s['met'] else 'not met'}" for key, s in g["by_setting"].items()]
     return lines
 
 
@@ -152,8 +155,8 @@ def write(report: dict[str, Any], out_dir: Path) -> Path:
 def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dict], reference: dict,
              start_rps: float, model_path: str, baseline: str | None) -> dict:
     """The whole report; `goal` compares disaggregated with colocated when both ran."""
-    scales = sorted(settings.slo_scales)
-    rows = comparison(configs, reference, scales, baseline)
+    judged = judged_objectives(settings, reference)
+    rows = comparison(configs, judged, baseline)
     report = {
         "tool": "pdserve bench serve", "created_unix_s": time.time(), "command": sys.argv,
         "hardware": hardware(), "model": {"path": model_path},
@@ -161,7 +164,8 @@ def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dic
                      "burstiness": settings.burstiness if settings.arrival == "gamma" else 1.0,
                      "requests_per_rate": settings.requests_per_rate, "seed": settings.seed},
         "settings": settings.model_dump(mode="json"),
-        "slo": {"reference": reference, "scales": scales, "target_attainment": settings.target_attainment},
+        "slo": {"reference": reference, "scales": sorted(settings.slo_scales),
+                "objectives": [o.model_dump() for o in judged], "target_attainment": settings.target_attainment},
         "search_start_rps": start_rps,
         "configs": configs, "comparison": rows,
     }

@@ -1,20 +1,51 @@
-"""What `pdserve bench serve` is told (its settings) and what it hands its report (the services
-under test and their runs): shared by the runner (`serve_bench`) and the report (`serve_report`),
-which do not import each other."""
+"""What `pdserve bench serve` is told (its settings, and the objectives they make) and what it
+hands its report (the services under test and their runs): shared by the runner (`serve_bench`)
+and the report (`serve_report`), which do not import each other."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pdserve.bench import engine_probe
 from pdserve.bench.loadgen import RequestResult, RequestSpec
 
 Progress = Callable[[str, int, int], None]
 """(label, done, total) after every finished request."""
+
+Scale = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+"""A multiple of a reference objective."""
+
+
+class AbsoluteObjective(BaseModel):
+    """Objectives as an operator states them for an application, in milliseconds (DistServe sets
+    TTFT and TPOT apart: summarization tolerates a slow first token, code completion does not)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z][A-Za-z0-9_.-]*$")
+    """The setting's key in the report (a letter first and no "/", so it never reads as another
+    kind's key); None: "<ttft_ms>ms/<tpot_ms>ms"."""
+    ttft_ms: float = Field(gt=0, allow_inf_nan=False)
+    """TTFT objective."""
+    tpot_ms: float = Field(gt=0, allow_inf_nan=False)
+    """TPOT objective."""
+
+    @property
+    def key(self) -> str:
+        """The setting's key in the report."""
+        return self.name or f"{self.ttft_ms:g}ms/{self.tpot_ms:g}ms"
+
+
+def _scale_key(scale: float) -> str:
+    return f"{scale:g}"  # "2": the key reports have always used for an SLO scale
+
+
+def _grid_key(ttft_scale: float, tpot_scale: float) -> str:
+    return f"ttft{ttft_scale:g}x/tpot{tpot_scale:g}x"
 
 
 class ServeBenchSettings(BaseModel):
@@ -29,11 +60,20 @@ class ServeBenchSettings(BaseModel):
     burstiness: float = Field(1.0, gt=0)
     """Gamma arrivals: squared coefficient of variation of the gaps (1 = Poisson, larger = burstier)."""
     rates_rps: list[float] = Field(default_factory=list)
-    """Fixed rates to run (a sweep, or one rate); empty: search for goodput at every SLO scale."""
+    """Fixed rates to run (a sweep, or one rate); empty: search for goodput at every objective setting."""
     start_rps: float | None = Field(None, gt=0)
     """Where the search starts; None: one request per unloaded end-to-end latency of the reference."""
-    slo_scales: list[float] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 5.0])
-    """Objectives as multiples of the reference (unloaded) TTFT and TPOT, tight to loose."""
+    slo_scales: list[Scale] = Field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0, 5.0])
+    """Objectives as one multiple of both the reference (unloaded) TTFT and TPOT. Defaults to
+    1, 1.5, 2, 3, 5 only when neither a grid nor `objectives_ms` is given; given with them, every
+    kind is judged."""
+    ttft_scales: list[Scale] = Field(default_factory=list)
+    """With `tpot_scales`, a grid: every (TTFT scale, TPOT scale) pair is a setting, each a multiple
+    of its own reference objective."""
+    tpot_scales: list[Scale] = Field(default_factory=list)
+    """The grid's TPOT multiples (see `ttft_scales`)."""
+    objectives_ms: list[AbsoluteObjective] = Field(default_factory=list)
+    """Absolute objectives, in the order given: the reference does not scale them."""
     reference_ttft_ms: float | None = Field(None, gt=0)
     """Fix the reference TTFT instead of measuring it."""
     reference_tpot_ms: float | None = Field(None, gt=0)
@@ -56,6 +96,69 @@ class ServeBenchSettings(BaseModel):
     """Seeds lengths, prompt contents and arrivals: the same seed sends the same requests."""
     timeout_s: float = Field(600.0, gt=0)
     """Per request, client side."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_scales_only_alone(cls, data: Any) -> Any:
+        """Asking for a grid or absolute objectives means those: the default scales would add runs'
+        worth of settings nobody asked for."""
+        if isinstance(data, dict) and "slo_scales" not in data and any(
+                data.get(k) for k in ("ttft_scales", "tpot_scales", "objectives_ms")):
+            return {**data, "slo_scales": []}
+        return data
+
+    @model_validator(mode="after")
+    def _settings_are_unambiguous(self) -> ServeBenchSettings:
+        """Refuse what could be read more than one way: half a grid, a setting given twice (one key,
+        two objectives), nothing to judge."""
+        if bool(self.ttft_scales) != bool(self.tpot_scales):
+            raise ValueError("ttft_scales and tpot_scales make a grid together: give both "
+                             "(e.g. tpot_scales [1] to vary the TTFT objective alone)")
+        for name, keys in (("slo_scales", [_scale_key(s) for s in self.slo_scales]),
+                           ("ttft_scales", [_scale_key(s) for s in self.ttft_scales]),
+                           ("tpot_scales", [_scale_key(s) for s in self.tpot_scales]),
+                           ("objectives_ms", [o.key for o in self.objectives_ms])):
+            if twice := sorted({k for k in keys if keys.count(k) > 1}):
+                raise ValueError(f"{name}: {', '.join(twice)} given twice")
+        if not (self.slo_scales or self.ttft_scales or self.objectives_ms):
+            raise ValueError("no objectives to judge: give slo_scales, ttft_scales with tpot_scales, or objectives_ms")
+        return self
+
+
+class Objective(BaseModel):
+    """One setting of the objectives the runs are judged by: a request counts toward its
+    attainment when served within both. Every kind of setting takes this one form, so the
+    runner and the report handle them alike."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str
+    """Names the setting in the report: "2" at SLO scale 2 (as reports always had it),
+    "ttft3x/tpot1.5x" in a grid, the name or "15000ms/160ms" for absolute objectives."""
+    kind: Literal["slo_scale", "grid", "absolute"]
+    """Which setting it comes from: `slo_scales`, the `ttft_scales` x `tpot_scales` grid, `objectives_ms`."""
+    ttft_ms: float
+    """TTFT objective."""
+    tpot_ms: float
+    """TPOT objective."""
+    ttft_scale: float | None
+    """Multiple of the reference TTFT it is; None for absolute objectives."""
+    tpot_scale: float | None
+    """Multiple of the reference TPOT it is; None for absolute objectives."""
+
+
+def judged_objectives(settings: ServeBenchSettings, reference: dict) -> list[Objective]:
+    """Every setting to judge, in the report's order: SLO scales tight to loose, the grid by TTFT
+    then TPOT scale, absolute objectives as given. `reference` holds the scale-1 ttft_ms and tpot_ms."""
+    ttft, tpot = reference["ttft_ms"], reference["tpot_ms"]
+    return [
+        *(Objective(key=_scale_key(s), kind="slo_scale", ttft_ms=ttft * s, tpot_ms=tpot * s, ttft_scale=s, tpot_scale=s)
+          for s in sorted(settings.slo_scales)),
+        *(Objective(key=_grid_key(a, b), kind="grid", ttft_ms=ttft * a, tpot_ms=tpot * b, ttft_scale=a, tpot_scale=b)
+          for a in sorted(settings.ttft_scales) for b in sorted(settings.tpot_scales)),
+        *(Objective(key=o.key, kind="absolute", ttft_ms=o.ttft_ms, tpot_ms=o.tpot_ms, ttft_scale=None, tpot_scale=None)
+          for o in settings.objectives_ms),
+    ]
 
 
 @dataclass

@@ -225,6 +225,21 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _objectives_ms(text: str) -> list[dict]:
+    """`--objectives`: TTFT_MS:TPOT_MS pairs, each optionally NAME=TTFT_MS:TPOT_MS, comma separated."""
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, both = item.rpartition("=")
+        ttft, _, tpot = both.partition(":")
+        try:  # without the colon tpot is "", which no float reads
+            pairs.append({"name": name or None, "ttft_ms": float(ttft), "tpot_ms": float(tpot)})
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected TTFT_MS:TPOT_MS pairs, each optionally NAME=TTFT_MS:TPOT_MS, comma separated "
+                f"(e.g. summarization=15000:160,1000:200), got {item!r}") from None
+    return pairs
+
+
 def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -234,12 +249,16 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from pdserve.bench import plots, serve_bench, serve_report, serve_settings
     from pdserve.bench.workloads import load_workload
 
+    # Only the objective options given: without --slo-scale, a grid or --objectives replace its default.
+    objectives = {field: value for field, value in (("slo_scales", args.slo_scale), ("ttft_scales", args.ttft_scales),
+                                                    ("tpot_scales", args.tpot_scales), ("objectives_ms", args.objectives))
+                  if value is not None}
     try:
         workload = load_workload(args.workload)
         settings = serve_settings.ServeBenchSettings(
             requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
             rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
-            slo_scales=args.slo_scale, reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms,
+            reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms, **objectives,
             max_runs=args.max_runs, calibration_requests=args.calibration_requests,
             probe_prompt_tokens=args.probe_prompt_tokens, seed=args.seed)
     except (ValueError, ValidationError) as err:
@@ -357,8 +376,16 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")
     sv.add_argument("--rates", type=_floats, help="run these rates (req/s, comma separated) instead of searching")
     sv.add_argument("--start-rate", type=float, help="search start (req/s); default from the unloaded latency")
-    sv.add_argument("--slo-scale", type=_floats, default=[1.0, 1.5, 2.0, 3.0, 5.0],
-                    help="objectives as multiples of the unloaded p90 TTFT and TPOT, comma separated")
+    sv.add_argument("--slo-scale", type=_floats,
+                    help="objectives as multiples of both the unloaded p90 TTFT and TPOT, comma separated "
+                         "(default 1,1.5,2,3,5 unless --ttft-scales or --objectives are given)")
+    sv.add_argument("--ttft-scales", type=_floats,
+                    help="multiples of the unloaded p90 TTFT, comma separated; with --tpot-scales, a grid "
+                         "whose every pair is judged")
+    sv.add_argument("--tpot-scales", type=_floats, help="the grid's multiples of the unloaded p90 TPOT")
+    sv.add_argument("--objectives", type=_objectives_ms,
+                    help="absolute objectives, TTFT_MS:TPOT_MS pairs, each optionally named "
+                         "(e.g. summarization=15000:160,code=1000:200)")
     sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
     sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
     sv.add_argument("--requests", type=int, default=40, help="requests per rate")

@@ -1,5 +1,6 @@
 """`pdserve bench serve` end to end: a short comparison of colocated and disaggregated services
-on real engines; its report has every field the README documents, and its plots are written."""
+on real engines, judged at SLO scales, a TTFT x TPOT grid and absolute objectives; its report has
+every field the README documents, and its plots are written."""
 
 import json
 import re
@@ -52,7 +53,9 @@ def report(tmp_path_factory):
     try:
         tiny = Workload(name="tiny", source="this test",
                         prompt_tokens=LengthDist(mean=40, sigma=0.3), output_tokens=LengthDist(mean=6, sigma=0.2))
+        loose = serve_settings.AbsoluteObjective(name="loose", ttft_ms=600_000, tpot_ms=60_000)
         settings = serve_settings.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
+                                                  ttft_scales=[50.0], tpot_scales=[2.0, 50.0], objectives_ms=[loose],
                                                   calibration_requests=2, calibration_max_tokens=4)
         rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)), ["colocated", "disaggregated"],
                                         tiny, settings)
@@ -71,11 +74,14 @@ def test_both_configurations_serve_every_request_and_report_goodput(report):
         assert all(r["output_tokens"] == r["requested_output_tokens"] and r["ttft_ms"] > 0 for r in run["per_request"])
         assert cfg["calibration"]["added_latency"]["pairs"] == 2
         # At 50x the unloaded latencies every request of a 1 req/s trickle meets its objectives.
-        assert cfg["goodput"]["50"]["goodput_rps"] == 1.0
+        assert cfg["goodput"]["50"]["goodput_rps"] == cfg["goodput"]["ttft50x/tpot50x"]["goodput_rps"] == 1.0
+        assert cfg["goodput"]["loose"]["goodput_rps"] == 1.0
+        assert list(run["attainment"]) == ["2", "50", "ttft50x/tpot2x", "ttft50x/tpot50x", "loose"]
     kv = rep["configs"]["disaggregated"]["runs"][0]["kv_transfer"]
     assert kv["transfers"] == 4 and kv["failed"] == 0 and kv["bytes"]["p50"] > 0
     assert rep["configs"]["colocated"]["runs"][0]["kv_transfer"] is None
     assert rep["goal"]["slo_scale"] in (2.0, 50.0)
+    assert list(rep["goal"]["by_setting"]) == ["ttft50x/tpot2x", "ttft50x/tpot50x", "loose"]
 
 
 def test_report_has_every_field_the_readme_documents(report):
@@ -88,6 +94,6 @@ def test_report_has_every_field_the_readme_documents(report):
 
 def test_plots_are_png_files(report):
     _, _, pngs = report
-    assert sorted(p.name for p in pngs) == ["attainment.png", "goodput.png", "latency.png"]
+    assert sorted(p.name for p in pngs) == ["attainment.png", "goodput.png", "goodput_settings.png", "latency.png"]
     for p in pngs:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 10_000

@@ -1,7 +1,10 @@
-"""`pdserve bench serve` refuses bad arguments before it deploys anything."""
+"""`pdserve bench serve` refuses bad arguments before it deploys anything, and hands the objective
+settings it was given to the benchmark."""
 
 import pytest
 
+from pdserve.bench import serve_bench
+from pdserve.bench.serve_settings import AbsoluteObjective, ServeBenchSettings, judged_objectives
 from pdserve.cli.main import main
 
 
@@ -17,7 +20,50 @@ def _exit_code(argv: list[str]) -> int:
     (["--requests", "0"], "requests_per_rate"),
     (["--slo-scale", "1,x"], "comma-separated numbers"),
     (["--compare", "colocated,fancy"], "--compare takes colocated and/or disaggregated"),
+    (["--objectives", "15000"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
+    (["--objectives", "summarization=15000:fast"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
+    (["--objectives", "chat=1000:200,chat=2000:100"], "objectives_ms: chat given twice"),
+    (["--ttft-scales", "1,3,10"], "ttft_scales and tpot_scales make a grid together"),
+    (["--ttft-scales", "1,x", "--tpot-scales", "1"], "argument --ttft-scales: expected comma-separated numbers"),
 ])
 def test_bad_arguments_exit_2_saying_what_is_wrong(args, words, capsys):
     assert _exit_code(["bench", "serve", *args]) == 2
     assert words in capsys.readouterr().err
+
+
+class _Deploying(Exception):
+    """Raised where the benchmark would deploy: the settings it was handed."""
+
+
+@pytest.fixture
+def settings_for(monkeypatch):
+    """`bench serve` with some arguments, up to where it would deploy: the settings it would deploy with."""
+    def deploy(cfg, model_path, modes, workload, settings, progress=None):
+        raise _Deploying(settings)
+
+    monkeypatch.setattr(serve_bench, "bench_configs", deploy)
+
+    def settings_for(args: list[str]) -> ServeBenchSettings:
+        with pytest.raises(_Deploying) as deploying:
+            main(["bench", "serve", *args])
+        return deploying.value.args[0]
+
+    return settings_for
+
+
+@pytest.mark.parametrize("args, slo_scales, keys", [
+    ([], [1.0, 1.5, 2.0, 3.0, 5.0], ["1", "1.5", "2", "3", "5"]),
+    (["--ttft-scales", "1,3", "--tpot-scales", "1,1.5"], [],
+     ["ttft1x/tpot1x", "ttft1x/tpot1.5x", "ttft3x/tpot1x", "ttft3x/tpot1.5x"]),
+    (["--objectives", "summarization=15000:160,1000:200"], [], ["summarization", "1000ms/200ms"]),
+    (["--slo-scale", "2", "--objectives", "code=1000:200"], [2.0], ["2", "code"]),
+])
+def test_objective_options_become_the_settings_judged(args, slo_scales, keys, settings_for):
+    settings = settings_for(args)
+    assert settings.slo_scales == slo_scales
+    assert [o.key for o in judged_objectives(settings, {"ttft_ms": 100.0, "tpot_ms": 10.0})] == keys
+
+
+def test_absolute_objectives_are_read_as_ttft_then_tpot_milliseconds(settings_for):
+    assert settings_for(["--objectives", "summarization=15000:160, 1000:200"]).objectives_ms == [
+        AbsoluteObjective(name="summarization", ttft_ms=15000, tpot_ms=160), AbsoluteObjective(ttft_ms=1000, tpot_ms=200)]
