@@ -9,7 +9,7 @@ from typing import Any
 from opentelemetry import trace
 
 from pdserve import telemetry
-from pdserve.errors import EngineFailure
+from pdserve.errors import EngineFailure, KVLost
 from pdserve.kvtransfer import params
 from pdserve.prefill.engine import EngineServer
 from pdserve.prefill.requests import GenerateChunk, GenerateRequest
@@ -30,6 +30,8 @@ async def stream_answer(server: EngineServer, req: GenerateRequest, max_tokens: 
             completion += len(o.token_ids)
             chunk = GenerateChunk(o.text, list(o.token_ids), n_prompt, completion)
             if out.finished:
+                if o.finish_reason not in ("stop", "length") and kv is not None and completion == 0:
+                    raise KVLost(req.request_id)  # vLLM's kv_load_failure_policy "fail": nothing generated
                 if o.finish_reason not in ("stop", "length"):
                     raise EngineFailure(f"generation of {req.request_id} ended with {o.finish_reason}")
                 chunk.finish_reason = o.finish_reason

@@ -11,9 +11,7 @@ import asyncio
 import logging
 import os
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
 from typing import Any, Protocol
 
@@ -22,12 +20,12 @@ from ray.exceptions import RayActorError
 
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
-from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
+from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, refusal
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
-from pdserve.deployments.prompt_limits import check_chars, check_text
+from pdserve.deployments.request_builder import RequestBuilder
 from pdserve.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -98,7 +96,7 @@ class Frontend:
         self.model_name = served_model_name(cfg, model_path)
         self.max_model_len = cfg.max_model_len
         self.max_body_bytes = cfg.ingress.max_body_bytes
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.requests = RequestBuilder(AutoTokenizer.from_pretrained(model_path), cfg.max_model_len, cfg.slo)
         self.controller = controller
         self.ingress_id = ingress_id
         """This ingress's Serve replica id: the controller drops its bookings once Serve no longer runs it."""
@@ -107,8 +105,9 @@ class Frontend:
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
+        self._background: set[asyncio.Future] = set()
+        """Prefill calls left to finish after their request ended (held so they are not collected)."""
         self.view = InstanceView(cfg.pools())
-        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenizer")
         log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
 
     # --- validation ----------------------------------------------------------
@@ -126,21 +125,13 @@ class Frontend:
                            trace_carrier: dict[str, str] | None = None,
                            objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            check_text(sampling.stop, "stop")
-            return self._checked(await self._tokenizing(self._chat_ids, messages), sampling, trace_carrier, objectives)
+            return await self.requests.chat(messages, sampling, trace_carrier, objectives)
 
     async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                                  trace_carrier: dict[str, str] | None = None,
                                  objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            check_text(sampling.stop, "stop")
-            return self._checked(await self._tokenizing(self._prompt_ids, prompt), sampling, trace_carrier, objectives)
-
-    async def _tokenizing(self, tokenize: Callable[[Any], list[int]], prompt: Any) -> list[int]:
-        """`tokenize(prompt)` on the tokenizer's own thread: a long prompt takes a while, and on the
-        event loop it would stall every stream of this replica meanwhile. One thread, because the
-        tokenizer is not safe to call from several at once."""
-        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, tokenize, prompt)
+            return await self.requests.completion(prompt, sampling, trace_carrier, objectives)
 
     @contextmanager
     def _counting_refusals(self) -> Iterator[None]:
@@ -149,53 +140,6 @@ class Frontend:
         except InvalidRequest:
             self.metrics.requests.labels("invalid").inc()
             raise
-
-    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if not messages:
-            raise InvalidRequest("messages must hold at least one message", param="messages")
-        if len(messages) > self.max_model_len:  # the template spends a token or more on each
-            raise InvalidRequest(f"{len(messages)} messages cannot fit a context of {self.max_model_len} tokens",
-                                 param="messages", code="context_length_exceeded")
-        contents = [m["content"] for m in messages]
-        check_text(contents, "messages")
-        check_chars(sum(map(len, contents)), self.max_model_len, "messages")
-        try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                           return_dict=True)["input_ids"])
-        except Exception as exc:  # a template that rejects these messages is the client's problem
-            raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
-
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            check_text([prompt], "prompt")
-            check_chars(len(prompt), self.max_model_len, "prompt")
-            return self.tokenizer.encode(prompt) if prompt else []
-        vocab = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
-        return list(prompt)
-
-    def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None,
-                 objectives: Objectives | None) -> GenerateRequest:
-        if not ids:
-            raise InvalidRequest("the prompt is empty", param="prompt")
-        room = self.max_model_len - len(ids)
-        if room < 1:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
-                "tokens, leaving no room to generate", param="messages", code="context_length_exceeded")
-        if sampling.max_tokens is None:
-            sampling = sampling.model_copy(update={"max_tokens": room})
-        elif sampling.max_tokens > room:
-            raise InvalidRequest(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {len(ids)} "
-                f"tokens and max_tokens asks for {sampling.max_tokens} more", param="max_tokens",
-                code="context_length_exceeded")
-        given, defaults = objectives or Objectives(), self.cfg.slo
-        slo = SLO(ttft_ms=given.ttft_ms or defaults.ttft_ms, tpot_ms=given.tpot_ms or defaults.tpot_ms,
-                  priority=defaults.priority if given.priority is None else given.priority)
-        return GenerateRequest(uuid.uuid4().hex, ids, sampling, slo, dict(carrier or {}))
 
     # --- serving -------------------------------------------------------------
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -232,7 +176,7 @@ class Frontend:
         anew, after it the new decode replica goes on from the tokens already sent."""
         retries = self.cfg.ingress.replica_loss_retries
         for n in range(retries + 1):
-            seam = ResumedText(await self._unsent_text(run), req.sampling.stop) if n else None
+            seam = ResumedText(await self.requests.unsent_text(run.token_ids, run.text), req.sampling.stop) if n else None
             if n and run.tokens >= req.sampling.max_tokens:  # it died after its last token, before saying so
                 text, stopped = seam.feed("", last=True)
                 yield self._to_client(GenerateChunk(text, [], 0, 0, "stop" if stopped else "length"), req, run,
@@ -289,20 +233,13 @@ class Frontend:
     async def _forget_replica(self, lost: ReplicaLost) -> None:
         """Take the dead replica out of routing now rather than when its reports stop (`ttl_s`),
         so that the retry goes elsewhere."""
+        if not lost.replica_id:  # the KV went missing (KVLost), no replica is known gone
+            return
         try:
             await asyncio.wait_for(self.controller.replica_lost.remote(lost.replica_id, lost.departed),
                                    ROUTE_POLL_S * 4)
         except Exception as exc:  # the retry's routing copes with a controller that is away
             log.warning("could not tell the controller that replica %s is lost: %s", lost.replica_id, exc)
-
-    async def _unsent_text(self, run: AnswerRun) -> str:
-        """The text of tokens the client has but whose text vLLM held back (see ResumedText)."""
-        whole = await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_thread, lambda: self.tokenizer.decode(run.token_ids, skip_special_tokens=True))
-        if not whole.startswith(run.text):
-            log.warning("the text sent (%d chars) is not a prefix of its tokens' text; none carried", len(run.text))
-            return ""
-        return whole[len(run.text):].rstrip("\ufffd")  # an unfinished character completes on the new replica
 
     async def _run(self, req: GenerateRequest, decision: Decision, run: AnswerRun,
                    client_prompt_tokens: int, seam: ResumedText | None) -> AsyncIterator[GenerateChunk]:
@@ -340,10 +277,12 @@ class Frontend:
                     if stopped:  # closing the stream stops the new replica's generation
                         break
         finally:
+            # A prefill still running is left to finish, not cancelled: it is one prompt's work, and
+            # cancelling a call Serve already placed stalled this whole replica for seconds at a time
+            # when its prefill replica was stopping (tests/deployments/test_scaling_e2e.py).
             if prefill_task is not None and not prefill_task.done():
-                prefill_task.cancel()
-            elif prefill_task is not None and not prefill_task.cancelled() and prefill_task.exception() is not None:
-                log.warning("prefill of %s failed after decode went on: %s", req.request_id, prefill_task.exception())
+                self._background.add(prefill_task)
+                prefill_task.add_done_callback(self._background.discard)
         if (tpot := run.tpot_ms()) is not None:
             self.metrics.tpot_s.labels(pool_name).observe(tpot / 1e3)
         self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - run.start_s)
@@ -362,8 +301,12 @@ class Frontend:
 
     def _prefill_done(self, request_id: str, task: asyncio.Future) -> None:
         """Tell the controller how long the prefill took, so its model of that instance learns."""
-        if not task.cancelled() and task.exception() is None:
-            self.controller.prefill_done.remote(request_id, float(task.result()["prefill_ms"]))
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.warning("prefill of %s failed: %s", request_id, task.exception())
+            return
+        self.controller.prefill_done.remote(request_id, float(task.result()["prefill_ms"]))
 
     # --- health and metrics --------------------------------------------------
     async def start_polling(self, interval_s: float = 1.0) -> None:

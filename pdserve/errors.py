@@ -117,6 +117,16 @@ class ReplicaLost(Unavailable):
         """It is gone for good (dead, or stopping); False: it may yet appear (see ReplicaGone)."""
 
 
+class KVLost(ReplicaLost):
+    """The prompt's KV never reached the decode engine (its prefill replica lost, or stuck past the
+    transfer's lease), so no token came: the ingress serves the request again, like one whose
+    replica died before its first token."""
+
+    def __init__(self, request_id: str):
+        super().__init__("prefill", "", departed=False)
+        self.message = f"the prompt's KV cache for {request_id} did not arrive"
+
+
 class ReplicaGone(RuntimeError):
     """The replica a call was meant for is not among the deployment's running replicas;
     `departed`: it was, and left (stopping or dead), so it will not come back. Raised by the

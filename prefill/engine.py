@@ -95,9 +95,9 @@ class EngineServer:
             settings["secret"] = cfg.kv_transfer.secret_value
             if kv_listen_addr:
                 settings["listen_addr"] = kv_listen_addr
-            # A prompt whose KV never arrives (its prefill replica lost, or stuck past the lease) is
-            # prefilled again by the decode engine: the answer comes late, not as a 500.
-            kv_cfg = kv_transfer_config(self.role, settings, load_failure_policy="recompute")
+            # A prompt whose KV never arrives (its prefill replica lost, or stuck past the lease) ends
+            # there, and the ingress serves it again elsewhere (errors.KVLost).
+            kv_cfg = kv_transfer_config(self.role, settings)
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()

@@ -16,7 +16,7 @@ from ray.exceptions import ActorDiedError
 from pdserve.config.cluster import parse_config
 from pdserve.controller.decision import Decision, Outcome, Target
 from pdserve.deployments.frontend import Frontend
-from pdserve.errors import Overloaded, ReplicaGone, ReplicaLost, Unavailable
+from pdserve.errors import KVLost, Overloaded, ReplicaGone, ReplicaLost, Unavailable
 from pdserve.model_store import resolve_model
 from pdserve.prefill.requests import GenerateChunk, Sampling
 from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
@@ -207,6 +207,27 @@ async def test_a_client_that_goes_away_frees_its_engine_slot_without_blocking_th
     await asyncio.sleep(0.3)
     ticker.cancel()
     assert ticks >= 10  # the loop ran on while Serve's cancel waited in a thread
+
+
+def test_a_prompt_whose_kv_never_arrived_is_served_again_on_another_pair(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p2", "d2"))
+    pools = FakePools()
+    generate = pools._generate
+
+    def kv_lost_on_d1(req, *args, replica_id: str, **kwargs):
+        if replica_id != "d1":
+            return generate(req, *args, replica_id=replica_id, **kwargs)
+
+        async def lost():
+            raise KVLost(req.request_id)  # what the decode engine raises once the transfer's lease ran out
+            yield
+
+        return FakeEngineStream(lost())
+
+    pools.generate = FakeRemoteMethod(kv_lost_on_d1)
+    chunks, error = collect(frontend(model_path, controller, pools), max_tokens=4)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert [resuming for *_, resuming in controller.routes] == [False, True] and controller.lost == []
 
 
 def test_a_replica_lost_after_the_last_chunk_leaves_the_answer_whole_and_is_not_retried(model_path):

@@ -14,7 +14,6 @@ engine killed mid-transfer, the decode engine recomputing within the lease)."""
 from __future__ import annotations
 
 import threading
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import grpc
 import pytest
 
 from pdserve.model_store import resolve_model
+from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, snapshot, wait_until
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,6 @@ API_KEY = "pdserve-test-key-4f1c9a7be2d3"
 KV_SECRET = "kv-secret-0b8e5d2a91c7f364"
 WRONG_KEY = "not-the-key-77d2e91f0a"
 MAX_TOKENS = 40
-REQUEST_TIMEOUT_S = 300
 PROMPTS = [f"Tell the story of the {animal} who learned to sing." for animal in ("fox", "owl", "bear", "crow")]
 LONG_PROMPTS = [" ".join(f"Line {i} of report {k}: the numbers are steady." for i in range(50)) for k in range(6)]
 
@@ -43,8 +42,7 @@ def svc():
     cfg = service_config(
         prefill={"replicas": 2}, decode={"replicas": 2}, log_level="INFO",
         kv_transfer={"secret": KV_SECRET}, slo={"on_unmeetable": "best_effort"},
-        ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": REQUEST_TIMEOUT_S},
-        external_scaler_enabled=True)
+        ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": 300})
     with running_service(cfg, str(resolve_model(None)), num_cpus=6) as s:
         yield s
 
@@ -99,13 +97,6 @@ class Stream:
         return self
 
 
-def wait_until(check, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
 def finish(streams: list[Stream], reference: dict[str, str], scenario: str) -> None:
     """Every stream ended within the deadline and answered exactly what an unbroken run does."""
     for s in streams:
@@ -117,33 +108,6 @@ def finish(streams: list[Stream], reference: dict[str, str], scenario: str) -> N
           f"{len(failed)} failed, {hung} hung")
     assert hung == 0 and not failed and completed == len(streams), [
         (s.finish_reason, s.error, s.text, reference[s.prompt]) for s in streams]
-
-
-def snapshot(svc) -> list[dict]:
-    from ray import serve
-
-    return serve.get_deployment_handle("controller", svc.cfg.app_name).snapshot.remote().result()
-
-
-def kill_replica(svc, deployment: str, replica_id: str = "") -> None:
-    """Kill a replica's actor, as a crashed process or a lost node would; Serve starts a new one."""
-    import ray
-
-    prefix = f"SERVE_REPLICA::{svc.cfg.app_name}#{deployment}#{replica_id}"
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)]
-    assert names, f"no actor named {prefix}*"
-    ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
-
-
-def assert_kv_idle(svc, scenario: str) -> None:
-    """Every live engine has all its KV blocks free again (after its latest report)."""
-    def idle() -> bool:
-        engines = [i for i in snapshot(svc) if i["live"] and i["total_kv_blocks"]]
-        return bool(engines) and all(i["free_kv_blocks"] == i["total_kv_blocks"] and i["load"] == 0 for i in engines)
-
-    wait_until(idle, 60, f"free KV blocks back to idle after {scenario}")
-    print(f"{scenario}: " + ", ".join(f"{i['pool']} {i['replica_id']}: {i['free_kv_blocks']}/{i['total_kv_blocks']} "
-                                      "blocks free" for i in snapshot(svc) if i["live"]))
 
 
 def losses(svc, phase: str) -> float:
@@ -255,94 +219,6 @@ def test_the_controller_killed_while_requests_stream_and_arrive_loses_none(svc, 
     finish(streams, reference, "controller killed")
     assert {i["pool"] for i in snapshot(svc) if i["live"]} == {"prefill", "decode"}
     assert_kv_idle(svc, "controller kill")
-
-
-class Traffic:
-    """A steady stream of requests: `clients` threads, each sending the next prompt as soon as
-    its last answer ends, until stopped; each outcome recorded with its duration."""
-
-    def __init__(self, client, model: str, reference: dict[str, str], clients: int = 3):
-        self.client, self.model, self.reference = client, model, reference
-        self.outcomes: list[tuple[str, float, str, float]] = []
-        """(kind, seconds, detail, ended at): kind "ok" (the unbroken run's answer), "retriable" (429
-        or 503 with Retry-After, or the connection cut by a dying ingress), "proxy" (Serve's proxy
-        answering 500 without pdserve's error body: its ingress replica died under the request), or
-        "wrong"."""
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=REQUEST_TIMEOUT_S + 30)
-
-    def _run(self, i: int) -> None:
-        n = i
-        while not self._stop.is_set():
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            start, text, finish = time.monotonic(), "", None
-            try:
-                for event in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                            temperature=0, stream=True,
-                                                            extra_body={"ignore_eos": True}):
-                    text += event.choices[0].text
-                    finish = event.choices[0].finish_reason or finish
-                kind, detail = ("ok", "") if (text, finish) == (self.reference[prompt], "length") else (
-                    "wrong", f"{finish}: {text!r}")
-            except openai.APIStatusError as err:
-                retriable = err.status_code in (429, 503) and "retry-after" in err.response.headers
-                from_proxy = err.status_code == 500 and not isinstance(err.body, dict)
-                kind = "retriable" if retriable else "proxy" if from_proxy else "wrong"
-                detail = f"{err.status_code}: {err.message}"
-            except openai.APIConnectionError as err:
-                kind, detail = "retriable", f"connection: {err!r}"
-            self.outcomes.append((kind, time.monotonic() - start, detail, time.monotonic()))
-
-    def count(self, kind: str = "ok") -> int:
-        return sum(o[0] == kind for o in self.outcomes)
-
-
-def live_replicas(svc, pool: str) -> int:
-    return sum(i["pool"] == pool and i["live"] for i in snapshot(svc))
-
-
-def test_pools_scaled_down_and_up_and_the_ingress_killed_under_steady_traffic_lose_no_request(
-        svc, client, model, reference):
-    """Each pool goes 2 -> 1 -> 2 through the Serve actuator (the autoscaler's), and the ingress
-    replica is killed once, with requests streaming all along: each one ends with the unbroken
-    run's answer or a retriable error within its deadline (those on the killed ingress get what
-    Serve's proxy says, a 500 or a cut connection), and afterwards every instance's load in the
-    controller's ledger is 0 again."""
-    from pdserve.controller.autoscaling.serve_actuator import ServeActuator
-
-    actuator = ServeActuator(svc.cfg.app_name)
-    with Traffic(client, model, reference) as traffic:
-        wait_until(lambda: traffic.count() >= 3, 120, "traffic to flow")
-        for step, sizes in enumerate(({"decode": 1}, {"prefill": 1}, {"decode": 2, "prefill": 2})):
-            before = traffic.count()
-            actuator.apply(sizes)
-            for pool, n in sizes.items():
-                wait_until(lambda pool=pool, n=n: live_replicas(svc, pool) == n, 300, f"{pool} at {n} replicas")
-            wait_until(lambda before=before: traffic.count() >= before + 3, 120, f"traffic after step {step}")
-        before, killed_at = traffic.count(), time.monotonic()
-        kill_replica(svc, "ingress")
-        wait_until(lambda: traffic.count() >= before + 6, 180, "answers through the new ingress replica")
-        answered_again_at = time.monotonic()
-    kinds = {k: sum(o[0] == k for o in traffic.outcomes) for k in ("ok", "retriable", "proxy", "wrong")}
-    slowest_s = max(o[1] for o in traffic.outcomes)
-    print(f"scale 2->1->2 and an ingress kill: {len(traffic.outcomes)} requests, {kinds}, slowest {slowest_s:.1f} s; "
-          f"retriable: {[o[2] for o in traffic.outcomes if o[0] in ('retriable', 'proxy')]}")
-    assert kinds["wrong"] == 0, [o for o in traffic.outcomes if o[0] == "wrong"]
-    # Serve's proxy answers 500 for requests on the ingress replica it lost, and only then.
-    assert all(killed_at <= o[3] <= answered_again_at for o in traffic.outcomes if o[0] == "proxy")
-    assert slowest_s < REQUEST_TIMEOUT_S
-    assert_kv_idle(svc, "scaling and an ingress kill")
 
 
 def test_requests_without_a_valid_key_are_refused_over_http_and_grpc(svc, model):

@@ -25,7 +25,7 @@ def frontend():
 
 async def test_chat_goes_through_the_chat_template(frontend):
     req = await frontend.chat_request([{"role": "user", "content": "Hi"}], Sampling(max_tokens=4))
-    text = frontend.tokenizer.decode(req.prompt_token_ids)
+    text = frontend.requests.tokenizer.decode(req.prompt_token_ids)
     assert "Hi" in text and text.rstrip().endswith("assistant")
 
 
@@ -93,7 +93,7 @@ async def test_text_with_a_lone_surrogate_is_a_400_naming_the_field_not_a_tokeni
 
 async def test_texts_and_message_counts_no_context_could_hold_are_refused_before_tokenizing(frontend, monkeypatch):
     calls = []
-    monkeypatch.setattr(frontend, "tokenizer", _CountingTokenizer(frontend.tokenizer, calls))
+    monkeypatch.setattr(frontend.requests, "tokenizer", _CountingTokenizer(frontend.requests.tokenizer, calls))
     huge = "x" * (64 * MAX_CHARS_PER_TOKEN + 1)
     with pytest.raises(InvalidRequest, match="characters") as err:
         await frontend.completion_request(huge, Sampling())
@@ -108,7 +108,7 @@ async def test_texts_and_message_counts_no_context_could_hold_are_refused_before
 async def test_a_prompt_is_tokenized_off_the_event_loop(frontend, monkeypatch):
     """The tokenizer waits for an event only this loop sets: tokenizing on the loop would wait in vain."""
     released, seen = threading.Event(), []
-    monkeypatch.setattr(frontend, "tokenizer", _CountingTokenizer(frontend.tokenizer, seen, wait_for=released))
+    monkeypatch.setattr(frontend.requests, "tokenizer", _CountingTokenizer(frontend.requests.tokenizer, seen, wait_for=released))
     request = asyncio.ensure_future(frontend.completion_request("Hello there", Sampling(max_tokens=1)))
     await asyncio.sleep(0)  # the request starts, and reaches the tokenizer
     released.set()
