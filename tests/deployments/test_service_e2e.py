@@ -4,6 +4,7 @@ float32), driven through its public HTTP and gRPC APIs."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -51,8 +52,15 @@ def _post(url: str, body: bytes, content_type: str = "application/json") -> tupl
 
 def test_models_health_and_openapi(svc, model):
     assert model == "SmolLM2-135M-Instruct"
-    with urllib.request.urlopen(f"{svc.http_url}/health") as r:
-        body = json.loads(r.read())
+    deadline = time.monotonic() + 30  # a probe may see "unavailable" until the engines' first reports land
+    while True:
+        try:
+            with urllib.request.urlopen(f"{svc.http_url}/health") as r:
+                body = json.loads(r.read())
+            break
+        except urllib.error.HTTPError as err:
+            assert err.code == 503 and time.monotonic() < deadline, err
+            time.sleep(0.5)
     assert body["status"] == "ok" and body["live_instances"] == {"prefill": 1, "decode": 1}
     with urllib.request.urlopen(f"{svc.http_url}/openapi.json") as r:
         paths = json.loads(r.read())["paths"]
