@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import datetime
-import ipaddress
 import time
 
 import grpc
@@ -272,37 +270,10 @@ def test_oversized_frame_is_refused_and_a_concurrent_transfer_is_unaffected(make
     assert_arrived(rx, "good", src, ids)
 
 
-def self_signed_cert(tmp_path):
-    x509 = pytest.importorskip("cryptography.x509", reason="TLS test needs the cryptography package")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key, localhost = ec.generate_private_key(ec.SECP256R1()), ipaddress.ip_address("127.0.0.1")
-    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(localhost)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem = serialization.Encoding.PEM
-    key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    return cert_file, key_file
-
-
 def test_transfer_succeeds_over_tls_and_a_plaintext_sender_is_refused(make_receiver, make_sender, tmp_path):
-    cert_file, key_file = self_signed_cert(tmp_path)
-    rx = make_receiver(tls_cert_file=cert_file, tls_key_file=key_file)
-    tx = make_sender(tls_ca_file=cert_file)
+    tls = make_tls_files(tmp_path)
+    rx = make_receiver(tls_cert_file=tls.server_cert, tls_key_file=tls.server_key)
+    tx = make_sender(tls_ca_file=tls.ca)
     assert tx.handshake(rx.address) == rx.epoch
     src, ids = caches(6, seed=5), [5, 4, 3, 0, 1]
     res = send(tx, rx.address, "tls", src, ids).result.result(WAIT_S)
