@@ -1,0 +1,121 @@
+"""`pdserve bench serve`: goodput of colocated against disaggregated serving (or of a running
+service) over a grid of objectives; its arguments and the command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pdserve.cli.config_args import config_or_exit, model_path_or_exit
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _objectives_ms(text: str) -> list[dict]:
+    """`--objectives`: TTFT_MS:TPOT_MS pairs, each optionally NAME=TTFT_MS:TPOT_MS, comma separated."""
+    pairs = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, both = item.rpartition("=")
+        ttft, _, tpot = both.partition(":")
+        try:  # without the colon tpot is "", which no float reads
+            pairs.append({"name": name or None, "ttft_ms": float(ttft), "tpot_ms": float(tpot)})
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected TTFT_MS:TPOT_MS pairs, each optionally NAME=TTFT_MS:TPOT_MS, comma separated "
+                f"(e.g. summarization=15000:160,1000:200), got {item!r}") from None
+    return pairs
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    from pdserve.bench import plots, serve_bench, serve_report, serve_settings
+    from pdserve.bench.workloads import load_workload
+
+    # Only the objective options given: without --slo-scale, a grid or --objectives replace its default.
+    objectives = {field: value for field, value in (("slo_scales", args.slo_scale), ("ttft_scales", args.ttft_scales),
+                                                    ("tpot_scales", args.tpot_scales), ("objectives_ms", args.objectives))
+                  if value is not None}
+    try:
+        workload = load_workload(args.workload)
+        settings = serve_settings.ServeBenchSettings(
+            requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
+            rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
+            reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms, **objectives,
+            max_runs=args.max_runs, calibration_requests=args.calibration_requests,
+            probe_prompt_tokens=args.probe_prompt_tokens, seed=args.seed)
+    except (ValueError, ValidationError) as err:
+        print(f"pdserve bench serve: {err}", file=sys.stderr)
+        return 2
+    bar: dict[str, tqdm] = {}  # the current run's bar, by label (a disabled tqdm keeps no desc)
+
+    def progress(label: str, done: int, total: int) -> None:
+        if label not in bar:
+            for old in bar.values():
+                old.close()
+            bar.clear()
+            bar[label] = tqdm(total=total, desc=label, file=sys.stderr, disable=args.quiet)
+        bar[label].update(done - bar[label].n)
+
+    cfg = config_or_exit(args.config, "bench serve")
+    model_path = model_path_or_exit(cfg, "bench serve")
+    if args.url:
+        report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
+    else:
+        modes = [m.strip() for m in args.compare.split(",") if m.strip()]
+        if not modes or set(modes) - {"colocated", "disaggregated"}:
+            print(f"pdserve bench serve: --compare takes colocated and/or disaggregated, got {args.compare!r}",
+                  file=sys.stderr)
+            return 2
+        report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
+    for b in bar.values():
+        b.close()
+    out = Path(args.out)
+    path = serve_report.write(report, out)
+    pngs = plots.write_all(report, out)
+    print("\n".join(serve_report.summary(report)))
+    print(f"report: {path}; plots: {', '.join(str(p) for p in pngs)}")
+    return 0
+
+
+def add_bench_serve_parser(bench: Any) -> None:
+    """`serve` under `pdserve bench`."""
+    sv = bench.add_parser("serve", help="goodput: colocated vs disaggregated (or a running service), SLO-scale sweep")
+    sv.add_argument("--config", help="cluster YAML both configurations start from (default: the built-in one)")
+    sv.add_argument("--compare", default="colocated,disaggregated", help="modes to deploy and run, in order")
+    sv.add_argument("--url", help="measure this running service instead of deploying (e.g. http://127.0.0.1:8000)")
+    sv.add_argument("--workload", default="chat", help="chat, summarization, code, or a .yaml/.json/.jsonl file")
+    sv.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    sv.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps")
+    sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")
+    sv.add_argument("--rates", type=_floats, help="run these rates (req/s, comma separated) instead of searching")
+    sv.add_argument("--start-rate", type=float, help="search start (req/s); default from the unloaded latency")
+    sv.add_argument("--slo-scale", type=_floats,
+                    help="objectives as multiples of both the unloaded p90 TTFT and TPOT, comma separated "
+                         "(default 1,1.5,2,3,5 unless --ttft-scales or --objectives are given)")
+    sv.add_argument("--ttft-scales", type=_floats,
+                    help="multiples of the unloaded p90 TTFT, comma separated; with --tpot-scales, a grid "
+                         "whose every pair is judged")
+    sv.add_argument("--tpot-scales", type=_floats, help="the grid's multiples of the unloaded p90 TPOT")
+    sv.add_argument("--objectives", type=_objectives_ms,
+                    help="absolute objectives, TTFT_MS:TPOT_MS pairs, each optionally named "
+                         "(e.g. summarization=15000:160,code=1000:200)")
+    sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
+    sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
+    sv.add_argument("--requests", type=int, default=40, help="requests per rate")
+    sv.add_argument("--max-runs", type=int, default=8, help="runs per configuration at most")
+    sv.add_argument("--calibration-requests", type=int, default=10, help="unloaded requests, and as many pairs")
+    sv.add_argument("--probe-prompt-tokens", type=int, default=16, help="prompt length of the added-latency pairs")
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--out", default="bench-serve", help="directory for serve.json and the PNG plots")
+    sv.add_argument("--quiet", action="store_true", help="no progress bar")
+    sv.set_defaults(func=_cmd_bench_serve)

@@ -1,0 +1,186 @@
+"""Fakes of the remote peers the ingress calls through Serve handles (the controller and the
+engine replicas), for tests that drive the real `Frontend` (tokenizer, routing loop, retries).
+The fake engines go on with token ids counting up from a prompt's last one (`FakePools`), or with
+one fixed text (`FakeTextPools`), so that an answer handed over after a replica died can be
+compared with an unbroken one."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ray.exceptions import ActorDiedError
+
+from pdserve.config.cluster import parse_config
+from pdserve.controller.decision import Decision, Outcome, Target
+from pdserve.deployments.frontend import Frontend
+from pdserve.errors import ReplicaGone
+from pdserve.prefill.requests import GenerateChunk, Sampling
+from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMethod
+
+PROMPT = [100, 101, 102]
+
+
+def routed(prefill: str | None, decode: str) -> Decision:
+    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0) if prefill else None,
+                    decode=Target(decode, f"{decode}:1", 0), reason="fake route")
+
+
+class FakeController:
+    """The controller replica as the ingress calls it: `choose` answers from `decisions` in
+    turn (the last one repeats; an exception instance is raised, as a dead actor's call is)."""
+
+    def __init__(self, *decisions: Decision | Exception):
+        self.decisions = list(decisions)
+        self.routes: list[tuple[int, int, bool]] = []
+        """(prompt tokens, max tokens, resuming) of every choose call."""
+        self.lost: list[str] = []
+        self.released: list[tuple[str, int]] = []
+        self.choose = FakeRemoteMethod(self._choose)
+        self.replica_lost = FakeRemoteMethod(self._replica_lost)
+        self.release = FakeRemoteMethod(lambda request_id, tpot_ms, tokens: self.released.append((request_id, tokens)))
+        self.prefill_done = FakeRemoteMethod(lambda *args: None)
+
+    async def _choose(self, route, resuming: bool) -> Decision:
+        self.routes.append((route.prompt_tokens, route.max_tokens, resuming))
+        answer = self.decisions.pop(0) if len(self.decisions) > 1 else self.decisions[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _replica_lost(self, replica_id: str, departed: bool) -> None:
+        self.lost.append(replica_id)
+
+
+class FakePools:
+    """Prefill and decode replicas by id. A decode replica waits for the prompt's KV (unless
+    it prefills locally), then generates `max_tokens` ids counting up from the prompt's last;
+    one in `decode_dies_after` dies after that many tokens (after its last chunk when that is
+    all of them), one in `dead_prefills` dies when
+    asked to prefill, so its KV never comes."""
+
+    def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = (),
+                 departed: tuple[str, ...] = ()):
+        self.decode_dies_after = decode_dies_after or {}
+        self.departed = departed
+        """Decode replicas the router saw leave (drained after a scale-down): calls fail at routing."""
+        self.dead_prefills = dead_prefills
+        self.served: list[tuple[str, str, int]] = []
+        """(replica, request id, prompt tokens) of every generate call."""
+        self.streams: list[FakeEngineStream] = []
+        self.generate = FakeRemoteMethod(self._generate)
+        self.prefill = FakeRemoteMethod(self._prefill)
+        self._kv: dict[str, asyncio.Event] = {}
+
+    def __getitem__(self, pool: str) -> FakePools:
+        return self
+
+    def options(self, stream: bool) -> FakePools:
+        return self
+
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
+        self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        dies_after = self.decode_dies_after.pop(replica_id, None)
+        if replica_id in self.departed:
+            gone = ReplicaGone(replica_id, 0.0, departed=True)
+
+            async def refused():
+                raise gone
+                yield
+
+            self.streams.append(FakeEngineStream(refused(), routing_error=gone))
+            return self.streams[-1]
+
+        async def chunks():
+            if not local_prefill:
+                await self._kv.setdefault(req.request_id, asyncio.Event()).wait()
+            last = req.prompt_token_ids[-1]
+            for i in range(max_tokens):
+                if i == dies_after:
+                    raise ActorDiedError()
+                await asyncio.sleep(0)
+                done = i + 1 == max_tokens
+                yield GenerateChunk(f" t{last + i + 1}", [last + i + 1], len(req.prompt_token_ids), i + 1,
+                                    "length" if done else None)
+            if dies_after == max_tokens:
+                raise ActorDiedError()
+
+        self.streams.append(FakeEngineStream(chunks()))
+        return self.streams[-1]
+
+    async def _prefill(self, req, dest: str, lease_ms: int, *, replica_id: str) -> dict:
+        if replica_id in self.dead_prefills:
+            raise ActorDiedError()
+        self._kv.setdefault(req.request_id, asyncio.Event()).set()
+        return {"prefill_ms": 1.0, "kv_transfer": None}
+
+
+def frontend(model_path: str, controller: FakeController, pools: FakePools, **ingress: Any) -> Frontend:
+    cfg = parse_config({"max_model_len": 256, "ingress": {"route_wait_s": 0.5, **ingress}})
+    return Frontend(cfg, model_path, controller, {"prefill": pools, "decode": pools})
+
+
+def collect(fe: Frontend, max_tokens: int, stop: list[str] | None = None) -> tuple[list[GenerateChunk],
+                                                                                   BaseException | None]:
+    """Every chunk the client receives, and the error that ended the answer, if any."""
+    chunks: list[GenerateChunk] = []
+
+    async def go() -> None:
+        sampling = Sampling(max_tokens=max_tokens, stop=stop or [])
+        async for chunk in fe.stream(await fe.completion_request(PROMPT, sampling)):
+            chunks.append(chunk)
+
+    try:
+        asyncio.run(go())
+    except Exception as exc:
+        return chunks, exc
+    return chunks, None
+
+
+def unbroken(max_tokens: int) -> list[int]:
+    return list(range(PROMPT[-1] + 1, PROMPT[-1] + 1 + max_tokens))
+
+
+ANSWER = " Paris is the capital of France, a large city on the Seine with many museums."
+
+
+class FakeTextPools(FakePools):
+    """Decode replicas that go on with one fixed answer (`ANSWER`'s tokens, from wherever the
+    prompt leaves off) and stream its text as vLLM does with stop strings: detokenized after the
+    prompt, the last `len(longest stop) - 1` characters held back, a stop string in the generated
+    text ending the answer before it; the finish reason comes in a chunk of its own."""
+
+    def __init__(self, tokenizer: Any, **kw: Any):
+        super().__init__(**kw)
+        self.tokenizer = tokenizer
+        self.answer_ids: list[int] = tokenizer.encode(ANSWER, add_special_tokens=False)
+
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
+        self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        dies_after = self.decode_dies_after.pop(replica_id, None)
+        start = len(req.prompt_token_ids) - len(PROMPT)
+        ids = self.answer_ids[start:start + max_tokens]
+        stop, prompt_chars = req.sampling.stop, len(self.tokenizer.decode(req.prompt_token_ids))
+        hold = max((len(s) for s in stop), default=1) - 1
+
+        async def chunks():
+            sent = 0
+            for i, token in enumerate(ids):
+                await asyncio.sleep(0)
+                text = self.tokenizer.decode(req.prompt_token_ids + ids[:i + 1])[prompt_chars:]
+                if hits := [at for s in stop if (at := text.find(s)) >= 0]:
+                    yield GenerateChunk(text[sent:min(hits)], [token], len(req.prompt_token_ids), i + 1, "stop")
+                    return
+                upto = max(sent, len(text) - hold)
+                yield GenerateChunk(text[sent:upto], [token], len(req.prompt_token_ids), i + 1)
+                sent = upto
+                if i + 1 == dies_after:
+                    raise ActorDiedError()
+            yield GenerateChunk(text[sent:], [], len(req.prompt_token_ids), len(ids), "length")
+
+        self.streams.append(FakeEngineStream(chunks()))
+        return self.streams[-1]
+
+
+def text_of(chunks: list[GenerateChunk]) -> str:
+    return "".join(c.text for c in chunks)
