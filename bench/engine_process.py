@@ -65,14 +65,15 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         extra["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.block_size:
         extra["block_size"] = spec.block_size
-    from pdserve.config.experts import CONFIG_ENV, WORKER_EXTENSION
+    from pdserve.config.experts import CONFIG_ENV
+    from pdserve.prefill.worker_extension import EXTENSION
 
     if spec.expert_buffers:  # buffered from the model's load on (worker_extension.py)
         os.environ[CONFIG_ENV] = spec.expert_buffers
 
     llm = LLM(
         model=spec.model,
-        worker_extension_cls=WORKER_EXTENSION,  # expert buffering, driven by "rpc" commands
+        worker_extension_cls=EXTENSION,  # expert buffering ("rpc" commands), seeded continuations
         dtype=spec.dtype,
         enforce_eager=True,
         max_model_len=spec.max_model_len,
@@ -149,10 +150,16 @@ def _drain(llm, core, timeout_s: float = 60.0) -> None:
 
 
 def _generate(llm, sampling_cls, req: dict[str, Any]) -> dict[str, Any]:
+    from pdserve.prefill.worker_extension import SAMPLED_TOKENS_KEY
+
+    extra = {"kv_transfer_params": req["kv_transfer_params"]} if req.get("kv_transfer_params") else {}
+    if req.get("sampled_tokens"):  # the answer's tokens sampled elsewhere before this call (worker_extension.py)
+        extra[SAMPLED_TOKENS_KEY] = req["sampled_tokens"]
     sp = sampling_cls(
         max_tokens=req.get("max_tokens", 16),
         temperature=req.get("temperature", 0.0),
-        extra_args={"kv_transfer_params": req["kv_transfer_params"]} if req.get("kv_transfer_params") else None,
+        seed=req.get("seed"),
+        extra_args=extra or None,
     )
     out = llm.generate({"prompt_token_ids": req["prompt_token_ids"]}, sp, use_tqdm=False)[0]
     comp = out.outputs[0]

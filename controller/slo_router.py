@@ -5,9 +5,10 @@ For a request of P prompt tokens with objectives (TTFT, TPOT):
   the request only if that step keeps every request running there (and this one) within
   its TPOT objective, it has a free slot and KV room for the prompt plus reserved output;
 - TTFT through a decode instance d is the fastest way to get its prompt prefilled: on a
-  prefill instance (its queue, then the prompt, then the KV transfer, same-node or not),
-  or, for short prompts, on d itself (conditional disaggregation) when that one longer
-  step stays within the TPOT objectives of the requests running on d; then d's first step;
+  prefill instance (its queue, then the prompt; it samples the first token, and the KV
+  transfer, same-node or not, picks the prefill instance whose KV reaches d first), or,
+  for short prompts, on d itself (conditional disaggregation) when that one longer step
+  stays within the TPOT objectives of the requests running on d, then d's first step;
 - the pair with the lowest predicted TTFT among those meeting both objectives wins. When
   none meets them the request is refused at once (or served best-effort, by policy), and
   a lower priority needs more predicted room, so it is refused first.
@@ -47,14 +48,18 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     if local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
         stall = decode.prefill_base_ms + decode.prefill_ms_per_token * n
         local_ttft = np.where(stall <= decode.tpot_floor_ms, step + stall, np.inf) if prefill is not None else step + stall
-    remote_ttft, pick_prefill = None, None
+    remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
-        arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
-        remote_ttft = step + arrival
+        first, arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
+        remote_ttft = np.broadcast_to(first, step.shape)
+        remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
     if local_ttft is None:
-        ttft = remote_ttft
-    else:
-        ttft = local_ttft if remote_ttft is None else np.minimum(remote_ttft, local_ttft)
+        ttft, local = remote_ttft, np.zeros(len(decode), bool)
+    elif remote_ttft is None:
+        ttft, local = local_ttft, np.ones(len(decode), bool)
+    else:  # a short prompt prefilled where it decodes skips the transfer and the hop to a prefill instance
+        local = local_ttft <= remote_going
+        ttft = np.where(local, local_ttft, remote_ttft)
     meets &= ttft <= slo.ttft_ms * headroom
 
     note = ""
@@ -68,8 +73,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
             note = "best effort, objectives not met: "
         else:
             return refusal
-    local = remote_ttft is None or (local_ttft is not None and local_ttft[d] < remote_ttft[d])
-    pre = None if local or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
+    pre = None if local[d] or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
     dec = _target(decode, d)
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
     reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
@@ -102,31 +106,33 @@ def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live
 
 
 def _kv_arrival(n: int, prefill: PoolView, live_after_s: float, decode: PoolView, cfg: RoutingConfig,
-                kv_bytes_per_token: int) -> tuple[np.ndarray | float, Callable[[int], int]]:
-    """The earliest a prompt's KV can reach each decode instance from a prefill instance
-    (inf when none is open), and which prefill instance that is for a given decode instance."""
+                kv_bytes_per_token: int) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
+    """For each decode instance, the prefill instance whose KV reaches it first: when that one
+    samples the first token, when the KV arrives (both inf when none is open), and which it is."""
     if not len(prefill):
-        return np.inf, lambda d: 0
+        return np.inf, np.inf, lambda d: 0
     ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * n
     ready[prefill.last_seen_s < live_after_s] = np.inf
     best = int(ready.argmin())
     cross = float(ready[best]) + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
     if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:  # a transfer costs the same anywhere
-        return cross, lambda d: best
+        return float(ready[best]), cross, lambda d: best
     # The fastest prefill instance of each node (rows are grouped by node).
     starts, nodes = prefill.node_starts, prefill.group_nodes
     by_node = np.full(max(prefill.max_node, decode.max_node) + 1, np.inf)
     by_node[nodes] = np.minimum.reduceat(ready, starts)
-    same = by_node[decode.node] + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    same_ready = by_node[decode.node]
+    same = same_ready + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    use_same = same < cross
 
     def pick(d: int) -> int:
-        if not same[d] < cross:
+        if not use_same[d]:
             return best
         k = int(np.searchsorted(nodes, decode.node[d]))
         end = starts[k + 1] if k + 1 < len(starts) else len(ready)
         return int(starts[k] + np.argmin(ready[starts[k]:end]))
 
-    return np.minimum(same, cross), pick
+    return np.where(use_same, same_ready, float(ready[best])), np.minimum(same, cross), pick
 
 
 def _target(view: PoolView, i: int) -> Target:

@@ -30,8 +30,13 @@ class DecodeServer(EngineServer):
         self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool = False
     ) -> AsyncIterator[GenerateChunk]:
         """Stream the answer. The prompt's KV arrives from a prefill replica under the request id,
+        all of it but the last token (the first of the answer, which the prefill engine sampled),
         unless the controller chose `local_prefill` (a short prompt this engine prefills faster
         than a transfer would take). `replica_id` is read by the router."""
-        kv = None if local_prefill else params.for_decode(req.request_id, lease_ms)
+        kv = None if local_prefill else params.for_decode(req.request_id, lease_ms, len(req.prompt_token_ids) - 1)
         async for chunk in stream_answer(self, req, max_tokens, kv):
             yield chunk
+
+    async def discard_kv(self, transfer_id: str, *, replica_id: str) -> None:
+        """Free the prompt KV of an answer that ended at the prefill engine's first token."""
+        await self.engine.collective_rpc("pdserve_discard_kv_transfer", args=(transfer_id,))

@@ -20,7 +20,7 @@ async def stream_answer(server: EngineServer, req: GenerateRequest, max_tokens: 
     """Run `req` on `server`'s engine and yield its tokens as they come. `kv` is the connector's
     request params when the prompt's KV arrives from a prefill replica; None: the engine prefills."""
     n_prompt = len(req.prompt_token_ids)
-    sp = server.sampling_params(req.sampling, max_tokens, kv)
+    sp = server.sampling_params(req.sampling, max_tokens, kv, req.sampled_tokens)
     completion = 0
     attrs = {"pdserve.pool": server.role, "pdserve.local_prefill": kv is None}
     with server.serving("decode", req, attrs, prefills=kv is None) as (span, progress):

@@ -86,6 +86,20 @@ class ExactReplicaRouter(RequestRouter):
             return [candidate_replicas]
         return [[]]
 
+    async def _select_from_candidate_replicas(
+        self, candidates: list[RunningReplica], backoff_index: int
+    ) -> RunningReplica | None:
+        """A call with one candidate (the named replica) goes straight to it unless the router
+        knows it is full. Asking its queue length first only delays the call: a replica whose
+        event loop is busy answers late, and Serve retries the probe with backoff (seconds per
+        call on a loaded machine, twice per disaggregated request). The replica refuses a call
+        beyond its `max_ongoing_requests` itself, and Serve then routes it again, probing."""
+        if len(candidates) == 1:
+            queue_len = self._replica_queue_len_cache.get(candidates[0].replica_id)
+            if queue_len is None or queue_len < candidates[0].max_ongoing_requests:
+                return candidates[0]
+        return await super()._select_from_candidate_replicas(candidates, backoff_index)
+
 
 def on_missing_replica(pending_request: PendingRequest, target: str, now_s: float) -> bool:
     """The named replica is not in the list: back off, and past the grace fail the call.

@@ -1,6 +1,6 @@
-"""How the ingress follows one answer across attempts: the client's view of its tokens and
-timings (`AnswerRun`), the decode stream failed fast when its prefill fails, and an engine
-call's failure told apart as a lost replica (retried elsewhere) or a failing engine (not)."""
+"""How the ingress follows one answer across attempts and engines: the client's view of its tokens
+and timings (`AnswerRun`), stop strings across a seam between engines (`ResumedText`), and an
+engine call's failure told apart as a lost replica (retried elsewhere) or a failing engine (not)."""
 
 from __future__ import annotations
 
@@ -98,24 +98,16 @@ def refusal(decision: Decision) -> ServeError:
     return Unavailable(f"no instance can serve the request: {decision.reason}", decision.retry_after_s)
 
 
-async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
-                          decision: Decision) -> AsyncIterator[GenerateChunk]:
-    """The decode stream, failed fast when the prefill call fails before the first token
-    (the decode replica would otherwise wait out the transfer's lease)."""
+async def decode_stream(stream: Any, decision: Decision) -> AsyncIterator[GenerateChunk]:
+    """An engine call's streamed chunks, its failures told apart (`as_serve_error`); a stream
+    given up on is cancelled, freeing its engine slot."""
     assert decision.decode is not None
-    prefill_id = decision.prefill.replica_id if decision.prefill is not None else ""
     ended = False
     try:
         it = stream.__aiter__()
         while True:
-            step = asyncio.ensure_future(it.__anext__())
-            if prefill_task is not None and not prefill_task.done():
-                await asyncio.wait({step, prefill_task}, return_when=asyncio.FIRST_COMPLETED)
-                if prefill_task.done() and prefill_task.exception() is not None and not step.done():
-                    step.cancel()
-                    raise as_serve_error(prefill_task.exception(), "prefill", prefill_id)
             try:
-                yield await step
+                yield await it.__anext__()
             except StopAsyncIteration:
                 ended = True
                 return
@@ -123,7 +115,7 @@ async def decode_stream(stream: Any, prefill_task: asyncio.Future | None,
                 ended = True
                 raise as_serve_error(exc, "decode", decision.decode.replica_id) from None
     finally:
-        if not ended:  # given up on (a client gone, a failed prefill, a stop string): free its engine slot
+        if not ended:  # given up on (a client gone, a stop string): free its engine slot
             # Serve's cancel waits, blocking, until the call is routed: never on the event loop.
             asyncio.get_running_loop().run_in_executor(None, _cancel, stream, decision.decode.replica_id)
 

@@ -22,6 +22,7 @@ from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
+from pdserve.deployments.disaggregated import disaggregated_answer
 from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, refusal
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
@@ -106,7 +107,7 @@ class Frontend:
                                              os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
         self._background: set[asyncio.Future] = set()
-        """Prefill calls left to finish after their request ended (held so they are not collected)."""
+        """Engine calls left to finish after their request ended (held so they are not collected)."""
         self.view = InstanceView(cfg.pools())
         log.info("ingress: %s", "API keys required" if self.api_keys.enabled else "no API key required")
 
@@ -248,41 +249,35 @@ class Frontend:
         new replica's text to what was sent."""
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
-        prefill_task = None
         if self.cfg.mode == "colocated":
             pool_name, ttft_pool, local = "colocated", "colocated", True
         elif decision.prefill is None:  # the controller chose to prefill this short prompt on the decode instance
             pool_name, ttft_pool, local = "decode", "decode", True
         else:
             pool_name, ttft_pool, local = "decode", "prefill", False
-            prefill_task = asyncio.ensure_future(self.pools["prefill"].prefill.remote(
-                req, decision.decode.kv_addr, lease_ms, replica_id=decision.prefill.replica_id))
-            prefill_task.add_done_callback(lambda task: self._prefill_done(req.request_id, task))
-        stream = self.pools[pool_name].options(stream=True).generate.remote(
-            req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=local)
-        try:
-            async with aclosing(decode_stream(stream, prefill_task, decision)) as chunks:
-                async for chunk in chunks:
-                    stopped = False
-                    if seam is not None:
-                        chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)
-                        chunk.finish_reason = "stop" if stopped else chunk.finish_reason
-                    if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
-                        self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
-                        if local:
-                            self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
-                    if chunk.kv_transfer:
-                        self.metrics.observe_kv(chunk.kv_transfer)
-                    yield self._to_client(chunk, req, run, client_prompt_tokens)
-                    if stopped:  # closing the stream stops the new replica's generation
-                        break
-        finally:
-            # A prefill still running is left to finish, not cancelled: it is one prompt's work, and
-            # cancelling a call Serve already placed stalled this whole replica for seconds at a time
-            # when its prefill replica was stopping (tests/deployments/test_scaling_e2e.py).
-            if prefill_task is not None and not prefill_task.done():
-                self._background.add(prefill_task)
-                prefill_task.add_done_callback(self._background.discard)
+        if local:
+            stream = self.pools[pool_name].options(stream=True).generate.remote(
+                req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=True)
+            answer = decode_stream(stream, decision)
+        else:
+            answer = disaggregated_answer(self.pools, req, decision, lease_ms, self._background,
+                                          lambda task: self._prefill_done(req.request_id, task),
+                                          lambda replica_id: self.view.gone(replica_id, time.monotonic()))
+        async with aclosing(answer) as chunks:
+            async for chunk in chunks:
+                stopped = False
+                if seam is not None:
+                    chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)
+                    chunk.finish_reason = "stop" if stopped else chunk.finish_reason
+                if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
+                    self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
+                    if local:
+                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
+                if chunk.kv_transfer:
+                    self.metrics.observe_kv(chunk.kv_transfer)
+                yield self._to_client(chunk, req, run, client_prompt_tokens)
+                if stopped:  # closing the stream stops the new replica's generation
+                    break
         if (tpot := run.tpot_ms()) is not None:
             self.metrics.tpot_s.labels(pool_name).observe(tpot / 1e3)
         self.metrics.e2e_s.labels(pool_name).observe(time.perf_counter() - run.start_s)

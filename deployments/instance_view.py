@@ -16,6 +16,8 @@ class InstanceView:
         self.poll_interval_s = 1.0
         self.live: dict[str, int] | None = None
         """Live instances per pool in the last snapshot; None before the first."""
+        self.live_ids: set[str] = set()
+        """The live instances' replica ids in the last snapshot."""
         self._seen_at_s = 0.0
         self._refreshed_at_s = -float("inf")
 
@@ -25,6 +27,11 @@ class InstanceView:
             if inst["live"] and inst["pool"] in live:
                 live[inst["pool"]] += 1
         self.live, self._seen_at_s = live, now_s
+        self.live_ids = {inst["replica_id"] for inst in snapshot if inst["live"] and "replica_id" in inst}
+
+    def gone(self, replica_id: str, now_s: float) -> bool:
+        """Whether a fresh view says `replica_id` is not live; a stale view says nothing."""
+        return self.fresh(now_s) and replica_id not in self.live_ids
 
     def fresh(self, now_s: float) -> bool:
         return self.live is not None and now_s - self._seen_at_s <= STALE_POLLS * self.poll_interval_s

@@ -128,6 +128,11 @@ class GrpcKVConnector(KVConnectorBase_V1):
         reports = self.worker.take_reports()
         return GrpcWorkerMetadata(reports) if reports else None
 
+    def discard_transfer(self, transfer_id: str) -> bool:
+        """Worker, called by pdserve (not vLLM): free a transfer no request will load; False on
+        an engine that receives none."""
+        return self.worker.discard(transfer_id)
+
     def shutdown(self) -> None:
         """Worker or scheduler, at engine shutdown: stop servers and streams."""
         if self._worker is not None:

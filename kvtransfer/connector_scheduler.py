@@ -52,11 +52,25 @@ class SchedulerSide:
         return -(-n_tokens // self.block_size)
 
     # --- decode (consumer) ------------------------------------------------
+    def _kv_tokens(self, request: Request, p: kvparams.RecvParams) -> int:
+        """The prompt tokens whose KV arrives: all, or the `kv_tokens` first (the prefill engine
+        sampled the token that follows them); 0 for a count beyond the prompt, which no honest
+        caller sends (the request computes its whole prompt here)."""
+        if p.kv_tokens is None:
+            return request.num_prompt_tokens
+        if p.kv_tokens > request.num_prompt_tokens:
+            if request.request_id not in self._malformed:
+                self._malformed.add(request.request_id)
+                log.warning("request %s: kv_tokens %d exceeds its %d prompt tokens; computing the prompt here",
+                            request.request_id, p.kv_tokens, request.num_prompt_tokens)
+            return 0
+        return p.kv_tokens
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         p = self._params(request)
         if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_decided:
             return 0, False
-        remote = request.num_prompt_tokens - num_computed_tokens
+        remote = self._kv_tokens(request, p) - num_computed_tokens
         return (remote, True) if remote > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -70,7 +84,7 @@ class SchedulerSide:
         if num_external_tokens == 0:
             self._cancel(p.transfer_id, "decode had the whole prompt cached")
             return
-        n = request.num_prompt_tokens
+        n = self._kv_tokens(request, p)
         first = (n - num_external_tokens) // self.block_size
         (block_ids,) = blocks.get_block_ids()
         job = LoadJob(request.request_id, p.transfer_id, p.lease_ms, n, first, list(block_ids[first : self._blocks(n)]))

@@ -99,6 +99,13 @@ class WorkerSide:
         if self.receiver is not None:
             self.receiver.stop()
 
+    def discard(self, transfer_id: str) -> bool:
+        """Free a transfer no request will load (see GrpcKVConnector.discard_transfer)."""
+        if self.receiver is None:
+            return False
+        self.receiver.discard(transfer_id)
+        return True
+
     # --- per step -------------------------------------------------------------
     def bind(self, meta: GrpcConnectorMetadata) -> None:
         self._meta = meta

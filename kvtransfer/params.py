@@ -28,6 +28,10 @@ class RecvParams:
 
     transfer_id: str
     lease_ms: int
+    kv_tokens: int | None = None
+    """How many leading tokens of the request's prompt the KV covers; None: all of them. Fewer when
+    the prefill engine also sampled the answer's first token, which ends the prompt here and is
+    computed on this engine."""
 
 
 def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_parent: str = "") -> dict[str, Any]:
@@ -37,8 +41,11 @@ def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_paren
     return {KEY: p}
 
 
-def for_decode(transfer_id: str, lease_ms: int = 30_000) -> dict[str, Any]:
-    return {KEY: {"op": "recv", "transfer_id": transfer_id, "lease_ms": lease_ms}}
+def for_decode(transfer_id: str, lease_ms: int = 30_000, kv_tokens: int | None = None) -> dict[str, Any]:
+    p: dict[str, Any] = {"op": "recv", "transfer_id": transfer_id, "lease_ms": lease_ms}
+    if kv_tokens is not None:
+        p["kv_tokens"] = kv_tokens
+    return {KEY: p}
 
 
 def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams | None:
@@ -63,5 +70,8 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
             raise ValueError(f"{KEY}.trace_parent must be a W3C traceparent string")
         return SendParams(tid, dest, lease, trace_parent)
     if op == "recv":
-        return RecvParams(tid, lease)
+        kv_tokens = p.get("kv_tokens")
+        if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens <= 0):
+            raise ValueError(f"{KEY}.kv_tokens must be a positive integer, got {kv_tokens!r}")
+        return RecvParams(tid, lease, kv_tokens)
     raise ValueError(f"{KEY}.op must be 'send' or 'recv', got {op!r}")

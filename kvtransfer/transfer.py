@@ -235,11 +235,17 @@ class TransferTable:
         return False
 
     def expect(self, transfer_id: str, deadline_s: float) -> None:
-        """The decode engine waits for this transfer until `deadline_s` (its lease)."""
+        """The decode engine waits for this transfer until `deadline_s` (its lease). A transfer
+        already arriving or staged is kept at least that long: its consumer has come (the prefill
+        engine samples the first token, so the decode request may come well after the push)."""
         check_transfer_id(transfer_id)
         with self._lock:
-            if transfer_id not in self._transfers and self._make_room():
-                self._transfers[transfer_id] = IncomingTransfer(transfer_id, deadline_s=deadline_s)
+            t = self._transfers.get(transfer_id)
+            if t is None:
+                if self._make_room():
+                    self._transfers[transfer_id] = IncomingTransfer(transfer_id, deadline_s=deadline_s)
+            elif t.state is not TransferState.FAILED:
+                t.deadline_s = max(t.deadline_s, deadline_s)
 
     def state_of(self, transfer_id: str) -> TransferState | None:
         with self._lock:

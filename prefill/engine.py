@@ -21,13 +21,14 @@ from opentelemetry import trace
 
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
-from pdserve.config.experts import CONFIG_ENV, WORKER_EXTENSION
+from pdserve.config.experts import CONFIG_ENV
 from pdserve.controller.hot_experts import ExpertReport
 from pdserve.controller.registry import LoadReport
 from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.prefill.engine_load import EngineLoad, RequestProgress
 from pdserve.prefill.engine_watchdog import WATCHDOG_ENV
 from pdserve.prefill.requests import GenerateRequest
+from pdserve.prefill.worker_extension import EXTENSION, SAMPLED_TOKENS_KEY
 
 log = logging.getLogger("pdserve.engine")
 
@@ -69,12 +70,15 @@ class EngineServer:
         self.expert_buffers = pool.experts.for_accelerator(pool.accelerator_type) if pool.experts else None
         """This replica's buffering, set up while the engine loads the model (`worker_extension.py`)."""
         self._hot: list[list[int]] | None = None
+        engine_args["worker_extension_cls"] = EXTENSION
         if self.expert_buffers:
-            engine_args["worker_extension_cls"] = WORKER_EXTENSION
             os.environ[CONFIG_ENV] = self.expert_buffers.model_dump_json()  # the engine's processes inherit it
         self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
         if self.expert_buffers:
             await self.engine.collective_rpc("pdserve_require_expert_buffers")
+        if not all(await self.engine.collective_rpc("pdserve_continues_seeds")):  # see worker_extension.py
+            log.warning("%s replica %s: this engine's model runner cannot skip a seeded request's draws; a seeded "
+                        "answer continued here draws anew where it continues", self.role, self.replica_id)
         if pool.warmup:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
@@ -169,10 +173,18 @@ class EngineServer:
         finally:
             span.end()
 
-    def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None):
+    def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None,
+                        sampled_tokens: int = 0):
+        """vLLM's parameters for one engine call; `sampled_tokens` of the answer were sampled
+        before it (elsewhere), and a seeded generator skips their draws."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra: dict[str, Any] = {}
+        if kv_transfer_params:
+            extra["kv_transfer_params"] = kv_transfer_params
+        if sampled_tokens and sampling.seed is not None:
+            extra[SAMPLED_TOKENS_KEY] = sampled_tokens
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=sampling.temperature,
@@ -181,7 +193,7 @@ class EngineServer:
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
-            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+            extra_args=extra or None,
         )
 
     async def expert_stats(self) -> dict:

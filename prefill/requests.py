@@ -104,16 +104,23 @@ class GenerateRequest:
     slo: SLO
     trace_carrier: dict[str, str] = field(default_factory=dict)
     """W3C trace context of the ingress span, so engine spans join the request's trace."""
+    sampled_tokens: int = 0
+    """Tokens at the end of `prompt_token_ids` that are the answer's own, sampled by an earlier
+    engine call: a seeded generator skips their draws, so the answer goes on as one run would."""
+
+    def continued(self, token_ids: list[int], request_id: str | None = None) -> GenerateRequest:
+        """The request that goes on after the answer's `token_ids` (sampled elsewhere): the prompt
+        followed by them, and the rest of `max_tokens`."""
+        assert self.sampling.max_tokens is not None and len(token_ids) < self.sampling.max_tokens
+        sampling = self.sampling.model_copy(update={"max_tokens": self.sampling.max_tokens - len(token_ids)})
+        return GenerateRequest(request_id or self.request_id, [*self.prompt_token_ids, *token_ids], sampling,
+                               self.slo, self.trace_carrier, self.sampled_tokens + len(token_ids))
 
     def resumed(self, sent_token_ids: list[int], attempt: int) -> GenerateRequest:
         """What a new replica is sent after the one serving this request died, once the client
-        has `sent_token_ids`: the prompt followed by them and the rest of `max_tokens`, so it
-        goes on from the next token. A new id, because engines and KV transfers know requests
-        by id and the lost attempt's may still linger."""
-        assert self.sampling.max_tokens is not None and len(sent_token_ids) < self.sampling.max_tokens
-        sampling = self.sampling.model_copy(update={"max_tokens": self.sampling.max_tokens - len(sent_token_ids)})
-        return GenerateRequest(f"{self.request_id}-r{attempt}", [*self.prompt_token_ids, *sent_token_ids], sampling,
-                               self.slo, self.trace_carrier)
+        has `sent_token_ids`: it goes on from the next token (`continued`). A new id, because
+        engines and KV transfers know requests by id and the lost attempt's may still linger."""
+        return self.continued(sent_token_ids, f"{self.request_id}-r{attempt}")
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""The prefill pool's deployment: runs a prompt once and pushes its KV to the decode
-replica the controller chose, layer by layer, through `GrpcKVConnector`."""
+"""The prefill pool's deployment: runs a prompt once, pushes its KV to the decode replica the
+controller chose, layer by layer, through `GrpcKVConnector`, and samples the answer's first
+token with the request's own sampling, so that the client has it as soon as the prompt is done."""
 
 from __future__ import annotations
 
@@ -15,22 +16,27 @@ from pdserve.prefill.requests import GenerateRequest
 class PrefillServer(EngineServer):
     role = "prefill"
 
-    async def prefill(self, req: GenerateRequest, dest: str, lease_ms: int, *, replica_id: str) -> dict:
-        """Compute the prompt's KV and push it to `dest`; returns prefill timings.
-        `replica_id` is read by the router (see exact_router) and names this replica."""
-        attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest}
+    async def prefill(self, req: GenerateRequest, dest: str | None, lease_ms: int, *, replica_id: str) -> dict:
+        """Compute the prompt's KV, push it to `dest` (None: no engine goes on from here, the
+        answer is one token long) and sample the first token. Returns its `token_ids` and `text`,
+        vLLM's `finish_reason` ("stop": the answer ended there; "length": it may go on), and the
+        prefill's timings. `replica_id` is read by the router (see exact_router) and names this replica."""
+        attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest or ""}
         with self.serving("prefill", req, attrs, prefills=True) as (span, progress):
-            kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", ""))
-            greedy = req.sampling.model_copy(update={"temperature": 0.0, "stop": [], "seed": None})
-            sp = self.sampling_params(greedy, 1, kv)
+            kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", "")) \
+                if dest else None
+            sp = self.sampling_params(req.sampling, 1, kv, req.sampled_tokens)
             start = time.perf_counter()
-            final = None
+            final, token_ids, text = None, [], ""
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_token_ids}, sp, f"{req.request_id}-p"):
                 progress.output(len(out.outputs[0].token_ids))
+                token_ids += out.outputs[0].token_ids
+                text += out.outputs[0].text
                 final = out
             if final is None or final.outputs[0].finish_reason not in ("stop", "length"):
                 reason = final.outputs[0].finish_reason if final is not None else "no output"
                 raise EngineFailure(f"prefill of {req.request_id} ended with {reason}")
             prefill_ms = (time.perf_counter() - start) * 1e3
             span.set_attribute("pdserve.prefill_ms", prefill_ms)
-            return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params}
+            return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params, "token_ids": token_ids,
+                    "text": text, "finish_reason": final.outputs[0].finish_reason}

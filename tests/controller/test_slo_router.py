@@ -23,9 +23,10 @@ def test_picks_the_prefill_type_three_times_faster_when_both_are_idle():
     add(reg, "d", "decode")
     d = route(reg, request(1000))
     assert d.outcome is Outcome.ROUTED and d.prefill.replica_id == "fast"
-    # fast: 20 + 0.5 x 1000; transfer 0.8 ms; decode step 20 + 2 x 1 + 5 x 1.0
-    assert math.isclose(d.predicted_ttft_ms, 520 + 0.8 + 27)
-    assert "ttft 548/5000 ms" in d.reason
+    # fast: 20 + 0.5 x 1000; the prefill instance samples the first token, so neither the transfer
+    # (0.8 ms) nor the decode step (20 + 2 x 1 + 5 x 1.0) is in it
+    assert math.isclose(d.predicted_ttft_ms, 520)
+    assert "ttft 520/5000 ms, tpot 27/100 ms" in d.reason
 
 
 def test_a_queue_on_the_fast_type_sends_the_prompt_to_the_slow_one():
@@ -35,7 +36,7 @@ def test_a_queue_on_the_fast_type_sends_the_prompt_to_the_slow_one():
     add(reg, "d", "decode")
     d = route(reg, request(1000))
     assert d.prefill.replica_id == "slow"  # 60 + 1.5 x 1000 = 1560 ms
-    assert math.isclose(d.predicted_ttft_ms, 1560 + 0.8 + 27)
+    assert math.isclose(d.predicted_ttft_ms, 1560)
 
 
 def test_prompts_routed_by_the_controller_queue_on_their_prefill_instance():
@@ -96,7 +97,7 @@ def test_a_prompt_predicted_to_miss_its_ttft_is_rejected_with_a_retry_hint_or_se
     add(reg, "d", "decode")
     d = route(reg, request(1000, ttft_ms=1000))
     assert d.outcome is Outcome.REJECTED
-    assert "best ttft 3548/1000 ms" in d.reason
+    assert "best ttft 3520/1000 ms" in d.reason
     assert 2.5 <= d.retry_after_s <= 2.6
     served = route(reg, request(1000, ttft_ms=1000), best_effort=True)
     assert served.outcome is Outcome.ROUTED and served.reason.startswith("best effort")
@@ -106,7 +107,7 @@ def test_lower_priorities_are_rejected_first():
     reg = registry()
     add(reg, "p", "prefill", accelerator="FAST")
     add(reg, "d", "decode")
-    # predicted ttft 548 ms against 600 ms: priority 0 has room, priority 2 needs 20% margin
+    # predicted ttft 520 ms against 600 ms: priority 0 has room, priority 2 needs 20% margin
     assert route(reg, request(1000, ttft_ms=600, priority=0)).outcome is Outcome.ROUTED
     low = route(reg, request(1000, ttft_ms=600, priority=2))
     assert low.outcome is Outcome.REJECTED and "priority 2" in low.reason and "/480 ms" in low.reason

@@ -1,8 +1,8 @@
 """Fakes of the remote peers the ingress calls through Serve handles (the controller and the
 engine replicas), for tests that drive the real `Frontend` (tokenizer, routing loop, retries).
 The fake engines go on with token ids counting up from a prompt's last one (`FakePools`), or with
-one fixed text (`FakeTextPools`), so that an answer handed over after a replica died can be
-compared with an unbroken one."""
+one fixed text (`FakeTextPools`), so that an answer served in pieces (a first token from the
+prefill replica, a replica lost mid-answer) can be compared with an unbroken one."""
 
 from __future__ import annotations
 
@@ -60,16 +60,25 @@ class FakePools:
     asked to prefill, so its KV never comes."""
 
     def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = (),
-                 departed: tuple[str, ...] = ()):
+                 departed: tuple[str, ...] = (), hung_prefills: tuple[str, ...] = ()):
         self.decode_dies_after = decode_dies_after or {}
         self.departed = departed
         """Decode replicas the router saw leave (drained after a scale-down): calls fail at routing."""
         self.dead_prefills = dead_prefills
+        self.hung_prefills = hung_prefills
+        """Prefill replicas whose calls never answer (stuck in Serve's router on a replica going away)."""
         self.served: list[tuple[str, str, int]] = []
         """(replica, request id, prompt tokens) of every generate call."""
+        self.sampled: list[int] = []
+        """The `sampled_tokens` of every generate call's request."""
+        self.prefills: list[tuple[str, str | None]] = []
+        """(replica, KV destination) of every prefill call."""
+        self.discarded: list[tuple[str, str]] = []
+        """(transfer id, replica) of every discard_kv call."""
         self.streams: list[FakeEngineStream] = []
         self.generate = FakeRemoteMethod(self._generate)
         self.prefill = FakeRemoteMethod(self._prefill)
+        self.discard_kv = FakeRemoteMethod(self._discard_kv)
         self._kv: dict[str, asyncio.Event] = {}
 
     def __getitem__(self, pool: str) -> FakePools:
@@ -78,8 +87,10 @@ class FakePools:
     def options(self, stream: bool) -> FakePools:
         return self
 
-    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
+                  local_prefill: bool = False) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        self.sampled.append(req.sampled_tokens)
         dies_after = self.decode_dies_after.pop(replica_id, None)
         if replica_id in self.departed:
             gone = ReplicaGone(replica_id, 0.0, departed=True)
@@ -108,11 +119,19 @@ class FakePools:
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
-    async def _prefill(self, req, dest: str, lease_ms: int, *, replica_id: str) -> dict:
+    async def _prefill(self, req, dest: str | None, lease_ms: int, *, replica_id: str) -> dict:
+        self.prefills.append((replica_id, dest))
         if replica_id in self.dead_prefills:
             raise ActorDiedError()
+        if replica_id in self.hung_prefills:
+            await asyncio.Event().wait()
         self._kv.setdefault(req.request_id, asyncio.Event()).set()
-        return {"prefill_ms": 1.0, "kv_transfer": None}
+        first = req.prompt_token_ids[-1] + 1  # the answer's first token, as the decode replicas count
+        return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [first], "text": f" t{first}",
+                "finish_reason": "length"}
+
+    async def _discard_kv(self, transfer_id: str, *, replica_id: str) -> None:
+        self.discarded.append((transfer_id, replica_id))
 
 
 def frontend(model_path: str, controller: FakeController, pools: FakePools, **ingress: Any) -> Frontend:
@@ -145,17 +164,19 @@ ANSWER = " Paris is the capital of France, a large city on the Seine with many m
 
 
 class FakeTextPools(FakePools):
-    """Decode replicas that go on with one fixed answer (`ANSWER`'s tokens, from wherever the
-    prompt leaves off) and stream its text as vLLM does with stop strings: detokenized after the
-    prompt, the last `len(longest stop) - 1` characters held back, a stop string in the generated
-    text ending the answer before it; the finish reason comes in a chunk of its own."""
+    """Engine replicas that go on with one fixed answer (`ANSWER`'s tokens, from wherever the
+    prompt leaves off). Decode replicas stream its text as vLLM does with stop strings: detokenized
+    after the prompt, the last `len(longest stop) - 1` characters held back, a stop string in the
+    generated text ending the answer before it; the finish reason comes in a chunk of its own.
+    Prefill replicas answer its next token, as vLLM does for one token."""
 
     def __init__(self, tokenizer: Any, **kw: Any):
         super().__init__(**kw)
         self.tokenizer = tokenizer
         self.answer_ids: list[int] = tokenizer.encode(ANSWER, add_special_tokens=False)
 
-    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool) -> FakeEngineStream:
+    def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
+                  local_prefill: bool = False) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         dies_after = self.decode_dies_after.pop(replica_id, None)
         start = len(req.prompt_token_ids) - len(PROMPT)
@@ -180,6 +201,14 @@ class FakeTextPools(FakePools):
 
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
+
+    async def _prefill(self, req, dest: str | None, lease_ms: int, *, replica_id: str) -> dict:
+        out = await super()._prefill(req, dest, lease_ms, replica_id=replica_id)
+        token = self.answer_ids[len(req.prompt_token_ids) - len(PROMPT)]
+        text = self.tokenizer.decode(req.prompt_token_ids + [token])[len(self.tokenizer.decode(req.prompt_token_ids)):]
+        hits = [at for s in req.sampling.stop if (at := text.find(s)) >= 0]
+        return {**out, "token_ids": [token], "text": text[:min(hits)] if hits else text,
+                "finish_reason": "stop" if hits else "length"}
 
 
 def text_of(chunks: list[GenerateChunk]) -> str:

@@ -1,17 +1,20 @@
-"""Stop strings across the point where an answer's replica died: the text the client was not
-sent yet still arrives, and a stop string that began before the loss still ends the answer where
-an unbroken run ends it. The real `Frontend` over fakes of the engine replicas
-(fake_engine_pools.py)."""
+"""An answer served in pieces reads as one: the first token from the prefill replica and the rest
+from the decode replica, or an answer handed over after its replica died. Token ids, text and
+stop strings across the seam come out as an unbroken answer's would. The real `Frontend` over
+fakes of the engine replicas (fake_engine_pools.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from pdserve.model_store import resolve_model
+from pdserve.prefill.requests import Sampling
 from tests.deployments.fake_engine_pools import (
     ANSWER,
+    PROMPT,
     FakeController,
     FakeTextPools,
     collect,
@@ -33,6 +36,57 @@ def tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_path)
+
+
+def test_the_first_token_comes_from_the_prefill_replica_before_the_decode_replica_is_called(model_path, tokenizer):
+    whole, _ = collect(frontend(model_path, FakeController(routed(None, "d1")), FakeTextPools(tokenizer)), 12)
+    pools = FakeTextPools(tokenizer)
+    fe = frontend(model_path, FakeController(routed("p1", "d1")), pools)
+    served_at_first: list[list] = []
+
+    async def go() -> list:
+        chunks = []
+        async for chunk in fe.stream(await fe.completion_request(PROMPT, Sampling(max_tokens=12))):
+            if not chunks:
+                served_at_first.append(list(pools.served))
+            chunks.append(chunk)
+        return chunks
+
+    chunks = asyncio.run(go())
+    assert served_at_first == [[]] and chunks[0].token_ids == pools.answer_ids[:1]
+    assert [t for c in chunks for t in c.token_ids] == [t for c in whole for t in c.token_ids]
+    assert text_of(chunks) == text_of(whole) and chunks[-1].finish_reason == "length"
+    # The decode replica went on from the prompt and that token, for the other 11, its KV from p1.
+    assert pools.prefills == [("p1", "d1:1")]
+    assert [(r, n) for r, _, n in pools.served] == [("d1", len(PROMPT) + 1)]
+
+
+def test_a_stop_string_spanning_the_prefills_token_and_the_decode_replicas_ends_the_answer_as_unbroken(
+        model_path, tokenizer):
+    first = tokenizer.decode(tokenizer.encode(ANSWER, add_special_tokens=False)[:1])
+    stop = [ANSWER[len(first) - 2:len(first) + 2]]  # starts in the first token's text, ends in the next one's
+    whole, _ = collect(frontend(model_path, FakeController(routed(None, "d1")), FakeTextPools(tokenizer)), 12, stop)
+    pools = FakeTextPools(tokenizer)
+    chunks, error = collect(frontend(model_path, FakeController(routed("p1", "d1")), pools), 12, stop)
+    assert error is None and text_of(chunks) == text_of(whole) == ANSWER[:len(first) - 2]
+    assert chunks[-1].finish_reason == whole[-1].finish_reason == "stop"
+    assert [s.cancelled for s in pools.streams] == [True]  # the decode replica is stopped generating
+
+
+def test_an_answer_ending_at_the_prefills_first_token_frees_its_kv_on_the_decode_replica(model_path, tokenizer):
+    first = tokenizer.decode(tokenizer.encode(ANSWER, add_special_tokens=False)[:1])
+    pools = FakeTextPools(tokenizer)
+    chunks, error = collect(frontend(model_path, FakeController(routed("p1", "d1")), pools), 12, [first[2:]])
+    assert error is None and text_of(chunks) == first[:2] and chunks[-1].finish_reason == "stop"
+    assert pools.served == [] and [replica for _, replica in pools.discarded] == ["d1"]
+
+
+def test_a_one_token_answer_is_the_prefill_replicas_alone_and_moves_no_kv(model_path, tokenizer):
+    pools = FakeTextPools(tokenizer)
+    chunks, error = collect(frontend(model_path, FakeController(routed("p1", "d1")), pools), 1)
+    assert error is None and [t for c in chunks for t in c.token_ids] == pools.answer_ids[:1]
+    assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 1
+    assert pools.prefills == [("p1", None)] and pools.served == [] and pools.discarded == []
 
 
 def test_text_held_back_for_a_stop_string_is_still_sent_when_its_replica_dies(model_path, tokenizer):

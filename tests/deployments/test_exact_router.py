@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from ray import serve
 from ray.serve.config import RequestRouterConfig
-from ray.serve.request_router import PendingRequest
+from ray.serve.request_router import PendingRequest, RequestRouter
 
 from pdserve.deployments.exact_router import MISSING_REPLICA_GRACE_S, ExactReplicaRouter
 from pdserve.deployments.failover import as_serve_error
@@ -67,7 +67,6 @@ async def test_a_call_for_a_missing_replica_fails_as_lost_after_the_grace_and_th
     assert await choose(request) == [REPLICAS]  # asked again: the failure stands
 
 
-
 async def test_a_call_for_a_replica_that_left_the_running_ones_fails_at_once_as_departed():
     r = router(departed=("old",))  # "old" is draining after a scale-down, or died
     request = pending("old")
@@ -78,6 +77,26 @@ async def test_a_call_for_a_replica_that_left_the_running_ones_fails_at_once_as_
     assert isinstance(lost, ReplicaLost) and lost.departed
     newcomer = pending("c")  # never seen: it may be about to appear, so it gets the grace
     assert await r.choose_replicas(REPLICAS, newcomer) == [[]] and not newcomer.future.done()
+
+
+async def test_the_named_replica_gets_the_call_without_a_queue_length_probe_unless_known_full(monkeypatch):
+    probed: list[list] = []
+
+    async def probe(self, candidates, backoff_index):  # Serve's own selection: it probes queue lengths
+        probed.append(candidates)
+        return None
+
+    monkeypatch.setattr(RequestRouter, "_select_from_candidate_replicas", probe)
+    r = router()
+    named = SimpleNamespace(replica_id="b", max_ongoing_requests=2)
+    assert await r._select_from_candidate_replicas([named], 0) is named and probed == []
+    r._replica_queue_len_cache.update("b", 1)
+    assert await r._select_from_candidate_replicas([named], 0) is named and probed == []
+    r._replica_queue_len_cache.update("b", 2)  # full, as the replica last said: Serve probes and backs off
+    assert await r._select_from_candidate_replicas([named], 0) is None and probed == [[named]]
+    several = [named, SimpleNamespace(replica_id="a", max_ongoing_requests=2)]  # an unnamed call
+    await r._select_from_candidate_replicas(several, 0)
+    assert probed[-1] == several
 
 
 @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 0},

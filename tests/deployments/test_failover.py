@@ -43,14 +43,16 @@ def test_a_decode_replica_lost_mid_stream_hands_over_without_repeating_or_losing
     assert [t for c in chunks for t in c.token_ids] == unbroken(10)
     assert [c.completion_tokens for c in chunks] == list(range(1, 11))
     assert chunks[-1].finish_reason == "length" and chunks[-1].prompt_tokens == len(PROMPT)
-    # The second replica was sent the prompt plus the 4 tokens already streamed, for the 6 left,
-    # routed best effort; the dead one was reported and both attempts were released.
-    assert controller.routes == [(3, 10, False), (7, 6, True)]
-    assert [(replica, tokens) for replica, _, tokens in pools.served] == [("d1", 3), ("d2", 7)]
+    # The client had the prefill's first token and d1's 4: the retry, routed best effort, went on from
+    # the prompt plus those 5 for the 5 left; each decode replica went on from its prefill's first token.
+    assert controller.routes == [(3, 10, False), (8, 5, True)]
+    assert [(replica, tokens) for replica, _, tokens in pools.served] == [("d1", 4), ("d2", 9)]
     assert controller.lost == ["d1"]
     first_id, second_id = (rid for _, rid, _ in pools.served)
     assert second_id == f"{first_id}-r1"
-    assert controller.released == [(first_id, 4), (second_id, 6)]
+    assert controller.released == [(first_id, 5), (second_id, 5)]
+    # A seeded generator skips what was sampled before: d1 the prefill's token, d2 those 5 and its prefill's.
+    assert pools.sampled == [1, 6]
     assert not any(s.cancelled for s in pools.streams)  # both ended by themselves: nothing to cancel
 
 
@@ -132,6 +134,16 @@ def test_a_prefill_replica_lost_before_the_first_token_is_served_again_on_anothe
     assert controller.routes == [(3, 5, False), (3, 5, True)] and controller.lost == ["p1"]
 
 
+def test_a_prefill_call_stuck_on_a_replica_that_left_the_live_ones_is_given_up_and_served_on_another(model_path):
+    controller = FakeController(routed("p1", "d1"), routed("p2", "d1"))
+    fe = frontend(model_path, controller, FakePools(hung_prefills=("p1",)))
+    fe.view.observe([{"pool": "prefill", "live": True, "replica_id": "p2"},
+                     {"pool": "decode", "live": True, "replica_id": "d1"}], time.monotonic())
+    chunks, error = collect(fe, max_tokens=4)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert controller.lost == ["p1"] and [resuming for *_, resuming in controller.routes] == [False, True]
+
+
 def test_a_second_loss_is_also_handed_over_within_the_retry_budget(model_path):
     controller = FakeController(routed(None, "d1"), routed(None, "d2"), routed(None, "d3"))
     pools = FakePools(decode_dies_after={"d1": 2, "d2": 3})
@@ -144,7 +156,7 @@ def test_with_no_retries_a_lost_replica_ends_the_answer_with_a_retriable_error(m
     controller = FakeController(routed("p1", "d1"), routed("p1", "d2"))
     pools = FakePools(decode_dies_after={"d1": 4})
     chunks, error = collect(frontend(model_path, controller, pools, replica_loss_retries=0), max_tokens=10)
-    assert [t for c in chunks for t in c.token_ids] == unbroken(4)
+    assert [t for c in chunks for t in c.token_ids] == unbroken(1 + 4)  # the prefill's first token, then d1's
     assert isinstance(error, ReplicaLost) and error.http_status == 503 and error.code == "replica_lost"
     assert "Retry-After" in error.headers()
     assert len(controller.routes) == 1 and controller.lost == ["d1"]
@@ -155,7 +167,7 @@ def test_with_no_decode_replica_left_the_answer_ends_with_a_retriable_error_afte
     controller = FakeController(routed("p1", "d1"), gone)
     pools = FakePools(decode_dies_after={"d1": 2})
     chunks, error = collect(frontend(model_path, controller, pools), max_tokens=10)
-    assert [t for c in chunks for t in c.token_ids] == unbroken(2)
+    assert [t for c in chunks for t in c.token_ids] == unbroken(1 + 2)
     assert type(error) is Unavailable and "no live instance" in error.message
     assert len(controller.routes) > 2  # it asked again while waiting for a replica
 

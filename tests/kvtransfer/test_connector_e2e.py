@@ -54,15 +54,26 @@ def prompts(tokenizer) -> dict:
     ids = tokenizer(TEXT * 40)["input_ids"]
     assert len(ids) > max(LENGTHS)
     doomed = tokenizer(" ".join(reversed(TEXT.split())) * 40)["input_ids"][:1000]
-    return {**{n: ids[:n] for n in LENGTHS}, "forged": tokenizer(FORGED_TEXT)["input_ids"], "doomed": doomed}
+    return {**{n: ids[:n] for n in LENGTHS}, "forged": tokenizer(FORGED_TEXT)["input_ids"], "doomed": doomed,
+            "open": tokenizer(OPEN_TEXT)["input_ids"]}
+
+
+SEEDED = {"temperature": 1.0, "seed": 1234}
+OPEN_TEXT = "Here are some unusual ideas for a rainy weekend at home with friends:"
+"""An open-ended prompt, where sampled answers spread (the repeated TEXT is continued near-certainly)."""
 
 
 @pytest.fixture(scope="module")
-def reference(model_dir, prompts) -> dict[int, list[int]]:
-    """Greedy output of one plain engine, computed before the P/D engines start."""
+def reference(model_dir, prompts) -> dict[int | str, list[int]]:
+    """Greedy output of one plain engine, computed before the P/D engines start; and its seeded
+    sampled answer to the open-ended prompt (`seeded-open`)."""
     plain = EngineProcess(EngineSpec(model_dir, "plain", cpu_bind="0-1"))
     try:
-        return {k: plain.generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS})["token_ids"] for k, ids in prompts.items()}
+        out = {k: plain.generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS})["token_ids"]
+               for k, ids in prompts.items()}
+        out["seeded-open"] = plain.generate({"prompt_token_ids": prompts["open"], "max_tokens": MAX_TOKENS,
+                                             **SEEDED})["token_ids"]
+        return out
     finally:
         plain.stop()
 
@@ -118,6 +129,44 @@ def test_decode_fed_by_prefill_is_token_identical_to_plain_engine(pd, prompts, r
     # counter shows them as cached (vLLM always recomputes the last one for logits).
     assert rep["tokens"] == n
     assert dr["num_cached_tokens"] >= n - 1
+
+
+@pytest.mark.parametrize("n, sampling", [(42, {}), (129, {}), ("open", SEEDED)], ids=["42", "129", "open-seeded"])
+def test_an_answer_going_on_from_the_prefill_engines_first_token_is_the_plain_engines(pd, prompts, reference, n,
+                                                                                      sampling):
+    tid = uuid.uuid4().hex
+    first = pd.prefill.generate({"prompt_token_ids": prompts[n], "max_tokens": 1, **sampling,
+                                 "kv_transfer_params": params.for_prefill(tid, pd.addr)})
+    rest = pd.decode.generate({"prompt_token_ids": prompts[n] + first["token_ids"], "max_tokens": MAX_TOKENS - 1,
+                               **sampling, "sampled_tokens": 1,
+                               "kv_transfer_params": params.for_decode(tid, kv_tokens=len(prompts[n]))})
+    rep = _report(rest)
+    # The prompt's KV came; the first token, prompt to the decode engine, was computed there.
+    assert rep["state"] == "DONE" and rep["tokens"] == len(prompts[n]), rep
+    expected = reference[f"seeded-{n}" if sampling else n]
+    assert first["token_ids"] + rest["token_ids"] == expected
+    _assert_no_leak(pd)
+
+
+def test_kv_pushed_for_an_answer_that_ended_at_its_first_token_is_freed_when_discarded(pd, prompts):
+    tid = uuid.uuid4().hex
+    pd.prefill.generate({"prompt_token_ids": prompts[129], "max_tokens": 1,
+                         "kv_transfer_params": params.for_prefill(tid, pd.addr)})
+    deadline = time.monotonic() + 30
+    while pd.decode.call("connector")["receiver"]["staged_bytes"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pd.decode.call("connector")["receiver"]["staged_bytes"] > 0  # staged, and no request will load it
+    assert pd.decode.call("rpc", {"method": "pdserve_discard_kv_transfer", "args": [tid]}) is True
+    _assert_no_leak(pd)
+
+
+def test_a_seeded_answer_going_on_without_skipping_the_first_draw_differs(pd, prompts, reference):
+    """What the skip is for: the decode engine's generator would otherwise draw anew."""
+    first = pd.prefill.generate({"prompt_token_ids": prompts["open"], "max_tokens": 1, **SEEDED})
+    rest = pd.decode.generate({"prompt_token_ids": prompts["open"] + first["token_ids"],
+                               "max_tokens": MAX_TOKENS - 1, **SEEDED})
+    assert first["token_ids"] == reference["seeded-open"][:1]
+    assert first["token_ids"] + rest["token_ids"] != reference["seeded-open"]
     _assert_no_leak(pd)
 
 

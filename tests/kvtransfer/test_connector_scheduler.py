@@ -47,6 +47,24 @@ def test_decode_load_skips_blocks_already_in_the_local_prefix_cache():
     assert (job.first_block, job.block_ids) == (2, [6])
 
 
+def test_a_request_continuing_from_the_prefill_engines_first_token_loads_only_the_prompt_before_it():
+    side = _side()
+    req = _request("r1", 130, params.for_decode("t1", kv_tokens=129))  # prompt + the first token
+    assert side.get_num_new_matched_tokens(req, 0) == (129, True)
+    side.update_state_after_alloc(req, _blocks([7, 3]), 129)
+    (job,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (job.num_tokens, job.block_ids) == (129, [7, 3])
+
+
+def test_kv_tokens_beyond_the_prompt_load_nothing_and_cancel_the_transfer():
+    side = _side()
+    req = _request("r1", 50, params.for_decode("t1", kv_tokens=51))
+    assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+    side.update_state_after_alloc(req, _blocks([1]), 0)
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert meta.loads == [] and list(meta.cancels) == ["t1"]
+
+
 def test_decode_request_with_the_whole_prompt_cached_cancels_its_transfer():
     side = _side()
     req = _request("r1", 256, params.for_decode("t1"))

@@ -28,6 +28,7 @@ def test_prefill_params_carry_the_trace_parent_for_the_transfer():
 def test_for_decode_round_trips_through_parse():
     assert params.parse(params.for_decode("tid-2", lease_ms=50)) == RecvParams("tid-2", 50)
     assert params.parse(params.for_decode("tid-2")) == RecvParams("tid-2", 30_000)
+    assert params.parse(params.for_decode("tid-2", kv_tokens=7)) == RecvParams("tid-2", 30_000, 7)
 
 
 def test_params_live_under_their_own_key_next_to_foreign_ones():
@@ -65,6 +66,9 @@ def _with(**entry):
         (_with(op=None), "op"),
         (_with(trace_parent=7), "trace_parent"),
         (_with(trace_parent="x" * 300), "trace_parent"),
+        (_with(op="recv", kv_tokens=0), "kv_tokens"),
+        (_with(op="recv", kv_tokens="12"), "kv_tokens"),
+        pytest.param(_with(op="recv", kv_tokens=True), "kv_tokens", id="bool_kv_tokens"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

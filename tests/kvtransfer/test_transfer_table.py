@@ -260,11 +260,26 @@ def test_expired_placeholder_is_failed_even_if_never_opened():
 def test_open_joins_the_expect_placeholder_and_keeps_its_deadline():
     table = make_table()
     table.expect("t", deadline_s=5.0)
-    t = table.open(open_msg(lease_ms=60_000), now_s=1.0)
+    t = table.open(open_msg(lease_ms=60_000), now_s=1.0)  # the sender's lease does not extend the consumer's
     assert t.deadline_s == 5.0 and t.opened and t.reserved_bytes == NEED
-    table.expect("t", deadline_s=99.0)
-    assert t.deadline_s == 5.0
     assert table.snapshot()["active"] == 1 and table.snapshot()["opened"] == 1
+
+
+def test_a_staged_transfer_whose_consumer_comes_late_is_kept_for_the_consumers_lease():
+    table = make_table()
+    t = table.open(open_msg(lease_ms=1_000), now_s=0.0)  # pushed before any decode request expects it
+    table.expect("t", deadline_s=30.0)  # the decode request, after the prefill engine's first token
+    assert t.deadline_s == 30.0 and table.expire(2.0) == []
+    table.expect("t", deadline_s=10.0)  # never shortened
+    assert t.deadline_s == 30.0
+
+
+def test_a_failed_transfer_is_not_revived_by_its_consumer():
+    table = make_table()
+    table.open(open_msg(lease_ms=1_000), now_s=0.0)
+    assert table.expire(2.0) == ["t"]
+    table.expect("t", deadline_s=30.0)
+    assert table.state_of("t") is TransferState.FAILED and table.expire(3.0) == []
 
 
 def test_open_of_an_expired_placeholder_is_refused():

@@ -115,19 +115,26 @@ def seed_as_vllm_does(sampling: Sampling) -> None:
 
 
 class FakeEnginePool:
-    """An engine pool's handle: `prefill` reports a prefill; `generate` streams up to three
+    """An engine pool's handle: `prefill` answers the first token; `generate` streams up to three
     one-token chunks, the last with a finish reason and a KV transfer report."""
 
     def __init__(self) -> None:
         self.prefill = FakeRemoteMethod(self._prefill)
         self.generate = FakeRemoteMethod(self._generate)
+        self.discard_kv = FakeRemoteMethod(self._discard_kv)
 
     def options(self, **_: Any) -> FakeEnginePool:
         return self
 
     @staticmethod
-    async def _prefill(req: GenerateRequest, kv_addr: str, lease_ms: int, **_: Any) -> dict:
-        return {"prefill_ms": 1.0, "kv_transfer": None}
+    async def _prefill(req: GenerateRequest, kv_addr: str | None, lease_ms: int, **_: Any) -> dict:
+        seed_as_vllm_does(req.sampling)
+        return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [99], "text": " first",
+                "finish_reason": "length"}
+
+    @staticmethod
+    async def _discard_kv(transfer_id: str, **_: Any) -> None:
+        return None
 
     @classmethod
     def _generate(cls, req: GenerateRequest, max_tokens: int, lease_ms: int, **_: Any) -> FakeEngineStream:
