@@ -18,6 +18,8 @@ class InstanceView:
         """Live instances per pool in the last snapshot; None before the first."""
         self.live_ids: set[str] = set()
         """The live instances' replica ids in the last snapshot."""
+        self.seen_live: set[str] = set()
+        """Every replica id any snapshot showed live (ids are never reused)."""
         self._seen_at_s = 0.0
         self._refreshed_at_s = -float("inf")
 
@@ -28,10 +30,13 @@ class InstanceView:
                 live[inst["pool"]] += 1
         self.live, self._seen_at_s = live, now_s
         self.live_ids = {inst["replica_id"] for inst in snapshot if inst["live"] and "replica_id" in inst}
+        self.seen_live |= self.live_ids
 
     def gone(self, replica_id: str, now_s: float) -> bool:
-        """Whether a fresh view says `replica_id` is not live; a stale view says nothing."""
-        return self.fresh(now_s) and replica_id not in self.live_ids
+        """Whether a fresh view says `replica_id`, once seen live, is live no more. A replica this
+        view never saw live says nothing (the controller may have routed to it before this view's
+        next snapshot), nor does a stale view."""
+        return self.fresh(now_s) and replica_id in self.seen_live and replica_id not in self.live_ids
 
     def fresh(self, now_s: float) -> bool:
         return self.live is not None and now_s - self._seen_at_s <= STALE_POLLS * self.poll_interval_s

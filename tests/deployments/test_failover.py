@@ -137,8 +137,9 @@ def test_a_prefill_replica_lost_before_the_first_token_is_served_again_on_anothe
 def test_a_prefill_call_stuck_on_a_replica_that_left_the_live_ones_is_given_up_and_served_on_another(model_path):
     controller = FakeController(routed("p1", "d1"), routed("p2", "d1"))
     fe = frontend(model_path, controller, FakePools(hung_prefills=("p1",)))
-    fe.view.observe([{"pool": "prefill", "live": True, "replica_id": "p2"},
-                     {"pool": "decode", "live": True, "replica_id": "d1"}], time.monotonic())
+    live = [{"pool": "prefill", "live": True, "replica_id": "p2"}, {"pool": "decode", "live": True, "replica_id": "d1"}]
+    fe.view.observe([*live, {"pool": "prefill", "live": True, "replica_id": "p1"}], time.monotonic())
+    fe.view.observe(live, time.monotonic())  # p1 left
     chunks, error = collect(fe, max_tokens=4)
     assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
     assert controller.lost == ["p1"] and [resuming for *_, resuming in controller.routes] == [False, True]

@@ -7,11 +7,21 @@ SNAPSHOT = [{"pool": "prefill", "live": True, "replica_id": "p1"},
             {"pool": "decode", "live": True, "replica_id": "d1"}]
 
 
-def test_a_replica_missing_or_not_live_in_a_fresh_view_is_gone():
+def test_a_replica_seen_live_that_left_or_stopped_reporting_is_gone():
     view = InstanceView(["prefill", "decode"])
     view.observe(SNAPSHOT, now_s=10.0)
-    assert view.live == {"prefill": 1, "decode": 1}
-    assert not view.gone("p1", 10.5) and view.gone("p2", 10.5) and view.gone("p9", 10.5)
+    assert view.live == {"prefill": 1, "decode": 1} and not view.gone("p1", 10.5)
+    view.observe([SNAPSHOT[2]], now_s=11.0)  # p1 left the controller's instances
+    assert view.gone("p1", 11.5)
+    view.observe([{**SNAPSHOT[0], "live": False}], now_s=12.0)  # or its reports stopped
+    assert view.gone("p1", 12.5)
+
+
+def test_a_replica_this_view_never_saw_live_is_not_gone():
+    """The controller may route to a new replica before this view's next snapshot shows it."""
+    view = InstanceView(["prefill", "decode"])
+    view.observe(SNAPSHOT, now_s=10.0)
+    assert not view.gone("p2", 10.5) and not view.gone("new", 10.5)
 
 
 def test_a_stale_view_says_no_replica_is_gone():
