@@ -20,6 +20,18 @@ def snapshot(svc) -> list[dict]:
     return serve.get_deployment_handle("controller", svc.cfg.app_name).snapshot.remote().result()
 
 
+def live_replicas(svc, pool: str) -> int:
+    return sum(i["pool"] == pool and i["live"] for i in snapshot(svc))
+
+
+def wait_for_full_pools(svc, replicas: dict[str, int]) -> None:
+    """A kill test starts with every replica live: a replica killed by the test before is
+    replaced by Serve, but its engine takes a minute or more to start, and killing the only
+    live one of a pool leaves a retry nowhere to go."""
+    for pool, n in replicas.items():
+        wait_until(lambda pool=pool, n=n: live_replicas(svc, pool) == n, 300, f"{n} live {pool} replicas")
+
+
 def kill_replica(svc, deployment: str, replica_id: str = "") -> None:
     """Kill a replica's actor, as a crashed process or a lost node would; Serve starts a new one."""
     import ray

@@ -22,7 +22,7 @@ import grpc
 import pytest
 
 from pdserve.model_store import resolve_model
-from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, snapshot, wait_until
+from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, snapshot, wait_for_full_pools, wait_until
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow
@@ -33,6 +33,7 @@ API_KEY = "pdserve-test-key-4f1c9a7be2d3"
 KV_SECRET = "kv-secret-0b8e5d2a91c7f364"
 WRONG_KEY = "not-the-key-77d2e91f0a"
 MAX_TOKENS = 40
+FULL = {"prefill": 2, "decode": 2}
 PROMPTS = [f"Tell the story of the {animal} who learned to sing." for animal in ("fox", "owl", "bear", "crow")]
 LONG_PROMPTS = [" ".join(f"Line {i} of report {k}: the numbers are steady." for i in range(50)) for k in range(6)]
 
@@ -40,7 +41,7 @@ LONG_PROMPTS = [" ".join(f"Line {i} of report {k}: the numbers are steady." for 
 @pytest.fixture(scope="module")
 def svc():
     cfg = service_config(
-        prefill={"replicas": 2}, decode={"replicas": 2}, log_level="INFO",
+        prefill={"replicas": FULL["prefill"]}, decode={"replicas": FULL["decode"]}, log_level="INFO",
         kv_transfer={"secret": KV_SECRET}, slo={"on_unmeetable": "best_effort"},
         ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": 300})
     with running_service(cfg, str(resolve_model(None)), num_cpus=6) as s:
@@ -118,6 +119,7 @@ def losses(svc, phase: str) -> float:
 
 
 def test_a_decode_replica_killed_mid_stream_hands_its_streams_over_token_for_token(svc, client, model, reference):
+    wait_for_full_pools(svc, FULL)
     before = losses(svc, "decode")
     streams = [Stream(p).start(client, model) for p in PROMPTS]
     wait_until(lambda: all(s.chunks >= 3 for s in streams), 120, "every stream to be under way")
@@ -178,6 +180,7 @@ def test_a_decode_replica_killed_with_stop_strings_in_play_answers_as_an_unbroke
     stops = {p: never for p in PROMPTS[:2]} | {p: [plain[p][8:68]] for p in PROMPTS[2:]}
     unbroken = {p: GrpcStream(p, stops[p]).run(svc, model) for p in PROMPTS}
     assert all(unbroken[p].text == plain[p][:8] and unbroken[p].finish_reason == "stop" for p in PROMPTS[2:])
+    wait_for_full_pools(svc, FULL)
     before = losses(svc, "decode")
     streams = [GrpcStream(p, stops[p]).start(svc, model) for p in PROMPTS]
     wait_until(lambda: all(len(s.token_ids) >= 3 for s in streams), 120, "every stream to be under way")
@@ -197,8 +200,7 @@ def test_a_decode_replica_killed_with_stop_strings_in_play_answers_as_an_unbroke
 
 
 def test_a_prefill_replica_killed_with_prompts_queued_serves_them_on_the_other(svc, client, model, reference):
-    wait_until(lambda: sum(i["pool"] == "prefill" and i["live"] for i in snapshot(svc)) == 2, 300,
-               "two live prefill replicas")
+    wait_for_full_pools(svc, FULL)
     before = losses(svc, "prefill")
     streams = [Stream(p).start(client, model) for p in LONG_PROMPTS]
     queued = lambda: [i for i in snapshot(svc) if i["pool"] == "prefill" and i["live"] and i["queued_prefill_tokens"]]  # noqa: E731

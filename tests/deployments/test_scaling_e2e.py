@@ -13,7 +13,7 @@ import time
 import pytest
 
 from pdserve.model_store import resolve_model
-from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, snapshot, wait_until
+from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, live_replicas, wait_until
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow
@@ -104,10 +104,6 @@ class Traffic:
 
     def count(self, kind: str = "ok") -> int:
         return sum(o[0] == kind for o in self.outcomes)
-
-
-def live_replicas(svc, pool: str) -> int:
-    return sum(i["pool"] == pool and i["live"] for i in snapshot(svc))
 
 
 def test_pools_scaled_down_and_up_and_the_ingress_killed_under_steady_traffic_lose_no_request(
