@@ -34,7 +34,7 @@ class EngineTarget:
     """One engine replica of a deployed application, reached through a Serve handle."""
 
     app_name: str
-    pool: str  # "decode" or "colocated": the servers that can prefill and decode by themselves
+    pool: str  # "decode", "colocated" or "adaptive": the servers that can prefill and decode by themselves
     replica_id: str
     lease_ms: int
 
@@ -43,7 +43,7 @@ async def find_engine(app_name: str, mode: str, lease_ms: int, timeout_s: float 
     """An engine replica that has reported to the controller (the first one, by id)."""
     from ray import serve
 
-    pool = "colocated" if mode == "colocated" else "decode"
+    pool = mode if mode in ("colocated", "adaptive") else "decode"
     controller = serve.get_deployment_handle("controller", app_name=app_name)
     deadline = time.monotonic() + timeout_s
     while True:

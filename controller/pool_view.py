@@ -33,6 +33,8 @@ class Row:
     max_ongoing: int
     node: int
     """The instance's node, as a small integer shared by all pools."""
+    prefill_chunk_tokens: int
+    """Most prompt tokens its engine prefills in one step; 0: a whole prompt in one step."""
 
 
 _COLUMNS = tuple(f.name for f in fields(Row))[2:]
@@ -48,7 +50,7 @@ class PoolView:
         self.replica_ids = [r.replica_id for r in rows]
         self.kv_addrs = [r.kv_addr for r in rows]
         for name in _COLUMNS:
-            dtype = np.int64 if name in ("load", "max_ongoing", "node") else np.float64
+            dtype = np.int64 if name in ("load", "max_ongoing", "node", "prefill_chunk_tokens") else np.float64
             setattr(self, name, np.array([getattr(r, name) for r in rows], dtype=dtype))
         self.open = self.load < self.max_ongoing
         self.open_prefill_base_ms = np.where(self.open, self.prefill_base_ms, np.inf)
@@ -70,6 +72,7 @@ class PoolView:
     load: np.ndarray
     max_ongoing: np.ndarray
     node: np.ndarray
+    prefill_chunk_tokens: np.ndarray
 
     def set_row(self, i: int, row: Row) -> None:
         self.kv_addrs[i] = row.kv_addr

@@ -55,6 +55,9 @@ class LoadReport:
     total_kv_blocks: int = 0
     block_size: int = 16
     """Tokens per KV block."""
+    prefill_chunk_tokens: int = 0
+    """Most prompt tokens its engine prefills in one step (chunked prefill), so the most one
+    step of the requests decoding there stalls for a prompt; 0: a prompt in one step."""
     recent_ttft_ms: float = 0.0
     """Recent prefill time of its requests (moving average; 0 before the first)."""
     recent_tpot_ms: float = 0.0
@@ -138,7 +141,7 @@ class Instance:
             prefill_ms_per_token=self.prefill_fix.factor * p.prefill_ms_per_token, last_seen_s=self.last_seen_s,
             tpot_floor_ms=min(tpots, default=float("inf")),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
-            load=self.load, max_ongoing=r.max_ongoing, node=self.node,
+            load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
         )
 
 

@@ -41,7 +41,7 @@ class Controller:
                  autoscaling: tuple[AutoscalingConfig, AutoscalingPolicy] | None = None,
                  expert_windows_s: dict[str, float] | None = None):
         telemetry.setup_logging(log_level)
-        self.colocated = mode == "colocated"
+        self.mode = mode
         self.routing = routing
         self.kv_bytes_per_token = kv_bytes_per_token
         self.best_effort = best_effort
@@ -116,8 +116,12 @@ class Controller:
         now = time.monotonic()
         live_after = now - self.registry.ttl_s
         view = self.registry.view
-        prefill = None if self.colocated else view("prefill")
-        decode = view("colocated" if self.colocated else "decode")
+        if self.mode == "adaptive":  # one pool, every instance prefilling and decoding
+            decode = view("adaptive")
+            prefill = decode if self.routing.policy == "slo" else None
+        else:
+            prefill = None if self.mode == "colocated" else view("prefill")
+            decode = view("colocated" if self.mode == "colocated" else "decode")
         if self.routing.policy == "least_load":
             decision = choose_least_load(req, prefill, decode, live_after)
         else:

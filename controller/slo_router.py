@@ -12,6 +12,13 @@ For a request of P prompt tokens with objectives (TTFT, TPOT):
 - the pair with the lowest predicted TTFT among those meeting both objectives wins. When
   none meets them the request is refused at once (or served best-effort, by policy), and
   a lower priority needs more predicted room, so it is refused first.
+
+Adaptive mode passes one view as both pools: every instance prefills and decodes, with chunked
+prefill. A prompt is prefilled where it decodes (any length), or on another instance with its KV
+moved; either way its chunks stretch each step of the requests decoding on the instance that
+prefills it by one chunk's compute, which must keep them within their TPOT objectives. So under
+TPOT-tight load an instance with decodes running prefills nothing and the pool splits into
+prefilling and decoding instances by itself; under loose objectives it serves as colocated.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
 from pdserve.controller.pool_view import PoolView
 
+DISAGGREGATED_LOCAL_MAX_TOKENS = 64
+"""`local_prefill_max_tokens` unset, in disaggregated mode: a decode engine prefills a prompt in
+one step, stalling every request decoding there for all of it."""
+
 
 def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
     return tokens * kv_bytes_per_token * 8 / (gbps * 1e6)
@@ -31,26 +42,33 @@ def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
 
 def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
                cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False) -> Decision:
-    """The pair for `req`; `prefill` None means colocated (every instance prefills its own).
+    """The pair for `req`; `prefill` None means colocated (every instance prefills its own),
+    `prefill` the very view `decode` is means adaptive (every instance does both).
     Instances that last reported before `live_after_s` are out of routing.
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
     n, slo = req.prompt_tokens, req.slo
+    adaptive = prefill is decode
     step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
     headroom = max(0.05, 1.0 - cfg.priority_margin * slo.priority)
     roomy = (decode.last_seen_s >= live_after_s) & (
         decode.open_kv_tokens >= n + min(req.max_tokens, cfg.kv_reserve_tokens))
     meets = roomy & (step <= decode.tpot_floor_ms) & (step <= slo.tpot_ms * headroom)
 
-    local_allowed = prefill is None or n <= cfg.local_prefill_max_tokens
+    cap = cfg.local_prefill_max_tokens if cfg.local_prefill_max_tokens is not None else (
+        None if adaptive else DISAGGREGATED_LOCAL_MAX_TOKENS)
+    local_allowed = prefill is None or cap is None or n <= cap
     local_ttft = None
-    if local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
+    if local_allowed and adaptive:
+        local_ttft = np.where(_prefill_fits(n, decode), _chunked_prefill_ms(n, decode) + step, np.inf)
+    elif local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
         stall = decode.prefill_base_ms + decode.prefill_ms_per_token * n
         local_ttft = np.where(stall <= decode.tpot_floor_ms, step + stall, np.inf) if prefill is not None else step + stall
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
-        first, arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
+        arrive = _kv_arrival_elsewhere if adaptive else _kv_arrival
+        first, arrival, pick_prefill = arrive(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
         remote_ttft = np.broadcast_to(first, step.shape)
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
     if local_ttft is None:
@@ -69,7 +87,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         if refusal is None:
             d = int(np.where(roomy, ttft, np.inf).argmin())
             if not best_effort or not np.isfinite(ttft[d]):
-                return _refused(req, roomy, ttft, step, headroom, "decode" if prefill is not None else "colocated")
+                return _refused(req, roomy, ttft, step, headroom, _pool_name(prefill, decode))
             note = "best effort, objectives not met: "
         else:
             return refusal
@@ -85,7 +103,7 @@ def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live
              roomy: np.ndarray, local_allowed: bool, cfg: RoutingConfig) -> Decision | None:
     """Why no pair meets the objectives when the reason is a pool's state (nothing live,
     everything full, no KV room); None when it is the predicted latencies."""
-    pool = "decode" if prefill is not None else "colocated"
+    pool = _pool_name(prefill, decode)
     live = decode.last_seen_s >= live_after_s
     if not live.any():
         return Decision(Outcome.UNAVAILABLE, reason=f"no live {pool} instance")
@@ -96,7 +114,7 @@ def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live
         most = float(decode.free_kv_tokens[live & decode.open].max())
         return Decision(Outcome.OVERLOADED, reason=f"no {pool} instance has KV room for {need} tokens "
                         f"(most free: {most:.0f})")
-    if prefill is not None and not local_allowed:
+    if prefill is not None and prefill is not decode and not local_allowed:
         p_live = prefill.last_seen_s >= live_after_s
         if not p_live.any():
             return Decision(Outcome.UNAVAILABLE, reason="no live prefill instance")
@@ -133,6 +151,59 @@ def _kv_arrival(n: int, prefill: PoolView, live_after_s: float, decode: PoolView
         return int(starts[k] + np.argmin(ready[starts[k]:end]))
 
     return np.where(use_same, same_ready, float(ready[best])), np.minimum(same, cross), pick
+
+
+def _chunked_prefill_ms(n: int, view: PoolView) -> np.ndarray:
+    """When each instance would have a prompt of `n` tokens prefilled, behind its queue: chunk
+    by chunk, each chunk in a step with the requests decoding there (none: the chunk alone)."""
+    chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
+    steps = -(-n // chunk)
+    decoding = np.isfinite(view.tpot_floor_ms)
+    return view.prefill_base_ms + view.prefill_ms_per_token * n + np.where(decoding, steps * view.step_base_ms, 0.0)
+
+
+def _prefill_fits(n: int, view: PoolView) -> np.ndarray:
+    """Whether each instance can prefill `n` prompt tokens without pushing the requests decoding
+    there past their tightest TPOT objective: each of their steps carries one chunk meanwhile."""
+    chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
+    return view.step_base_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
+
+
+def _kv_arrival_elsewhere(n: int, view: PoolView, live_after_s: float, _decode: PoolView, cfg: RoutingConfig,
+                          kv_bytes_per_token: int) -> tuple[np.ndarray, np.ndarray, Callable[[int], int]]:
+    """`_kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
+    instance whose prefill has the first token, and then the KV there, soonest; an instance
+    whose decoding requests a prefill would push past their TPOT prefills nothing."""
+    if not len(view):
+        return np.inf, np.inf, lambda d: 0
+    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & _prefill_fits(n, view),
+                     _chunked_prefill_ms(n, view), np.inf)
+    rows = np.arange(len(view))
+    padded = np.r_[ready, np.inf]  # index len(view): "no other instance"
+    top = np.argsort(ready, kind="stable")[:2]
+    best, second = int(top[0]), int(top[1]) if len(top) > 1 else len(view)
+    cross_pick = np.where(rows == best, second, best)
+    cross_ready = padded[cross_pick]
+    cross = cross_ready + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:
+        return cross_ready, cross, lambda d: int(cross_pick[d])
+    # The two fastest instances of each node (rows are grouped by node): the first that is not d.
+    starts = view.node_starts
+    sizes = np.diff(np.r_[starts, len(view)])
+    group = np.repeat(np.arange(len(starts)), sizes)
+    order = np.lexsort((ready, group))
+    first = order[starts]
+    following = np.where(sizes > 1, order[np.minimum(starts + 1, len(view) - 1)], len(view))
+    same_pick = np.where(first[group] == rows, following[group], first[group])
+    same_ready = padded[same_pick]
+    same = same_ready + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    use_same = same < cross
+    pick = np.where(use_same, same_pick, cross_pick)
+    return np.where(use_same, same_ready, cross_ready), np.minimum(same, cross), lambda d: int(pick[d])
+
+
+def _pool_name(prefill: PoolView | None, decode: PoolView) -> str:
+    return "colocated" if prefill is None else "adaptive" if prefill is decode else "decode"
 
 
 def _target(view: PoolView, i: int) -> Target:

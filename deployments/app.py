@@ -10,13 +10,14 @@ from ray.serve.deployment import Application
 
 from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.server import Controller
+from pdserve.decode.adaptive import AdaptiveServer
 from pdserve.decode.colocated import ColocatedServer
 from pdserve.decode.server import DecodeServer
 from pdserve.deployments.exact_router import ExactReplicaRouter
 from pdserve.deployments.ingress import Ingress
 from pdserve.prefill.server import PrefillServer
 
-_SERVERS = {"prefill": PrefillServer, "decode": DecodeServer, "colocated": ColocatedServer}
+_SERVERS = {"prefill": PrefillServer, "decode": DecodeServer, "colocated": ColocatedServer, "adaptive": AdaptiveServer}
 # Engines take tens of seconds to load; Serve's health checks must not kill them meanwhile.
 _ENGINE_HEALTH = {"health_check_period_s": 10.0, "health_check_timeout_s": 60.0, "graceful_shutdown_timeout_s": 30.0}
 

@@ -249,8 +249,9 @@ class Frontend:
         new replica's text to what was sent."""
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
-        if self.cfg.mode == "colocated":
-            pool_name, ttft_pool, local = "colocated", "colocated", True
+        if self.cfg.mode in ("colocated", "adaptive"):  # one pool: its instances' metrics under its name
+            pool_name = ttft_pool = self.cfg.mode
+            local = decision.prefill is None
         elif decision.prefill is None:  # the controller chose to prefill this short prompt on the decode instance
             pool_name, ttft_pool, local = "decode", "decode", True
         else:
@@ -260,7 +261,8 @@ class Frontend:
                 req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=True)
             answer = decode_stream(stream, decision)
         else:
-            answer = disaggregated_answer(self.pools, req, decision, lease_ms, self._background,
+            phases = self.pools if self.cfg.mode != "adaptive" else dict.fromkeys(("prefill", "decode"), self.pools["adaptive"])
+            answer = disaggregated_answer(phases, req, decision, lease_ms, self._background,
                                           lambda task: self._prefill_done(req.request_id, task),
                                           lambda replica_id: self.view.gone(replica_id, time.monotonic()))
         async with aclosing(answer) as chunks:

@@ -1,7 +1,7 @@
 """The ingress's Prometheus metrics: what a platform team graphs and alerts on.
 
 Latencies are measured where the client sees them (the ingress), per pool: TTFT
-belongs to the pool that produced the first token's KV (prefill, or colocated),
+belongs to the pool that produced the first token (prefill, or colocated or adaptive),
 TPOT and end-to-end latency to the pool that streamed the answer.
 """
 

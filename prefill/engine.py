@@ -40,7 +40,7 @@ def served_model_name(cfg: ClusterConfig, model_path: str) -> str:
 
 
 class EngineServer:
-    """Base of the engine deployments; `role` is the pool name ("prefill", "decode", "colocated")."""
+    """Base of the engine deployments; `role` is the pool name ("prefill", "decode", "colocated", "adaptive")."""
 
     role = ""
 
@@ -83,8 +83,10 @@ class EngineServer:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
         node_id = ray.get_runtime_context().get_node_id()
+        sched = self.engine.vllm_config.scheduler_config
         self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
-                                  pool.max_ongoing_requests, time.time())
+                                  pool.max_ongoing_requests, time.time(),
+                                  prefill_chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0)
         self._reporter = asyncio.create_task(self._report_loop())
         log.info("%s replica %s ready (cores %s, node %s, kv %s)", self.role, self.replica_id, cpu_bind or "any",
                  node_id[:8], kv_listen_addr or "-")
@@ -94,7 +96,7 @@ class EngineServer:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         kv_cfg = None
-        if self.role in ("prefill", "decode"):
+        if self.role in ("prefill", "decode", "adaptive"):
             settings = cfg.kv_transfer.model_dump(mode="json", exclude={"secret", "listen_addr"})
             settings["secret"] = cfg.kv_transfer.secret_value
             if kv_listen_addr:

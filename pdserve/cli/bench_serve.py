@@ -72,8 +72,8 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
     else:
         modes = [m.strip() for m in args.compare.split(",") if m.strip()]
-        if not modes or set(modes) - {"colocated", "disaggregated"}:
-            print(f"pdserve bench serve: --compare takes colocated and/or disaggregated, got {args.compare!r}",
+        if not modes or set(modes) - {"colocated", "disaggregated", "adaptive"}:
+            print(f"pdserve bench serve: --compare takes colocated, disaggregated and/or adaptive, got {args.compare!r}",
                   file=sys.stderr)
             return 2
         report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)

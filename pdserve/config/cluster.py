@@ -33,7 +33,7 @@ def _engine_arg_names() -> frozenset[str]:
 
 
 class PoolConfig(BaseModel):
-    """One pool of identical engine replicas (prefill, decode or colocated)."""
+    """One pool of identical engine replicas (prefill, decode, colocated or adaptive)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -184,6 +184,7 @@ _POOL_DEFAULTS: dict[str, dict[str, Any]] = {
     "prefill": {"cpu_binds": ["0"]},
     "decode": {"cpu_binds": ["1"]},
     "colocated": {"replicas": 2, "cpu_binds": ["0", "1"], "engine_args": {"max_num_batched_tokens": 256}},
+    "adaptive": {"replicas": 2, "cpu_binds": ["0", "1"], "engine_args": {"max_num_batched_tokens": 256}},
 }
 
 
@@ -205,9 +206,11 @@ class ClusterConfig(BaseModel):
     """Run engines without graph capture/compilation; None: eager on CPUs (where vLLM's
     compiled mode starts minutes slower and is no faster), compiled on GPUs. A pool's
     engine_args may still set it."""
-    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    mode: Literal["disaggregated", "colocated", "adaptive"] = "disaggregated"
     """disaggregated: prefill and decode pools with KV moving between them;
-    colocated: one pool of plain engines doing both (baseline and fallback)."""
+    colocated: one pool of plain engines doing both (baseline and fallback);
+    adaptive: one pool of engines that can each prefill, decode and move KV, the controller
+    choosing per request where its prompt is prefilled and where it decodes."""
     ray_address: str | None = None
     """Join this Ray cluster ("auto" or host:port); None starts a local one."""
     app_name: str = "pdserve"
@@ -218,6 +221,9 @@ class ClusterConfig(BaseModel):
     """The decode pool (disaggregated mode)."""
     colocated: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["colocated"]))
     """The plain engine pool (colocated mode); a small prefill chunk keeps decode steps short."""
+    adaptive: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["adaptive"]))
+    """The engine pool of adaptive mode: chunked prefill (a small chunk keeps the steps of the
+    requests decoding there short) and KV both sent and received."""
     kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
     """KV channel between the pools (secret, chunking, lease). An empty secret makes
     `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
@@ -287,6 +293,8 @@ class ClusterConfig(BaseModel):
         """The pools this mode deploys, by role."""
         if self.mode == "colocated":
             return {"colocated": self.colocated}
+        if self.mode == "adaptive":
+            return {"adaptive": self.adaptive}
         return {"prefill": self.prefill, "decode": self.decode}
 
 

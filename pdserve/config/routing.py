@@ -51,10 +51,12 @@ class RoutingConfig(BaseModel):
     priority_margin: float = Field(0.1, ge=0, le=0.5)
     """A request of priority p must be predicted to meet its objectives with a margin of
     p x this fraction of them, so lower priorities are refused first as load grows."""
-    local_prefill_max_tokens: int = Field(64, ge=0)
+    local_prefill_max_tokens: int | None = Field(None, ge=0)
     """Prompts up to this many tokens may be prefilled on the decode instance itself, when
     that is predicted to give the first token sooner than a prefill instance plus the KV
-    transfer; 0 always disaggregates."""
+    transfer; 0 always disaggregates. None: 64 in disaggregated mode (a decode engine prefills
+    a prompt in one step there, stalling its batch), no limit in adaptive mode (chunked prefill
+    stalls each step by one chunk, which the router weighs)."""
     intra_node_kv_gbps: float = Field(10.0, gt=0)
     """KV transfer bandwidth between instances on one node, in gigabits per second."""
     inter_node_kv_gbps: float = Field(10.0, gt=0)

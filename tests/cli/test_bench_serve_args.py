@@ -19,7 +19,7 @@ def _exit_code(argv: list[str]) -> int:
     (["--workload", "no-such-workload"], "neither built in"),
     (["--requests", "0"], "requests_per_rate"),
     (["--slo-scale", "1,x"], "comma-separated numbers"),
-    (["--compare", "colocated,fancy"], "--compare takes colocated and/or disaggregated"),
+    (["--compare", "colocated,fancy"], "--compare takes colocated, disaggregated and/or adaptive"),
     (["--objectives", "15000"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
     (["--objectives", "summarization=15000:fast"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
     (["--objectives", "chat=1000:200,chat=2000:100"], "objectives_ms: chat given twice"),

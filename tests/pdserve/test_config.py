@@ -32,6 +32,16 @@ def test_colocated_mode_deploys_only_the_colocated_pool_with_small_prefill_chunk
     assert cfg.colocated.engine_args["max_num_batched_tokens"] == 256
 
 
+def test_adaptive_mode_deploys_one_pool_of_engines_that_send_and_receive_kv():
+    from pdserve.kvtransfer.vllm_config import kv_transfer_config
+
+    cfg = parse_config({"mode": "adaptive"})
+    assert list(cfg.pools()) == ["adaptive"] and cfg.adaptive.replicas == 2
+    assert cfg.adaptive.engine_args["max_num_batched_tokens"] == 256
+    assert kv_transfer_config("adaptive", {}).kv_role == "kv_both"
+    assert kv_transfer_config("prefill", {}).kv_role == "kv_producer"
+
+
 def test_accelerator_types_place_pools_on_different_node_types():
     cfg = parse_config({"prefill": {"accelerator_type": "H100", "num_gpus": 1},
                         "decode": {"accelerator_type": "L4", "num_gpus": 1, "resources": {"decode_slot": 1}}})

@@ -1,0 +1,89 @@
+"""Adaptive mode: one pool whose instances each prefill and decode (chunked prefill), the SLO
+router choosing per request where its prompt is prefilled and where it decodes."""
+
+import math
+
+from pdserve.config.routing import RoutingConfig
+from pdserve.controller.decision import Outcome
+from pdserve.controller.slo_router import choose_slo
+
+from .routing_states import add, book, registry, request
+
+CHUNK = 64
+KV_BYTES = 1000
+CFG = RoutingConfig()
+
+
+def route(reg, req, cfg=CFG, kv_bytes=KV_BYTES):
+    view = reg.view("adaptive")
+    return choose_slo(req, view, view, -reg.ttl_s, cfg, kv_bytes)
+
+
+def engine(reg, rid, **kw):
+    add(reg, rid, "adaptive", prefill_chunk_tokens=CHUNK, **kw)
+
+
+def test_on_an_idle_pool_a_long_prompt_is_prefilled_where_it_decodes():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    d = route(reg, request(1000))
+    assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
+    # 60 + 1.5 x 1000 (nothing decoding there: the chunks alone), then the first step 20 + 2 + 5
+    assert math.isclose(d.predicted_ttft_ms, 1587) and "local prefill" in d.reason
+
+
+def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_prompt_prefilled_elsewhere():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    book(reg, "running", 100, decode="a", tpot_ms=50)  # a's step 24.5 ms + a 64-token chunk 96 ms > 50
+    d = route(reg, request(1000))
+    # b prefills (1560 ms, first token sampled there) and the answer decodes on a, whose step
+    # with it (29.5 ms) keeps the running request within 50 ms: the pool splits into roles.
+    assert d.prefill.replica_id == "b" and d.decode.replica_id == "a"
+    assert math.isclose(d.predicted_ttft_ms, 1560)
+
+
+def test_loose_objectives_let_an_instance_prefill_while_it_decodes():
+    reg = registry()
+    engine(reg, "a")
+    book(reg, "running", 100, decode="a", tpot_ms=1000)  # 24.5 + 96 ms per step: within 1000 ms
+    d = route(reg, request(1000, ttft_ms=10_000))
+    assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
+    # 60 + 1500 + 16 chunk steps of a's batch (24.5 ms each), then the first step with it (29.5 ms)
+    assert math.isclose(d.predicted_ttft_ms, 60 + 1500 + 16 * 24.5 + 29.5)
+
+
+def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_naming_the_pool():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    book(reg, "ra", 100, decode="a", tpot_ms=50)
+    book(reg, "rb", 100, decode="b", tpot_ms=50)
+    d = route(reg, request(1000))
+    assert d.outcome is Outcome.REJECTED and "no adaptive pair" in d.reason
+    assert route(reg, request(10)).prefill is None  # 10 tokens stall a step 15 ms: within 50
+
+
+def test_an_instance_is_never_paired_with_itself():
+    reg = registry()
+    engine(reg, "a")
+    d = route(reg, request(1000), RoutingConfig(local_prefill_max_tokens=0))  # local prefill ruled out
+    assert d.outcome is Outcome.REJECTED and math.isinf(d.predicted_ttft_ms)
+
+
+def test_a_slow_network_between_nodes_keeps_the_prefill_on_the_decoding_instances_node():
+    kv_bytes = 200_000  # 1000 tokens: 16 ms within a node at 100 Gb/s, 1.6 s across at 1 Gb/s
+    slow_net = RoutingConfig(intra_node_kv_gbps=100, inter_node_kv_gbps=1)
+    picks = {}
+    for name, cfg in (("slow", slow_net), ("uniform", RoutingConfig())):
+        reg = registry()
+        engine(reg, "a", node="n1")
+        engine(reg, "b", node="n1")
+        # c prefills 1000 tokens in 520 ms (b in 1560) and has no KV room to decode them itself
+        engine(reg, "c", node="n2", accelerator="FAST", free_kv_blocks=1)
+        book(reg, "running", 100, decode="a", tpot_ms=50)
+        d = route(reg, request(1000), cfg, kv_bytes)
+        picks[name] = (d.prefill.replica_id, d.decode.replica_id)
+    assert picks == {"slow": ("b", "a"), "uniform": ("c", "a")}
