@@ -114,6 +114,20 @@ def headline(rows: list[dict], baseline: str, other: str, goal_ratio: float) -> 
             "met": ratio is not None and ratio >= goal_ratio, "by_setting": by_setting}
 
 
+FIXED_MODES = ("colocated", "disaggregated")
+
+
+def adaptive_goal(rows: list[dict]) -> dict[str, dict]:
+    """The issue's goal for adaptive mode, per setting: its goodput at least the better fixed mode's."""
+    out = {}
+    for row in rows:
+        goodput = row["goodput_rps"]
+        best = max((m for m in FIXED_MODES if m in goodput), key=lambda m: goodput[m])
+        out[row["key"]] = {"adaptive_rps": goodput["adaptive"], "best_fixed": best, "best_fixed_rps": goodput[best],
+                           "met": goodput["adaptive"] >= goodput[best]}
+    return out
+
+
 def summary(report: dict) -> list[str]:
     """The report's headline figures, for a terminal."""
     ref = report["slo"]["reference"]
@@ -140,6 +154,9 @@ def summary(report: dict) -> list[str]:
                          f"{g['ratio']} (target >= {g['goal_ratio']}) -> {'met' if g['met'] else 'not met'}")
         lines += [f"goal at {key}: disaggregated/colocated {s['ratio']} (target >= {g['goal_ratio']}) -> "
                   f"{'met' if s['met'] else 'not met'}" for key, s in g["by_setting"].items()]
+    lines += [f"adaptive goal at {key}: adaptive {a['adaptive_rps']:.3f} req/s against {a['best_fixed']} "
+              f"{a['best_fixed_rps']:.3f} (target: at least the better fixed mode) -> {'met' if a['met'] else 'not met'}"
+              for key, a in report.get("adaptive_goal", {}).items()]
     return lines
 
 
@@ -171,4 +188,6 @@ def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dic
     }
     if baseline == "colocated" and "disaggregated" in configs:
         report["goal"] = headline(rows, "colocated", "disaggregated", 2.0)
+    if "adaptive" in configs and set(FIXED_MODES) & set(configs):
+        report["adaptive_goal"] = adaptive_goal(rows)
     return report

@@ -41,10 +41,13 @@ def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
 
 
 def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
-               cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False) -> Decision:
+               cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
+               spare_decoding: bool = True) -> Decision:
     """The pair for `req`; `prefill` None means colocated (every instance prefills its own),
     `prefill` the very view `decode` is means adaptive (every instance does both).
-    Instances that last reported before `live_after_s` are out of routing.
+    Instances that last reported before `live_after_s` are out of routing. `spare_decoding`
+    False (adaptive, best effort when no instance can prefill without it): an instance may
+    prefill whatever that does to the answers decoding there.
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
@@ -61,14 +64,18 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     local_allowed = prefill is None or cap is None or n <= cap
     local_ttft = None
     if local_allowed and adaptive:
-        local_ttft = np.where(_prefill_fits(n, decode), _chunked_prefill_ms(n, decode) + step, np.inf)
+        fits = _prefill_fits(n, decode) if spare_decoding else True
+        local_ttft = np.where(fits, _chunked_prefill_ms(n, decode) + step, np.inf)
     elif local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
         stall = decode.prefill_base_ms + decode.prefill_ms_per_token * n
         local_ttft = np.where(stall <= decode.tpot_floor_ms, step + stall, np.inf) if prefill is not None else step + stall
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
-        arrive = _kv_arrival_elsewhere if adaptive else _kv_arrival
-        first, arrival, pick_prefill = arrive(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
+        if adaptive:
+            first, arrival, pick_prefill = _kv_arrival_elsewhere(n, prefill, live_after_s, cfg, kv_bytes_per_token,
+                                                                 spare_decoding)
+        else:
+            first, arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
         remote_ttft = np.broadcast_to(first, step.shape)
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
     if local_ttft is None:
@@ -80,15 +87,19 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         ttft = np.where(local, local_ttft, remote_ttft)
     meets &= ttft <= slo.ttft_ms * headroom
 
-    note = ""
+    note = "" if spare_decoding else "best effort, decoding answers not spared: "
     d = int(np.where(meets, ttft, np.inf).argmin()) if len(decode) else 0
     if not len(decode) or not meets[d]:
         refusal = _why_not(req, prefill, decode, live_after_s, roomy, local_allowed, cfg)
         if refusal is None:
             d = int(np.where(roomy, ttft, np.inf).argmin())
+            if best_effort and adaptive and spare_decoding and not np.isfinite(ttft[d]):
+                # Every instance that could prefill it has answers decoding that its chunks would slow
+                # past their TPOT: served anyway, where it is soonest.
+                return choose_slo(req, prefill, decode, live_after_s, cfg, kv_bytes_per_token, True, False)
             if not best_effort or not np.isfinite(ttft[d]):
                 return _refused(req, roomy, ttft, step, headroom, _pool_name(prefill, decode))
-            note = "best effort, objectives not met: "
+            note = "best effort, objectives not met" + ("" if spare_decoding else ", decoding answers not spared") + ": "
         else:
             return refusal
     pre = None if local[d] or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
@@ -169,15 +180,16 @@ def _prefill_fits(n: int, view: PoolView) -> np.ndarray:
     return view.step_base_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
 
 
-def _kv_arrival_elsewhere(n: int, view: PoolView, live_after_s: float, _decode: PoolView, cfg: RoutingConfig,
-                          kv_bytes_per_token: int) -> tuple[np.ndarray, np.ndarray, Callable[[int], int]]:
+def _kv_arrival_elsewhere(n: int, view: PoolView, live_after_s: float, cfg: RoutingConfig, kv_bytes_per_token: int,
+                          spare_decoding: bool) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
     """`_kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
     instance whose prefill has the first token, and then the KV there, soonest; an instance
-    whose decoding requests a prefill would push past their TPOT prefills nothing."""
+    whose decoding requests a prefill would push past their TPOT prefills nothing (unless
+    not `spare_decoding`)."""
     if not len(view):
         return np.inf, np.inf, lambda d: 0
-    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & _prefill_fits(n, view),
-                     _chunked_prefill_ms(n, view), np.inf)
+    fits = _prefill_fits(n, view) if spare_decoding else True
+    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & fits, _chunked_prefill_ms(n, view), np.inf)
     rows = np.arange(len(view))
     padded = np.r_[ready, np.inf]  # index len(view): "no other instance"
     top = np.argsort(ready, kind="stable")[:2]

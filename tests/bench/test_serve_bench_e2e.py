@@ -1,5 +1,5 @@
-"""`pdserve bench serve` end to end: a short comparison of colocated and disaggregated services
-on real engines, judged at SLO scales, a TTFT x TPOT grid and absolute objectives; its report has
+"""`pdserve bench serve` end to end: a short comparison of colocated, disaggregated and adaptive
+services on real engines, judged at SLO scales, a TTFT x TPOT grid and absolute objectives; its report has
 every field the README documents, and its plots are written."""
 
 import json
@@ -57,17 +57,17 @@ def report(tmp_path_factory):
         settings = serve_settings.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
                                                   ttft_scales=[50.0], tpot_scales=[2.0, 50.0], objectives_ms=[loose],
                                                   calibration_requests=2, calibration_max_tokens=4)
-        rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)), ["colocated", "disaggregated"],
-                                        tiny, settings)
+        rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)),
+                                        ["colocated", "disaggregated", "adaptive"], tiny, settings)
     finally:
         ray.shutdown()
     out = tmp_path_factory.mktemp("bench-serve")
     return rep, serve_report.write(rep, out), plots.write_all(rep, out)
 
 
-def test_both_configurations_serve_every_request_and_report_goodput(report):
+def test_every_configuration_serves_every_request_and_reports_goodput(report):
     rep, _, _ = report
-    assert list(rep["configs"]) == ["colocated", "disaggregated"]
+    assert list(rep["configs"]) == ["colocated", "disaggregated", "adaptive"]
     for cfg in rep["configs"].values():
         (run,) = cfg["runs"]
         assert (run["rate_rps"], run["requests"], run["ok"]) == (1.0, 4, 4), run["errors"]
@@ -82,6 +82,10 @@ def test_both_configurations_serve_every_request_and_report_goodput(report):
     assert rep["configs"]["colocated"]["runs"][0]["kv_transfer"] is None
     assert rep["goal"]["slo_scale"] in (2.0, 50.0)
     assert list(rep["goal"]["by_setting"]) == ["ttft50x/tpot2x", "ttft50x/tpot50x", "loose"]
+    # Every setting judged for adaptive too; at the loosest every mode served the whole trickle.
+    assert list(rep["adaptive_goal"]) == ["2", "50", "ttft50x/tpot2x", "ttft50x/tpot50x", "loose"]
+    assert rep["adaptive_goal"]["loose"] == {"adaptive_rps": 1.0, "best_fixed": "colocated", "best_fixed_rps": 1.0,
+                                             "met": True}
 
 
 def test_report_has_every_field_the_readme_documents(report):

@@ -6,7 +6,15 @@ from pydantic import ValidationError
 
 from pdserve.bench import plots
 from pdserve.bench.loadgen import RequestResult, RequestSpec
-from pdserve.bench.serve_report import assemble, comparison, headline, run_section, summary, target_section
+from pdserve.bench.serve_report import (
+    adaptive_goal,
+    assemble,
+    comparison,
+    headline,
+    run_section,
+    summary,
+    target_section,
+)
 from pdserve.bench.serve_settings import Run, ServeBenchSettings, Target, judged_objectives
 from pdserve.bench.workloads import BUILT_IN
 
@@ -141,6 +149,21 @@ def test_headline_gives_the_ratio_at_every_grid_and_absolute_setting():
     only_absolute = headline(rows[2:], "colocated", "disaggregated", 2.0)
     assert only_absolute["slo_scale"] is None and only_absolute["note"] == "no SLO scale judged"
     assert only_absolute["by_setting"] == {"summarization": {"ratio": 2.5, "met": True}}
+
+
+def test_adaptive_is_judged_against_the_better_fixed_mode_at_every_setting():
+    configs = _configs({"1": 0.0, "2": 0.5, "3": 1.0}, {"1": 0.2, "2": 0.25, "3": 1.0})
+    configs["adaptive"] = {"goodput": {"1": {"goodput_rps": 0.4}, "2": {"goodput_rps": 0.25},
+                                       "3": {"goodput_rps": 1.0}}}
+    rows = comparison(configs, _judged(slo_scales=[1.0, 2.0, 3.0]), "colocated")
+    goal = adaptive_goal(rows)
+    assert goal["1"] == {"adaptive_rps": 0.4, "best_fixed": "disaggregated", "best_fixed_rps": 0.2, "met": True}
+    assert goal["2"] == {"adaptive_rps": 0.25, "best_fixed": "colocated", "best_fixed_rps": 0.5, "met": False}
+    assert goal["3"]["met"] is True  # a tie meets it
+    report = {"slo": {"reference": REFERENCE}, "comparison": rows, "adaptive_goal": goal,
+              "configs": {name: {"calibration": {}, "runs": []} for name in configs}}
+    assert ("adaptive goal at 2: adaptive 0.250 req/s against colocated 0.500 (target: at least the better fixed "
+            "mode) -> not met") in summary(report)
 
 
 def test_summary_prints_one_line_per_setting():

@@ -66,6 +66,20 @@ def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_
     assert route(reg, request(10)).prefill is None  # 10 tokens stall a step 15 ms: within 50
 
 
+def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbours_where_it_is_soonest():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b", accelerator="FAST")
+    book(reg, "ra", 100, decode="a", tpot_ms=50)
+    book(reg, "rb", 100, decode="b", tpot_ms=50)
+    view = reg.view("adaptive")
+    d = choose_slo(request(1000), view, view, -reg.ttl_s, CFG, KV_BYTES, best_effort=True)
+    # b prefills 3x faster: 20 + 500 ms and 16 chunk steps of its batch (24.5 ms each)
+    assert d.outcome is Outcome.ROUTED and d.prefill.replica_id == "b" and d.decode.replica_id == "a"
+    assert math.isclose(d.predicted_ttft_ms, 520 + 16 * 24.5)
+    assert d.reason.startswith("best effort, decoding answers not spared: prefill b")
+
+
 def test_an_instance_is_never_paired_with_itself():
     reg = registry()
     engine(reg, "a")
