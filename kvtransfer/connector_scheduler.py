@@ -30,7 +30,8 @@ class SchedulerSide:
         self.block_size = block_size
         self.kv_cache_manager: KVCacheManager | None = None
         self._sending: dict[str, tuple[Request, kvparams.SendParams]] = {}
-        self._sent_any: set[str] = set()
+        self._next_block: dict[str, int] = {}
+        """Per pushing request, its first block not pushed yet (absent: none pushed)."""
         self._loads: list[LoadJob] = []
         self._cancels: dict[str, str] = {}
         self._load_decided: set[str] = set()  # decode requests whose load was planned or cancelled
@@ -105,15 +106,19 @@ class SchedulerSide:
             end = min(start + n_sched, n)
             if start >= n:
                 continue
-            # The first step also sends blocks that came from the local prefix cache.
-            first = 0 if req_id not in self._sent_any else start // self.block_size
-            last = self._blocks(end)
+            # The first push also carries blocks that came from the local prefix cache. A block this
+            # step leaves partly computed goes with the step that completes it: the receiver takes
+            # every block once (a chunk ends mid-block when decodes share the step's token budget).
+            first = self._next_block.get(req_id, 0)
+            last = self._blocks(end) if end == n else end // self.block_size
+            if last <= first:
+                continue
             (block_ids,) = self.kv_cache_manager.get_block_ids(req_id)
             jobs.append(
                 SendJob(req_id, p.transfer_id, p.dest, p.lease_ms, n, first, list(block_ids[first:last]), end == n,
                         p.trace_parent)
             )
-            self._sent_any.add(req_id)
+            self._next_block[req_id] = last
         return jobs
 
     def _cancel(self, transfer_id: str, reason: str) -> None:
@@ -136,8 +141,7 @@ class SchedulerSide:
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id
         self._sending.pop(req_id, None)
-        sent = req_id in self._sent_any
-        self._sent_any.discard(req_id)
+        sent = self._next_block.pop(req_id, None) is not None
         p = self._params(request)
         self._malformed.discard(req_id)
         if isinstance(p, kvparams.RecvParams) and req_id not in self._load_decided:

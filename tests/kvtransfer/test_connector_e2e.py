@@ -54,8 +54,9 @@ def prompts(tokenizer) -> dict:
     ids = tokenizer(TEXT * 40)["input_ids"]
     assert len(ids) > max(LENGTHS)
     doomed = tokenizer(" ".join(reversed(TEXT.split())) * 40)["input_ids"][:1000]
+    chunked = tokenizer(" ".join(TEXT.split()[::2]) * 40)["input_ids"][:700]
     return {**{n: ids[:n] for n in LENGTHS}, "forged": tokenizer(FORGED_TEXT)["input_ids"], "doomed": doomed,
-            "open": tokenizer(OPEN_TEXT)["input_ids"]}
+            "open": tokenizer(OPEN_TEXT)["input_ids"], "chunked": chunked}
 
 
 SEEDED = {"temperature": 1.0, "seed": 1234}
@@ -145,6 +146,28 @@ def test_an_answer_going_on_from_the_prefill_engines_first_token_is_the_plain_en
     assert rep["state"] == "DONE" and rep["tokens"] == len(prompts[n]), rep
     expected = reference[f"seeded-{n}" if sampling else n]
     assert first["token_ids"] + rest["token_ids"] == expected
+    _assert_no_leak(pd)
+
+
+def test_a_prompt_prefilled_in_chunks_that_end_mid_block_arrives_whole(pd, model_dir, prompts, reference):
+    """An adaptive engine's prefill shares each step's token budget with its decodes, so its
+    chunks end mid-block: each block is pushed once, with the chunk that completes it (the
+    receiver refuses a block pushed twice). 264-token chunks end mid-block for any block size
+    from 16 to 128."""
+    chunked = EngineProcess(EngineSpec(model_dir, "prefill", {"secret": SECRET}, cpu_bind="0",
+                                       max_num_batched_tokens=264))
+    try:
+        tid = uuid.uuid4().hex
+        ids = prompts["chunked"]
+        pd.decode.send_generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS,
+                                 "kv_transfer_params": params.for_decode(tid)})
+        chunked.generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, pd.addr)})
+        dr = pd.decode.result()
+    finally:
+        chunked.stop()
+    rep = _report(dr)
+    assert rep["state"] == "DONE" and rep["tokens"] == len(ids), rep
+    assert dr["token_ids"] == reference["chunked"]
     _assert_no_leak(pd)
 
 

@@ -100,15 +100,18 @@ def test_malformed_params_cost_the_request_its_transfer_not_the_engine():
     assert side.request_finished(req, [1]) == (False, None)
 
 
-def test_prefill_pushes_chunk_by_chunk_from_block_zero_and_marks_the_last_chunk():
+def test_prefill_pushes_chunk_by_chunk_from_block_zero_each_block_once_and_marks_the_last_chunk():
     side = _side({"p1": [10, 11, 12, 13]})
-    # 200 prompt tokens already in the local prefix cache, the rest in two chunks.
+    # 200 prompt tokens already in the local prefix cache, the rest in chunks that end mid-block.
     req = _request("p1", 400, params.for_prefill("t9", "10.0.0.2:7500"), computed=200)
     side.update_state_after_alloc(req, _blocks([10, 11, 12, 13]), 0)
     (first,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 100})).sends
-    assert (first.first_block, first.block_ids, first.is_last) == (0, [10, 11, 12], False)
+    # Tokens 256-299 of block 2 are computed, the rest of it is not: it goes with the next chunk.
+    assert (first.first_block, first.block_ids, first.is_last) == (0, [10, 11], False)
     req.num_computed_tokens = 300
-    (second,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 100})).sends
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 50})).sends == []  # no block done
+    req.num_computed_tokens = 350
+    (second,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 50})).sends
     assert (second.first_block, second.block_ids, second.is_last) == (2, [12, 13], True)
     assert (second.dest, second.transfer_id, second.num_tokens) == ("10.0.0.2:7500", "t9", 400)
     # The producer keeps its blocks until the worker reports the push finished.
