@@ -24,6 +24,8 @@ class Row:
     prefill_base_ms: float
     """Predicted time to prefill what is queued there, before a new prompt."""
     prefill_ms_per_token: float
+    prefill_fixed_ms: float
+    """The fixed cost of one prefill (the profile's base, corrected), without the queue."""
     last_seen_s: float
     """When the instance last reported (the controller's monotonic clock)."""
     tpot_floor_ms: float
@@ -66,6 +68,7 @@ class PoolView:
     step_ms_per_token: np.ndarray
     prefill_base_ms: np.ndarray
     prefill_ms_per_token: np.ndarray
+    prefill_fixed_ms: np.ndarray
     last_seen_s: np.ndarray
     tpot_floor_ms: np.ndarray
     free_kv_tokens: np.ndarray

@@ -37,7 +37,7 @@ def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_p
     reg = registry()
     engine(reg, "a")
     engine(reg, "b")
-    book(reg, "running", 100, decode="a", tpot_ms=50)  # a's step 24.5 ms + a 64-token chunk 96 ms > 50
+    book(reg, "running", 100, decode="a", tpot_ms=50)  # a's step 24.5 ms + a 64-token chunk 60 + 96 ms > 50
     d = route(reg, request(1000))
     # b prefills (1560 ms, first token sampled there) and the answer decodes on a, whose step
     # with it (29.5 ms) keeps the running request within 50 ms: the pool splits into roles.
@@ -48,7 +48,7 @@ def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_p
 def test_loose_objectives_let_an_instance_prefill_while_it_decodes():
     reg = registry()
     engine(reg, "a")
-    book(reg, "running", 100, decode="a", tpot_ms=1000)  # 24.5 + 96 ms per step: within 1000 ms
+    book(reg, "running", 100, decode="a", tpot_ms=1000)  # 24.5 + 60 + 96 ms per step: within 1000 ms
     d = route(reg, request(1000, ttft_ms=10_000))
     assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
     # 60 + 1500 + 16 chunk steps of a's batch (24.5 ms each), then the first step with it (29.5 ms)
@@ -59,11 +59,13 @@ def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_
     reg = registry()
     engine(reg, "a")
     engine(reg, "b")
-    book(reg, "ra", 100, decode="a", tpot_ms=50)
-    book(reg, "rb", 100, decode="b", tpot_ms=50)
-    d = route(reg, request(1000))
+    book(reg, "ra", 100, decode="a", tpot_ms=100)
+    book(reg, "rb", 100, decode="b", tpot_ms=100)
+    # A 64-token chunk stalls a step by a prefill of 64 tokens, 60 + 96 ms: with the step's 24.5, past 100.
+    d = route(reg, request(1000, tpot_ms=200))
     assert d.outcome is Outcome.REJECTED and "no adaptive pair" in d.reason
-    assert route(reg, request(10)).prefill is None  # 10 tokens stall a step 15 ms: within 50
+    short = route(reg, request(10, tpot_ms=200))  # 60 + 15 ms: within 100
+    assert short.outcome is Outcome.ROUTED and short.prefill is None
 
 
 def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbours_where_it_is_soonest():
