@@ -51,6 +51,26 @@ async def test_a_call_goes_to_the_replica_it_names_and_unnamed_calls_to_any():
     assert await choose(pending(None)) == [REPLICAS]
 
 
+async def test_a_named_call_serve_asks_for_again_backs_off_instead_of_spinning_the_shared_event_loop():
+    """Serve's routing loop asks again for a call that picking a replica did not fulfil; a call it
+    can no longer match (seen after a scale-down) spun every handle's event loop in the process."""
+    r = router()
+    r._replicas = {rep.replica_id.unique_id: rep for rep in REPLICAS}
+    r._replicas_list = list(REPLICAS)
+    backoffs: list[int] = []
+
+    async def backoff(attempt: int) -> None:
+        backoffs.append(attempt)
+
+    r._backoff = backoff
+    request = pending("b")
+    choices = r._choose_replicas_with_backoff(request)
+    for _ in range(3):  # picked each time, never fulfilled
+        assert await anext(choices) == [REPLICAS[1]]
+    assert backoffs == [0]  # Serve backs off from its second retry on
+    await choices.aclose()
+
+
 async def test_a_missing_replica_makes_serve_back_off_instead_of_retrying_at_once():
     request = pending("gone")
     assert await choose(request) == [[]]
