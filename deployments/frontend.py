@@ -102,6 +102,8 @@ class Frontend:
         self.ingress_id = ingress_id
         """This ingress's Serve replica id: the controller drops its bookings once Serve no longer runs it."""
         self.pools = pools
+        self.phase_pools = dict.fromkeys(("prefill", "decode"), pools["adaptive"]) if cfg.mode == "adaptive" else pools
+        """The deployment that serves each phase of a disaggregated answer: in adaptive mode, the one pool."""
         self.metrics = IngressMetrics()
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
@@ -261,8 +263,7 @@ class Frontend:
                 req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=True)
             answer = decode_stream(stream, decision)
         else:
-            phases = self.pools if self.cfg.mode != "adaptive" else dict.fromkeys(("prefill", "decode"), self.pools["adaptive"])
-            answer = disaggregated_answer(phases, req, decision, lease_ms, self._background,
+            answer = disaggregated_answer(self.phase_pools, req, decision, lease_ms, self._background,
                                           lambda task: self._prefill_done(req.request_id, task),
                                           lambda replica_id: self.view.gone(replica_id, time.monotonic()))
         async with aclosing(answer) as chunks:
