@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import psutil
 
 from pdserve.config.cluster import ClusterConfig, parse_config
 from pdserve.deployments import service
@@ -31,13 +37,53 @@ def service_config(**overrides) -> ClusterConfig:
     return parse_config(base)
 
 
+RAY_START_ATTEMPTS = 3
+"""Ray gives a new node's raylet a fixed 30 s to register with the GCS; on a loaded CI machine a
+start can miss that once (every test of the module then errors at setup), so it is tried again."""
+
+
 def init_ray(num_cpus: int = 4, **kwargs) -> None:
     """A new local Ray cluster, never one found through /tmp/ray/ray_current_cluster: another
-    test run on the same machine (ray.cluster_utils.Cluster writes that file) must not leak in."""
+    test run on the same machine (ray.cluster_utils.Cluster writes that file) must not leak in.
+    A start whose raylet does not register in time is torn down (its processes killed by PID,
+    the raylet's last log lines kept as a warning) and tried again."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
 
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, **kwargs)
+            return
+        except Exception as e:
+            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+                raise
+            warnings.warn(
+                f"Ray start {attempt} of {RAY_START_ATTEMPTS} failed ({e}); raylet log tail:\n{_raylet_log_tail()}",
+                stacklevel=2,
+            )
+            _kill_started_since(before)
+            ray.shutdown()
+
+
+def _raylet_log_tail(lines: int = 20) -> str:
+    """The last lines of the newest session's raylet logs: why it did not register."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    tails = []
+    for name in ("raylet.err", "raylet.out", "gcs_server.err"):
+        path = logs / name
+        if path.exists():
+            tails.append(f"--- {name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+    return "\n".join(tails) or f"(no raylet logs under {logs})"
+
+
+def _kill_started_since(before: set[int]) -> None:
+    """Kill the processes a failed Ray start left (GCS, raylet and what they spawned)."""
+    started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    for proc in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(started, timeout=10)
 
 
 @contextmanager
