@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -74,16 +74,22 @@ class RequestBuilder:
             check_text([prompt], "prompt")
             check_chars(len(prompt), self.max_model_len, "prompt")
             return self.tokenizer.encode(prompt) if prompt else []
-        vocab = len(self.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token ids must lie in [0, {vocab}); got {bad[:5]}", param="prompt")
+        self._check_token_ids(prompt, "prompt")
         return list(prompt)
+
+    def _check_token_ids(self, token_ids: Iterable[int], field: str) -> None:
+        """Token ids a request names must be the model's: vLLM would fail them inside the engine."""
+        vocab = len(self.tokenizer)
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(f"{field} token ids must lie in [0, {vocab}); got {bad[:5]}", param=field)
 
     def _checked(self, ids: list[int], sampling: Sampling, carrier: dict[str, str] | None,
                  objectives: Objectives | None) -> GenerateRequest:
         if not ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        self._check_token_ids(sampling.stop_token_ids, "stop_token_ids")
+        self._check_token_ids(sampling.logit_bias, "logit_bias")
         room = self.max_model_len - len(ids)
         if room < 1:
             raise InvalidRequest(

@@ -10,19 +10,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pdserve.controller.decision import SLO
 
 MAX_STOP_CHARS = 256
 """Longest stop string: vLLM holds back up to its length - 1 characters of a streamed answer, and
 looks for every stop string in the new text at each step."""
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS_TOKENS = 1024
+"""Bounds on per-request token lists, which vLLM copies into every step's batch metadata."""
 
 
 class Sampling(BaseModel):
     """Sampling options shared by every API; validated once, here."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_tokens: int | None = Field(None, ge=1)
     """Tokens to generate at most; None means up to the model's context length."""
@@ -38,6 +41,51 @@ class Sampling(BaseModel):
     ignore_eos: bool = False
     """Generate all `max_tokens` even past the end-of-sequence token: benchmarks use it to
     give requests the output lengths of a workload, whatever the model would say."""
+    top_k: int = Field(0, ge=-1)
+    """Sample among the k likeliest tokens; 0 and -1 mean all (vLLM's convention)."""
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    """Computed over prompt and answer, so an answer split across engines (its tokens become the
+    next engine's prompt) is penalised as one run is."""
+    min_tokens: int = Field(0, ge=0)
+    """End of sequence and stop tokens are masked until this many tokens; carried over to a
+    continuing engine as what is left (`remaining_min_tokens`)."""
+    stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS)
+    """Token id -> bias added to its logit, -100..100 (OpenAI's range)."""
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _token_ids(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= t < 2**31 for t in v):
+            raise ValueError("token ids are non-negative int32 values")
+        return v
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[int, float]) -> dict[int, float]:
+        if any(not 0 <= t < 2**31 for t in v):
+            raise ValueError("keys are token ids: non-negative int32 values")
+        if any(not -100.0 <= b <= 100.0 for b in v.values()):
+            raise ValueError("biases are between -100 and 100")
+        return v
+
+    @field_validator("min_tokens")
+    @classmethod
+    def _min_tokens_fit(cls, v: int, info: ValidationInfo) -> int:
+        max_tokens = info.data.get("max_tokens")
+        if max_tokens is not None and v > max_tokens:
+            raise ValueError(f"min_tokens ({v}) is more than max_tokens ({max_tokens})")
+        if v and info.data.get("stop"):
+            # vLLM skips stop strings inside the first min_tokens; the check across an answer's
+            # engine seam (deployments/failover.py) counts characters, not tokens, and cannot.
+            raise ValueError("min_tokens together with stop strings is not supported")
+        return v
+
+    def remaining_min_tokens(self, sampled_tokens: int, max_tokens: int) -> int:
+        """min_tokens for an engine call that goes on after `sampled_tokens` of the answer and may
+        generate `max_tokens` (vLLM refuses more than that)."""
+        return min(max(0, self.min_tokens - sampled_tokens), max_tokens)
 
     @field_validator("stop", mode="before")
     @classmethod

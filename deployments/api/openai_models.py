@@ -1,24 +1,39 @@
 """OpenAI's chat and completions bodies, as far as pdserve serves them.
 
-Requests ignore fields they do not know (OpenAI clients send many) but validate the
-ones they know strictly: `"max_tokens": "5"` is a 400, not a silent coercion. Value
-ranges are checked once, by `Sampling`, whose errors come back naming the request field.
+Requests declare the fields pdserve honours and validate them strictly: `"max_tokens": "5"`
+is a 400, not a silent coercion. Any other field is refused with a 400 naming it, unless it
+asks for nothing (`vllm_fields.py`: null, or vLLM's default), so no field is silently dropped.
+Value ranges are checked once, by `Sampling`, whose errors come back naming the request field.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from pdserve.deployments.api.vllm_fields import drop_no_ops, field_table, refusal
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.requests import Objectives, Sampling
 
 OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-ms", "priority": "x-pdserve-priority"}
 """Request headers that carry the objectives when the body does not (e.g. set by a gateway)."""
+FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's records)",
+               "priority": "pdserve's meaning: 0-9, refused first under load",
+               "ttft_ms": "pdserve's: TTFT objective", "tpot_ms": "pdserve's: TPOT objective"}
+"""What a field pdserve declares does, where that is not what vLLM's field of the name does."""
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat has none: up to the context length)."""
 
@@ -36,7 +51,8 @@ def invalid_request(errors: Sequence[ErrorDetails], renames: dict[str, str] | No
         path = field_path(err["loc"])
         path = (renames or {}).get(path, path)
         params.append(path)
-        msg = err["msg"].removeprefix("Value error, ")
+        msg = refusal(str(err["loc"][-1])) if err["type"] == "extra_forbidden" else err["msg"]
+        msg = msg.removeprefix("Value error, ")
         parts.append(f"Invalid '{path}': {msg}" if path else f"Invalid request body: {msg}")
     return InvalidRequest("; ".join(parts), param=params[0] if params and params[0] else None)
 
@@ -65,12 +81,21 @@ class _Model(BaseModel):
 
 
 class _StrictBody(_Model):
-    """Unknown fields are dropped; known fields must have the documented JSON type."""
+    """Declared fields must have the documented JSON type; an undeclared one is refused unless
+    it asks for nothing (then it is dropped)."""
 
-    model_config = ConfigDict(strict=True, extra="ignore")
+    model_config = ConfigDict(strict=True, extra="forbid")
+    vllm_api: ClassVar[str | None] = None
+    """The vLLM request model (`vllm_fields.vllm_request_models`) whose defaults ask for nothing."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_ops(cls, data: Any) -> Any:
+        return drop_no_ops(data, cls.model_fields, cls.vllm_api)
 
 
 class StreamOptions(_StrictBody):
+    vllm_api: ClassVar[str | None] = "stream_options"
     include_usage: bool = False
     """Send a last chunk with empty `choices` and the request's token usage."""
 
@@ -86,10 +111,21 @@ class _GenerationRequest(_StrictBody, ABC):
     stop: StopField = None
     """Up to 4 strings; generation ends before the first one, which is not returned."""
     seed: int | None = None
+    top_k: int | None = None
+    """vLLM's extension: sample among the k likeliest tokens; 0 or -1 (or null): all."""
+    min_p: float | None = None
+    """vLLM's extension, 0..1: drop tokens less likely than min_p times the likeliest."""
+    repetition_penalty: float | None = None
+    """vLLM's extension, > 0: above 1 discourages tokens already in the prompt or the answer."""
+    min_tokens: int | None = None
+    """vLLM's extension: no end of sequence or stop token (and no stop string: refused together)
+    before this many tokens."""
+    stop_token_ids: list[int] | None = None
+    """vLLM's extension: token ids that end the answer (the token is not in the text)."""
+    logit_bias: dict[str, float] | None = None
+    """Token id (as a string) -> -100..100, added to that token's logit before sampling."""
     ignore_eos: bool | None = None
     """vLLM's extension: keep generating past end of sequence, up to the token limit (benchmarks)."""
-    n: int | None = 1
-    """Choices per request; pdserve serves exactly one."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -101,13 +137,6 @@ class _GenerationRequest(_StrictBody, ABC):
     """Time-per-output-token objective in ms (header `x-pdserve-tpot-ms`)."""
     priority: int | None = None
     """0 (most important) to 9; under load higher values are refused first (header `x-pdserve-priority`)."""
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise PydanticCustomError("unsupported", "only n=1 is supported, got {n}", {"n": n})
-        return n
 
     @field_validator("stream_options")
     @classmethod
@@ -149,7 +178,9 @@ class _GenerationRequest(_StrictBody, ABC):
         """The shared sampling options; InvalidRequest (naming the field) when a value is out of range."""
         max_tokens, max_tokens_field = self._max_tokens()
         values = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
-                  "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos}
+                  "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
+                  "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
+                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias}
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
@@ -163,6 +194,8 @@ class ChatMessage(_StrictBody):
 
 class ChatCompletionRequest(_GenerationRequest):
     """Body of POST /v1/chat/completions."""
+
+    vllm_api: ClassVar[str | None] = "chat"
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
@@ -186,14 +219,12 @@ class ChatCompletionRequest(_GenerationRequest):
 class CompletionRequest(_GenerationRequest):
     """Body of POST /v1/completions."""
 
+    vllm_api: ClassVar[str | None] = "completions"
+
     prompt: PromptField
     """Text, token ids, or a batch of exactly one text."""
     max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
     """Tokens to generate at most; null means OpenAI's default, 16."""
-    echo: bool | None = False
-    """Not supported: must be false or absent."""
-    logprobs: int | None = None
-    """Not supported: must be null or absent."""
 
     @field_validator("prompt")
     @classmethod
@@ -201,13 +232,6 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(prompt, list) and (not prompt or (isinstance(prompt[0], str) and len(prompt) != 1)):
             raise PydanticCustomError("unsupported", "prompt must be a string, non-empty token ids or one string")
         return prompt
-
-    @field_validator("echo", "logprobs")
-    @classmethod
-    def _unsupported(cls, value: bool | int | None, info: ValidationInfo) -> bool | int | None:
-        if value is not None and value is not False:
-            raise PydanticCustomError("unsupported", "{field} is not supported", {"field": info.field_name})
-        return value
 
     def _max_tokens(self) -> tuple[int | None, str]:
         return (COMPLETION_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens), "max_tokens"
@@ -364,3 +388,13 @@ class ErrorResponse(_Model):
     """OpenAI's error body: every non-2xx answer, and the last event of a stream that failed."""
 
     error: ErrorDetail
+
+
+def readme_field_table() -> str:
+    """The README's table of every vLLM request field and what pdserve does with it."""
+    return field_table({"chat": ChatCompletionRequest.model_fields, "completions": CompletionRequest.model_fields},
+                       FIELD_NOTES)
+
+
+if __name__ == "__main__":  # regenerates the README's table
+    print(readme_field_table())

@@ -50,6 +50,18 @@ async def test_empty_prompts_and_out_of_vocabulary_token_ids_are_refused(fronten
     assert (await frontend.completion_request([1, 2, 3], Sampling(max_tokens=1))).prompt_token_ids == [1, 2, 3]
 
 
+@pytest.mark.parametrize("field", ["stop_token_ids", "logit_bias"])
+async def test_token_ids_beyond_the_vocabulary_in_sampling_fields_are_refused_naming_the_field(frontend, field):
+    vocab = len(frontend.requests.tokenizer)
+    ids = [vocab] if field == "stop_token_ids" else {vocab: 5.0}
+    with pytest.raises(InvalidRequest) as err:
+        await frontend.completion_request("Hi", Sampling(max_tokens=2, **{field: ids}))
+    assert err.value.param == field and f"[0, {vocab})" in err.value.message
+    inside = [vocab - 1] if field == "stop_token_ids" else {vocab - 1: 5.0}
+    assert getattr((await frontend.completion_request("Hi", Sampling(max_tokens=2, **{field: inside}))).sampling,
+                   field) == inside
+
+
 async def test_unknown_model_is_not_found(frontend):
     frontend.check_model("SmolLM2-135M-Instruct")
     with pytest.raises(ModelNotFound):

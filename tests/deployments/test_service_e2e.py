@@ -10,6 +10,7 @@ import urllib.request
 
 import grpc
 import pytest
+from transformers import AutoTokenizer
 
 from pdserve.deployments import service
 from pdserve.model_store import resolve_model
@@ -268,16 +269,43 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     # Seeded sampling too: the first token sampled on the prefill engine, the rest on the decode
     # engine, whose generator skips the first token's draw, as one engine's run would.
     requests += [{**kw, "temperature": 1.0, "seed": 11} for kw in requests[:2]]
-    disagg = [client.chat.completions.create(**kw).choices[0].message.content for kw in requests]
+    sampled = {**requests[0], "temperature": 1.0, "seed": 11, "max_tokens": 24}
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
+    blue, eos = tokenizer.encode(" blue", add_special_tokens=False)[0], tokenizer.eos_token_id
+    requests += [
+        {**sampled, "top_k": 1},  # sampling among one token is greedy
+        {**sampled, "min_p": 1.0},  # so is keeping only the likeliest
+        {**sampled, "top_k": 40, "min_p": 0.05, "repetition_penalty": 1.3},
+        {**requests[0], "logit_bias": {str(blue): 100}, "max_tokens": 6},  # " blue" every time
+        # The prefill engine's first token is the stop token: the answer ends there, empty.
+        {**requests[0], "logit_bias": {str(blue): 100}, "stop_token_ids": [blue]},
+        # End of sequence as likely as can be, held off for 5 tokens: on the prefill engine for
+        # its one, then the decode engine for the 4 left (a carried-over 5 would make 6).
+        {**sampled, "logit_bias": {str(eos): 100}, "min_tokens": 5},
+    ]
+
+    def answers(c) -> list[tuple[str, str, int]]:
+        vllms = ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")  # extra_body for the client
+        out = [c.chat.completions.create(**{k: v for k, v in kw.items() if k not in vllms},
+                                         extra_body={k: v for k, v in kw.items() if k in vllms})
+               for kw in requests]
+        return [(r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) for r in out]
+
+    disagg = answers(client)
     svc.delete()
     colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
                            ingress={"http_port": svc.cfg.ingress.http_port, "grpc_port": free_port(),
                                     "route_prefix": "/colocated"})
     colo = service.deploy(colo_cfg, str(resolve_model(None)))
     try:
-        colo_client = openai.OpenAI(base_url=f"{colo.http_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        colocated = [colo_client.chat.completions.create(**kw).choices[0].message.content for kw in requests]
+        colocated = answers(openai.OpenAI(base_url=f"{colo.http_url}/v1", api_key="unused", max_retries=0, timeout=120))
     finally:
         colo.delete()
     assert disagg == colocated
-    assert all(disagg) and disagg[-2:] != disagg[:2]  # the seeded answers are sampled, not greedy
+    texts = [text for text, _, _ in disagg]
+    assert all(texts[:5]) and texts[3:5] != texts[:2]  # the seeded answers are sampled, not greedy
+    assert texts[5] == texts[6] == texts[0][:len(texts[5])] and len(texts[5]) > 10  # top_k 1, min_p 1: greedy
+    assert texts[7] not in texts[:7]
+    assert disagg[8] == (" blue" * 6, "length", 6)
+    assert disagg[9][:2] == ("", "stop")
+    assert disagg[10][1] == "stop" and disagg[10][2] >= 5
