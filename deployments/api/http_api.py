@@ -37,6 +37,7 @@ from pdserve.deployments.api.openai_models import (
     CompletionRequest,
     ErrorDetail,
     ErrorResponse,
+    GenerationRequest,
     KVTransferUsage,
     ModelCard,
     ModelList,
@@ -72,8 +73,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
                                     body.objectives(request.headers))
-        return await _answer(frontend, req, body.stream, body.include_usage,
-                             _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
+        return await _answer(frontend, req, body, _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -81,8 +81,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
                                           body.objectives(request.headers))
-        return await _answer(frontend, req, body.stream, body.include_usage,
-                             _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
+        return await _answer(frontend, req, body, _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
     @app.get("/v1/models", dependencies=keyed, responses={401: {"model": ErrorResponse, "description": _NO_KEY}})
     async def models() -> ModelList:
@@ -131,8 +130,8 @@ class _ChatShapes:
     def opening(self) -> list[BaseModel]:
         return [self._chunk(ChatDelta(role="assistant", content=""))]
 
-    def delta(self, text: str, finish_reason: str | None) -> BaseModel:
-        return self._chunk(ChatDelta(content=text or None), finish_reason)
+    def delta(self, text: str, finish_reason: str | None, usage: Usage | None) -> BaseModel:
+        return self._chunk(ChatDelta(content=text or None), finish_reason, usage)
 
     def usage(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
@@ -141,9 +140,9 @@ class _ChatShapes:
         choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
         return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
-    def _chunk(self, delta: ChatDelta, finish_reason: str | None = None) -> ChatCompletionChunk:
+    def _chunk(self, delta: ChatDelta, finish_reason: str | None = None, usage: Usage | None = None) -> BaseModel:
         choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
 
 @dataclass
@@ -157,9 +156,9 @@ class _CompletionShapes:
     def opening(self) -> list[BaseModel]:
         return []
 
-    def delta(self, text: str, finish_reason: str | None) -> BaseModel:
+    def delta(self, text: str, finish_reason: str | None, usage: Usage | None) -> BaseModel:
         choice = CompletionChoice(text=text, finish_reason=finish_reason)
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
     def usage(self, usage: Usage) -> BaseModel:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
@@ -172,8 +171,7 @@ class _CompletionShapes:
 _Shapes = _ChatShapes | _CompletionShapes
 
 
-async def _answer(frontend: FrontendAPI, req: GenerateRequest, stream: bool | None, include_usage: bool,
-                  shapes: _Shapes) -> Response:
+async def _answer(frontend: FrontendAPI, req: GenerateRequest, body: GenerationRequest, shapes: _Shapes) -> Response:
     """Wait for the first chunk before answering, so that a request that cannot be routed
     (Overloaded, Unavailable) gets its own status code even when it asked for a stream."""
     chunks = aiter(frontend.stream(req))
@@ -181,8 +179,8 @@ async def _answer(frontend: FrontendAPI, req: GenerateRequest, stream: bool | No
         first = await anext(chunks)
     except StopAsyncIteration:
         raise EngineFailure("The engine ended the answer without any output") from None
-    if stream:
-        return StreamingResponse(_events(first, chunks, shapes, include_usage), media_type="text/event-stream",
+    if body.stream:
+        return StreamingResponse(_events(first, chunks, shapes, body), media_type="text/event-stream",
                                  headers=_SSE_HEADERS)
     texts, last = [first.text], first
     async for chunk in chunks:
@@ -193,7 +191,7 @@ async def _answer(frontend: FrontendAPI, req: GenerateRequest, stream: bool | No
 
 
 async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], shapes: _Shapes,
-                  include_usage: bool) -> AsyncIterator[str]:
+                  body: GenerationRequest) -> AsyncIterator[str]:
     """SSE events of a streamed answer. Once the response has started, its status can no longer
     change, so a failure becomes a last `{"error": ...}` event before `[DONE]`."""
     try:
@@ -203,9 +201,10 @@ async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], sh
         async for chunk in _chain(first, chunks):
             last = chunk
             if chunk.text or chunk.finish_reason:
-                yield _event(shapes.delta(chunk.text, chunk.finish_reason).model_dump_json())
+                so_far = _token_counts(chunk) if body.continuous_usage else None
+                yield _event(shapes.delta(chunk.text, chunk.finish_reason, so_far).model_dump_json())
         _finish_reason(last)
-        if include_usage:
+        if body.include_usage:
             yield _event(shapes.usage(_usage(last)).model_dump_json())
     except ServeError as err:
         yield _event(json.dumps(err.openai_body()))
@@ -227,6 +226,12 @@ async def _chain(first: GenerateChunk, rest: AsyncIterator[GenerateChunk]) -> As
 
 def _event(data: str) -> str:
     return f"data: {data}\n\n"
+
+
+def _token_counts(chunk: GenerateChunk) -> Usage:
+    """The tokens of the answer so far, as a chunk's usage (`continuous_usage_stats`)."""
+    return Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                 total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
 
 
 def _usage(last: GenerateChunk) -> Usage:

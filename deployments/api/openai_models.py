@@ -98,9 +98,11 @@ class StreamOptions(_StrictBody):
     vllm_api: ClassVar[str | None] = "stream_options"
     include_usage: bool = False
     """Send a last chunk with empty `choices` and the request's token usage."""
+    continuous_usage_stats: bool = False
+    """vLLM's extension: with `include_usage`, every chunk also carries the usage so far."""
 
 
-class _GenerationRequest(_StrictBody, ABC):
+class GenerationRequest(_StrictBody, ABC):
     """Fields chat and completions share."""
 
     model: str
@@ -150,6 +152,12 @@ class _GenerationRequest(_StrictBody, ABC):
         """Whether a streamed answer ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def continuous_usage(self) -> bool:
+        """Whether every chunk of a streamed answer carries the usage so far (vLLM's rule: only
+        together with `include_usage`)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
     def objectives(self, headers: Mapping[str, str]) -> Objectives:
         """The request's latency objectives: body fields first, else the `x-pdserve-*` headers;
         InvalidRequest naming the field or header when a value is not one."""
@@ -187,12 +195,27 @@ class _GenerationRequest(_StrictBody, ABC):
             raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field}) from None
 
 
+class TextPart(_StrictBody):
+    type: Literal["text"]
+    text: str
+
+
+MessageContent = Annotated[str | list[TextPart], _one_of('a string or a list of {"type": "text", "text": ...} parts')]
+
+
 class ChatMessage(_StrictBody):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "developer", "user", "assistant"]
+    """`developer` is OpenAI's newer name for `system`, and reaches the chat template as `system`."""
+    content: MessageContent
+    """Text, or text parts, joined with newlines as vLLM joins them."""
+
+    def as_template_dict(self) -> dict[str, str]:
+        """The message as the model's chat template takes it."""
+        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": content}
 
 
-class ChatCompletionRequest(_GenerationRequest):
+class ChatCompletionRequest(GenerationRequest):
     """Body of POST /v1/chat/completions."""
 
     vllm_api: ClassVar[str | None] = "chat"
@@ -213,10 +236,10 @@ class ChatCompletionRequest(_GenerationRequest):
 
     def message_dicts(self) -> list[dict[str, str]]:
         """Messages as the frontend's chat template takes them."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [m.as_template_dict() for m in self.messages]
 
 
-class CompletionRequest(_GenerationRequest):
+class CompletionRequest(GenerationRequest):
     """Body of POST /v1/completions."""
 
     vllm_api: ClassVar[str | None] = "completions"
@@ -339,7 +362,8 @@ class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: Usage | None = _absent_if_none()
-    """Only on the last chunk (whose `choices` is empty), when `stream_options.include_usage` is true."""
+    """On the last chunk (whose `choices` is empty) when `stream_options.include_usage` is true, and
+    the usage so far on every chunk with `continuous_usage_stats` too."""
 
 
 class CompletionChoice(_Model):

@@ -159,8 +159,7 @@ VLLMS = "vLLM's field, not supported by pdserve"
     (_chat, {"add_special_tokens": True}, "add_special_tokens", VLLMS),
     (_chat, {"temprature": 0}, "temprature", "unknown field"),
     (_chat, {"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "messages[0].name", "unknown field"),
-    (_chat, {"stream": True, "stream_options": {"continuous_usage_stats": True}},
-     "stream_options.continuous_usage_stats", VLLMS),
+    (_chat, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role", "'system'"),
     (_completion, {"echo": True}, "echo", VLLMS), (_completion, {"logprobs": 1}, "logprobs", VLLMS),
     (_completion, {"suffix": "x"}, "suffix", VLLMS), (_completion, {"add_special_tokens": False}, "add_special_tokens", VLLMS),
 ])
@@ -364,6 +363,34 @@ def test_usage_reports_how_the_prompt_kv_travelled() -> None:
     assert events[-1]["usage"]["kv_transfer"] == expected
 
 
+def test_continuous_usage_stats_put_the_usage_so_far_on_every_chunk() -> None:
+    client = _client(FakeAnsweringFrontend())
+    body = {"model": MODEL, "messages": HI, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    events = [json.loads(line[6:]) for line in client.post("/v1/chat/completions", json=body).text.splitlines()
+              if line.startswith("data: {")]
+    text_events = [e for e in events if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert [(e["choices"][0]["delta"]["content"], e["usage"]) for e in text_events] == [
+        ("Hel", {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}),
+        ("lo", {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})]
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["slo"]["ttft_met"] is False
+    # Without include_usage there is no usage at all, as in vLLM.
+    body["stream_options"] = {"continuous_usage_stats": True}
+    plain = client.post("/v1/chat/completions", json=body).text
+    assert '"usage"' not in plain and "Hel" in plain
+
+
+def test_text_parts_are_joined_and_developer_is_the_system_role() -> None:
+    req = _chat(messages=[{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]},
+                          {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]}])
+    assert req.message_dicts() == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi\nthere"}]
+    for content in ([{"type": "image_url", "image_url": {"url": "http://x"}}], [{"type": "text"}], [{"text": "x"}], 3):
+        with pytest.raises(ValidationError) as caught:
+            _chat(messages=[{"role": "user", "content": content}])
+        err = invalid_request(caught.value.errors())
+        assert err.param == "messages[0].content" and "list of" in err.message
+
+
 def test_ignore_eos_reaches_the_sampling_options() -> None:
     assert _completion(ignore_eos=True).sampling().ignore_eos is True
     assert _chat().sampling().ignore_eos is False
@@ -426,6 +453,6 @@ def test_openapi_documents_the_request_bodies() -> None:
         assert field in schemas[model]["required"] and "model" in schemas[model]["required"]
         assert "422" not in post["responses"]  # invalid bodies are 400, as documented
         assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
-    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "user", "assistant"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
     assert "/v1/models" in doc["paths"] and "/health" in doc["paths"]
 
