@@ -73,6 +73,14 @@ class FrontendAPI(Protocol):
                                  objectives: Objectives | None = None) -> GenerateRequest:
         """Tokenize a text prompt (or take token ids as given) and validate lengths."""
 
+    async def tokenize(self, prompt: str | list[dict[str, str]], add_special_tokens: bool,
+                       add_generation_prompt: bool) -> tuple[list[int], list[str]]:
+        """The token ids (and their strings) of a text prompt, or of messages through the chat
+        template, as a generation request would have them; InvalidRequest as for one."""
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`; InvalidRequest for an id outside the vocabulary."""
+
     def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         """Route the request and stream its chunks; the last one has a finish_reason and the
         SLO report. Raises before the first chunk when the request cannot be routed
@@ -135,6 +143,13 @@ class Frontend:
                                  objectives: Objectives | None = None) -> GenerateRequest:
         with self._counting_refusals():
             return await self.requests.completion(prompt, sampling, trace_carrier, objectives)
+
+    async def tokenize(self, prompt: str | list[dict[str, str]], add_special_tokens: bool,
+                       add_generation_prompt: bool) -> tuple[list[int], list[str]]:
+        return await self.requests.tokenize(prompt, add_special_tokens, add_generation_prompt)
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return await self.requests.detokenize(token_ids)
 
     @contextmanager
     def _counting_refusals(self) -> Iterator[None]:

@@ -39,6 +39,21 @@ class RequestBuilder:
         check_text(sampling.stop, "stop")
         return self._checked(await self._on_thread(self._prompt_ids, prompt), sampling, carrier, objectives)
 
+    async def tokenize(self, prompt: str | list[dict[str, str]], add_special_tokens: bool,
+                       add_generation_prompt: bool) -> tuple[list[int], list[str]]:
+        """What `chat`/`completion` would make of the prompt, and each token's string."""
+        if isinstance(prompt, str):
+            check_text([prompt], "prompt")
+            check_chars(len(prompt), self.max_model_len, "prompt")
+            ids = await self._on_thread(lambda p: self.tokenizer.encode(p, add_special_tokens=add_special_tokens), prompt)
+        else:
+            ids = await self._on_thread(lambda m: self._chat_ids(m, add_generation_prompt), prompt)
+        return list(ids), list(self.tokenizer.convert_ids_to_tokens(ids))
+
+    async def detokenize(self, token_ids: list[int]) -> str:
+        self._check_token_ids(token_ids, "tokens")
+        return await self._on_thread(self.tokenizer.decode, token_ids)
+
     async def unsent_text(self, token_ids: list[int], sent: str) -> str:
         """The text of `token_ids` past the `sent` part of it: what vLLM held back for a stop string
         (see failover.ResumedText)."""
@@ -54,7 +69,7 @@ class RequestBuilder:
         tokenizer is not safe to call from several at once."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, arg)
 
-    def _chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
         if not messages:
             raise InvalidRequest("messages must hold at least one message", param="messages")
         if len(messages) > self.max_model_len:  # the template spends a token or more on each
@@ -64,7 +79,8 @@ class RequestBuilder:
         check_text(contents, "messages")
         check_chars(sum(map(len, contents)), self.max_model_len, "messages")
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                           tokenize=True,
                                                            return_dict=True)["input_ids"])
         except Exception as exc:  # a template that rejects these messages is the client's problem
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None

@@ -43,8 +43,10 @@ from pdserve.deployments.api.openai_models import (
     ModelList,
     SLOUsage,
     Usage,
+    error_docs,
     invalid_request,
 )
+from pdserve.deployments.api.tokenize_api import add_tokenize_routes
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import EngineFailure, InvalidRequest, ServeError
 from pdserve.prefill.requests import GenerateChunk, GenerateRequest
@@ -54,7 +56,6 @@ logger = logging.getLogger(__name__)
 _TRACE_HEADERS = ("traceparent", "tracestate")
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _DONE = "data: [DONE]\n\n"
-_NO_KEY = "No valid API key (the service has keys)"
 # Module level: the route's annotations (strings, with postponed evaluation) resolve here.
 _BEARER = HTTPBearer(auto_error=False, description="One of the service's API keys, when it has any")
 
@@ -83,7 +84,9 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
                                           body.objectives(request.headers))
         return await _answer(frontend, req, body, _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
 
-    @app.get("/v1/models", dependencies=keyed, responses={401: {"model": ErrorResponse, "description": _NO_KEY}})
+    add_tokenize_routes(app, get_frontend, keyed)
+
+    @app.get("/v1/models", dependencies=keyed, responses=error_docs(only=(401,)))
     async def models() -> ModelList:
         frontend = get_frontend()
         return ModelList(data=[ModelCard(id=frontend.model_name, created=started_s,
@@ -107,10 +110,8 @@ def _docs(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     (listing "default" also keeps FastAPI from documenting a 422 this API never sends)."""
     stream = {"text/event-stream": {"schema": {"type": "string", "description": "stream=true: `data: <chunk JSON>` "
                                                "events, then `data: [DONE]`"}}}
-    errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorResponse, "description": what}
-        for code, what in ((400, "Invalid request"), (401, _NO_KEY), (404, "Unknown model"),
-                           (429, "Overloaded: retry later"), (503, "No instance available"), ("default", "Engine failure or other server error"))}
+    errors = error_docs((429, "Overloaded: retry later"), (503, "No instance available"),
+                        ("default", "Engine failure or other server error"))
     return {200: {"model": body, "content": stream}, **errors}
 
 

@@ -74,13 +74,13 @@ StopField = Annotated[str | list[str] | None, _one_of("a string, a list of strin
 PromptField = Annotated[str | list[int] | list[str], _one_of("a string, a list of token ids or a list of one string")]
 
 
-class _Model(BaseModel):
+class ApiModel(BaseModel):
     """Field docstrings become the field descriptions of the OpenAPI document."""
 
     model_config = ConfigDict(use_attribute_docstrings=True)
 
 
-class _StrictBody(_Model):
+class StrictBody(ApiModel):
     """Declared fields must have the documented JSON type; an undeclared one is refused unless
     it asks for nothing (then it is dropped)."""
 
@@ -94,7 +94,7 @@ class _StrictBody(_Model):
         return drop_no_ops(data, cls.model_fields, cls.vllm_api)
 
 
-class StreamOptions(_StrictBody):
+class StreamOptions(StrictBody):
     vllm_api: ClassVar[str | None] = "stream_options"
     include_usage: bool = False
     """Send a last chunk with empty `choices` and the request's token usage."""
@@ -102,7 +102,7 @@ class StreamOptions(_StrictBody):
     """vLLM's extension: with `include_usage`, every chunk also carries the usage so far."""
 
 
-class GenerationRequest(_StrictBody, ABC):
+class GenerationRequest(StrictBody, ABC):
     """Fields chat and completions share."""
 
     model: str
@@ -195,7 +195,7 @@ class GenerationRequest(_StrictBody, ABC):
             raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field}) from None
 
 
-class TextPart(_StrictBody):
+class TextPart(StrictBody):
     type: Literal["text"]
     text: str
 
@@ -203,7 +203,7 @@ class TextPart(_StrictBody):
 MessageContent = Annotated[str | list[TextPart], _one_of('a string or a list of {"type": "text", "text": ...} parts')]
 
 
-class ChatMessage(_StrictBody):
+class ChatMessage(StrictBody):
     role: Literal["system", "developer", "user", "assistant"]
     """`developer` is OpenAI's newer name for `system`, and reaches the chat template as `system`."""
     content: MessageContent
@@ -271,7 +271,7 @@ def _absent_if_none() -> Any:
     return Field(None, exclude_if=lambda value: value is None)
 
 
-class SLOUsage(_Model):
+class SLOUsage(ApiModel):
     """How the request did against its objectives, measured at the ingress."""
 
     ttft_ms: float
@@ -284,7 +284,7 @@ class SLOUsage(_Model):
     priority: int
 
 
-class KVTransferUsage(_Model):
+class KVTransferUsage(ApiModel):
     """How a disaggregated request's prompt KV moved from the prefill to the decode replica."""
 
     state: str
@@ -308,7 +308,7 @@ class KVTransferUsage(_Model):
                    load_ms=round(float(report.get("load_ms", 0.0)), 3))
 
 
-class Usage(_Model):
+class Usage(ApiModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
@@ -318,7 +318,7 @@ class Usage(_Model):
     """pdserve's addition, disaggregated requests whose prompt KV came from a prefill replica."""
 
 
-class _Answer(_Model):
+class _Answer(ApiModel):
     """What every answer object carries; a stream's chunks share the id and `created`."""
 
     id: str
@@ -328,12 +328,12 @@ class _Answer(_Model):
     model: str
 
 
-class AssistantMessage(_Model):
+class AssistantMessage(ApiModel):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(_Model):
+class ChatChoice(ApiModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: str | None
@@ -346,12 +346,12 @@ class ChatCompletion(_Answer):
     usage: Usage
 
 
-class ChatDelta(_Model):
+class ChatDelta(ApiModel):
     role: Literal["assistant"] | None = _absent_if_none()
     content: str | None = _absent_if_none()
 
 
-class ChatChunkChoice(_Model):
+class ChatChunkChoice(ApiModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: str | None = None
@@ -366,7 +366,7 @@ class ChatCompletionChunk(_Answer):
     the usage so far on every chunk with `continuous_usage_stats` too."""
 
 
-class CompletionChoice(_Model):
+class CompletionChoice(ApiModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
@@ -387,7 +387,7 @@ class CompletionChunk(_Answer):
     usage: Usage | None = _absent_if_none()
 
 
-class ModelCard(_Model):
+class ModelCard(ApiModel):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -396,23 +396,30 @@ class ModelCard(_Model):
     """Context length in tokens (prompt plus generated), as vLLM reports it."""
 
 
-class ModelList(_Model):
+class ModelList(ApiModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
-class ErrorDetail(_Model):
+class ErrorDetail(ApiModel):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(_Model):
+class ErrorResponse(ApiModel):
     """OpenAI's error body: every non-2xx answer, and the last event of a stream that failed."""
 
     error: ErrorDetail
 
+
+
+def error_docs(*more: tuple[int | str, str], only: tuple[int, ...] | None = None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries of a route's OpenAI error answers: 400, 401, 404 (or `only` those), and `more`."""
+    common = ((400, "Invalid request"), (401, "No valid API key (the service has keys)"), (404, "Unknown model"))
+    chosen = [(code, what) for code, what in common if only is None or code in only]
+    return {code: {"model": ErrorResponse, "description": what} for code, what in (*chosen, *more)}
 
 def readme_field_table() -> str:
     """The README's table of every vLLM request field and what pdserve does with it."""

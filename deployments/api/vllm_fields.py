@@ -25,8 +25,15 @@ def vllm_request_models() -> dict[str, type[BaseModel]]:
     from vllm.entrypoints.generate.base.protocol import StreamOptions
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.entrypoints.serve.tokenize.protocol import (
+        DetokenizeRequest,
+        TokenizeChatRequest,
+        TokenizeCompletionRequest,
+    )
 
-    return {"chat": ChatCompletionRequest, "completions": CompletionRequest, "stream_options": StreamOptions}
+    return {"chat": ChatCompletionRequest, "completions": CompletionRequest, "stream_options": StreamOptions,
+            "tokenize_chat": TokenizeChatRequest, "tokenize_completion": TokenizeCompletionRequest,
+            "detokenize": DetokenizeRequest}
 
 
 @functools.cache

@@ -65,7 +65,7 @@ def test_models_health_and_openapi(svc, model):
     assert body["status"] == "ok" and body["live_instances"] == {"prefill": 1, "decode": 1}
     with urllib.request.urlopen(f"{svc.http_url}/openapi.json") as r:
         paths = json.loads(r.read())["paths"]
-    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(paths)
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"} <= set(paths)
 
 
 def test_chat_completion_answers_with_usage(client, model):
@@ -74,6 +74,17 @@ def test_chat_completion_answers_with_usage(client, model):
     assert "Paris" in r.choices[0].message.content
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_tokenize_counts_the_prompt_a_chat_is_charged_for_and_detokenize_reads_an_answer(svc, client, model):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    status, body = _post(f"{svc.http_url}/tokenize", json.dumps({"model": model, "messages": messages}).encode())
+    assert status == 200 and body["count"] == r.usage.prompt_tokens == len(body["tokens"])
+    status, answer = _post(f"{svc.http_url}/tokenize", json.dumps({"prompt": r.choices[0].message.content,
+                                                                   "add_special_tokens": False}).encode())
+    status, text = _post(f"{svc.http_url}/detokenize", json.dumps({"tokens": answer["tokens"]}).encode())
+    assert status == 200 and text["prompt"] == r.choices[0].message.content and "Paris" in text["prompt"]
 
 
 def test_streamed_chat_equals_unstreamed(client, model):
