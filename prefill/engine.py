@@ -76,9 +76,10 @@ class EngineServer:
         self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
         if self.expert_buffers:
             await self.engine.collective_rpc("pdserve_require_expert_buffers")
-        if not all(await self.engine.collective_rpc("pdserve_continues_seeds")):  # see worker_extension.py
-            log.warning("%s replica %s: this engine's model runner cannot skip a seeded request's draws; a seeded "
-                        "answer continued here draws anew where it continues", self.role, self.replica_id)
+        if not all(await self.engine.collective_rpc("pdserve_continues_answers")):  # see worker_extension.py
+            log.warning("%s replica %s: this engine's model runner cannot skip a seeded request's draws nor count "
+                        "an answer's earlier tokens in its penalties; an answer continued here is sampled anew "
+                        "where it continues", self.role, self.replica_id)
         if pool.warmup:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
@@ -178,14 +179,15 @@ class EngineServer:
     def sampling_params(self, sampling: Any, max_tokens: int, kv_transfer_params: dict | None,
                         sampled_tokens: int = 0):
         """vLLM's parameters for one engine call; `sampled_tokens` of the answer were sampled
-        before it (elsewhere), and a seeded generator skips their draws."""
+        before it (elsewhere): the worker extension has a seeded generator skip their draws and
+        the penalties count them as the answer's."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         extra: dict[str, Any] = {}
         if kv_transfer_params:
             extra["kv_transfer_params"] = kv_transfer_params
-        if sampled_tokens and sampling.seed is not None:
+        if sampled_tokens:
             extra[SAMPLED_TOKENS_KEY] = sampled_tokens
         return SamplingParams(
             max_tokens=max_tokens,
@@ -193,6 +195,8 @@ class EngineServer:
             top_p=sampling.top_p,
             top_k=sampling.top_k,
             min_p=sampling.min_p,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
             repetition_penalty=sampling.repetition_penalty,
             min_tokens=sampling.remaining_min_tokens(sampled_tokens, max_tokens),
             stop=list(sampling.stop) or None,

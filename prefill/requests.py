@@ -44,6 +44,10 @@ class Sampling(BaseModel):
     top_k: int = Field(0, ge=-1)
     """Sample among the k likeliest tokens; 0 and -1 mean all (vLLM's convention)."""
     min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Both count the answer's own tokens, those sampled by an earlier engine too (the worker
+    extension counts them: prefill/worker_extension.py)."""
     repetition_penalty: float = Field(1.0, gt=0.0)
     """Computed over prompt and answer, so an answer split across engines (its tokens become the
     next engine's prompt) is penalised as one run is."""

@@ -1,13 +1,17 @@
 """Methods vLLM mixes into every worker of a pdserve engine (`worker_extension_cls`), called by
 name through the engine's `collective_rpc`.
 
-A seeded answer that goes on on another engine (the prefill engine sampled its first token, or
-the replica serving it died mid-answer) must draw what one uninterrupted run would have drawn.
-vLLM seeds a request's generator when the request reaches the worker, and every sampling step
-draws from it; so importing this module (vLLM imports it in each worker) wraps the model
-runner's state update: a new request whose `extra_args` hold `pdserve_sampled_tokens: k` has its
-generator moved past k steps, by running the engine's own sampler k times on a dummy row. The
-same draws, whichever path the platform samples with (CPU, PyTorch, FlashInfer's fallback).
+An answer that goes on on another engine (the prefill engine sampled its first token, or the
+replica serving it died mid-answer) must be sampled as one uninterrupted run would have been,
+though its first k tokens reach the new engine as the end of its prompt. Importing this module
+(vLLM imports it in each worker) wraps the model runner's state update, so that a new request
+whose `extra_args` hold `pdserve_sampled_tokens: k`
+- has its seeded generator moved past k steps, by running the engine's own sampler k times on a
+  dummy row: the same draws, whichever path the platform samples with (CPU, PyTorch,
+  FlashInfer's fallback);
+- has those k tokens counted as its output by the presence and frequency penalties (wrapping
+  the sampler's penalty step): the same counts, so the same logits, as one run. (Repetition
+  penalty counts prompt and output alike, and min_tokens is carried by the caller.)
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ SAMPLED_TOKENS_KEY = "pdserve_sampled_tokens"
 
 EXTENSION = "pdserve.prefill.worker_extension.EngineWorkerExtension"
 
+_EARLIER_OUTPUT: dict[int, tuple[list[int], list[int]]] = {}
+"""id() of a running request's output-token list -> (that list, the answer's tokens sampled before
+this engine). The list itself is held so that its id cannot be reused while the entry lives."""
+_EARLIER_OUTPUT_OF: dict[str, int] = {}
+"""Request id -> its key in `_EARLIER_OUTPUT`, to drop the entry when the request finishes."""
+
 
 def advance_generator(runner: Any, generator: Any, steps: int) -> None:
     """Draw from `generator` what `steps` sampling steps of one request draw on `runner`."""
@@ -35,39 +45,63 @@ def advance_generator(runner: Any, generator: Any, steps: int) -> None:
         runner.sampler.topk_topp_sampler(row.clone(), {0: generator}, None, None)
 
 
-def _continuing_seeds(original):
+def _continuing_answers(original):
     @functools.wraps(original)
     def _update_states(self, scheduler_output: Any) -> Any:
+        for req_id in scheduler_output.finished_req_ids:
+            _EARLIER_OUTPUT.pop(_EARLIER_OUTPUT_OF.pop(req_id, -1), None)
         result = original(self, scheduler_output)
         for new in scheduler_output.scheduled_new_reqs:
             sp = new.sampling_params
             steps = int((sp.extra_args or {}).get(SAMPLED_TOKENS_KEY, 0)) if sp is not None else 0
             state = self.requests.get(new.req_id)
-            if steps > 0 and state is not None and state.generator is not None:
+            if steps <= 0 or state is None:
+                continue
+            if state.generator is not None:
                 advance_generator(self, state.generator, steps)
+            if sp.presence_penalty or sp.frequency_penalty:
+                out = state.output_token_ids
+                _EARLIER_OUTPUT[id(out)] = (out, list(state.prompt_token_ids[-steps:]))
+                _EARLIER_OUTPUT_OF[new.req_id] = id(out)
         return result
 
     _update_states.pdserve_wrapped = True
     return _update_states
 
 
-def _wrap_update_states() -> None:
+def _counting_earlier_output(original):
+    @functools.wraps(original)
+    def apply_penalties(logits: Any, sampling_metadata: Any, output_token_ids: list[list[int]]) -> Any:
+        if _EARLIER_OUTPUT and not sampling_metadata.no_penalties:
+            output_token_ids = [entry[1] + out if (entry := _EARLIER_OUTPUT.get(id(out))) and entry[0] is out else out
+                                for out in output_token_ids]
+        return original(logits, sampling_metadata, output_token_ids)
+
+    apply_penalties.pdserve_wrapped = True
+    return staticmethod(apply_penalties)
+
+
+def _wrap_model_runner() -> None:
+    from vllm.v1.sample.sampler import Sampler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     current = GPUModelRunner._update_states
     if not getattr(current, "pdserve_wrapped", False):
-        GPUModelRunner._update_states = _continuing_seeds(current)
+        GPUModelRunner._update_states = _continuing_answers(current)
+    penalties = Sampler.apply_penalties
+    if not getattr(penalties, "pdserve_wrapped", False):
+        Sampler.apply_penalties = _counting_earlier_output(penalties)
 
 
-_wrap_update_states()
+_wrap_model_runner()
 
 
 class EngineWorkerExtension(ExpertBufferExtension):
     """Mixed into vLLM's worker class; `self.model_runner` is the worker's model runner."""
 
-    def pdserve_continues_seeds(self) -> bool:
-        """Whether this worker's model runner is the one whose state update is wrapped (vLLM's
-        second-generation GPU runner is not)."""
+    def pdserve_continues_answers(self) -> bool:
+        """Whether this worker's model runner is the one whose state update and sampler are
+        wrapped (vLLM's second-generation GPU runner is not)."""
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
         return isinstance(self.model_runner, GPUModelRunner)

@@ -117,6 +117,10 @@ class GenerationRequest(StrictBody, ABC):
     """vLLM's extension: sample among the k likeliest tokens; 0 or -1 (or null): all."""
     min_p: float | None = None
     """vLLM's extension, 0..1: drop tokens less likely than min_p times the likeliest."""
+    presence_penalty: float | None = None
+    """-2..2, subtracted from the logit of every token already in the answer."""
+    frequency_penalty: float | None = None
+    """-2..2, times how often a token is already in the answer, subtracted from its logit."""
     repetition_penalty: float | None = None
     """vLLM's extension, > 0: above 1 discourages tokens already in the prompt or the answer."""
     min_tokens: int | None = None
@@ -188,6 +192,7 @@ class GenerationRequest(StrictBody, ABC):
         values = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
                   "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
+                  "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
                   "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias}
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})

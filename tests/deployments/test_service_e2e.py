@@ -293,6 +293,11 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
         # End of sequence as likely as can be, held off for 5 tokens: on the prefill engine for
         # its one, then the decode engine for the 4 left (a carried-over 5 would make 6).
         {**sampled, "logit_bias": {str(eos): 100}, "min_tokens": 5},
+        # " blue" favoured, until the penalties for its earlier uses (the prefill engine's first
+        # among them: the decode engine must count it) outweigh the bias.
+        {**requests[0], "logit_bias": {str(blue): 20}, "presence_penalty": 2.0, "frequency_penalty": 2.0,
+         "max_tokens": 16},
+        {**sampled, "presence_penalty": 1.5, "frequency_penalty": -0.5},
     ]
 
     def answers(c) -> list[tuple[str, str, int]]:
@@ -320,3 +325,4 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     assert disagg[8] == (" blue" * 6, "length", 6)
     assert disagg[9][:2] == ("", "stop")
     assert disagg[10][1] == "stop" and disagg[10][2] >= 5
+    assert texts[11].startswith(" blue blue") and not texts[11].endswith(" blue")

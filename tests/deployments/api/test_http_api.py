@@ -136,12 +136,14 @@ def _assert_openai_error(body: dict, *, type_: str, param: str | None) -> str:
 
 
 def test_fields_that_ask_for_nothing_are_accepted_and_honoured_fields_kept() -> None:
-    req = _chat(temperature=0, top_p=0.5, seed=7, stop="\n", user="u1", frequency_penalty=0, presence_penalty=0.0,
+    req = _chat(temperature=0, top_p=0.5, seed=7, stop="\n", user="u1", length_penalty=1.0, bad_words=None,
                 tools=None, n=1, logprobs=False, tool_choice="none", echo=False, top_k=5, min_p=0.1,
-                repetition_penalty=1.2, stop_token_ids=[2], logit_bias={"42": -100})
+                repetition_penalty=1.2, stop_token_ids=[2], logit_bias={"42": -100}, presence_penalty=0.5,
+                frequency_penalty=-1)
     assert req.message_dicts() == HI
     assert req.sampling() == Sampling(temperature=0.0, top_p=0.5, seed=7, stop=["\n"], top_k=5, min_p=0.1,
-                                      repetition_penalty=1.2, stop_token_ids=[2], logit_bias={42: -100.0})
+                                      repetition_penalty=1.2, stop_token_ids=[2], logit_bias={42: -100.0},
+                                      presence_penalty=0.5, frequency_penalty=-1.0)
     assert _chat(min_tokens=3, max_tokens=4).sampling().min_tokens == 3
 
 
@@ -149,8 +151,8 @@ VLLMS = "vLLM's field, not supported by pdserve"
 
 
 @pytest.mark.parametrize(("make", "fields", "param", "says"), [
-    (_chat, {"frequency_penalty": 0.1}, "frequency_penalty", VLLMS),
-    (_chat, {"presence_penalty": -1}, "presence_penalty", VLLMS),
+    (_chat, {"length_penalty": 0.5}, "length_penalty", VLLMS),
+    (_chat, {"bad_words": ["x"]}, "bad_words", VLLMS),
     (_chat, {"n": 2}, "n", VLLMS), (_chat, {"logprobs": True}, "logprobs", VLLMS),
     (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", VLLMS),
     (_chat, {"response_format": {"type": "json_object"}}, "response_format", VLLMS),
@@ -177,7 +179,7 @@ def test_the_readme_field_table_is_the_one_the_code_generates() -> None:
     assert table in readme, "regenerate the README's field table: python -m pdserve.deployments.api.openai_models"
     rows = {line.split("|")[1].strip(" `"): line for line in table.splitlines()[2:]}
     assert rows["top_k"].endswith("| honoured | honoured |")
-    assert rows["frequency_penalty"].endswith("| refused unless null or 0.0 | refused unless null or 0.0 |")
+    assert rows["length_penalty"].endswith("| refused unless null or 1.0 | refused unless null or 1.0 |")
     assert rows["suffix"].endswith("| - | refused unless null |") and "pdserve's" in rows["ttft_ms"]
 
 
@@ -243,6 +245,7 @@ def test_completion_defaults_to_16_tokens_like_openai() -> None:
     ({"min_tokens": 2, "stop": "x"}, "min_tokens"),
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
     ({"logit_bias": {"1": 100.5}}, "logit_bias"), ({"logit_bias": {"-3": 1}}, "logit_bias"),
+    ({"presence_penalty": 2.5}, "presence_penalty"), ({"frequency_penalty": -2.01}, "frequency_penalty"),
 ])
 def test_sampling_errors_name_the_request_field(fields: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:

@@ -1,0 +1,39 @@
+"""The worker extension's penalties for an answer that goes on on a new engine: its tokens
+sampled earlier (now the end of the prompt) count as output, as in one uninterrupted run.
+vLLM's own sampler computes the penalties; the model runner and its scheduler output are
+stand-ins holding only the fields the extension reads."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.sampler import Sampler
+
+from pdserve.prefill.worker_extension import SAMPLED_TOKENS_KEY, _continuing_answers
+
+VOCAB = 8
+
+
+def _penalised(output_token_ids: list[list[int]], prompt: list[int]) -> torch.Tensor:
+    meta = SimpleNamespace(no_penalties=False, prompt_token_ids=torch.tensor([prompt]),
+                           presence_penalties=torch.tensor([0.5]), frequency_penalties=torch.tensor([1.0]),
+                           repetition_penalties=torch.tensor([1.2]))
+    return Sampler.apply_penalties(torch.linspace(-1, 1, VOCAB).unsqueeze(0), meta, output_token_ids)
+
+
+def test_tokens_sampled_before_the_engine_count_as_output_until_the_request_finishes():
+    one_run = _penalised([[5, 3, 3]], prompt=[1, VOCAB, VOCAB])  # prompt [1], the answer 5 3 3 on one engine
+    out = [3]  # the new engine's own output, after 5 3 reached it as prompt
+    fake_runner = SimpleNamespace(requests={"r": SimpleNamespace(generator=None, output_token_ids=out,
+                                                                 prompt_token_ids=[1, 5, 3])})
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=1.0, repetition_penalty=1.2,
+                            extra_args={SAMPLED_TOKENS_KEY: 2})
+    update = _continuing_answers(lambda runner, scheduler_output: None)
+    update(fake_runner, SimpleNamespace(finished_req_ids=set(),
+                                        scheduled_new_reqs=[SimpleNamespace(req_id="r", sampling_params=params)]))
+    assert torch.equal(_penalised([out], prompt=[1, 5, 3]), one_run)
+
+    update(fake_runner, SimpleNamespace(finished_req_ids={"r"}, scheduled_new_reqs=[]))
+    assert not torch.equal(_penalised([out], prompt=[1, 5, 3]), one_run)  # forgotten once finished
