@@ -207,11 +207,12 @@ async def _translate(raw: bytes, context: grpc.aio.ServicerContext,
 
 def _sampling(msg: pb.GenerateRequest) -> Sampling:
     """Validate the sampling fields with the same model the HTTP API uses."""
-    fields: dict = {"stop": list(msg.stop)}
-    for name in ("max_tokens", "seed"):
+    fields: dict = {"stop": list(msg.stop), "stop_token_ids": list(msg.stop_token_ids),
+                    "logit_bias": {t: float(f"{b:.7g}") for t, b in msg.logit_bias.items()}}
+    for name in ("max_tokens", "seed", "top_k", "min_tokens"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
-    for name in ("temperature", "top_p"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         if msg.HasField(name):
             # float32 on the wire: 0.7 arrives as 0.699999988; keep the digits the client wrote.
             fields[name] = float(f"{getattr(msg, name):.7g}")

@@ -250,6 +250,21 @@ async def test_a_valid_request_reaches_the_frontend_with_its_sampling_and_trace(
     assert routed.trace_carrier == {"traceparent": traceparent}
 
 
+async def test_vllms_sampling_options_reach_the_frontend_as_over_http_and_bad_ones_are_invalid_argument(
+        channel, frontend):
+    await _stream_error(channel, _tokens(1, max_tokens=8, top_k=5, min_p=0.1, repetition_penalty=1.2,
+                                         presence_penalty=0.5, frequency_penalty=-0.3, min_tokens=2,
+                                         stop_token_ids=[7, 9], logit_bias={42: -100.0, 3: 2.5}))
+    assert frontend.routed[-1].sampling == Sampling(
+        max_tokens=8, top_k=5, min_p=0.1, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.3,
+        min_tokens=2, stop_token_ids=[7, 9], logit_bias={42: -100.0, 3: 2.5})
+    for bad in ({"top_k": -2}, {"min_p": 1.5}, {"presence_penalty": 3.0}, {"min_tokens": 9, "max_tokens": 8},
+                {"stop_token_ids": [-1]}, {"logit_bias": {1: 101.0}}, {"logit_bias": {-1: 1.0}},
+                {"repetition_penalty": float("nan")}):
+        err = await _stream_error(channel, _tokens(1, **bad))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details(), err.details()
+
+
 async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_invalid_argument(channel, frontend):
     await _stream_error(channel, _tokens(1, ttft_ms=300, tpot_ms=40, priority=2))
     assert frontend.routed[-1].slo == SLO(300.0, 40.0, 2)
