@@ -23,6 +23,7 @@ from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.disaggregated import disaggregated_answer
+from pdserve.deployments.engine_metrics import render_engine_metrics
 from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, refusal
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
@@ -40,6 +41,8 @@ from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives,
 
 log = logging.getLogger("pdserve.ingress")
 
+ENGINE_METRICS_WAIT_S = 2.0
+"""How long a /metrics scrape waits for the engine replicas' own metrics."""
 ROUTE_POLL_S = 0.25
 """How often a request waiting for a live instance asks the controller again."""
 
@@ -90,8 +93,9 @@ class FrontendAPI(Protocol):
     async def health(self) -> dict:
         """{"status": "ok" | "unavailable", ...pool sizes}: ok when every pool has a live instance."""
 
-    def metrics_text(self) -> tuple[bytes, str]:
-        """Prometheus exposition of this ingress's metrics, and its content type."""
+    async def metrics_text(self) -> tuple[bytes, str]:
+        """Prometheus exposition of this ingress's metrics and the live engines' `vllm:*` ones,
+        and its content type."""
 
 
 class Frontend:
@@ -357,6 +361,31 @@ class Frontend:
             body["reason"] = "no recent view of the instances from the controller"
         return body
 
-    def metrics_text(self) -> tuple[bytes, str]:
-        return self.metrics.render()
+    async def metrics_text(self) -> tuple[bytes, str]:
+        own, content_type = self.metrics.render()
+        return own + await self._engine_metrics(), content_type
+
+    async def _engine_metrics(self) -> bytes:
+        """The `vllm:*` metrics of every engine replica the view saw live, asked of each at once. A
+        replica that does not answer within ENGINE_METRICS_WAIT_S is left out of this scrape (its
+        call is left to finish, not cancelled: see disaggregated.py)."""
+        if not self.view.fresh(time.monotonic()):
+            return b""
+        calls = {(pool, rid): asyncio.ensure_future(self.pools[pool].vllm_metrics.remote(replica_id=rid))
+                 for pool, rid in self.view.live_replicas if pool in self.pools}
+        if not calls:
+            return b""
+        done, pending = await asyncio.wait(calls.values(), timeout=ENGINE_METRICS_WAIT_S)
+        for task in pending:
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        texts = {}
+        for key, task in calls.items():
+            if task in done and task.exception() is None:
+                texts[key] = task.result()
+            else:
+                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+                log.warning("metrics: %s replica %s did not answer: %s", *key,
+                            task.exception() if task in done else f"no answer in {ENGINE_METRICS_WAIT_S} s")
+        return render_engine_metrics(texts)
 

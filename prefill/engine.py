@@ -208,6 +208,14 @@ class EngineServer:
             extra_args=extra or None,
         )
 
+    def vllm_metrics(self, *, replica_id: str) -> str:
+        """This process's Prometheus exposition, the engine's `vllm:*` metrics among it (the ingress
+        keeps those: deployments/engine_metrics.py). `replica_id` is read by the router."""
+        from prometheus_client import generate_latest
+        from vllm.v1.metrics.prometheus import get_prometheus_registry
+
+        return generate_latest(get_prometheus_registry()).decode()
+
     async def expert_stats(self) -> dict:
         """This replica's expert-buffer counters and the hot set its workers hold ({} when not buffered)."""
         return (await self.engine.collective_rpc("pdserve_expert_stats"))[0] if self.expert_buffers else {}

@@ -99,7 +99,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
 
     @app.get("/metrics", response_class=Response)
     async def metrics() -> Response:
-        content, content_type = get_frontend().metrics_text()
+        content, content_type = await get_frontend().metrics_text()
         return Response(content, media_type=content_type)
 
     return app

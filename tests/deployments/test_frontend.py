@@ -71,7 +71,7 @@ async def test_unknown_model_is_not_found(frontend):
 async def test_refusals_are_counted_by_outcome(frontend):
     with pytest.raises(InvalidRequest):
         await frontend.completion_request("", Sampling())
-    text = frontend.metrics_text()[0].decode()
+    text = (await frontend.metrics_text())[0].decode()
     assert 'pdserve_requests_total{outcome="invalid"}' in text
 
 

@@ -10,6 +10,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from pdserve.deployments import service
@@ -270,6 +271,13 @@ def test_metrics_report_latencies_outcomes_and_kv_bytes(svc, client, model):
         assert needle in text, needle
     kv_bytes = next(line for line in text.splitlines() if line.startswith("pdserve_kv_transfer_bytes_total"))
     assert float(kv_bytes.split()[-1]) > 0
+    # The engines' own vLLM metrics, one family each, every sample labelled with its pool and replica.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("vllm:num_requests_waiting", "vllm:kv_cache_usage_perc", "vllm:prompt_tokens"):
+        assert {s.labels["pool"] for s in families[name].samples} == {"prefill", "decode"}, name
+        assert all(s.labels["replica"] for s in families[name].samples)
+    prompt = {s.labels["pool"]: s.value for s in families["vllm:prompt_tokens"].samples if s.name.endswith("_total")}
+    assert prompt["prefill"] > 0  # the prompts were computed there
 
 
 # Last in this file: it replaces the disaggregated application with a colocated one, so

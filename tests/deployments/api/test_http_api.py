@@ -69,7 +69,7 @@ class FakeRejectingFrontend:
     async def health(self) -> dict:
         return {"status": "unavailable", "prefill": 0, "decode": 0}
 
-    def metrics_text(self) -> tuple[bytes, str]:
+    async def metrics_text(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
