@@ -12,6 +12,7 @@ from pdserve import telemetry
 from pdserve.errors import EngineFailure, KVLost
 from pdserve.kvtransfer import params
 from pdserve.prefill.engine import EngineServer
+from pdserve.prefill.logprobs import token_logprobs
 from pdserve.prefill.requests import GenerateChunk, GenerateRequest
 
 
@@ -28,7 +29,8 @@ async def stream_answer(server: EngineServer, req: GenerateRequest, max_tokens: 
             o = out.outputs[0]
             progress.output(len(o.token_ids))
             completion += len(o.token_ids)
-            chunk = GenerateChunk(o.text, list(o.token_ids), n_prompt, completion)
+            chunk = GenerateChunk(o.text, list(o.token_ids), n_prompt, completion,
+                                  logprobs=token_logprobs(o.token_ids, o.logprobs, req.sampling.logprobs))
             if out.finished:
                 if o.finish_reason not in ("stop", "length") and kv is not None and completion == 0:
                     raise KVLost(req.request_id)  # vLLM's kv_load_failure_policy "fail": nothing generated

@@ -201,6 +201,7 @@ class EngineServer:
             min_tokens=sampling.remaining_min_tokens(sampled_tokens, max_tokens),
             stop=list(sampling.stop) or None,
             stop_token_ids=list(sampling.stop_token_ids) or None,
+            logprobs=sampling.logprobs,
             logit_bias=dict(sampling.logit_bias) or None,
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,

@@ -17,6 +17,8 @@ from pdserve.controller.decision import SLO
 MAX_STOP_CHARS = 256
 """Longest stop string: vLLM holds back up to its length - 1 characters of a streamed answer, and
 looks for every stop string in the new text at each step."""
+MAX_LOGPROBS = 20
+"""Most alternatives a request may ask logprobs of per token: vLLM's default `max_logprobs`."""
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_TOKENS = 1024
 """Bounds on per-request token lists, which vLLM copies into every step's batch metadata."""
@@ -54,6 +56,8 @@ class Sampling(BaseModel):
     min_tokens: int = Field(0, ge=0)
     """End of sequence and stop tokens are masked until this many tokens; carried over to a
     continuing engine as what is left (`remaining_min_tokens`)."""
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Report each token's log-probability and those of this many likeliest alternatives; None: none."""
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS)
     """Token id -> bias added to its logit, -100..100 (OpenAI's range)."""
@@ -176,6 +180,17 @@ class GenerateRequest:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability and its likeliest alternatives, as the engine saw them."""
+
+    token: str
+    """The token's text, as vLLM decodes a single token."""
+    logprob: float
+    top: list[tuple[str, float]]
+    """The `Sampling.logprobs` likeliest tokens at this position (text, logprob), likeliest first."""
+
+
+@dataclass
 class GenerateChunk:
     """A piece of the answer: new text and tokens since the previous chunk."""
 
@@ -191,3 +206,5 @@ class GenerateChunk:
     (state, tokens, bytes, prefill_compute_ms, exposed_ms, load_ms)."""
     slo: SLOReport | None = None
     """Last chunk, set by the ingress: measured TTFT and TPOT against the objectives."""
+    logprobs: list[TokenLogprob] | None = None
+    """One per token of `token_ids`, when the request asked for logprobs."""

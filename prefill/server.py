@@ -10,6 +10,7 @@ from pdserve import telemetry
 from pdserve.errors import EngineFailure
 from pdserve.kvtransfer import params
 from pdserve.prefill.engine import EngineServer
+from pdserve.prefill.logprobs import token_logprobs
 from pdserve.prefill.requests import GenerateRequest
 
 
@@ -20,18 +21,20 @@ class PrefillServer(EngineServer):
         """Compute the prompt's KV, push it to `dest` (None: no engine goes on from here, the
         answer is one token long) and sample the first token. Returns its `token_ids` and `text`,
         vLLM's `finish_reason` ("stop": the answer ended there; "length": it may go on), and the
-        prefill's timings. `replica_id` is read by the router (see exact_router) and names this replica."""
+        prefill's timings (and the first token's `logprobs` when asked for). `replica_id` is read by the router (see exact_router) and names this replica."""
         attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest or ""}
         with self.serving("prefill", req, attrs, prefills=True) as (span, progress):
             kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", "")) \
                 if dest else None
             sp = self.sampling_params(req.sampling, 1, kv, req.sampled_tokens)
             start = time.perf_counter()
-            final, token_ids, text = None, [], ""
+            final, token_ids, text, logprobs = None, [], "", []
             async for out in self.engine.generate({"prompt_token_ids": req.prompt_token_ids}, sp, f"{req.request_id}-p"):
-                progress.output(len(out.outputs[0].token_ids))
-                token_ids += out.outputs[0].token_ids
-                text += out.outputs[0].text
+                o = out.outputs[0]
+                progress.output(len(o.token_ids))
+                token_ids += o.token_ids
+                text += o.text
+                logprobs += token_logprobs(o.token_ids, o.logprobs, req.sampling.logprobs) or []
                 final = out
             if final is None or final.outputs[0].finish_reason not in ("stop", "length"):
                 reason = final.outputs[0].finish_reason if final is not None else "no output"
@@ -39,4 +42,5 @@ class PrefillServer(EngineServer):
             prefill_ms = (time.perf_counter() - start) * 1e3
             span.set_attribute("pdserve.prefill_ms", prefill_ms)
             return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params, "token_ids": token_ids,
-                    "text": text, "finish_reason": final.outputs[0].finish_reason}
+                    "text": text, "finish_reason": final.outputs[0].finish_reason,
+                    "logprobs": logprobs if req.sampling.logprobs is not None else None}

@@ -23,33 +23,37 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.deployments.api.front_door import FrontDoor
-from pdserve.deployments.api.openai_models import (
+from pdserve.deployments.api.openai_answers import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletion,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatDelta,
+    ChatLogprobs,
     Completion,
     CompletionChoice,
     CompletionChunk,
-    CompletionRequest,
+    CompletionLogprobs,
     ErrorDetail,
     ErrorResponse,
-    GenerationRequest,
     KVTransferUsage,
     ModelCard,
     ModelList,
     SLOUsage,
     Usage,
     error_docs,
+)
+from pdserve.deployments.api.openai_models import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerationRequest,
     invalid_request,
 )
 from pdserve.deployments.api.tokenize_api import add_tokenize_routes
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import EngineFailure, InvalidRequest, ServeError
-from pdserve.prefill.requests import GenerateChunk, GenerateRequest
+from pdserve.prefill.requests import GenerateChunk, GenerateRequest, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -131,19 +135,24 @@ class _ChatShapes:
     def opening(self) -> list[BaseModel]:
         return [self._chunk(ChatDelta(role="assistant", content=""))]
 
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None) -> BaseModel:
-        return self._chunk(ChatDelta(content=text or None), finish_reason, usage)
+    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
+              logprobs: list[TokenLogprob] | None) -> BaseModel:
+        choice = ChatChunkChoice(delta=ChatDelta(content=text or None), finish_reason=finish_reason,
+                                 logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
     def usage(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def whole(self, text: str, finish_reason: str | None, usage: Usage) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+    def whole(self, text: str, finish_reason: str | None, usage: Usage,
+              logprobs: list[TokenLogprob] | None) -> BaseModel:
+        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason,
+                            logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
         return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
-    def _chunk(self, delta: ChatDelta, finish_reason: str | None = None, usage: Usage | None = None) -> BaseModel:
-        choice = ChatChunkChoice(delta=delta, finish_reason=finish_reason)
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+    def _chunk(self, delta: ChatDelta) -> BaseModel:
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
+                                   choices=[ChatChunkChoice(delta=delta)])
 
 
 @dataclass
@@ -153,20 +162,31 @@ class _CompletionShapes:
     id: str
     created: int
     model: str
+    offset: int = 0
+    """Characters of the answer's text its tokens' logprobs have covered (`text_offset`)."""
 
     def opening(self) -> list[BaseModel]:
         return []
 
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
+              logprobs: list[TokenLogprob] | None) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=self._logprobs(logprobs))
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
     def usage(self, usage: Usage) -> BaseModel:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def whole(self, text: str, finish_reason: str | None, usage: Usage) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason)
+    def whole(self, text: str, finish_reason: str | None, usage: Usage,
+              logprobs: list[TokenLogprob] | None) -> BaseModel:
+        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=self._logprobs(logprobs))
         return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
+
+    def _logprobs(self, tokens: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+        if tokens is None:
+            return None
+        logprobs = CompletionLogprobs.of(tokens, self.offset)
+        self.offset += sum(len(t.token) for t in tokens)
+        return logprobs
 
 
 _Shapes = _ChatShapes | _CompletionShapes
@@ -183,11 +203,13 @@ async def _answer(frontend: FrontendAPI, req: GenerateRequest, body: GenerationR
     if body.stream:
         return StreamingResponse(_events(first, chunks, shapes, body), media_type="text/event-stream",
                                  headers=_SSE_HEADERS)
-    texts, last = [first.text], first
+    texts, logprobs, last = [first.text], list(first.logprobs or []), first
     async for chunk in chunks:
         texts.append(chunk.text)
+        logprobs += chunk.logprobs or []
         last = chunk
-    whole = shapes.whole("".join(texts), _finish_reason(last), _usage(last))
+    asked = req.sampling.logprobs is not None
+    whole = shapes.whole("".join(texts), _finish_reason(last), _usage(last), logprobs if asked else None)
     return Response(whole.model_dump_json(), media_type="application/json", headers=_slo_headers(last))
 
 
@@ -201,9 +223,9 @@ async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], sh
         last = first
         async for chunk in _chain(first, chunks):
             last = chunk
-            if chunk.text or chunk.finish_reason:
+            if chunk.text or chunk.finish_reason or chunk.logprobs:
                 so_far = _token_counts(chunk) if body.continuous_usage else None
-                yield _event(shapes.delta(chunk.text, chunk.finish_reason, so_far).model_dump_json())
+                yield _event(shapes.delta(chunk.text, chunk.finish_reason, so_far, chunk.logprobs).model_dump_json())
         _finish_reason(last)
         if body.include_usage:
             yield _event(shapes.usage(_usage(last)).model_dump_json())

@@ -1,4 +1,5 @@
-"""OpenAI's chat and completions bodies, as far as pdserve serves them.
+"""OpenAI's chat and completions request bodies, as far as pdserve serves them (the answers:
+`openai_answers.py`).
 
 Requests declare the fields pdserve honours and validate them strictly: `"max_tokens": "5"`
 is a 400, not a silent coercion. Any other field is refused with a 400 naming it, unless it
@@ -13,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from pdserve.deployments.api.openai_answers import ApiModel
 from pdserve.deployments.api.vllm_fields import drop_no_ops, field_table, refusal
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.requests import Objectives, Sampling
@@ -72,12 +73,6 @@ def _one_of(expected: str) -> WrapValidator:
 
 StopField = Annotated[str | list[str] | None, _one_of("a string, a list of strings or null")]
 PromptField = Annotated[str | list[int] | list[str], _one_of("a string, a list of token ids or a list of one string")]
-
-
-class ApiModel(BaseModel):
-    """Field docstrings become the field descriptions of the OpenAPI document."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
 
 
 class StrictBody(ApiModel):
@@ -186,10 +181,15 @@ class GenerationRequest(StrictBody, ABC):
     def _max_tokens(self) -> tuple[int | None, str]:
         """The requested token limit and the request field it came from."""
 
+    @abstractmethod
+    def _logprobs(self) -> tuple[int | None, str]:
+        """How many alternatives to report logprobs of per token (None: no logprobs), and the field."""
+
     def sampling(self) -> Sampling:
         """The shared sampling options; InvalidRequest (naming the field) when a value is out of range."""
         max_tokens, max_tokens_field = self._max_tokens()
-        values = {"max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
+        logprobs, logprobs_field = self._logprobs()
+        values = {"logprobs": logprobs, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
                   "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
                   "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
@@ -197,7 +197,8 @@ class GenerationRequest(StrictBody, ABC):
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
-            raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field}) from None
+            raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field,
+                                                       "logprobs": logprobs_field}) from None
 
 
 class TextPart(StrictBody):
@@ -230,6 +231,17 @@ class ChatCompletionRequest(GenerationRequest):
     """Tokens to generate at most (OpenAI's older name); null means up to the context length."""
     max_completion_tokens: int | None = None
     """OpenAI's newer name for `max_tokens`; set either, or both to the same value."""
+    logprobs: bool | None = None
+    """Report each answer token's log-probability (`choices[].logprobs.content`)."""
+    top_logprobs: int | None = None
+    """0..20, with `logprobs`: also the log-probabilities of this many likeliest tokens at each position."""
+
+    def _logprobs(self) -> tuple[int | None, str]:
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+            return None, "top_logprobs"
+        return self.top_logprobs or 0, "top_logprobs"
 
     def _max_tokens(self) -> tuple[int | None, str]:
         if self.max_completion_tokens is None:
@@ -253,6 +265,11 @@ class CompletionRequest(GenerationRequest):
     """Text, token ids, or a batch of exactly one text."""
     max_tokens: int | None = COMPLETION_DEFAULT_MAX_TOKENS
     """Tokens to generate at most; null means OpenAI's default, 16."""
+    logprobs: int | None = None
+    """0..20: report each answer token's log-probability and those of this many likeliest tokens."""
+
+    def _logprobs(self) -> tuple[int | None, str]:
+        return self.logprobs, "logprobs"
 
     @field_validator("prompt")
     @classmethod
@@ -270,161 +287,6 @@ class CompletionRequest(GenerationRequest):
             return self.prompt[0]
         return self.prompt  # type: ignore[return-value]  # a list here holds ints
 
-
-def _absent_if_none() -> Any:
-    """A field left out of the JSON while None, as OpenAI leaves out a chunk's unset fields."""
-    return Field(None, exclude_if=lambda value: value is None)
-
-
-class SLOUsage(ApiModel):
-    """How the request did against its objectives, measured at the ingress."""
-
-    ttft_ms: float
-    tpot_ms: float | None
-    """null when the answer had a single token."""
-    ttft_objective_ms: float
-    tpot_objective_ms: float
-    ttft_met: bool
-    tpot_met: bool
-    priority: int
-
-
-class KVTransferUsage(ApiModel):
-    """How a disaggregated request's prompt KV moved from the prefill to the decode replica."""
-
-    state: str
-    """"DONE" or "FAILED"."""
-    tokens: int
-    bytes: int
-    transfer_ms: float
-    """Prefill forward start to the KV in the decode replica's cache (the push overlaps the forward)."""
-    exposed_ms: float
-    """End of the prefill forward to the KV in the decode cache: what the transfer adds to TTFT."""
-    load_ms: float
-    """Copying the received KV into the paged cache."""
-
-    @classmethod
-    def from_report(cls, report: Mapping[str, Any]) -> "KVTransferUsage":
-        start, ready = int(report.get("start_unix_ns") or 0), int(report.get("ready_unix_ns") or 0)
-        return cls(state=str(report.get("state", "")), tokens=int(report.get("tokens", 0)),
-                   bytes=int(report.get("bytes", 0)),
-                   transfer_ms=round((ready - start) / 1e6, 3) if start and ready else 0.0,
-                   exposed_ms=round(float(report.get("exposed_ms", 0.0)), 3),
-                   load_ms=round(float(report.get("load_ms", 0.0)), 3))
-
-
-class Usage(ApiModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    slo: SLOUsage | None = _absent_if_none()
-    """pdserve's addition: measured TTFT and TPOT against the request's objectives."""
-    kv_transfer: KVTransferUsage | None = _absent_if_none()
-    """pdserve's addition, disaggregated requests whose prompt KV came from a prefill replica."""
-
-
-class _Answer(ApiModel):
-    """What every answer object carries; a stream's chunks share the id and `created`."""
-
-    id: str
-    """`chatcmpl-<hex>` or `cmpl-<hex>`."""
-    created: int
-    """Unix seconds."""
-    model: str
-
-
-class AssistantMessage(ApiModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(ApiModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str | None
-    logprobs: None = None
-
-
-class ChatCompletion(_Answer):
-    object: Literal["chat.completion"] = "chat.completion"
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-class ChatDelta(ApiModel):
-    role: Literal["assistant"] | None = _absent_if_none()
-    content: str | None = _absent_if_none()
-
-
-class ChatChunkChoice(ApiModel):
-    index: int = 0
-    delta: ChatDelta
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(_Answer):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = _absent_if_none()
-    """On the last chunk (whose `choices` is empty) when `stream_options.include_usage` is true, and
-    the usage so far on every chunk with `continuous_usage_stats` too."""
-
-
-class CompletionChoice(ApiModel):
-    index: int = 0
-    text: str
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class Completion(_Answer):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
-class CompletionChunk(_Answer):
-    """OpenAI streams completions as `text_completion` objects, each holding the new text."""
-
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-    usage: Usage | None = _absent_if_none()
-
-
-class ModelCard(ApiModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "pdserve"
-    max_model_len: int
-    """Context length in tokens (prompt plus generated), as vLLM reports it."""
-
-
-class ModelList(ApiModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class ErrorDetail(ApiModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(ApiModel):
-    """OpenAI's error body: every non-2xx answer, and the last event of a stream that failed."""
-
-    error: ErrorDetail
-
-
-
-def error_docs(*more: tuple[int | str, str], only: tuple[int, ...] | None = None) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries of a route's OpenAI error answers: 400, 401, 404 (or `only` those), and `more`."""
-    common = ((400, "Invalid request"), (401, "No valid API key (the service has keys)"), (404, "Unknown model"))
-    chosen = [(code, what) for code, what in common if only is None or code in only]
-    return {code: {"model": ErrorResponse, "description": what} for code, what in (*chosen, *more)}
 
 def readme_field_table() -> str:
     """The README's table of every vLLM request field and what pdserve does with it."""

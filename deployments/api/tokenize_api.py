@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from fastapi import Body, FastAPI
 from pydantic import Field, ValidationError
 
-from pdserve.deployments.api.openai_models import ApiModel, ChatMessage, StrictBody, error_docs, invalid_request
+from pdserve.deployments.api.openai_answers import ApiModel, error_docs
+from pdserve.deployments.api.openai_models import ChatMessage, StrictBody, invalid_request
 
 if TYPE_CHECKING:
     from pdserve.deployments.frontend import FrontendAPI

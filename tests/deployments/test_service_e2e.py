@@ -218,11 +218,13 @@ def test_a_short_prompt_is_prefilled_on_the_decode_replica_while_the_prefill_rep
     def prefill_queue() -> int:
         return sum(i["queued_prefill_tokens"] for i in controller.snapshot.remote().result() if i["pool"] == "prefill")
 
-    with ThreadPoolExecutor(1) as pool:  # a 600-token prompt keeps the prefill replica busy for a second
-        busy = pool.submit(client.completions.create, model=model, prompt=list(range(100, 700)), max_tokens=1,
+    # A 1,000-token prompt keeps the prefill replica busy for a second or two: long enough that its
+    # queue is still predicted longer than a local prefill when the short prompt is routed.
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(client.completions.create, model=model, prompt=list(range(100, 1100)), max_tokens=1,
                            temperature=0, extra_body={"ttft_ms": 60_000, "tpot_ms": 60_000})
         deadline = time.monotonic() + 30
-        while prefill_queue() < 600 and time.monotonic() < deadline:
+        while prefill_queue() < 1000 and time.monotonic() < deadline:
             time.sleep(0.01)
         r = client.completions.create(model=model, prompt=[1, 2, 3, 4], max_tokens=6, temperature=0)
         assert busy.result().usage.completion_tokens == 1
@@ -306,6 +308,8 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
         {**requests[0], "logit_bias": {str(blue): 20}, "presence_penalty": 2.0, "frequency_penalty": 2.0,
          "max_tokens": 16},
         {**sampled, "presence_penalty": 1.5, "frequency_penalty": -0.5},
+        {**requests[1], "logprobs": True, "top_logprobs": 3},  # the first token's from the prefill engine
+        {**sampled, "logprobs": True},
     ]
 
     def answers(c) -> list[tuple[str, str, int]]:
@@ -313,8 +317,10 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
         out = [c.chat.completions.create(**{k: v for k, v in kw.items() if k not in vllms},
                                          extra_body={k: v for k, v in kw.items() if k in vllms})
                for kw in requests]
+        logprobs.append([r.choices[0].logprobs.content if r.choices[0].logprobs else None for r in out])
         return [(r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) for r in out]
 
+    logprobs: list[list] = []
     disagg = answers(client)
     svc.delete()
     colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
@@ -334,3 +340,11 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     assert disagg[9][:2] == ("", "stop")
     assert disagg[10][1] == "stop" and disagg[10][2] >= 5
     assert texts[11].startswith(" blue blue") and not texts[11].endswith(" blue")
+    greedy, seeded = logprobs[0][13], logprobs[0][14]
+    assert disagg[13][1] == "stop" and greedy[-1].token == tokenizer.eos_token  # the end of sequence has one too
+    assert "".join(t.token for t in greedy[:-1]) == texts[13] and len(greedy) == disagg[13][2]
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in greedy)  # greedy: the likeliest
+    assert all(t.top_logprobs == [] for t in seeded) and any(t.logprob < -1 for t in seeded)  # sampled, not greedy
+    for d_answer, c_answer in zip(logprobs[0], logprobs[1], strict=True):  # computed alike in both modes
+        assert [t.token for t in d_answer or []] == [t.token for t in c_answer or []]
+        assert [t.logprob for t in d_answer or []] == pytest.approx([t.logprob for t in c_answer or []], abs=1e-3)

@@ -23,7 +23,15 @@ from pdserve.deployments.api.openai_models import (
     readme_field_table,
 )
 from pdserve.errors import InvalidRequest, ModelNotFound, Overloaded
-from pdserve.prefill.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
+from pdserve.prefill.requests import (
+    SLO,
+    GenerateChunk,
+    GenerateRequest,
+    Objectives,
+    Sampling,
+    SLOReport,
+    TokenLogprob,
+)
 
 MODEL = "served-model"
 HI = [{"role": "user", "content": "hi"}]
@@ -101,10 +109,15 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
                      objectives: Objectives | None = None) -> GenerateRequest:
         return GenerateRequest("0" * 32, [1, 2, 3], sampling, SLO(500, 50, 0), trace_carrier or {})
 
+    completion_request = chat_request
+
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        yield GenerateChunk("Hel", [10], 3, 1)
+        asked = req.sampling.logprobs is not None
+        yield GenerateChunk("Hel", [10], 3, 1, logprobs=[TokenLogprob("Hel", -0.5, [("Hel", -0.5), ("Hi", -1.25)])]
+                            if asked else None)
         yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, SLO(500.0, 50.0, 0)),
-                            kv_transfer=KV_REPORT)
+                            kv_transfer=KV_REPORT,
+                            logprobs=[TokenLogprob("lo", -9999.0, [("p", -0.01), ("lo", -9999.0)])] if asked else None)
 
 
 class FakeBrokenFrontend(FakeRejectingFrontend):
@@ -153,7 +166,7 @@ VLLMS = "vLLM's field, not supported by pdserve"
 @pytest.mark.parametrize(("make", "fields", "param", "says"), [
     (_chat, {"length_penalty": 0.5}, "length_penalty", VLLMS),
     (_chat, {"bad_words": ["x"]}, "bad_words", VLLMS),
-    (_chat, {"n": 2}, "n", VLLMS), (_chat, {"logprobs": True}, "logprobs", VLLMS),
+    (_chat, {"n": 2}, "n", VLLMS), (_chat, {"prompt_logprobs": 1}, "prompt_logprobs", VLLMS),
     (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", VLLMS),
     (_chat, {"response_format": {"type": "json_object"}}, "response_format", VLLMS),
     (_chat, {"request_id": "mine"}, "request_id", VLLMS),
@@ -162,7 +175,7 @@ VLLMS = "vLLM's field, not supported by pdserve"
     (_chat, {"temprature": 0}, "temprature", "unknown field"),
     (_chat, {"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "messages[0].name", "unknown field"),
     (_chat, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role", "'system'"),
-    (_completion, {"echo": True}, "echo", VLLMS), (_completion, {"logprobs": 1}, "logprobs", VLLMS),
+    (_completion, {"echo": True}, "echo", VLLMS), (_completion, {"best_of": 2}, "best_of", "unknown field"),
     (_completion, {"suffix": "x"}, "suffix", VLLMS), (_completion, {"add_special_tokens": False}, "add_special_tokens", VLLMS),
 ])
 def test_a_field_pdserve_does_not_honour_is_refused_by_name(make, fields: dict, param: str, says: str) -> None:
@@ -392,6 +405,51 @@ def test_text_parts_are_joined_and_developer_is_the_system_role() -> None:
             _chat(messages=[{"role": "user", "content": content}])
         err = invalid_request(caught.value.errors())
         assert err.param == "messages[0].content" and "list of" in err.message
+
+
+def test_chat_logprobs_come_per_token_with_their_top_alternatives_whole_and_streamed() -> None:
+    client = _client(FakeAnsweringFrontend())
+    body = {"model": MODEL, "messages": HI, "logprobs": True, "top_logprobs": 2}
+    content = client.post("/v1/chat/completions", json=body).json()["choices"][0]["logprobs"]["content"]
+    assert [(t["token"], t["logprob"], t["bytes"]) for t in content] == [("Hel", -0.5, [72, 101, 108]),
+                                                                         ("lo", -9999.0, [108, 111])]
+    assert [(a["token"], a["logprob"]) for a in content[0]["top_logprobs"]] == [("Hel", -0.5), ("Hi", -1.25)]
+    events = [json.loads(line[6:]) for line in client.post("/v1/chat/completions", json={**body, "stream": True})
+              .text.splitlines() if line.startswith("data: {")]
+    streamed = [t for e in events if e["choices"] and e["choices"][0]["logprobs"]
+                for t in e["choices"][0]["logprobs"]["content"]]
+    assert streamed == content
+    plain = client.post("/v1/chat/completions", json={"model": MODEL, "messages": HI}).json()
+    assert plain["choices"][0]["logprobs"] is None
+
+
+def test_completion_logprobs_in_openais_legacy_shape_with_text_offsets() -> None:
+    client = _client(FakeAnsweringFrontend())
+    body = {"model": MODEL, "prompt": "hi", "logprobs": 2}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert whole == {"text_offset": [0, 3], "token_logprobs": [-0.5, -9999.0], "tokens": ["Hel", "lo"],
+                     "top_logprobs": [{"Hel": -0.5, "Hi": -1.25}, {"p": -0.01, "lo": -9999.0}]}
+    events = [json.loads(line[6:]) for line in client.post("/v1/completions", json={**body, "stream": True})
+              .text.splitlines() if line.startswith("data: {")]
+    offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"]
+               for o in e["choices"][0]["logprobs"]["text_offset"]]
+    assert offsets == [0, 3]
+
+
+@pytest.mark.parametrize(("make", "fields", "value", "param"), [
+    (_chat, {"logprobs": True}, 0, None), (_chat, {"logprobs": True, "top_logprobs": 5}, 5, None),
+    (_chat, {"logprobs": False}, None, None), (_chat, {"top_logprobs": 2}, None, "top_logprobs"),
+    (_chat, {"logprobs": True, "top_logprobs": 21}, None, "top_logprobs"),
+    (_completion, {"logprobs": 0}, 0, None), (_completion, {"logprobs": 3}, 3, None),
+    (_completion, {"logprobs": -1}, None, "logprobs"),
+])
+def test_logprobs_fields_become_the_number_of_alternatives_or_a_400(make, fields, value, param) -> None:
+    if param is None:
+        assert make(**fields).sampling().logprobs == value
+    else:
+        with pytest.raises(InvalidRequest) as caught:
+            make(**fields).sampling()
+        assert caught.value.param == param
 
 
 def test_ignore_eos_reaches_the_sampling_options() -> None:

@@ -28,7 +28,7 @@ from schemathesis.specs.openapi.checks import (
 from pdserve.config.cluster import parse_config
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
 from pdserve.deployments.api.http_api import build_http_app
-from pdserve.deployments.api.openai_models import ChatCompletionChunk, CompletionChunk, ErrorResponse
+from pdserve.deployments.api.openai_answers import ChatCompletionChunk, CompletionChunk, ErrorResponse
 from pdserve.deployments.api_keys import ENV_VAR
 from pdserve.deployments.frontend import Frontend
 from pdserve.model_store import resolve_model
