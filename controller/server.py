@@ -58,6 +58,8 @@ class Controller:
         """Buffered pools' expert counters, by pool."""
         self.hot: dict[str, list[list[int]]] = {}
         """The hot set last computed per pool."""
+        self.engine_metrics_text: dict[str, str] = {}
+        """Each engine replica's last pushed Prometheus exposition (its `vllm:*` metrics), by replica id."""
         self.app_name = app_name
         self._ingress_watch: asyncio.Task | None = None
         self._routed_at_s = time.monotonic()
@@ -170,6 +172,21 @@ class Controller:
     async def autoscale_status(self) -> dict | None:
         """The last sizing decision with its operands, for metrics; None without a policy or before the first."""
         return describe(self.autoscaler.last) if self.autoscaler and self.autoscaler.last else None
+
+    async def push_engine_metrics(self, replica_id: str, text: str) -> None:
+        """An engine replica's Prometheus exposition, pushed every few seconds: kept here so that a
+        /metrics scrape asks the controller once instead of every engine replica's request slots."""
+        self.engine_metrics_text[replica_id] = text
+
+    async def engine_metrics(self) -> dict[tuple[str, str], str]:
+        """The last exposition of each live engine replica, by (pool, replica id); those of
+        replicas no longer live are dropped."""
+        now = time.monotonic()
+        live = {rid: i.report.pool for rid, i in self.registry.instances.items()
+                if now - i.last_seen_s <= self.registry.ttl_s}
+        for rid in set(self.engine_metrics_text) - set(live):
+            del self.engine_metrics_text[rid]
+        return {(live[rid], rid): text for rid, text in self.engine_metrics_text.items()}
 
     async def snapshot(self) -> list[dict]:
         """Every known instance with its load, liveness and latency corrections, for health and metrics."""

@@ -42,7 +42,7 @@ from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives,
 log = logging.getLogger("pdserve.ingress")
 
 ENGINE_METRICS_WAIT_S = 2.0
-"""How long a /metrics scrape waits for the engine replicas' own metrics."""
+"""How long a /metrics scrape waits for the engine replicas' own metrics (from the controller)."""
 ROUTE_POLL_S = 0.25
 """How often a request waiting for a live instance asks the controller again."""
 
@@ -94,8 +94,8 @@ class FrontendAPI(Protocol):
         """{"status": "ok" | "unavailable", ...pool sizes}: ok when every pool has a live instance."""
 
     async def metrics_text(self) -> tuple[bytes, str]:
-        """Prometheus exposition of this ingress's metrics and the live engines' `vllm:*` ones,
-        and its content type."""
+        """Prometheus exposition of this ingress's metrics and the live engines' `vllm:*` ones
+        (pushed by the engines every few seconds), and its content type."""
 
 
 class Frontend:
@@ -366,26 +366,12 @@ class Frontend:
         return own + await self._engine_metrics(), content_type
 
     async def _engine_metrics(self) -> bytes:
-        """The `vllm:*` metrics of every engine replica the view saw live, asked of each at once. A
-        replica that does not answer within ENGINE_METRICS_WAIT_S is left out of this scrape (its
-        call is left to finish, not cancelled: see disaggregated.py)."""
-        if not self.view.fresh(time.monotonic()):
+        """The `vllm:*` metrics the live engine replicas last pushed to the controller (every
+        METRICS_PUSH_S); none when the controller does not answer within ENGINE_METRICS_WAIT_S."""
+        try:
+            texts = await asyncio.wait_for(self.controller.engine_metrics.remote(), ENGINE_METRICS_WAIT_S)
+        except Exception as exc:  # the controller restarting: /metrics still answers with the ingress's own
+            log.warning("metrics: the engines' metrics from the controller failed: %s", exc)
             return b""
-        calls = {(pool, rid): asyncio.ensure_future(self.pools[pool].vllm_metrics.remote(replica_id=rid))
-                 for pool, rid in self.view.live_replicas if pool in self.pools}
-        if not calls:
-            return b""
-        done, pending = await asyncio.wait(calls.values(), timeout=ENGINE_METRICS_WAIT_S)
-        for task in pending:
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        texts = {}
-        for key, task in calls.items():
-            if task in done and task.exception() is None:
-                texts[key] = task.result()
-            else:
-                task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
-                log.warning("metrics: %s replica %s did not answer: %s", *key,
-                            task.exception() if task in done else f"no answer in {ENGINE_METRICS_WAIT_S} s")
         return render_engine_metrics(texts)
 

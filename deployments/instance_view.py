@@ -18,8 +18,6 @@ class InstanceView:
         """Live instances per pool in the last snapshot; None before the first."""
         self.live_ids: set[str] = set()
         """The live instances' replica ids in the last snapshot."""
-        self.live_replicas: list[tuple[str, str]] = []
-        """(pool, replica id) of each live instance in the last snapshot."""
         self.seen_live: set[str] = set()
         """Every replica id any snapshot showed live (ids are never reused)."""
         self._seen_at_s = 0.0
@@ -31,9 +29,7 @@ class InstanceView:
             if inst["live"] and inst["pool"] in live:
                 live[inst["pool"]] += 1
         self.live, self._seen_at_s = live, now_s
-        self.live_replicas = [(inst["pool"], inst["replica_id"]) for inst in snapshot
-                              if inst["live"] and "replica_id" in inst]
-        self.live_ids = {replica for _, replica in self.live_replicas}
+        self.live_ids = {inst["replica_id"] for inst in snapshot if inst["live"] and "replica_id" in inst}
         self.seen_live |= self.live_ids
 
     def gone(self, replica_id: str, now_s: float) -> bool:

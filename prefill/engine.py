@@ -33,6 +33,9 @@ from pdserve.prefill.worker_extension import EXTENSION, SAMPLED_TOKENS_KEY
 log = logging.getLogger("pdserve.engine")
 
 REPORT_INTERVAL_S = 0.5
+METRICS_PUSH_S = 5.0
+"""How often an engine replica pushes its vLLM metrics to the controller (the ingress's /metrics
+serves what was pushed last: at most this old)."""
 
 
 def served_model_name(cfg: ClusterConfig, model_path: str) -> str:
@@ -145,6 +148,7 @@ class EngineServer:
                  time.perf_counter() - start)
 
     async def _report_loop(self) -> None:
+        metrics_pushed_s = -float("inf")
         while True:
             try:
                 report = self.load.report(self._report)
@@ -154,6 +158,9 @@ class EngineServer:
                 if hot is not None and hot != self._hot:
                     await self.engine.collective_rpc("pdserve_set_hot_experts", args=(hot,))
                     self._hot = hot
+                if time.monotonic() - metrics_pushed_s >= METRICS_PUSH_S:
+                    metrics_pushed_s = time.monotonic()
+                    await self.controller.push_engine_metrics.remote(self.replica_id, self.vllm_metrics())
             except Exception as exc:  # the controller restarting must not stop the replica
                 log.warning("load report to the controller failed: %s", exc)
             await asyncio.sleep(REPORT_INTERVAL_S)
@@ -209,9 +216,9 @@ class EngineServer:
             extra_args=extra or None,
         )
 
-    def vllm_metrics(self, *, replica_id: str) -> str:
-        """This process's Prometheus exposition, the engine's `vllm:*` metrics among it (the ingress
-        keeps those: deployments/engine_metrics.py). `replica_id` is read by the router."""
+    def vllm_metrics(self) -> str:
+        """This process's Prometheus exposition, the engine's `vllm:*` metrics among it (pushed to
+        the controller; the ingress serves those: deployments/engine_metrics.py)."""
         from prometheus_client import generate_latest
         from vllm.v1.metrics.prometheus import get_prometheus_registry
 

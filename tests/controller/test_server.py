@@ -1,5 +1,5 @@
 """The controller's shell around the pure routing decision: probing predictions that have
-refused every request for a while."""
+refused every request for a while; the engines' pushed metrics it keeps for the ingress."""
 
 import asyncio
 import time
@@ -47,3 +47,14 @@ def test_requests_routed_recently_leave_refusals_alone():
     c = controller()
     assert choose(c, ttft_ms=60_000).outcome is Outcome.ROUTED
     assert choose(c, ttft_ms=800).outcome is Outcome.REJECTED
+
+
+def test_engine_metrics_are_those_live_replicas_pushed_last_and_a_gone_replicas_are_dropped():
+    c = controller()
+    asyncio.run(c.push_engine_metrics("p", "vllm:x 1\n"))
+    asyncio.run(c.push_engine_metrics("d", "vllm:x 2\n"))
+    asyncio.run(c.push_engine_metrics("d", "vllm:x 3\n"))
+    assert asyncio.run(c.engine_metrics()) == {("prefill", "p"): "vllm:x 1\n", ("decode", "d"): "vllm:x 3\n"}
+    c.registry.instances["p"].last_seen_s -= c.registry.ttl_s + 1  # its reports stopped
+    assert asyncio.run(c.engine_metrics()) == {("decode", "d"): "vllm:x 3\n"}
+    assert "p" not in c.engine_metrics_text
