@@ -2,14 +2,38 @@
 
 from __future__ import annotations
 
+import random
 import socket
+from pathlib import Path
+
+PICK_FROM = 20000
+"""Lowest port `free_port` picks: above Ray's default worker ports (10002-19999)."""
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago on `host` (for a KV receiver's or a server's address)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that was free a moment ago on `host` (for a KV receiver's or a server's address),
+    below the kernel's ephemeral range where it can: a port from that range may be handed to any
+    process's port-0 socket (Ray's workers bind theirs so) between this pick and the server's bind,
+    or while a server restarts on it, and the server then cannot bind it."""
+    low = _ephemeral_low()
+    for _ in range(64):
+        port = random.randrange(PICK_FROM, low) if low > PICK_FROM else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise OSError(f"no free port on {host}")
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default when it cannot be read)."""
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def first_free_port(host: str, first: int, count: int) -> int:

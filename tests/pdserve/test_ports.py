@@ -1,4 +1,5 @@
-"""Ports named in advance: a server takes the first one of its range that nothing holds."""
+"""Ports for servers: picked where no port-0 socket can take them first, or named in advance (a
+server takes the first one of its range that nothing holds)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,11 @@ def test_first_free_port_fails_naming_the_range_when_every_port_is_held():
         held.listen()
         with pytest.raises(OSError, match=f"{first}..{first}"):
             first_free_port("127.0.0.1", first, 1)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_where_port_0_sockets_land():
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    ports = [free_port() for _ in range(50)]
+    assert all(20000 <= p < low for p in ports)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[0]))  # and free
