@@ -78,7 +78,8 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
                                     body.objectives(request.headers))
-        return await _answer(frontend, req, body, _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name))
+        shapes = _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name)
+        return await _answer(frontend, req, body, shapes)
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
     async def completions(body: CompletionRequest, request: Request) -> Response:
@@ -86,7 +87,8 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
                                           body.objectives(request.headers))
-        return await _answer(frontend, req, body, _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name))
+        shapes = _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name)
+        return await _answer(frontend, req, body, shapes)
 
     add_tokenize_routes(app, get_frontend, keyed)
 
