@@ -43,9 +43,7 @@ class RequestBuilder:
                        add_generation_prompt: bool) -> tuple[list[int], list[str]]:
         """What `chat`/`completion` would make of the prompt, and each token's string."""
         if isinstance(prompt, str):
-            check_text([prompt], "prompt")
-            check_chars(len(prompt), self.max_model_len, "prompt")
-            ids = await self._on_thread(lambda p: self.tokenizer.encode(p, add_special_tokens=add_special_tokens), prompt)
+            ids = await self._on_thread(lambda p: self._prompt_ids(p, add_special_tokens), prompt)
         else:
             ids = await self._on_thread(lambda m: self._chat_ids(m, add_generation_prompt), prompt)
         return list(ids), list(self.tokenizer.convert_ids_to_tokens(ids))
@@ -85,11 +83,11 @@ class RequestBuilder:
         except Exception as exc:  # a template that rejects these messages is the client's problem
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+    def _prompt_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         if isinstance(prompt, str):
             check_text([prompt], "prompt")
             check_chars(len(prompt), self.max_model_len, "prompt")
-            return self.tokenizer.encode(prompt) if prompt else []
+            return self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
         self._check_token_ids(prompt, "prompt")
         return list(prompt)
 
