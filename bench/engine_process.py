@@ -150,15 +150,18 @@ def _drain(llm, core, timeout_s: float = 60.0) -> None:
 
 
 def _generate(llm, sampling_cls, req: dict[str, Any]) -> dict[str, Any]:
-    from pdserve.prefill.worker_extension import SAMPLED_TOKENS_KEY
+    from pdserve.prefill.requests import SAMPLED_TOKENS_KEY
+    from pdserve.prefill.structured import StructuredOutput
 
     extra = {"kv_transfer_params": req["kv_transfer_params"]} if req.get("kv_transfer_params") else {}
     if req.get("sampled_tokens"):  # the answer's tokens sampled elsewhere before this call (worker_extension.py)
         extra[SAMPLED_TOKENS_KEY] = req["sampled_tokens"]
+    structured = req.get("structured_outputs")  # StructuredOutput's fields (prefill/structured.py)
     sp = sampling_cls(
         max_tokens=req.get("max_tokens", 16),
         temperature=req.get("temperature", 0.0),
         seed=req.get("seed"),
+        structured_outputs=StructuredOutput(**structured).vllm_params() if structured else None,
         extra_args=extra or None,
     )
     out = llm.generate({"prompt_token_ids": req["prompt_token_ids"]}, sp, use_tqdm=False)[0]

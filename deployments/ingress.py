@@ -12,6 +12,7 @@ from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
 from pdserve.deployments.api.grpc_api import GrpcHealth, server_credentials, start_grpc_server
 from pdserve.deployments.api.http_api import build_http_app
+from pdserve.deployments.api.openai_models import load_validators
 from pdserve.deployments.frontend import Frontend
 from pdserve.errors import Unavailable
 
@@ -34,6 +35,7 @@ class Ingress:
         telemetry.setup_tracing(cfg.tracing, "ingress")
         telemetry.setup_logging(cfg.log_level)
         self.frontend = Frontend(cfg, model_path, controller, pools, serve.get_replica_context().replica_id.unique_id)
+        load_validators()
         await self.frontend.start_polling()
         _frontend = self.frontend
         self.grpc_health = GrpcHealth()

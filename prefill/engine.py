@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.metadata
 import logging
 import os
 import time
@@ -27,8 +28,10 @@ from pdserve.controller.registry import LoadReport
 from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.prefill.engine_load import EngineLoad, RequestProgress
 from pdserve.prefill.engine_watchdog import WATCHDOG_ENV
-from pdserve.prefill.requests import GenerateRequest
-from pdserve.prefill.worker_extension import EXTENSION, SAMPLED_TOKENS_KEY
+from pdserve.prefill.grammar_carry import ENTRY_POINT as GRAMMAR_CARRY
+from pdserve.prefill.requests import SAMPLED_TOKENS_KEY, GenerateRequest
+from pdserve.prefill.structured import BACKEND as STRUCTURED_BACKEND
+from pdserve.prefill.worker_extension import EXTENSION
 
 log = logging.getLogger("pdserve.engine")
 
@@ -83,6 +86,9 @@ class EngineServer:
             log.warning("%s replica %s: this engine's model runner cannot skip a seeded request's draws nor count "
                         "an answer's earlier tokens in its penalties; an answer continued here is sampled anew "
                         "where it continues", self.role, self.replica_id)
+        if GRAMMAR_CARRY not in {e.name for e in importlib.metadata.entry_points(group="vllm.general_plugins")}:
+            log.warning("%s replica %s: vLLM plugin %s is not installed (reinstall pdserve): a structured answer "
+                        "continued here restarts its grammar", self.role, self.replica_id, GRAMMAR_CARRY)
         if pool.warmup:
             await self._warm_up(cfg.max_model_len)
         self.controller = controller
@@ -108,11 +114,14 @@ class EngineServer:
             # A prompt whose KV never arrives (its prefill replica lost, or stuck past the lease) ends
             # there, and the ingress serves it again elsewhere (errors.KVLost).
             kv_cfg = kv_transfer_config(self.role, settings)
+        from vllm.config import StructuredOutputsConfig
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
         eager = cfg.enforce_eager if cfg.enforce_eager is not None else on_cpu
-        engine_args = {"enforce_eager": eager, **engine_args}
+        # The ingress checks a structured output's constraint with xgrammar's rules: the engine compiles it so too.
+        engine_args = {"enforce_eager": eager, "structured_outputs_config": StructuredOutputsConfig(
+            backend=STRUCTURED_BACKEND), **engine_args}
         dtype = cfg.engine_dtype
         log.info("%s engine dtype %s (config %s, %s)", self.role, dtype, cfg.dtype, "CPU" if on_cpu else "GPU")
         if on_cpu and dtype == "bfloat16":
@@ -187,7 +196,8 @@ class EngineServer:
                         sampled_tokens: int = 0):
         """vLLM's parameters for one engine call; `sampled_tokens` of the answer were sampled
         before it (elsewhere): the worker extension has a seeded generator skip their draws and
-        the penalties count them as the answer's."""
+        the penalties count them as the answer's, and a structured answer's grammar is moved past
+        them (`grammar_carry.py`)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -213,6 +223,7 @@ class EngineServer:
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
+            structured_outputs=sampling.structured.vllm_params() if sampling.structured else None,
             extra_args=extra or None,
         )
 

@@ -13,12 +13,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pdserve.controller.decision import SLO
+from pdserve.prefill.structured import StructuredOutput
 
 MAX_STOP_CHARS = 256
 """Longest stop string: vLLM holds back up to its length - 1 characters of a streamed answer, and
 looks for every stop string in the new text at each step."""
 MAX_LOGPROBS = 20
 """Most alternatives a request may ask logprobs of per token: vLLM's default `max_logprobs`."""
+SAMPLED_TOKENS_KEY = "pdserve_sampled_tokens"
+"""`SamplingParams.extra_args` entry of an engine call: tokens of this answer already sampled
+(elsewhere), at the end of its prompt (`GenerateRequest.sampled_tokens`)."""
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_TOKENS = 1024
 """Bounds on per-request token lists, which vLLM copies into every step's batch metadata."""
@@ -61,6 +65,9 @@ class Sampling(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS)
     """Token id -> bias added to its logit, -100..100 (OpenAI's range)."""
+    structured: StructuredOutput | None = None
+    """The answer held to a JSON schema, a regex, a grammar...; on every engine that samples it, from
+    where the answer stands (`grammar_carry.py`)."""
 
     @field_validator("stop_token_ids")
     @classmethod

@@ -21,11 +21,9 @@ import logging
 from typing import Any
 
 from pdserve.experts.worker_extension import ExpertBufferExtension
+from pdserve.prefill.requests import SAMPLED_TOKENS_KEY
 
 log = logging.getLogger(__name__)
-
-SAMPLED_TOKENS_KEY = "pdserve_sampled_tokens"
-"""`SamplingParams.extra_args` entry: tokens of this answer already sampled (elsewhere)."""
 
 EXTENSION = "pdserve.prefill.worker_extension.EngineWorkerExtension"
 

@@ -9,6 +9,7 @@ plaintext, TLS, or mutual TLS, as `IngressConfig`'s grpc_tls_* files say.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -216,12 +217,32 @@ def _sampling(msg: pb.GenerateRequest) -> Sampling:
         if msg.HasField(name):
             # float32 on the wire: 0.7 arrives as 0.699999988; keep the digits the client wrote.
             fields[name] = float(f"{getattr(msg, name):.7g}")
+    if msg.HasField("structured_outputs"):
+        fields["structured"] = _structured(msg.structured_outputs)
     try:
         return Sampling(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise InvalidRequest(f"{where}: {first['msg']}", param=str(first["loc"][0])) from None
+        loc = ["structured_outputs" if part == "structured" else str(part) for part in first["loc"]]
+        raise InvalidRequest(f"{'.'.join(loc)}: {first['msg']}", param=loc[0]) from None
+
+
+def _structured(msg: pb.StructuredOutputs) -> dict:
+    """`StructuredOutput`'s fields (validated with the request's sampling)."""
+    fields: dict = {"disable_any_whitespace": msg.disable_any_whitespace,
+                    "disable_additional_properties": msg.disable_additional_properties}
+    which = msg.WhichOneof("constraint")
+    if which == "json_schema":
+        try:
+            fields["json_schema"] = json.loads(msg.json_schema)
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"structured_outputs.json_schema is not JSON: {exc}",
+                                 param="structured_outputs") from None
+    elif which == "choice":
+        fields["choice"] = list(msg.choice.choices)
+    elif which is not None:
+        fields[which] = getattr(msg, which)
+    return fields
 
 
 def _objectives(msg: pb.GenerateRequest) -> Objectives:

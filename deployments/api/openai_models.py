@@ -9,6 +9,7 @@ Value ranges are checked once, by `Sampling`, whose errors come back naming the 
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
@@ -25,13 +26,16 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from pdserve.deployments.api.openai_answers import ApiModel
-from pdserve.deployments.api.vllm_fields import drop_no_ops, field_table, refusal
+from pdserve.deployments.api.vllm_fields import drop_no_ops, field_table, refusal, vllm_request_models
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.requests import Objectives, Sampling
+from pdserve.prefill.structured import StructuredOutput
 
 OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-ms", "priority": "x-pdserve-priority"}
 """Request headers that carry the objectives when the body does not (e.g. set by a gateway)."""
 FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's records)",
+               "response_format": "honoured: text, json_object, json_schema (not structural_tag)",
+               "structured_outputs": "honoured: json, json_object, regex, choice, grammar (not structural_tag)",
                "priority": "pdserve's meaning: 0-9, refused first under load",
                "ttft_ms": "pdserve's: TTFT objective", "tpot_ms": "pdserve's: TPOT objective"}
 """What a field pdserve declares does, where that is not what vLLM's field of the name does."""
@@ -97,6 +101,58 @@ class StreamOptions(StrictBody):
     """vLLM's extension: with `include_usage`, every chunk also carries the usage so far."""
 
 
+class JsonSchemaFormat(StrictBody):
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    """The JSON schema the answer follows."""
+    strict: bool | None = None
+    """OpenAI's switch for exact schema adherence: xgrammar holds the answer to the schema either way."""
+
+
+class ResponseFormat(StrictBody):
+    """OpenAI's answer format: free text, any JSON object, or JSON of a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    """With type json_schema, and only then."""
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise PydanticCustomError("unsupported", "json_schema is given with type json_schema, and only then")
+        return self
+
+
+class StructuredOutputsBody(StrictBody):
+    """vLLM's `structured_outputs`: one constraint (json, json_object, regex, choice or grammar)
+    and vLLM's options for it."""
+
+    vllm_api: ClassVar[str | None] = "structured_outputs"
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    """A JSON schema, as an object or its JSON text."""
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """EBNF, or Lark as vLLM reads it."""
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+
+    def constraint(self) -> dict[str, Any]:
+        """The fields of `StructuredOutput`; InvalidRequest when `json` is text that is not JSON."""
+        schema = self.json_
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequest(f"Invalid 'structured_outputs.json': not JSON ({exc})",
+                                     param="structured_outputs.json") from None
+        values = {**self.model_dump(exclude={"json_"}), "json_schema": schema}
+        return {k: v for k, v in values.items() if v is not None}
+
+
 class GenerationRequest(StrictBody, ABC):
     """Fields chat and completions share."""
 
@@ -125,6 +181,10 @@ class GenerationRequest(StrictBody, ABC):
     """vLLM's extension: token ids that end the answer (the token is not in the text)."""
     logit_bias: dict[str, float] | None = None
     """Token id (as a string) -> -100..100, added to that token's logit before sampling."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's JSON mode (`json_object`) and structured outputs (`json_schema`)."""
+    structured_outputs: StructuredOutputsBody | None = None
+    """vLLM's structured outputs; not together with a JSON `response_format`."""
     ignore_eos: bool | None = None
     """vLLM's extension: keep generating past end of sequence, up to the token limit (benchmarks)."""
     stream: bool | None = False
@@ -185,15 +245,36 @@ class GenerationRequest(StrictBody, ABC):
     def _logprobs(self) -> tuple[int | None, str]:
         """How many alternatives to report logprobs of per token (None: no logprobs), and the field."""
 
+    def structured(self) -> StructuredOutput | None:
+        """The answer's constraint, from `response_format` or `structured_outputs`; InvalidRequest
+        naming the field when both constrain it, or when xgrammar cannot compile the constraint."""
+        json_format = self.response_format if self.response_format and self.response_format.type != "text" else None
+        if json_format and self.structured_outputs:
+            raise InvalidRequest("response_format and structured_outputs both constrain the answer; send one",
+                                 param="structured_outputs")
+        if json_format:
+            field = "response_format"
+            schema = json_format.json_schema
+            values: dict[str, Any] = {"json_schema": schema.schema_} if schema else {"json_object": True}
+        elif self.structured_outputs:
+            field, values = "structured_outputs", self.structured_outputs.constraint()
+        else:
+            return None
+        try:
+            return StructuredOutput(**values)
+        except ValidationError as e:
+            raise invalid_request([{**err, "loc": (field, *err["loc"])} for err in e.errors()]) from None
+
     def sampling(self) -> Sampling:
         """The shared sampling options; InvalidRequest (naming the field) when a value is out of range."""
+        structured = self.structured()
         max_tokens, max_tokens_field = self._max_tokens()
         logprobs, logprobs_field = self._logprobs()
         values = {"logprobs": logprobs, "max_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p,
                   "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
                   "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
                   "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias}
+                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias, "structured": structured}
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
@@ -286,6 +367,13 @@ class CompletionRequest(GenerationRequest):
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str):
             return self.prompt[0]
         return self.prompt  # type: ignore[return-value]  # a list here holds ints
+
+
+def load_validators() -> None:
+    """Import what validating a request imports (vLLM's request models, xgrammar): seconds, paid
+    when the ingress starts rather than by its first client."""
+    vllm_request_models()
+    StructuredOutput(json_object=True)
 
 
 def readme_field_table() -> str:

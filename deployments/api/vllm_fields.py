@@ -11,17 +11,20 @@ the table cannot drift from vLLM's models or pdserve's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 
 @functools.cache
 def vllm_request_models() -> dict[str, type[BaseModel]]:
-    """vLLM's request model per API, as its OpenAI server validates bodies."""
+    """vLLM's request model per API, as its OpenAI server validates bodies (and its
+    `structured_outputs` parameters, a dataclass there, as a model)."""
     from vllm.entrypoints.generate.base.protocol import StreamOptions
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
@@ -30,10 +33,16 @@ def vllm_request_models() -> dict[str, type[BaseModel]]:
         TokenizeChatRequest,
         TokenizeCompletionRequest,
     )
+    from vllm.sampling_params import StructuredOutputsParams
+
+    with warnings.catch_warnings():  # its field `json` shadows BaseModel.json, which nothing here calls
+        warnings.simplefilter("ignore", UserWarning)
+        structured = create_model("StructuredOutputsParams", **{f.name: (Any, f.default) for f in
+                                                               dataclasses.fields(StructuredOutputsParams) if f.init})
 
     return {"chat": ChatCompletionRequest, "completions": CompletionRequest, "stream_options": StreamOptions,
             "tokenize_chat": TokenizeChatRequest, "tokenize_completion": TokenizeCompletionRequest,
-            "detokenize": DetokenizeRequest}
+            "detokenize": DetokenizeRequest, "structured_outputs": structured}
 
 
 @functools.cache

@@ -310,10 +310,19 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
         {**sampled, "presence_penalty": 1.5, "frequency_penalty": -0.5},
         {**requests[1], "logprobs": True, "top_logprobs": 3},  # the first token's from the prefill engine
         {**sampled, "logprobs": True},
+        # Structured: the prefill engine samples the first token ({) under the grammar, the decode
+        # engine's grammar goes on after it.
+        {**requests[0], "messages": [{"role": "user", "content": "What is the capital of France? Answer in JSON."}],
+         "max_tokens": 50, "response_format": {"type": "json_schema", "json_schema": {"name": "capital", "schema": {
+             "type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+             "required": ["country", "capital"], "additionalProperties": False}}}},
+        {**sampled, "response_format": {"type": "json_object"}},
+        {**requests[1], "structured_outputs": {"choice": ["red", "green", "blue"]}},
     ]
 
     def answers(c) -> list[tuple[str, str, int]]:
-        vllms = ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens")  # extra_body for the client
+        vllms = ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens",
+                 "structured_outputs")  # extra_body for the client
         out = [c.chat.completions.create(**{k: v for k, v in kw.items() if k not in vllms},
                                          extra_body={k: v for k, v in kw.items() if k in vllms})
                for kw in requests]
@@ -345,6 +354,9 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     assert "".join(t.token for t in greedy[:-1]) == texts[13] and len(greedy) == disagg[13][2]
     assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token for t in greedy)  # greedy: the likeliest
     assert all(t.top_logprobs == [] for t in seeded) and any(t.logprob < -1 for t in seeded)  # sampled, not greedy
+    assert json.loads(texts[15]) == {"country": "FRANCE", "capital": "Paris"} and disagg[15][1] == "stop"
+    assert texts[16].startswith("{") and texts[16] not in texts[:16]  # sampled JSON, cut at max_tokens
+    assert texts[17] in ("red", "green", "blue") and disagg[17][1] == "stop"
     for d_answer, c_answer in zip(logprobs[0], logprobs[1], strict=True):  # computed alike in both modes
         assert [t.token for t in d_answer or []] == [t.token for t in c_answer or []]
         assert [t.logprob for t in d_answer or []] == pytest.approx([t.logprob for t in c_answer or []], abs=1e-3)

@@ -60,6 +60,10 @@ def prompts(tokenizer) -> dict:
 
 
 SEEDED = {"temperature": 1.0, "seed": 1234}
+IDEA_SCHEMA = {"type": "object", "properties": {"idea": {"type": "string"}, "cost": {"type": "integer"}},
+               "required": ["idea", "cost"]}
+SEEDED_JSON = {**SEEDED, "structured_outputs": {"json_schema": IDEA_SCHEMA}}
+"""Seeded, and held to a JSON schema: the grammar's state must go on where the answer does."""
 OPEN_TEXT = "Here are some unusual ideas for a rainy weekend at home with friends:"
 """An open-ended prompt, where sampled answers spread (the repeated TEXT is continued near-certainly)."""
 
@@ -67,13 +71,18 @@ OPEN_TEXT = "Here are some unusual ideas for a rainy weekend at home with friend
 @pytest.fixture(scope="module")
 def reference(model_dir, prompts) -> dict[int | str, list[int]]:
     """Greedy output of one plain engine, computed before the P/D engines start; and its seeded
-    sampled answer to the open-ended prompt (`seeded-open`)."""
+    sampled answers to the open-ended prompt, free (`seeded-open`) and JSON (`json-open`), and its
+    greedy JSON answer to it (`greedy-json-open`)."""
     plain = EngineProcess(EngineSpec(model_dir, "plain", cpu_bind="0-1"))
     try:
         out = {k: plain.generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS})["token_ids"]
                for k, ids in prompts.items()}
         out["seeded-open"] = plain.generate({"prompt_token_ids": prompts["open"], "max_tokens": MAX_TOKENS,
                                              **SEEDED})["token_ids"]
+        out["json-open"] = plain.generate({"prompt_token_ids": prompts["open"], "max_tokens": MAX_TOKENS,
+                                           **SEEDED_JSON})["token_ids"]
+        out["greedy-json-open"] = plain.generate({"prompt_token_ids": prompts["open"], "max_tokens": MAX_TOKENS,
+                                                  "structured_outputs": SEEDED_JSON["structured_outputs"]})["token_ids"]
         return out
     finally:
         plain.stop()
@@ -132,9 +141,11 @@ def test_decode_fed_by_prefill_is_token_identical_to_plain_engine(pd, prompts, r
     assert dr["num_cached_tokens"] >= n - 1
 
 
-@pytest.mark.parametrize("n, sampling", [(42, {}), (129, {}), ("open", SEEDED)], ids=["42", "129", "open-seeded"])
+@pytest.mark.parametrize("n, sampling, expected", [(42, {}, 42), (129, {}, 129), ("open", SEEDED, "seeded-open"),
+                                                   ("open", SEEDED_JSON, "json-open")],
+                         ids=["42", "129", "open-seeded", "open-seeded-json-schema"])
 def test_an_answer_going_on_from_the_prefill_engines_first_token_is_the_plain_engines(pd, prompts, reference, n,
-                                                                                      sampling):
+                                                                                      sampling, expected):
     tid = uuid.uuid4().hex
     first = pd.prefill.generate({"prompt_token_ids": prompts[n], "max_tokens": 1, **sampling,
                                  "kv_transfer_params": params.for_prefill(tid, pd.addr)})
@@ -144,8 +155,7 @@ def test_an_answer_going_on_from_the_prefill_engines_first_token_is_the_plain_en
     rep = _report(rest)
     # The prompt's KV came; the first token, prompt to the decode engine, was computed there.
     assert rep["state"] == "DONE" and rep["tokens"] == len(prompts[n]), rep
-    expected = reference[f"seeded-{n}" if sampling else n]
-    assert first["token_ids"] + rest["token_ids"] == expected
+    assert first["token_ids"] + rest["token_ids"] == reference[expected]
     _assert_no_leak(pd)
 
 
@@ -190,6 +200,18 @@ def test_a_seeded_answer_going_on_without_skipping_the_first_draw_differs(pd, pr
                                "max_tokens": MAX_TOKENS - 1, **SEEDED})
     assert first["token_ids"] == reference["seeded-open"][:1]
     assert first["token_ids"] + rest["token_ids"] != reference["seeded-open"]
+    _assert_no_leak(pd)
+
+
+def test_a_json_answer_going_on_without_its_grammar_moved_on_differs(pd, prompts, reference, tokenizer):
+    """What the grammar carry is for: a fresh grammar on the decode engine starts the JSON over."""
+    json_only = {"structured_outputs": SEEDED_JSON["structured_outputs"]}
+    first = pd.prefill.generate({"prompt_token_ids": prompts["open"], "max_tokens": 1, **json_only})
+    rest = pd.decode.generate({"prompt_token_ids": prompts["open"] + first["token_ids"],
+                               "max_tokens": MAX_TOKENS - 1, **json_only})
+    assert first["token_ids"] == reference["greedy-json-open"][:1]
+    assert tokenizer.decode(reference["greedy-json-open"]).startswith("{") and first["token_ids"] == [tokenizer.encode("{")[0]]
+    assert first["token_ids"] + rest["token_ids"] != reference["greedy-json-open"]
     _assert_no_leak(pd)
 
 

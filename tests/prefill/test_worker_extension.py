@@ -11,7 +11,8 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.sampler import Sampler
 
-from pdserve.prefill.worker_extension import SAMPLED_TOKENS_KEY, _continuing_answers
+from pdserve.prefill.requests import SAMPLED_TOKENS_KEY
+from pdserve.prefill.worker_extension import _continuing_answers
 
 VOCAB = 8
 

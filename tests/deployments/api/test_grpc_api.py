@@ -5,6 +5,7 @@ engine by the end-to-end tests."""
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +27,7 @@ from pdserve.deployments.api.grpc_api import (
 from pdserve.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
 from pdserve.ports import free_port
 from pdserve.prefill.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
+from pdserve.prefill.structured import StructuredOutput
 from pdserve.proto import pdserve_pb2 as pb
 from tests.tls_certs import TLSFiles, make_tls_files
 
@@ -263,6 +265,27 @@ async def test_vllms_sampling_options_reach_the_frontend_as_over_http_and_bad_on
                 {"repetition_penalty": float("nan")}):
         err = await _stream_error(channel, _tokens(1, **bad))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details(), err.details()
+
+
+async def test_structured_outputs_reach_the_frontend_as_over_http_and_bad_ones_are_invalid_argument(
+        channel, frontend):
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}}
+    for given, expected in [
+        (pb.StructuredOutputs(json_schema=json.dumps(schema), disable_any_whitespace=True),
+         StructuredOutput(json_schema=schema, disable_any_whitespace=True)),
+        (pb.StructuredOutputs(choice=pb.Choices(choices=["yes", "no"])), StructuredOutput(choice=["yes", "no"])),
+        (pb.StructuredOutputs(json_object=True), StructuredOutput(json_object=True)),
+        (pb.StructuredOutputs(regex="[0-9]+"), StructuredOutput(regex="[0-9]+")),
+    ]:
+        await _stream_error(channel, _tokens(1, structured_outputs=given))
+        assert frontend.routed[-1].sampling.structured == expected
+    for bad, says in [(pb.StructuredOutputs(json_schema="{not json"), "not JSON"),
+                      (pb.StructuredOutputs(regex="[a-z"), "Unclosed"),
+                      (pb.StructuredOutputs(choice=pb.Choices()), "at least 1"),
+                      (pb.StructuredOutputs(disable_any_whitespace=True), "exactly one constraint")]:
+        err = await _stream_error(channel, _tokens(1, structured_outputs=bad))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and says in err.details(), err.details()
+        assert err.details().startswith("structured_outputs")
 
 
 async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_invalid_argument(channel, frontend):

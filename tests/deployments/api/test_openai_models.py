@@ -52,7 +52,10 @@ VLLMS = "vLLM's field, not supported by pdserve"
     (_chat, {"bad_words": ["x"]}, "bad_words", VLLMS),
     (_chat, {"n": 2}, "n", VLLMS), (_chat, {"prompt_logprobs": 1}, "prompt_logprobs", VLLMS),
     (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", VLLMS),
-    (_chat, {"response_format": {"type": "json_object"}}, "response_format", VLLMS),
+    (_chat, {"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", VLLMS),
+    (_chat, {"response_format": {"type": "structural_tag"}}, "response_format.type", "'json_schema'"),
+    (_chat, {"response_format": {"type": "json_object", "json_schema": {"name": "x", "schema": {}}}},
+     "response_format", "only then"),
     (_chat, {"request_id": "mine"}, "request_id", VLLMS),
     # The chat template adds what it needs; vLLM's chat default is false, so true asks for more.
     (_chat, {"add_special_tokens": True}, "add_special_tokens", VLLMS),
@@ -68,6 +71,44 @@ def test_a_field_pdserve_does_not_honour_is_refused_by_name(make, fields: dict, 
     err = invalid_request(caught.value.errors())
     assert err.param == param and err.http_status == 400
     assert f"'{param}'" in err.message and says in err.message
+
+
+SCHEMA = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+
+
+@pytest.mark.parametrize(("fields", "constraint"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA, "strict": True}}},
+     {"json_schema": SCHEMA}),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"structured_outputs": {"json": '{"type": "string"}'}}, {"json_schema": {"type": "string"}}),
+    ({"structured_outputs": {"choice": ["yes", "no"], "disable_any_whitespace": False}}, {"choice": ["yes", "no"]}),
+    ({"structured_outputs": {"regex": "[0-9]+", "structural_tag": None}}, {"regex": "[0-9]+"}),
+    ({"structured_outputs": {"grammar": 'root ::= "a" | "b"'}}, {"grammar": 'root ::= "a" | "b"'}),
+])
+def test_response_format_and_structured_outputs_become_one_constraint(fields: dict, constraint: dict) -> None:
+    for make in (_chat, _completion):
+        structured = make(**fields).sampling().structured
+        assert structured is not None and structured.model_dump(exclude_defaults=True) == constraint
+    assert _chat(response_format={"type": "text"}).sampling().structured is None
+
+
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "bogus"}}}},
+     "response_format", 'Unsupported type "bogus"'),
+    ({"structured_outputs": {"regex": "[a-z"}}, "structured_outputs", "Unclosed '['"),
+    ({"structured_outputs": {"grammar": "root ::= "}}, "structured_outputs", "Invalid grammar"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "at least 1 item"),
+    ({"structured_outputs": {"json": "{not json"}}, "structured_outputs.json", "not JSON"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs", "exactly one constraint"),
+    ({"structured_outputs": {"disable_any_whitespace": True}}, "structured_outputs", "exactly one constraint"),
+    ({"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "both constrain"),
+])
+def test_a_constraint_xgrammar_cannot_compile_is_refused_at_the_ingress(fields: dict, param: str, says: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        _chat(**fields).sampling()
+    assert caught.value.param == param and says in caught.value.message, caught.value.message
+    assert "cpp" not in caught.value.message  # xgrammar's source line is of no use to a client
 
 
 def test_the_readme_field_table_is_the_one_the_code_generates() -> None:
