@@ -7,6 +7,7 @@ Ray pickles them between the ingress and the engine replicas.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,16 @@ class GenerateRequest:
         sampling = self.sampling.model_copy(update={"max_tokens": self.sampling.max_tokens - len(token_ids)})
         return GenerateRequest(request_id or self.request_id, [*self.prompt_token_ids, *token_ids], sampling,
                                self.slo, self.trace_carrier, self.sampled_tokens + len(token_ids))
+
+    def choice(self, index: int) -> GenerateRequest:
+        """The request for the answer's choice `index` of several (OpenAI's `n`): its own id and,
+        when seeded, vLLM's seed for that child (seed + index), so that each choice is sampled
+        apart, and repeatably."""
+        sampling = self.sampling
+        if sampling.seed is not None:
+            sampling = sampling.model_copy(update={"seed": sampling.seed + index})
+        return dataclasses.replace(self, request_id=f"{self.request_id}-{index}", sampling=sampling,
+                                   trace_carrier=dict(self.trace_carrier))
 
     def resumed(self, sent_token_ids: list[int], attempt: int) -> GenerateRequest:
         """What a new replica is sent after the one serving this request died, once the client

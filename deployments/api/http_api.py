@@ -8,11 +8,11 @@ failure reads as OpenAI's error body, so OpenAI clients raise their usual except
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -22,19 +22,12 @@ from fastapi.security import HTTPBearer
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from pdserve.deployments.api.answer_shapes import ChatShapes, CompletionShapes, Shapes
+from pdserve.deployments.api.choices import chain, merged, until_each_began
 from pdserve.deployments.api.front_door import FrontDoor
 from pdserve.deployments.api.openai_answers import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
     ChatCompletion,
-    ChatCompletionChunk,
-    ChatDelta,
-    ChatLogprobs,
     Completion,
-    CompletionChoice,
-    CompletionChunk,
-    CompletionLogprobs,
     ErrorDetail,
     ErrorResponse,
     KVTransferUsage,
@@ -53,7 +46,7 @@ from pdserve.deployments.api.openai_models import (
 from pdserve.deployments.api.tokenize_api import add_tokenize_routes
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import EngineFailure, InvalidRequest, ServeError
-from pdserve.prefill.requests import GenerateChunk, GenerateRequest, TokenLogprob
+from pdserve.prefill.requests import GenerateChunk, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +71,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
                                     body.objectives(request.headers))
-        shapes = _ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name)
+        shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name)
         return await _answer(frontend, req, body, shapes)
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
@@ -87,7 +80,9 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend.check_model(body.model)
         req = await frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
                                           body.objectives(request.headers))
-        shapes = _CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name)
+        prompt = body.prompt_input()
+        echoed = "" if not body.echo else prompt if isinstance(prompt, str) else await frontend.detokenize(prompt)
+        shapes = CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name, echo=echoed)
         return await _answer(frontend, req, body, shapes)
 
     add_tokenize_routes(app, get_frontend, keyed)
@@ -126,127 +121,60 @@ def _trace_carrier(request: Request) -> dict[str, str]:
     return {name: value for name in _TRACE_HEADERS if (value := request.headers.get(name)) is not None}
 
 
-@dataclass
-class _ChatShapes:
-    """Chat's wire shapes of one answer; id and created are shared by all its chunks."""
-
-    id: str
-    created: int
-    model: str
-
-    def opening(self) -> list[BaseModel]:
-        return [self._chunk(ChatDelta(role="assistant", content=""))]
-
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = ChatChunkChoice(delta=ChatDelta(content=text or None), finish_reason=finish_reason,
-                                 logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
-
-    def usage(self, usage: Usage) -> BaseModel:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
-
-    def whole(self, text: str, finish_reason: str | None, usage: Usage,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish_reason,
-                            logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
-        return ChatCompletion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
-
-    def _chunk(self, delta: ChatDelta) -> BaseModel:
-        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model,
-                                   choices=[ChatChunkChoice(delta=delta)])
-
-
-@dataclass
-class _CompletionShapes:
-    """Completions' wire shapes of one answer."""
-
-    id: str
-    created: int
-    model: str
-    offset: int = 0
-    """Characters of the answer's text its tokens' logprobs have covered (`text_offset`)."""
-
-    def opening(self) -> list[BaseModel]:
-        return []
-
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=self._logprobs(logprobs))
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
-
-    def usage(self, usage: Usage) -> BaseModel:
-        return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
-
-    def whole(self, text: str, finish_reason: str | None, usage: Usage,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = CompletionChoice(text=text, finish_reason=finish_reason, logprobs=self._logprobs(logprobs))
-        return Completion(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
-
-    def _logprobs(self, tokens: list[TokenLogprob] | None) -> CompletionLogprobs | None:
-        if tokens is None:
-            return None
-        logprobs = CompletionLogprobs.of(tokens, self.offset)
-        self.offset += sum(len(t.token) for t in tokens)
-        return logprobs
-
-
-_Shapes = _ChatShapes | _CompletionShapes
-
-
-async def _answer(frontend: FrontendAPI, req: GenerateRequest, body: GenerationRequest, shapes: _Shapes) -> Response:
-    """Wait for the first chunk before answering, so that a request that cannot be routed
-    (Overloaded, Unavailable) gets its own status code even when it asked for a stream."""
-    chunks = aiter(frontend.stream(req))
+async def _answer(frontend: FrontendAPI, req: GenerateRequest, body: GenerationRequest, shapes: Shapes) -> Response:
+    """Wait for every choice's first chunk before answering, so that a request that cannot be
+    routed (Overloaded, Unavailable) gets its own status code even when it asked for a stream.
+    Each of `n` choices is a request of its own (`GenerateRequest.choice`)."""
+    reqs = [req] if body.n == 1 else [req.choice(i) for i in range(body.n)]
+    shaped = [dataclasses.replace(shapes, index=i) for i in range(len(reqs))]
+    chunks = merged([frontend.stream(r) for r in reqs])
     try:
-        first = await anext(chunks)
-    except StopAsyncIteration:
-        raise EngineFailure("The engine ended the answer without any output") from None
-    if body.stream:
-        return StreamingResponse(_events(first, chunks, shapes, body), media_type="text/event-stream",
-                                 headers=_SSE_HEADERS)
-    texts, logprobs, last = [first.text], list(first.logprobs or []), first
-    async for chunk in chunks:
-        texts.append(chunk.text)
-        logprobs += chunk.logprobs or []
-        last = chunk
+        opening = await until_each_began(chunks, len(reqs))
+        if body.stream:
+            return StreamingResponse(_events(chain(opening, chunks), shaped, body), media_type="text/event-stream",
+                                     headers=_SSE_HEADERS)
+        answers: list[list[GenerateChunk]] = [[] for _ in reqs]
+        async for i, chunk in chain(opening, chunks):
+            answers[i].append(chunk)
+    except BaseException:
+        await chunks.aclose()
+        raise
     asked = req.sampling.logprobs is not None
-    whole = shapes.whole("".join(texts), _finish_reason(last), _usage(last), logprobs if asked else None)
-    return Response(whole.model_dump_json(), media_type="application/json", headers=_slo_headers(last))
+    choices = [sh.choice("".join(c.text for c in answer), _finish_reason(answer[-1]),
+                         [t for c in answer for t in c.logprobs or []] if asked else None)
+               for sh, answer in zip(shaped, answers, strict=True)]
+    lasts = [answer[-1] for answer in answers]
+    whole = shapes.whole(choices, _usage(lasts))
+    return Response(whole.model_dump_json(), media_type="application/json", headers=_slo_headers(_slowest(lasts)))
 
 
-async def _events(first: GenerateChunk, chunks: AsyncIterator[GenerateChunk], shapes: _Shapes,
+async def _events(chunks: AsyncGenerator[tuple[int, GenerateChunk], None], shaped: list[Shapes],
                   body: GenerationRequest) -> AsyncIterator[str]:
     """SSE events of a streamed answer. Once the response has started, its status can no longer
     change, so a failure becomes a last `{"error": ...}` event before `[DONE]`."""
     try:
-        for event in shapes.opening():
-            yield _event(event.model_dump_json())
-        last = first
-        async for chunk in _chain(first, chunks):
-            last = chunk
+        for shapes in shaped:
+            for event in shapes.opening():
+                yield _event(event.model_dump_json())
+        lasts: dict[int, GenerateChunk] = {}
+        async for i, chunk in chunks:
+            lasts[i] = chunk
             if chunk.text or chunk.finish_reason or chunk.logprobs:
                 so_far = _token_counts(chunk) if body.continuous_usage else None
-                yield _event(shapes.delta(chunk.text, chunk.finish_reason, so_far, chunk.logprobs).model_dump_json())
-        _finish_reason(last)
+                delta = shaped[i].delta(chunk.text, chunk.finish_reason, so_far, chunk.logprobs)
+                yield _event(delta.model_dump_json())
+        for last in lasts.values():
+            _finish_reason(last)
         if body.include_usage:
-            yield _event(shapes.usage(_usage(last)).model_dump_json())
+            yield _event(shaped[0].usage(_usage(list(lasts.values()))).model_dump_json())
     except ServeError as err:
         yield _event(json.dumps(err.openai_body()))
     except Exception as exc:
-        logger.exception("request %s failed mid-stream", shapes.id)
+        logger.exception("request %s failed mid-stream", shaped[0].id)
         yield _event(json.dumps(_internal_error(exc).openai_body()))
     finally:
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:  # a client that went away: let the frontend abort the engine request
-            await aclose()
+        await chunks.aclose()
     yield _DONE
-
-
-async def _chain(first: GenerateChunk, rest: AsyncIterator[GenerateChunk]) -> AsyncIterator[GenerateChunk]:
-    yield first
-    async for chunk in rest:
-        yield chunk
 
 
 def _event(data: str) -> str:
@@ -259,11 +187,24 @@ def _token_counts(chunk: GenerateChunk) -> Usage:
                  total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
 
 
-def _usage(last: GenerateChunk) -> Usage:
-    slo = SLOUsage(**last.slo.as_dict()) if last.slo else None
-    kv = KVTransferUsage.from_report(last.kv_transfer) if last.kv_transfer else None
-    return Usage(prompt_tokens=last.prompt_tokens, completion_tokens=last.completion_tokens,
-                 total_tokens=last.prompt_tokens + last.completion_tokens, slo=slo, kv_transfer=kv)
+def _usage(lasts: list[GenerateChunk]) -> Usage:
+    """The request's usage from each choice's last chunk: the prompt counted once, as in vLLM;
+    the objectives as the slowest choice met them; a KV transfer's report when there is one choice."""
+    completion = sum(last.completion_tokens for last in lasts)
+    slowest = _slowest(lasts)
+    slo = SLOUsage(**slowest.slo.as_dict()) if slowest.slo else None
+    kv = KVTransferUsage.from_report(lasts[0].kv_transfer) if len(lasts) == 1 and lasts[0].kv_transfer else None
+    return Usage(prompt_tokens=lasts[0].prompt_tokens, completion_tokens=completion,
+                 total_tokens=lasts[0].prompt_tokens + completion, slo=slo, kv_transfer=kv)
+
+
+def _slowest(lasts: list[GenerateChunk]) -> GenerateChunk:
+    """The choice whose SLO report speaks for the request: the first to miss an objective, else
+    the one with the longest TTFT."""
+    reported = [last for last in lasts if last.slo is not None]
+    if not reported:
+        return lasts[0]
+    return max(reported, key=lambda last: (not (last.slo.ttft_met and last.slo.tpot_met), last.slo.ttft_ms))
 
 
 def _slo_headers(last: GenerateChunk) -> dict[str, str]:

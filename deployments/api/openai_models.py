@@ -39,6 +39,9 @@ FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's re
                "priority": "pdserve's meaning: 0-9, refused first under load",
                "ttft_ms": "pdserve's: TTFT objective", "tpot_ms": "pdserve's: TPOT objective"}
 """What a field pdserve declares does, where that is not what vLLM's field of the name does."""
+MAX_CHOICES = 16
+"""Most answers one request may ask for (`n`): each is routed, prefilled and decoded as a request
+of its own (they share the prompt's KV only through an engine's prefix cache)."""
 COMPLETION_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default `max_tokens` for /v1/completions (chat has none: up to the context length)."""
 
@@ -164,6 +167,8 @@ class GenerationRequest(StrictBody, ABC):
     stop: StopField = None
     """Up to 4 strings; generation ends before the first one, which is not returned."""
     seed: int | None = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Answers to sample for the prompt; choice i is seeded with seed + i, as in vLLM."""
     top_k: int | None = None
     """vLLM's extension: sample among the k likeliest tokens; 0 or -1 (or null): all."""
     min_p: float | None = None
@@ -198,6 +203,14 @@ class GenerationRequest(StrictBody, ABC):
     """Time-per-output-token objective in ms (header `x-pdserve-tpot-ms`)."""
     priority: int | None = None
     """0 (most important) to 9; under load higher values are refused first (header `x-pdserve-priority`)."""
+
+    @field_validator("n")
+    @classmethod
+    def _seeds_fit(cls, n: int, info: ValidationInfo) -> int:
+        seed = info.data.get("seed")
+        if seed is not None and seed + n - 1 >= 2**63:
+            raise PydanticCustomError("unsupported", "seed + n - 1 (the last choice's seed) must fit in 64 bits")
+        return n
 
     @field_validator("stream_options")
     @classmethod
@@ -348,8 +361,13 @@ class CompletionRequest(GenerationRequest):
     """Tokens to generate at most; null means OpenAI's default, 16."""
     logprobs: int | None = None
     """0..20: report each answer token's log-probability and those of this many likeliest tokens."""
+    echo: bool | None = False
+    """The answer's text starts with the prompt's (token ids: their text); not with `logprobs`,
+    which would need the prompt's log-probabilities."""
 
     def _logprobs(self) -> tuple[int | None, str]:
+        if self.echo and self.logprobs is not None:
+            raise InvalidRequest("echo with logprobs (the prompt's log-probabilities) is not supported", param="echo")
         return self.logprobs, "logprobs"
 
     @field_validator("prompt")

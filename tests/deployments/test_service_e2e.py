@@ -327,9 +327,16 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
                                          extra_body={k: v for k, v in kw.items() if k in vllms})
                for kw in requests]
         logprobs.append([r.choices[0].logprobs.content if r.choices[0].logprobs else None for r in out])
+        # n choices (2: the service takes 2 requests per replica): choice i is sampled as a request
+        # seeded with seed + i is (vLLM's convention).
+        several = c.chat.completions.create(**{**sampled, "n": 2})
+        singles = [c.chat.completions.create(**{**sampled, "seed": sampled["seed"] + i}).choices[0].message.content
+                   for i in (0, 1)]
+        choices.append(([ch.message.content for ch in several.choices], singles, several.usage.completion_tokens))
         return [(r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) for r in out]
 
     logprobs: list[list] = []
+    choices: list[tuple] = []
     disagg = answers(client)
     svc.delete()
     colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
@@ -341,6 +348,9 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     finally:
         colo.delete()
     assert disagg == colocated
+    assert choices[0] == choices[1]
+    several, singles, completion_tokens = choices[0]
+    assert several == singles and several[0] != several[1] and completion_tokens > 24
     texts = [text for text, _, _ in disagg]
     assert all(texts[:5]) and texts[3:5] != texts[:2]  # the seeded answers are sampled, not greedy
     assert texts[5] == texts[6] == texts[0][:len(texts[5])] and len(texts[5]) > 10  # top_k 1, min_p 1: greedy

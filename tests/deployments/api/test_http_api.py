@@ -4,6 +4,7 @@ answer with fixed chunks; answers with generated text are covered by the end-to-
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from pdserve.deployments.api.http_api import build_http_app
-from pdserve.errors import InvalidRequest, ModelNotFound, Overloaded
+from pdserve.errors import EngineFailure, InvalidRequest, ModelNotFound, Overloaded
 from pdserve.prefill.requests import (
     SLO,
     GenerateChunk,
@@ -103,6 +104,9 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
 
     completion_request = chat_request
 
+    async def detokenize(self, token_ids: list[int]) -> str:
+        return "".join(f"<{t}>" for t in token_ids)
+
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
         asked = req.sampling.logprobs is not None
         yield GenerateChunk("Hel", [10], 3, 1, logprobs=[TokenLogprob("Hel", -0.5, [("Hel", -0.5), ("Hi", -1.25)])]
@@ -110,6 +114,29 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
         yield GenerateChunk("lo", [11], 3, 2, "stop", slo=SLOReport(612.5, 30.0, SLO(500.0, 50.0, 0)),
                             kv_transfer=KV_REPORT,
                             logprobs=[TokenLogprob("lo", -9999.0, [("p", -0.01), ("lo", -9999.0)])] if asked else None)
+
+
+class FakeChoosingFrontend(FakeAnsweringFrontend):
+    """Answers each request with its own seed in the text, in two chunks with a turn for the
+    others between them; the request for choice `failing` (by id suffix) fails after its first."""
+
+    def __init__(self, failing: int | None = None) -> None:
+        super().__init__()
+        self.failing = failing
+        self.routed: list[GenerateRequest] = []
+        self.closed: list[str] = []
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        self.routed.append(req)
+        try:
+            yield GenerateChunk(f"seed {req.sampling.seed}", [10], 3, 1)
+            await asyncio.sleep(0.01)
+            if self.failing is not None and req.request_id.endswith(f"-{self.failing}"):
+                raise EngineFailure("the replica serving this choice failed")
+            yield GenerateChunk(".", [11], 3, 2, "stop", slo=SLOReport(400.0 + len(self.routed), 30.0,
+                                                                        SLO(500.0, 50.0, 0)))
+        finally:
+            self.closed.append(req.request_id)
 
 
 class FakeBrokenFrontend(FakeRejectingFrontend):
@@ -136,7 +163,9 @@ def _assert_openai_error(body: dict, *, type_: str, param: str | None) -> str:
     ({"model": MODEL}, "messages", "Field required"),
     ({"model": MODEL, "messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role", "'system'"),
     ({"model": MODEL, "messages": HI, "max_tokens": "5"}, "max_tokens", "valid integer"),
-    ({"model": MODEL, "messages": HI, "n": 2}, "n", "not supported by pdserve"),
+    ({"model": MODEL, "messages": HI, "n": 17}, "n", "less than or equal to 16"),
+    ({"model": MODEL, "messages": HI, "n": 0}, "n", "greater than or equal to 1"),
+    ({"model": MODEL, "messages": HI, "n": 2, "seed": 2**63 - 1}, "n", "last choice's seed"),
     ({"model": MODEL, "messages": HI, "tool_choice": "auto"}, "tool_choice", "not supported by pdserve"),
     ({"model": MODEL, "messages": HI, "stop": 3}, "stop", "list of strings"),
     ({"model": MODEL, "messages": HI, "temperature": 9}, "temperature", "less than or equal to 2"),
@@ -150,9 +179,10 @@ def test_invalid_chat_bodies_are_400_with_openai_error(body: Any, param: str | N
 
 
 def test_invalid_completion_body_is_400() -> None:
-    resp = _client(FakeRejectingFrontend()).post("/v1/completions", json={"model": MODEL, "prompt": "hi", "echo": True})
+    resp = _client(FakeRejectingFrontend()).post("/v1/completions", json={"model": MODEL, "prompt": "hi", "suffix": "!"})
     assert resp.status_code == 400
-    assert "not supported by pdserve" in _assert_openai_error(resp.json(), type_="invalid_request_error", param="echo")
+    assert "not supported by pdserve" in _assert_openai_error(resp.json(), type_="invalid_request_error",
+                                                              param="suffix")
 
 
 @pytest.mark.parametrize(("content", "content_type", "words"), [
@@ -284,6 +314,62 @@ def test_completion_logprobs_in_openais_legacy_shape_with_text_offsets() -> None
     offsets = [o for e in events if e["choices"] and e["choices"][0]["logprobs"]
                for o in e["choices"][0]["logprobs"]["text_offset"]]
     assert offsets == [0, 3]
+
+
+def _events(resp) -> list[dict]:
+    return [json.loads(line[6:]) for line in resp.text.splitlines() if line.startswith("data: {")]
+
+
+def test_echo_starts_a_completion_with_its_prompts_text_whole_and_streamed() -> None:
+    client = _client(FakeAnsweringFrontend())
+    for prompt, echoed in (("Say: ", "Say: "), ([5, 7], "<5><7>")):
+        body = {"model": MODEL, "prompt": prompt, "echo": True}
+        assert client.post("/v1/completions", json=body).json()["choices"][0]["text"] == echoed + "Hello"
+        events = _events(client.post("/v1/completions", json={**body, "stream": True}))
+        assert [e["choices"][0]["text"] for e in events] == [echoed, "Hel", "lo"]
+    assert client.post("/v1/completions", json={"model": MODEL, "prompt": "x"}).json()["choices"][0]["text"] == "Hello"
+    refused = client.post("/v1/completions", json={"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "echo"
+
+
+def test_n_choices_are_requests_of_their_own_seeded_as_vllm_seeds_them() -> None:
+    frontend = FakeChoosingFrontend()
+    body = {"model": MODEL, "messages": HI, "n": 3, "seed": 5}
+    whole = _client(frontend).post("/v1/chat/completions", json=body).json()
+    assert [(c["index"], c["message"]["content"]) for c in whole["choices"]] == [
+        (0, "seed 5."), (1, "seed 6."), (2, "seed 7.")]
+    assert (whole["usage"]["prompt_tokens"], whole["usage"]["completion_tokens"]) == (3, 6)  # the prompt once
+    assert len({r.request_id for r in frontend.routed}) == 3 and sorted(frontend.closed) == sorted(
+        r.request_id for r in frontend.routed)
+    completion = _client(FakeChoosingFrontend()).post("/v1/completions", json={"model": MODEL, "prompt": "hi",
+                                                                               "n": 2}).json()
+    assert [(c["index"], c["text"]) for c in completion["choices"]] == [(0, "seed None."), (1, "seed None.")]
+
+
+def test_n_choices_stream_interleaved_each_under_its_index() -> None:
+    body = {"model": MODEL, "messages": HI, "n": 2, "seed": 5, "stream": True,
+            "stream_options": {"include_usage": True}}
+    events = _events(_client(FakeChoosingFrontend()).post("/v1/chat/completions", json=body))
+    deltas = [(e["choices"][0]["index"], e["choices"][0]["delta"]) for e in events if e["choices"]]
+    assert [i for i, d in deltas if d.get("role") == "assistant"] == [0, 1]
+    assert {i: "".join(d.get("content") or "" for j, d in deltas if j == i) for i in (0, 1)} == {0: "seed 5.",
+                                                                                                1: "seed 6."}
+    assert [i for i, d in deltas if d.get("content")] in ([0, 1, 0, 1], [0, 1, 1, 0])  # as they come
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    # The request's SLO report is its slowest choice's.
+    assert events[-1]["usage"]["slo"]["ttft_ms"] == 402.0
+
+
+def test_one_failed_choice_fails_the_request_and_ends_the_others() -> None:
+    frontend = FakeChoosingFrontend(failing=1)
+    body = {"model": MODEL, "messages": HI, "n": 3}
+    resp = _client(frontend).post("/v1/chat/completions", json=body)
+    assert resp.status_code == 500 and "failed" in resp.json()["error"]["message"]
+    assert sorted(frontend.closed) == sorted(r.request_id for r in frontend.routed)
+    frontend = FakeChoosingFrontend(failing=2)
+    events = _events(_client(frontend).post("/v1/chat/completions", json={**body, "stream": True}))
+    assert "failed" in events[-1]["error"]["message"]
+    assert sorted(frontend.closed) == sorted(r.request_id for r in frontend.routed)
 
 
 def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -> None:

@@ -50,7 +50,8 @@ VLLMS = "vLLM's field, not supported by pdserve"
 @pytest.mark.parametrize(("make", "fields", "param", "says"), [
     (_chat, {"length_penalty": 0.5}, "length_penalty", VLLMS),
     (_chat, {"bad_words": ["x"]}, "bad_words", VLLMS),
-    (_chat, {"n": 2}, "n", VLLMS), (_chat, {"prompt_logprobs": 1}, "prompt_logprobs", VLLMS),
+    (_chat, {"use_beam_search": True}, "use_beam_search", VLLMS),
+    (_chat, {"prompt_logprobs": 1}, "prompt_logprobs", VLLMS),
     (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", VLLMS),
     (_chat, {"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", VLLMS),
     (_chat, {"response_format": {"type": "structural_tag"}}, "response_format.type", "'json_schema'"),
@@ -62,7 +63,7 @@ VLLMS = "vLLM's field, not supported by pdserve"
     (_chat, {"temprature": 0}, "temprature", "unknown field"),
     (_chat, {"messages": [{"role": "user", "content": "hi", "name": "x"}]}, "messages[0].name", "unknown field"),
     (_chat, {"messages": [{"role": "tool", "content": "42", "tool_call_id": "c1"}]}, "messages[0].role", "'system'"),
-    (_completion, {"echo": True}, "echo", VLLMS), (_completion, {"best_of": 2}, "best_of", "unknown field"),
+    (_completion, {"best_of": 2}, "best_of", "unknown field"),
     (_completion, {"suffix": "x"}, "suffix", VLLMS), (_completion, {"add_special_tokens": False}, "add_special_tokens", VLLMS),
 ])
 def test_a_field_pdserve_does_not_honour_is_refused_by_name(make, fields: dict, param: str, says: str) -> None:
