@@ -64,12 +64,13 @@ class FrontendAPI(Protocol):
     def check_model(self, model: str) -> None:
         """Raise ModelNotFound unless `model` is the served model's name."""
 
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None,
-                           objectives: Objectives | None = None) -> GenerateRequest:
-        """Apply the chat template to `messages` ({"role", "content"} dicts), tokenize and
-        validate lengths (InvalidRequest when the prompt does not fit the context); objectives
-        the client left unset take the service's defaults."""
+                           objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
+        """Apply the chat template to `messages` ({"role", "content", ...} dicts) and `tools`,
+        tokenize and validate lengths (InvalidRequest when the prompt does not fit the context);
+        objectives the client left unset take the service's defaults."""
 
     async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                                  trace_carrier: dict[str, str] | None = None,
@@ -136,11 +137,12 @@ class Frontend:
             self.metrics.requests.labels("not_found").inc()
             raise ModelNotFound(model, self.model_name)
 
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
                            trace_carrier: dict[str, str] | None = None,
-                           objectives: Objectives | None = None) -> GenerateRequest:
+                           objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
         with self._counting_refusals():
-            return await self.requests.chat(messages, sampling, trace_carrier, objectives)
+            return await self.requests.chat(messages, sampling, trace_carrier, objectives, tools)
 
     async def completion_request(self, prompt: str | list[int], sampling: Sampling,
                                  trace_carrier: dict[str, str] | None = None,

@@ -29,10 +29,11 @@ class RequestBuilder:
         self.slo = slo
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-tokenizer")
 
-    async def chat(self, messages: list[dict[str, str]], sampling: Sampling, carrier: dict[str, str] | None,
-                   objectives: Objectives | None) -> GenerateRequest:
+    async def chat(self, messages: list[dict[str, Any]], sampling: Sampling, carrier: dict[str, str] | None,
+                   objectives: Objectives | None, tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
         check_text(sampling.stop, "stop")
-        return self._checked(await self._on_thread(self._chat_ids, messages), sampling, carrier, objectives)
+        ids = await self._on_thread(lambda m: self._chat_ids(m, tools=tools), messages)
+        return self._checked(ids, sampling, carrier, objectives)
 
     async def completion(self, prompt: str | list[int], sampling: Sampling, carrier: dict[str, str] | None,
                          objectives: Objectives | None) -> GenerateRequest:
@@ -67,7 +68,8 @@ class RequestBuilder:
         tokenizer is not safe to call from several at once."""
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, arg)
 
-    def _chat_ids(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+    def _chat_ids(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                  tools: list[dict[str, Any]] | None = None) -> list[int]:
         if not messages:
             raise InvalidRequest("messages must hold at least one message", param="messages")
         if len(messages) > self.max_model_len:  # the template spends a token or more on each
@@ -77,9 +79,9 @@ class RequestBuilder:
         check_text(contents, "messages")
         check_chars(sum(map(len, contents)), self.max_model_len, "messages")
         try:
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
-                                                           tokenize=True,
-                                                           return_dict=True)["input_ids"])
+            return list(self.tokenizer.apply_chat_template(messages, tools=tools,
+                                                           add_generation_prompt=add_generation_prompt,
+                                                           tokenize=True, return_dict=True)["input_ids"])
         except Exception as exc:  # a template that rejects these messages is the client's problem
             raise InvalidRequest(f"messages do not fit the model's chat template: {exc}", param="messages") from None
 

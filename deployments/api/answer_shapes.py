@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from pdserve.deployments.api.openai_answers import (
+    AnswerToolCall,
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -21,8 +22,12 @@ from pdserve.deployments.api.openai_answers import (
     CompletionChoice,
     CompletionChunk,
     CompletionLogprobs,
+    FunctionCall,
+    FunctionCallDelta,
+    ToolCallDelta,
     Usage,
 )
+from pdserve.deployments.api.tools import ForcedCall, call_id
 from pdserve.prefill.requests import TokenLogprob
 
 
@@ -34,21 +39,61 @@ class ChatShapes:
     created: int
     model: str
     index: int = 0
+    forced: ForcedCall | None = None
+    """The answer is this tool call (`tools.py`), not text."""
+    call_id: str = ""
+    """A named call's id, once its first piece is sent."""
+    held: str = ""
+    """A "required" answer's text so far: sent as calls once whole."""
 
     def opening(self) -> list[BaseModel]:
         return [self._chunk(ChatChunkChoice(index=self.index, delta=ChatDelta(role="assistant", content="")))]
 
     def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = ChatChunkChoice(index=self.index, delta=ChatDelta(content=text or None), finish_reason=finish_reason,
+              logprobs: list[TokenLogprob] | None) -> BaseModel | None:
+        """The chunk for the answer's next piece; None when it has nothing to send yet."""
+        delta, finish_reason = self._delta(text, finish_reason)
+        if delta is None and finish_reason is None and logprobs is None and usage is None:
+            return None
+        choice = ChatChunkChoice(index=self.index, delta=delta or ChatDelta(), finish_reason=finish_reason,
                                  logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
         return self._chunk(choice, usage)
+
+    def _delta(self, text: str, finish_reason: str | None) -> tuple[ChatDelta | None, str | None]:
+        if self.forced is None:
+            return ChatDelta(content=text or None), finish_reason
+        if self.forced.name is not None:  # a named call: the text is its arguments, sent as they come
+            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
+            if self.call_id:
+                piece = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text)) if text else None
+                return (ChatDelta(tool_calls=[piece]) if piece else None), finish_reason
+            self.call_id = call_id()
+            first = ToolCallDelta(index=0, id=self.call_id, type="function",
+                                  function=FunctionCallDelta(name=self.forced.name, arguments=text))
+            return ChatDelta(tool_calls=[first]), finish_reason
+        self.held += text  # "required": a list of calls, read once whole
+        if finish_reason is None:
+            return None, None
+        calls = self.forced.calls(self.held) if finish_reason == "stop" else None
+        if calls is None:  # cut short: what there is, as text
+            return ChatDelta(content=self.held or None), finish_reason
+        return ChatDelta(tool_calls=[ToolCallDelta(index=k, id=call_id(), type="function",
+                                                   function=FunctionCallDelta(name=name, arguments=arguments))
+                                     for k, (name, arguments) in enumerate(calls)]), "tool_calls"
 
     def usage(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
     def choice(self, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None) -> ChatChoice:
-        return ChatChoice(index=self.index, message=AssistantMessage(content=text), finish_reason=finish_reason,
+        calls = self.forced.calls(text) if self.forced is not None and finish_reason == "stop" else None
+        if calls is None:
+            message = AssistantMessage(content=text)
+        else:
+            message = AssistantMessage(content=None, tool_calls=[
+                AnswerToolCall(id=call_id(), function=FunctionCall(name=name, arguments=arguments))
+                for name, arguments in calls])
+            finish_reason = "tool_calls"
+        return ChatChoice(index=self.index, message=message, finish_reason=finish_reason,
                           logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
 
     def whole(self, choices: list[Any], usage: Usage) -> BaseModel:

@@ -70,8 +70,9 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend = get_frontend()
         frontend.check_model(body.model)
         req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
-                                    body.objectives(request.headers))
-        shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name)
+                                          body.objectives(request.headers), tools=body.tool_dicts())
+        shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name,
+                            forced=body.forced_call())
         return await _answer(frontend, req, body, shapes)
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
@@ -162,7 +163,8 @@ async def _events(chunks: AsyncGenerator[tuple[int, GenerateChunk], None], shape
             if chunk.text or chunk.finish_reason or chunk.logprobs:
                 so_far = _token_counts(chunk) if body.continuous_usage else None
                 delta = shaped[i].delta(chunk.text, chunk.finish_reason, so_far, chunk.logprobs)
-                yield _event(delta.model_dump_json())
+                if delta is not None:
+                    yield _event(delta.model_dump_json())
         for last in lasts.values():
             _finish_reason(last)
         if body.include_usage:

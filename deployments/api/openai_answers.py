@@ -118,9 +118,37 @@ class CompletionLogprobs(ApiModel):
                    top_logprobs=[dict(t.top) for t in tokens])
 
 
+class FunctionCall(ApiModel):
+    name: str
+    arguments: str
+    """JSON text."""
+
+
+class AnswerToolCall(ApiModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionCallDelta(ApiModel):
+    name: str | None = _absent_if_none()
+    arguments: str | None = _absent_if_none()
+    """The next piece of the arguments' JSON text."""
+
+
+class ToolCallDelta(ApiModel):
+    index: int
+    """Which call of the answer this piece belongs to."""
+    id: str | None = _absent_if_none()
+    type: Literal["function"] | None = _absent_if_none()
+    function: FunctionCallDelta
+
+
 class AssistantMessage(ApiModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    """Null when the answer is tool calls."""
+    tool_calls: list[AnswerToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(ApiModel):
@@ -139,6 +167,7 @@ class ChatCompletion(_Answer):
 class ChatDelta(ApiModel):
     role: Literal["assistant"] | None = _absent_if_none()
     content: str | None = _absent_if_none()
+    tool_calls: list[ToolCallDelta] | None = _absent_if_none()
 
 
 class ChatChunkChoice(ApiModel):

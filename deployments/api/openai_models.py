@@ -9,13 +9,11 @@ Value ranges are checked once, by `Sampling`, whose errors come back naming the 
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
-    ConfigDict,
     Field,
     ValidationError,
     ValidationInfo,
@@ -25,8 +23,9 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from pdserve.deployments.api.openai_answers import ApiModel
-from pdserve.deployments.api.vllm_fields import drop_no_ops, field_table, refusal, vllm_request_models
+from pdserve.deployments.api.structured_fields import ResponseFormat, StructuredOutputsBody
+from pdserve.deployments.api.tools import ForcedCall, Tool, ToolCall, ToolChoice, forced_call
+from pdserve.deployments.api.vllm_fields import StrictBody, field_table, refusal, vllm_request_models
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.requests import Objectives, Sampling
 from pdserve.prefill.structured import StructuredOutput
@@ -36,6 +35,8 @@ OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-
 FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's records)",
                "response_format": "honoured: text, json_object, json_schema (not structural_tag)",
                "structured_outputs": "honoured: json, json_object, regex, choice, grammar (not structural_tag)",
+               "tool_choice": "honoured: none, required, a named function; auto refused (no tool-call parser yet)",
+               "tools": "honoured: functions (given to the chat template; a forced call is held to them)",
                "priority": "pdserve's meaning: 0-9, refused first under load",
                "ttft_ms": "pdserve's: TTFT objective", "tpot_ms": "pdserve's: TPOT objective"}
 """What a field pdserve declares does, where that is not what vLLM's field of the name does."""
@@ -82,78 +83,12 @@ StopField = Annotated[str | list[str] | None, _one_of("a string, a list of strin
 PromptField = Annotated[str | list[int] | list[str], _one_of("a string, a list of token ids or a list of one string")]
 
 
-class StrictBody(ApiModel):
-    """Declared fields must have the documented JSON type; an undeclared one is refused unless
-    it asks for nothing (then it is dropped)."""
-
-    model_config = ConfigDict(strict=True, extra="forbid")
-    vllm_api: ClassVar[str | None] = None
-    """The vLLM request model (`vllm_fields.vllm_request_models`) whose defaults ask for nothing."""
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_no_ops(cls, data: Any) -> Any:
-        return drop_no_ops(data, cls.model_fields, cls.vllm_api)
-
-
 class StreamOptions(StrictBody):
     vllm_api: ClassVar[str | None] = "stream_options"
     include_usage: bool = False
     """Send a last chunk with empty `choices` and the request's token usage."""
     continuous_usage_stats: bool = False
     """vLLM's extension: with `include_usage`, every chunk also carries the usage so far."""
-
-
-class JsonSchemaFormat(StrictBody):
-    name: str
-    description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema")
-    """The JSON schema the answer follows."""
-    strict: bool | None = None
-    """OpenAI's switch for exact schema adherence: xgrammar holds the answer to the schema either way."""
-
-
-class ResponseFormat(StrictBody):
-    """OpenAI's answer format: free text, any JSON object, or JSON of a schema."""
-
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JsonSchemaFormat | None = None
-    """With type json_schema, and only then."""
-
-    @model_validator(mode="after")
-    def _schema_with_its_type(self) -> ResponseFormat:
-        if (self.type == "json_schema") != (self.json_schema is not None):
-            raise PydanticCustomError("unsupported", "json_schema is given with type json_schema, and only then")
-        return self
-
-
-class StructuredOutputsBody(StrictBody):
-    """vLLM's `structured_outputs`: one constraint (json, json_object, regex, choice or grammar)
-    and vLLM's options for it."""
-
-    vllm_api: ClassVar[str | None] = "structured_outputs"
-    json_: dict[str, Any] | str | None = Field(None, alias="json")
-    """A JSON schema, as an object or its JSON text."""
-    json_object: bool | None = None
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    """EBNF, or Lark as vLLM reads it."""
-    disable_any_whitespace: bool = False
-    disable_additional_properties: bool = False
-    whitespace_pattern: str | None = None
-
-    def constraint(self) -> dict[str, Any]:
-        """The fields of `StructuredOutput`; InvalidRequest when `json` is text that is not JSON."""
-        schema = self.json_
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequest(f"Invalid 'structured_outputs.json': not JSON ({exc})",
-                                     param="structured_outputs.json") from None
-        values = {**self.model_dump(exclude={"json_"}), "json_schema": schema}
-        return {k: v for k, v in values.items() if v is not None}
 
 
 class GenerationRequest(StrictBody, ABC):
@@ -258,21 +193,27 @@ class GenerationRequest(StrictBody, ABC):
     def _logprobs(self) -> tuple[int | None, str]:
         """How many alternatives to report logprobs of per token (None: no logprobs), and the field."""
 
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each field that constrains the answer, with the `StructuredOutput` fields it asks for."""
+        found: list[tuple[str, dict[str, Any]]] = []
+        if self.response_format and self.response_format.type != "text":
+            schema = self.response_format.json_schema
+            found.append(("response_format", {"json_schema": schema.schema_} if schema else {"json_object": True}))
+        if self.structured_outputs:
+            found.append(("structured_outputs", self.structured_outputs.constraint()))
+        return found
+
     def structured(self) -> StructuredOutput | None:
-        """The answer's constraint, from `response_format` or `structured_outputs`; InvalidRequest
-        naming the field when both constrain it, or when xgrammar cannot compile the constraint."""
-        json_format = self.response_format if self.response_format and self.response_format.type != "text" else None
-        if json_format and self.structured_outputs:
-            raise InvalidRequest("response_format and structured_outputs both constrain the answer; send one",
-                                 param="structured_outputs")
-        if json_format:
-            field = "response_format"
-            schema = json_format.json_schema
-            values: dict[str, Any] = {"json_schema": schema.schema_} if schema else {"json_object": True}
-        elif self.structured_outputs:
-            field, values = "structured_outputs", self.structured_outputs.constraint()
-        else:
+        """The answer's constraint, from `response_format`, `structured_outputs` or (chat) a forced
+        tool call; InvalidRequest naming the field when two constrain it, or when xgrammar cannot
+        compile the constraint."""
+        found = self._constraints()
+        if len(found) > 1:
+            raise InvalidRequest(f"{found[0][0]} and {found[1][0]} both constrain the answer; send one",
+                                 param=found[1][0])
+        if not found:
             return None
+        field, values = found[0]
         try:
             return StructuredOutput(**values)
         except ValidationError as e:
@@ -304,15 +245,37 @@ MessageContent = Annotated[str | list[TextPart], _one_of('a string or a list of 
 
 
 class ChatMessage(StrictBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    """`developer` is OpenAI's newer name for `system`, and reaches the chat template as `system`."""
-    content: MessageContent
-    """Text, or text parts, joined with newlines as vLLM joins them."""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """`developer` is OpenAI's newer name for `system`, and reaches the chat template as `system`;
+    `tool` carries a tool call's result."""
+    content: MessageContent | None = None
+    """Text, or text parts, joined with newlines as vLLM joins them; null only in an assistant
+    message that made tool calls."""
+    tool_calls: list[ToolCall] | None = None
+    """An assistant message's calls."""
+    tool_call_id: str | None = None
+    """A tool message's answer is to this call."""
 
-    def as_template_dict(self) -> dict[str, str]:
+    @model_validator(mode="after")
+    def _fields_of_the_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("unsupported", "only assistant messages carry tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise PydanticCustomError("unsupported", "a tool message, and only one, names its tool_call_id")
+        if self.content is None and not self.tool_calls:
+            raise PydanticCustomError("unsupported", "content is null only in an assistant message with tool_calls")
+        return self
+
+    def as_template_dict(self) -> dict[str, Any]:
         """The message as the model's chat template takes it."""
-        content = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
-        return {"role": "system" if self.role == "developer" else self.role, "content": content}
+        content = self.content if isinstance(self.content, str | None) else "\n".join(p.text for p in self.content)
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": content or ""}
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -329,6 +292,25 @@ class ChatCompletionRequest(GenerationRequest):
     """Report each answer token's log-probability (`choices[].logprobs.content`)."""
     top_logprobs: int | None = None
     """0..20, with `logprobs`: also the log-probabilities of this many likeliest tokens at each position."""
+    tools: list[Tool] | None = None
+    """Functions the model may call; they reach the chat template (which may show them to the model)."""
+    tool_choice: ToolChoice | None = None
+    """"required" or a named function: the answer is a call (`tools.py`); "none": text; "auto",
+    OpenAI's default with tools, is refused (no tool-call parser yet)."""
+    parallel_tool_calls: bool | None = None
+    """false: "required" makes exactly one call."""
+
+    def forced_call(self) -> ForcedCall | None:
+        """How to read the answer as tool calls; None when it is text."""
+        return forced_call(self.tools, self.tool_choice, self.parallel_tool_calls)[0]
+
+    def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
+        _, schema = forced_call(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return super()._constraints() + ([("tool_choice", {"json_schema": schema})] if schema is not None else [])
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates take them."""
+        return [t.model_dump(exclude_none=True) for t in self.tools] if self.tools else None
 
     def _logprobs(self) -> tuple[int | None, str]:
         if not self.logprobs:
@@ -345,7 +327,7 @@ class ChatCompletionRequest(GenerationRequest):
                                  param="max_completion_tokens")
         return self.max_completion_tokens, "max_completion_tokens"
 
-    def message_dicts(self) -> list[dict[str, str]]:
+    def message_dicts(self) -> list[dict[str, Any]]:
         """Messages as the frontend's chat template takes them."""
         return [m.as_template_dict() for m in self.messages]
 

@@ -12,7 +12,8 @@ from fastapi import Body, FastAPI
 from pydantic import Field, ValidationError
 
 from pdserve.deployments.api.openai_answers import ApiModel, error_docs
-from pdserve.deployments.api.openai_models import ChatMessage, StrictBody, invalid_request
+from pdserve.deployments.api.openai_models import ChatMessage, invalid_request
+from pdserve.deployments.api.vllm_fields import StrictBody
 
 if TYPE_CHECKING:
     from pdserve.deployments.frontend import FrontendAPI

@@ -16,9 +16,11 @@ import functools
 import json
 import warnings
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, create_model
+from pydantic import BaseModel, ConfigDict, create_model, model_validator
+
+from pdserve.deployments.api.openai_answers import ApiModel
 
 
 @functools.cache
@@ -105,3 +107,16 @@ def _cell(name: str, api: str, honoured: set[str], notes: Mapping[str, str]) -> 
     no_ops = [json.dumps(v) for v in _no_op_values(api)[name] if v is not None]
     return "refused unless " + " or ".join(["null", *dict.fromkeys(no_ops)])
 
+
+class StrictBody(ApiModel):
+    """Declared fields must have the documented JSON type; an undeclared one is refused unless
+    it asks for nothing (then it is dropped)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    vllm_api: ClassVar[str | None] = None
+    """The vLLM request model (`vllm_fields.vllm_request_models`) whose defaults ask for nothing."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_no_ops(cls, data: Any) -> Any:
+        return drop_no_ops(data, cls.model_fields, cls.vllm_api)

@@ -293,6 +293,9 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     sampled = {**requests[0], "temperature": 1.0, "seed": 11, "max_tokens": 24}
     tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
     blue, eos = tokenizer.encode(" blue", add_special_tokens=False)[0], tokenizer.eos_token_id
+    weather = {**requests[0], "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+               "max_tokens": 40, "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {
+                   "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]}
     requests += [
         {**sampled, "top_k": 1},  # sampling among one token is greedy
         {**sampled, "min_p": 1.0},  # so is keeping only the likeliest
@@ -318,6 +321,9 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
              "required": ["country", "capital"], "additionalProperties": False}}}},
         {**sampled, "response_format": {"type": "json_object"}},
         {**requests[1], "structured_outputs": {"choice": ["red", "green", "blue"]}},
+        # Forced tool calls: held to the function's schema (named) or vLLM's schema of the tools.
+        {**weather, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+        {**weather, "tool_choice": "required", "parallel_tool_calls": False},
     ]
 
     def answers(c) -> list[tuple[str, str, int]]:
@@ -327,6 +333,8 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
                                          extra_body={k: v for k, v in kw.items() if k in vllms})
                for kw in requests]
         logprobs.append([r.choices[0].logprobs.content if r.choices[0].logprobs else None for r in out])
+        calls.append([[(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
+                      for r in out])
         # n choices (2: the service takes 2 requests per replica): choice i is sampled as a request
         # seeded with seed + i is (vLLM's convention).
         several = c.chat.completions.create(**{**sampled, "n": 2})
@@ -337,6 +345,7 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
 
     logprobs: list[list] = []
     choices: list[tuple] = []
+    calls: list[list] = []
     disagg = answers(client)
     svc.delete()
     colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
@@ -367,6 +376,11 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     assert json.loads(texts[15]) == {"country": "FRANCE", "capital": "Paris"} and disagg[15][1] == "stop"
     assert texts[16].startswith("{") and texts[16] not in texts[:16]  # sampled JSON, cut at max_tokens
     assert texts[17] in ("red", "green", "blue") and disagg[17][1] == "stop"
+    assert calls[0] == calls[1]
+    for i in (18, 19):
+        (name, arguments), = calls[0][i]
+        assert name == "get_weather" and isinstance(json.loads(arguments)["city"], str)
+        assert disagg[i][:2] == (None, "tool_calls")
     for d_answer, c_answer in zip(logprobs[0], logprobs[1], strict=True):  # computed alike in both modes
         assert [t.token for t in d_answer or []] == [t.token for t in c_answer or []]
         assert [t.logprob for t in d_answer or []] == pytest.approx([t.logprob for t in c_answer or []], abs=1e-3)

@@ -53,10 +53,10 @@ class FakeRejectingFrontend:
         if model != self.model_name:
             raise ModelNotFound(model, self.model_name)
 
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
-        self.calls.append({"messages": messages, "sampling": sampling, "trace_carrier": trace_carrier,
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None, objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
+        self.calls.append({"messages": messages, "sampling": sampling, "trace_carrier": trace_carrier, "tools": tools,
                            "objectives": objectives})
         raise InvalidRequest("the prompt does not fit the context", param="messages", code="context_length_exceeded")
 
@@ -77,9 +77,9 @@ class FakeRejectingFrontend:
 class FakeNoCapacityFrontend(FakeRejectingFrontend):
     """Accepts requests but routes none, like a cluster at capacity: no text is ever generated."""
 
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None, objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
         return GenerateRequest("0" * 32, [], sampling, SLO(1000, 100, 0), trace_carrier or {})
 
     async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
@@ -97,9 +97,9 @@ class FakeAnsweringFrontend(FakeRejectingFrontend):
     """Answers every chat with two fixed chunks, the last with an SLO report: the HTTP layer's
     wire format of an answer, without an engine."""
 
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None, objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
         return GenerateRequest("0" * 32, [1, 2, 3], sampling, SLO(500, 50, 0), trace_carrier or {})
 
     completion_request = chat_request
@@ -139,6 +139,26 @@ class FakeChoosingFrontend(FakeAnsweringFrontend):
             self.closed.append(req.request_id)
 
 
+class FakeCallingFrontend(FakeAnsweringFrontend):
+    """Answers with `pieces` (a forced call's JSON, as structured outputs would hold it), and
+    records the tools and messages the chat template got."""
+
+    def __init__(self, pieces: list[str], finish_reason: str = "stop") -> None:
+        super().__init__()
+        self.pieces, self.finish_reason = pieces, finish_reason
+
+    async def chat_request(self, messages: list[dict[str, Any]], sampling: Sampling,
+                           trace_carrier: dict[str, str] | None = None, objectives: Objectives | None = None,
+                           tools: list[dict[str, Any]] | None = None) -> GenerateRequest:
+        self.calls.append({"messages": messages, "sampling": sampling, "tools": tools})
+        return GenerateRequest("0" * 32, [1, 2, 3], sampling, SLO(500, 50, 0), trace_carrier or {})
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        for k, piece in enumerate(self.pieces):
+            last = k == len(self.pieces) - 1
+            yield GenerateChunk(piece, [k], 3, k + 1, self.finish_reason if last else None)
+
+
 class FakeBrokenFrontend(FakeRejectingFrontend):
     def check_model(self, model: str) -> None:
         raise RuntimeError("connection to 10.0.0.7 refused, token=s3cret")
@@ -166,7 +186,9 @@ def _assert_openai_error(body: dict, *, type_: str, param: str | None) -> str:
     ({"model": MODEL, "messages": HI, "n": 17}, "n", "less than or equal to 16"),
     ({"model": MODEL, "messages": HI, "n": 0}, "n", "greater than or equal to 1"),
     ({"model": MODEL, "messages": HI, "n": 2, "seed": 2**63 - 1}, "n", "last choice's seed"),
-    ({"model": MODEL, "messages": HI, "tool_choice": "auto"}, "tool_choice", "not supported by pdserve"),
+    ({"model": MODEL, "messages": HI, "tool_choice": "auto"}, "tool_choice", "needs tools"),
+    ({"model": MODEL, "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice",
+     "tool-call parser"),
     ({"model": MODEL, "messages": HI, "stop": 3}, "stop", "list of strings"),
     ({"model": MODEL, "messages": HI, "temperature": 9}, "temperature", "less than or equal to 2"),
     ([HI], None, "valid dictionary"),
@@ -372,6 +394,68 @@ def test_one_failed_choice_fails_the_request_and_ends_the_others() -> None:
     assert sorted(frontend.closed) == sorted(r.request_id for r in frontend.routed)
 
 
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+TIME = {"type": "function", "function": {"name": "get_time"}}
+
+
+def test_a_named_tool_choice_answers_with_that_call_whole_and_streamed() -> None:
+    frontend = FakeCallingFrontend(['{"city": ', '"Paris"}'])
+    body = {"model": MODEL, "messages": HI, "tools": [WEATHER, TIME],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    choice = _client(frontend).post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'} and call["id"]
+    assert frontend.calls[0]["tools"] == [WEATHER, TIME]  # to the chat template
+    assert frontend.calls[0]["sampling"].structured.json_schema == WEATHER["function"]["parameters"]
+    events = _events(_client(frontend).post("/v1/chat/completions", json={**body, "stream": True}))
+    calls = [c for e in events for c in e["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"] and calls[1].keys() == {"index",
+                                                                                                   "function"}
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"city": "Paris"}'
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_required_tool_choice_answers_with_the_calls_the_json_lists() -> None:
+    answer = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
+    frontend = FakeCallingFrontend([answer[:20], answer[20:]])
+    body = {"model": MODEL, "messages": HI, "tools": [WEATHER, TIME], "tool_choice": "required"}
+    choice = _client(frontend).post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert [c["function"] for c in choice["message"]["tool_calls"]] == [
+        {"name": "get_weather", "arguments": '{"city": "Paris"}'}, {"name": "get_time", "arguments": "{}"}]
+    assert choice["finish_reason"] == "tool_calls"
+    schema = frontend.calls[0]["sampling"].structured.json_schema
+    assert schema["type"] == "array" and len(schema["items"]["anyOf"]) == 2  # vLLM's schema for the tools
+    events = _events(_client(frontend).post("/v1/chat/completions", json={**body, "stream": True}))
+    sent = [e["choices"][0] for e in events]
+    assert [c["function"]["name"] for c in sent[-1]["delta"]["tool_calls"]] == ["get_weather", "get_time"]
+    assert sent[-1]["finish_reason"] == "tool_calls" and len(sent) == 2  # the opening, then the calls once whole
+
+
+def test_a_forced_call_cut_short_by_max_tokens_comes_back_as_text() -> None:
+    frontend = FakeCallingFrontend(['{"city": "Pa'], finish_reason="length")
+    body = {"model": MODEL, "messages": HI, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 1}
+    choice = _client(frontend).post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert choice == {"index": 0, "message": {"role": "assistant", "content": '{"city": "Pa', "tool_calls": []},
+                      "finish_reason": "length", "logprobs": None}
+
+
+def test_tool_results_and_earlier_calls_reach_the_chat_template() -> None:
+    frontend = FakeCallingFrontend(["It is sunny."])
+    messages = [*HI, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    body = {"model": MODEL, "messages": messages, "tools": [WEATHER], "tool_choice": "none"}
+    answer = _client(frontend).post("/v1/chat/completions", json=body).json()
+    assert answer["choices"][0]["message"]["content"] == "It is sunny."
+    assert frontend.calls[0]["messages"][1:] == [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"}]
+    assert frontend.calls[0]["sampling"].structured is None
+
+
 def test_streamed_request_that_cannot_be_routed_gets_its_status_not_a_stream() -> None:
     resp = _client(FakeNoCapacityFrontend()).post("/v1/chat/completions",
                                                json={"model": MODEL, "messages": HI, "stream": True})
@@ -429,6 +513,6 @@ def test_openapi_documents_the_request_bodies() -> None:
         assert field in schemas[model]["required"] and "model" in schemas[model]["required"]
         assert "422" not in post["responses"]  # invalid bodies are 400, as documented
         assert post["responses"]["400"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorResponse")
-    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant"]
+    assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     assert "/v1/models" in doc["paths"] and "/health" in doc["paths"]
 
