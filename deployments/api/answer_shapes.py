@@ -85,14 +85,15 @@ class ChatShapes:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
     def choice(self, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None) -> ChatChoice:
-        calls = self.forced.calls(text) if self.forced is not None and finish_reason == "stop" else None
+        whole = finish_reason == "stop"
+        calls = self.forced.calls(text) if self.forced and (whole or self.forced.name) else None
         if calls is None:
             message = AssistantMessage(content=text)
         else:
             message = AssistantMessage(content=None, tool_calls=[
                 AnswerToolCall(id=call_id(), function=FunctionCall(name=name, arguments=arguments))
                 for name, arguments in calls])
-            finish_reason = "tool_calls"
+            finish_reason = "tool_calls" if whole else finish_reason
         return ChatChoice(index=self.index, message=message, finish_reason=finish_reason,
                           logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
 

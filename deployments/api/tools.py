@@ -85,15 +85,15 @@ class ForcedCall:
     """The named function; None: "required", any of the tools."""
 
     def calls(self, text: str) -> list[tuple[str, str]] | None:
-        """(name, arguments as JSON text) of each call in the answer; None when the answer is not
-        the JSON its schema holds it to (cut short by max_tokens). A named call's arguments are the
-        answer's text as it is, the text a stream sends."""
+        """(name, arguments as JSON text) of each call in the answer. A named call's arguments are
+        the answer's text as it is, as a stream sends them (cut short by max_tokens too, as in
+        vLLM); "required" answers None when its text is not the JSON list (cut short)."""
+        if self.name is not None:
+            return [(self.name, text)]
         try:
             value = json.loads(text)
         except json.JSONDecodeError:
             return None
-        if self.name is not None:
-            return [(self.name, text)]
         if not isinstance(value, list) or not all(isinstance(c, dict) and "name" in c for c in value):
             return None
         return [(str(c["name"]), json.dumps(c.get("parameters", {}), ensure_ascii=False)) for c in value]

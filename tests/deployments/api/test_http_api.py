@@ -433,12 +433,16 @@ def test_required_tool_choice_answers_with_the_calls_the_json_lists() -> None:
     assert sent[-1]["finish_reason"] == "tool_calls" and len(sent) == 2  # the opening, then the calls once whole
 
 
-def test_a_forced_call_cut_short_by_max_tokens_comes_back_as_text() -> None:
+def test_a_forced_call_cut_short_by_max_tokens_is_partial_arguments_or_text() -> None:
     frontend = FakeCallingFrontend(['{"city": "Pa'], finish_reason="length")
     body = {"model": MODEL, "messages": HI, "tools": [WEATHER], "tool_choice": "required", "max_tokens": 1}
     choice = _client(frontend).post("/v1/chat/completions", json=body).json()["choices"][0]
     assert choice == {"index": 0, "message": {"role": "assistant", "content": '{"city": "Pa', "tool_calls": []},
                       "finish_reason": "length", "logprobs": None}
+    named = {**body, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    choice = _client(frontend).post("/v1/chat/completions", json=named).json()["choices"][0]
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": '{"city": "Pa'}
+    assert choice["finish_reason"] == "length"  # as the stream says it
 
 
 def test_tool_results_and_earlier_calls_reach_the_chat_template() -> None:
