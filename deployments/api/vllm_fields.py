@@ -6,7 +6,8 @@ is sent as null or at the value vLLM reads as "nothing asked" (its field default
 sampling value: `presence_penalty: 0`), which is dropped as the no-op it is. A field vLLM does not
 know either is refused as unknown. The README's field table is generated here (`field_table`;
 `python -m pdserve.deployments.api.openai_models` prints it), and a test keeps the two equal, so
-the table cannot drift from vLLM's models or pdserve's.
+the table cannot drift from vLLM's models or pdserve's. `StrictBody` is the base of every pdserve
+request model that applies this rule.
 """
 
 from __future__ import annotations
