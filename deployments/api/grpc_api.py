@@ -25,7 +25,7 @@ from pdserve.config.cluster import IngressConfig
 from pdserve.deployments.api_keys import bearer_token
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import InvalidRequest, RetryLater, ServeError
-from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives, Sampling
+from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, TokenLogprob
 from pdserve.proto import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -147,16 +147,18 @@ class _GenerationService:
             frontend, req, client_id = await _translate(raw, context, self._get_frontend)
             texts: list[str] = []
             token_ids: list[int] = []
+            logprobs: list[TokenLogprob] = []
             last: GenerateChunk | None = None
             async for chunk in frontend.stream(req):
                 texts.append(chunk.text)
                 token_ids.extend(chunk.token_ids)
+                logprobs.extend(chunk.logprobs or [])
                 last = chunk
             if last is None:
                 raise RuntimeError("the frontend streamed no chunk")
             whole = GenerateChunk(text="".join(texts), token_ids=token_ids, prompt_tokens=last.prompt_tokens,
                                   completion_tokens=last.completion_tokens, finish_reason=last.finish_reason,
-                                  slo=last.slo)
+                                  slo=last.slo, logprobs=logprobs if req.sampling.logprobs is not None else None)
             return _response(whole, client_id or req.request_id)
         except grpc.aio.AbortError:
             raise
@@ -210,7 +212,7 @@ def _sampling(msg: pb.GenerateRequest) -> Sampling:
     """Validate the sampling fields with the same model the HTTP API uses."""
     fields: dict = {"stop": list(msg.stop), "stop_token_ids": list(msg.stop_token_ids),
                     "logit_bias": {t: float(f"{b:.7g}") for t, b in msg.logit_bias.items()}}
-    for name in ("max_tokens", "seed", "top_k", "min_tokens"):
+    for name in ("max_tokens", "seed", "top_k", "min_tokens", "logprobs"):
         if msg.HasField(name):
             fields[name] = getattr(msg, name)
     for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
@@ -256,7 +258,10 @@ def _objectives(msg: pb.GenerateRequest) -> Objectives:
 
 def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
     resp = pb.GenerateResponse(text=chunk.text, token_ids=chunk.token_ids, finish_reason=chunk.finish_reason or "",
-                               request_id=request_id)
+                               request_id=request_id,
+                               logprobs=[pb.TokenLogprob(token=t.token, logprob=t.logprob,
+                                                         top=[pb.TopLogprob(token=a, logprob=b) for a, b in t.top])
+                                         for t in chunk.logprobs or []])
     if chunk.finish_reason is not None:
         resp.usage.prompt_tokens = chunk.prompt_tokens
         resp.usage.completion_tokens = chunk.completion_tokens

@@ -177,6 +177,15 @@ def test_grpc_streams_a_generation_and_answers_health_and_reflection(svc, client
                         timeout=120))
         assert len(msgs) > 1 and msgs[-1].finish_reason == "length" and msgs[-1].usage.completion_tokens == 10
         assert "".join(m.text for m in msgs) == expected.choices[0].text
+        # Logprobs as the HTTP API reports them, one per token of each message.
+        http = client.completions.create(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                         logprobs=2).choices[0].logprobs
+        msgs = list(gen(pb.GenerateRequest(model=model, prompt="Once upon a time", max_tokens=10, temperature=0,
+                                           logprobs=2), timeout=120))
+        assert all(len(m.logprobs) == len(m.token_ids) for m in msgs)
+        sent = [t for m in msgs for t in m.logprobs]
+        assert [t.token for t in sent] == http.tokens and all(len(t.top) == 2 for t in sent)
+        assert [t.logprob for t in sent] == pytest.approx(http.token_logprobs, abs=1e-3)
         with pytest.raises(grpc.RpcError) as err:
             list(gen(pb.GenerateRequest(model=model, prompt="x", max_tokens=-1), timeout=30))
         assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT

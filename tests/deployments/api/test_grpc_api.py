@@ -26,7 +26,15 @@ from pdserve.deployments.api.grpc_api import (
 )
 from pdserve.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
 from pdserve.ports import free_port
-from pdserve.prefill.requests import SLO, GenerateChunk, GenerateRequest, Objectives, Sampling, SLOReport
+from pdserve.prefill.requests import (
+    SLO,
+    GenerateChunk,
+    GenerateRequest,
+    Objectives,
+    Sampling,
+    SLOReport,
+    TokenLogprob,
+)
 from pdserve.prefill.structured import StructuredOutput
 from pdserve.proto import pdserve_pb2 as pb
 from tests.tls_certs import TLSFiles, make_tls_files
@@ -295,6 +303,22 @@ async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_inval
                 {"ttft_ms": float("nan")}, {"ttft_ms": float("inf")}, {"tpot_ms": float("nan")}):
         err = await _stream_error(channel, _tokens(1, **bad))
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details()
+
+
+def test_each_tokens_logprobs_travel_with_its_message() -> None:
+    chunk = GenerateChunk("Hi", [5, 6], 3, 2, logprobs=[TokenLogprob("H", -0.5, [("H", -0.5), ("A", -1.25)]),
+                                                      TokenLogprob("i", -9999.0, [])])
+    sent = _response(chunk, "id").logprobs
+    assert [(t.token, t.logprob, [(a.token, a.logprob) for a in t.top]) for t in sent] == [
+        ("H", -0.5, [("H", -0.5), ("A", -1.25)]), ("i", -9999.0, [])]
+    assert not _response(GenerateChunk("x", [5], 3, 1), "id").logprobs
+
+
+async def test_logprobs_reach_the_frontend_and_a_bad_count_is_invalid_argument(channel, frontend):
+    await _stream_error(channel, _tokens(1, logprobs=3))
+    assert frontend.routed[-1].sampling.logprobs == 3
+    err = await _stream_error(channel, _tokens(1, logprobs=21))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "logprobs" in err.details()
 
 
 def test_the_last_message_reports_the_slo() -> None:
