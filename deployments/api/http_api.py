@@ -72,7 +72,7 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
                                           body.objectives(request.headers), tools=body.tool_dicts())
         shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name,
-                            forced=body.forced_call())
+                            forced=body.tool_plan[0])
         return await _answer(frontend, req, body, shapes)
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from functools import cached_property
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -300,12 +301,14 @@ class ChatCompletionRequest(GenerationRequest):
     parallel_tool_calls: bool | None = None
     """false: "required" makes exactly one call."""
 
-    def forced_call(self) -> ForcedCall | None:
-        """How to read the answer as tool calls; None when it is text."""
-        return forced_call(self.tools, self.tool_choice, self.parallel_tool_calls)[0]
+    @cached_property
+    def tool_plan(self) -> tuple[ForcedCall | None, dict[str, Any] | None]:
+        """The call the answer is (None: text) and the schema that holds it (`tools.forced_call`),
+        worked out once per request: the sampling options and the answer's reading both need it."""
+        return forced_call(self.tools, self.tool_choice, self.parallel_tool_calls)
 
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
-        _, schema = forced_call(self.tools, self.tool_choice, self.parallel_tool_calls)
+        _, schema = self.tool_plan
         return super()._constraints() + ([("tool_choice", {"json_schema": schema})] if schema is not None else [])
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
