@@ -4,85 +4,33 @@ engine by the end-to-end tests."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import uuid
-from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from pdserve.config.cluster import IngressConfig
 from pdserve.deployments.api.grpc_api import (
     MAX_RECEIVE_BYTES,
     SERVICE,
     GrpcHealth,
     _response,
-    server_credentials,
     start_grpc_server,
 )
-from pdserve.errors import InvalidRequest, ModelNotFound, Overloaded, ServeError, Unavailable
+from pdserve.errors import Overloaded
 from pdserve.ports import free_port
 from pdserve.prefill.requests import (
     SLO,
     GenerateChunk,
-    GenerateRequest,
-    Objectives,
     Sampling,
     SLOReport,
     TokenLogprob,
 )
 from pdserve.prefill.structured import StructuredOutput
 from pdserve.proto import pdserve_pb2 as pb
-from tests.tls_certs import TLSFiles, make_tls_files
-
-MODEL = "test-model"
-
-
-class FakeValidatingFrontend:
-    """A fake of the engine-backed frontend, with no tokenizer and no engines, for the gRPC
-    layer's own tests: it checks model names and prompt lengths, and refuses every request that gets as far as
-    `stream` with `refusal` (Unavailable, as a frontend with no live instance would)."""
-
-    model_name = MODEL
-    max_model_len = 16
-
-    def __init__(self) -> None:
-        self.refusal: ServeError = Unavailable("no engine instance is registered")
-        self.routed: list[GenerateRequest] = []
-
-    def authorize(self, api_key: str | None) -> None:
-        """A service without API keys: every caller is admitted."""
-
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise ModelNotFound(model, self.model_name)
-
-    async def chat_request(self, messages: list[dict[str, str]], sampling: Sampling,
-                     trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
-        raise Unavailable("this frontend has no tokenizer for the chat template")
-
-    async def completion_request(self, prompt: str | list[int], sampling: Sampling,
-                           trace_carrier: dict[str, str] | None = None,
-                     objectives: Objectives | None = None) -> GenerateRequest:
-        if not prompt:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
-        if isinstance(prompt, str):
-            raise Unavailable("this frontend has no tokenizer")
-        if len(prompt) + (sampling.max_tokens or 1) > self.max_model_len:
-            raise InvalidRequest(f"the prompt does not fit the context of {self.max_model_len} tokens")
-        given = objectives or Objectives()
-        slo = SLO(given.ttft_ms or 1000.0, given.tpot_ms or 100.0, given.priority or 0)
-        return GenerateRequest(uuid.uuid4().hex, list(prompt), sampling, slo, trace_carrier or {})
-
-    async def stream(self, req: GenerateRequest):
-        self.routed.append(req)
-        raise self.refusal
-        yield  # an async generator, as the real stream is
+from tests.deployments.api.fake_grpc_frontend import MODEL, FakeValidatingFrontend
 
 
 @pytest.fixture
@@ -353,70 +301,3 @@ async def test_an_unexpected_exception_is_internal_and_the_server_keeps_serving(
             assert await _health(ch, "") == health_pb2.HealthCheckResponse.SERVING
     finally:
         await server.stop(grace=None)
-
-
-@contextlib.asynccontextmanager
-async def _serving(frontend: FakeValidatingFrontend, credentials: grpc.ServerCredentials | None = None
-                   ) -> AsyncIterator[str]:
-    """A gRPC API server on a free port for the block's duration; yields its address."""
-    port = free_port()
-    server = await start_grpc_server(lambda: frontend, port, credentials=credentials)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
-
-
-async def _health_over(address: str, credentials: grpc.ChannelCredentials | None = None) -> int:
-    """The server's health over a new channel: plaintext, or TLS with `credentials`."""
-    channel = grpc.aio.insecure_channel(address) if credentials is None else grpc.aio.secure_channel(
-        address, credentials)
-    async with channel:
-        return await _health(channel, "")
-
-
-def _client(ca: TLSFiles, signed_by: TLSFiles | None = None) -> grpc.ChannelCredentials:
-    """A TLS client trusting `ca`'s server certificate, presenting the client certificate of `signed_by`."""
-    if signed_by is None:
-        return grpc.ssl_channel_credentials(ca.ca.read_bytes())
-    return grpc.ssl_channel_credentials(ca.ca.read_bytes(), signed_by.client_key.read_bytes(),
-                                        signed_by.client_cert.read_bytes())
-
-
-def _tls(pki: TLSFiles, client_ca: bool = False) -> grpc.ServerCredentials | None:
-    return server_credentials(IngressConfig(grpc_tls_cert_file=pki.server_cert, grpc_tls_key_file=pki.server_key,
-                                            grpc_tls_client_ca_file=pki.ca if client_ca else None))
-
-
-async def test_over_tls_a_client_trusting_the_ca_is_answered_and_a_plaintext_client_is_unavailable(frontend, tmp_path):
-    pki = make_tls_files(tmp_path)
-    async with _serving(frontend, _tls(pki)) as address:
-        assert await _health_over(address, _client(pki)) == health_pb2.HealthCheckResponse.SERVING
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await _health_over(address)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-async def test_with_a_client_ca_only_a_client_presenting_a_certificate_it_signed_is_answered(frontend, tmp_path):
-    pki, other = make_tls_files(tmp_path / "ca"), make_tls_files(tmp_path / "other", ca_name="another CA")
-    async with _serving(frontend, _tls(pki, client_ca=True)) as address:
-        assert await _health_over(address, _client(pki, signed_by=pki)) == health_pb2.HealthCheckResponse.SERVING
-        for refused in (_client(pki), _client(pki, signed_by=other)):
-            with pytest.raises(grpc.aio.AioRpcError) as info:
-                await _health_over(address, refused)
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-
-
-def test_without_tls_files_the_api_is_plaintext_and_an_unreadable_one_fails_naming_its_field_and_path(tmp_path):
-    assert server_credentials(IngressConfig()) is None
-    pki, missing = make_tls_files(tmp_path), tmp_path / "missing.pem"
-    with pytest.raises(OSError, match=f"ingress.grpc_tls_client_ca_file: cannot read {missing}: No such file"):
-        server_credentials(IngressConfig(grpc_tls_cert_file=pki.server_cert, grpc_tls_key_file=pki.server_key,
-                                         grpc_tls_client_ca_file=missing))
-
-
-async def test_a_second_server_on_a_taken_port_fails_to_start_instead_of_sharing_its_connections(frontend):
-    async with _serving(frontend) as address:
-        with pytest.raises(OSError, match=f"cannot bind {address}: the port is taken"):
-            await start_grpc_server(lambda: frontend, int(address.rpartition(":")[2]))
-        assert await _health_over(address) == health_pb2.HealthCheckResponse.SERVING
