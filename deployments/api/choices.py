@@ -1,10 +1,8 @@
 """The `n` choices of an answer as the HTTP API reads them: one engine request each (the
-frontend's streams), their chunks merged as they come, each stream read from start to end by one
-task."""
+frontend's streams), read one after the other."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
@@ -37,41 +35,12 @@ async def chain(first: list[tuple[int, GenerateChunk]],
 
 
 async def merged(streams: list[AsyncIterator[GenerateChunk]]) -> AsyncGenerator[tuple[int, GenerateChunk], None]:
-    """Each choice's chunks with its index, as they come; the first failure ends them all, and
-    closing this closes every stream (the frontend then aborts its engine calls). A choice's
-    stream is read from start to end by one task (one choice in the caller's, several each in
-    its own, alive until its stream ends): a disaggregated stream resumed in another task after
-    the task that began it had ended was seen to hang, its decode call never reaching the decode
-    replica."""
-    if len(streams) == 1:
-        async with aclosing(streams[0]) as only:
-            async for chunk in only:
-                yield 0, chunk
-        return
-    queue: asyncio.Queue[tuple[int, GenerateChunk | None, Exception | None]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncIterator[GenerateChunk]) -> None:
-        try:
-            async with aclosing(stream) as chunks:
-                async for chunk in chunks:
-                    queue.put_nowait((i, chunk, None))
-        except Exception as exc:
-            queue.put_nowait((i, None, exc))
-        else:
-            queue.put_nowait((i, None, None))
-
-    pumps = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        running = len(pumps)
-        while running:
-            i, chunk, exc = await queue.get()
-            if exc is not None:
-                raise exc
-            if chunk is None:
-                running -= 1
-            else:
+    """Each choice's chunks with its index, one choice after the other; a failure ends them all,
+    and closing this closes the stream being read (the frontend then aborts its engine calls).
+    Choices run in turn, not at once: the engine calls of one HTTP request's choices placed
+    concurrently were seen to hang in `make test` (two prefills done, the second decode call never
+    reaching the decode replica), the same calls of separate requests did not."""
+    for i, stream in enumerate(streams):
+        async with aclosing(stream) as chunks:
+            async for chunk in chunks:
                 yield i, chunk
-    finally:
-        for task in pumps:
-            task.cancel()
-        await asyncio.gather(*pumps, return_exceptions=True)

@@ -1,5 +1,5 @@
-"""An answer's choices merged: each stream read by one task from start to end, every stream
-closed when the merge ends or fails; and `n` choices through the HTTP API."""
+"""An answer's choices merged: one after the other, each read whole by one task, the one being
+read closed when the merge ends or fails; and `n` choices through the HTTP API."""
 
 from __future__ import annotations
 
@@ -35,29 +35,29 @@ class FakeStream:
             self.closed = True
 
 
-async def test_each_choice_is_read_by_one_task_from_its_first_chunk_to_its_last():
+async def test_choices_are_read_one_after_the_other_each_by_one_task():
     fakes = [FakeStream(4) for _ in range(3)]
     chunks = merged([f.run() for f in fakes])
     opening = await until_each_began(chunks, 3)
-    assert sorted(i for i, _ in opening) == [0, 1, 2]
+    assert [i for i, _ in opening] == [0] * 4 + [1] * 4 + [2]
     rest = [item async for item in chain(opening, chunks)]
-    assert sorted((i, c.text) for i, c in rest) == [(i, str(k)) for i in range(3) for k in range(4)]
+    assert [(i, c.text) for i, c in rest] == [(i, str(k)) for i in range(3) for k in range(4)]
     for fake in fakes:
         assert len(set(fake.tasks)) == 1 and fake.closed  # the same task throughout
 
 
-async def test_one_failed_choice_ends_the_merge_and_closes_every_stream():
+async def test_one_failed_choice_ends_the_merge_and_the_next_never_starts():
     fakes = [FakeStream(50), FakeStream(50, fail_after=2), FakeStream(50)]
     with pytest.raises(EngineFailure):
         async for _ in merged([f.run() for f in fakes]):
             pass
-    assert all(f.closed for f in fakes)
+    assert fakes[0].closed and fakes[1].closed and fakes[2].tasks == []  # no engine call for the third
 
 
 async def test_a_choice_without_any_chunk_is_an_engine_failure_and_closing_the_chain_closes_the_streams():
     with pytest.raises(EngineFailure, match="without any output"):
         await until_each_began(merged([FakeStream(0).run(), FakeStream(3).run()]), 2)
-    fakes = [FakeStream(50), FakeStream(50)]
+    fakes = [FakeStream(3), FakeStream(50)]
     chunks = merged([f.run() for f in fakes])
     stream = chain(await until_each_began(chunks, 2), chunks)
     await anext(stream)
@@ -102,7 +102,7 @@ def test_n_choices_are_requests_of_their_own_seeded_as_vllm_seeds_them() -> None
     assert [(c["index"], c["text"]) for c in completion["choices"]] == [(0, "seed None."), (1, "seed None.")]
 
 
-def test_n_choices_stream_interleaved_each_under_its_index() -> None:
+def test_n_choices_stream_one_after_the_other_each_under_its_index() -> None:
     body = {"model": MODEL, "messages": HI, "n": 2, "seed": 5, "stream": True,
             "stream_options": {"include_usage": True}}
     events = sse_events(http_client(FakeChoosingFrontend()).post("/v1/chat/completions", json=body))
@@ -110,7 +110,7 @@ def test_n_choices_stream_interleaved_each_under_its_index() -> None:
     assert [i for i, d in deltas if d.get("role") == "assistant"] == [0, 1]
     assert {i: "".join(d.get("content") or "" for j, d in deltas if j == i) for i in (0, 1)} == {0: "seed 5.",
                                                                                                 1: "seed 6."}
-    assert [i for i, d in deltas if d.get("content")] in ([0, 1, 0, 1], [0, 1, 1, 0])  # as they come
+    assert [i for i, d in deltas if d.get("content")] == [0, 0, 1, 1]  # choice 0 whole, then choice 1
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
     # The request's SLO report is its slowest choice's.
     assert events[-1]["usage"]["slo"]["ttft_ms"] == 402.0
