@@ -66,8 +66,8 @@ async def test_a_choice_without_any_chunk_is_an_engine_failure_and_closing_the_c
 
 
 class FakeChoosingFrontend(FakeAnsweringFrontend):
-    """Answers each request with its own seed in the text, in two chunks with a turn for the
-    others between them; the request for choice `failing` (by id suffix) fails after its first."""
+    """Answers each request with its own seed in the text, in two chunks; the request for choice
+    `failing` (by id suffix) fails after its first. Records which requests it saw and closed."""
 
     def __init__(self, failing: int | None = None) -> None:
         super().__init__()
