@@ -28,6 +28,7 @@ from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, 
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
 from pdserve.deployments.request_builder import RequestBuilder
+from pdserve.deployments.tool_parsing import ToolParsing
 from pdserve.errors import (
     InvalidRequest,
     ModelNotFound,
@@ -57,6 +58,8 @@ class FrontendAPI(Protocol):
     """Context length in tokens: prompt plus generated tokens."""
     max_body_bytes: int
     """Largest HTTP request body read (`ingress.max_body_bytes`)."""
+    tool_parsing: ToolParsing | None
+    """The tool-call parser that reads tool_choice "auto" answers; None: "auto" is refused."""
 
     def authorize(self, api_key: str | None) -> None:
         """Raise Unauthenticated unless `api_key` is one of the service's keys (or it has none)."""
@@ -111,6 +114,7 @@ class Frontend:
         self.max_model_len = cfg.max_model_len
         self.max_body_bytes = cfg.ingress.max_body_bytes
         self.requests = RequestBuilder(AutoTokenizer.from_pretrained(model_path), cfg.max_model_len, cfg.slo)
+        self.tool_parsing = ToolParsing(cfg.tool_call_parser, model_path) if cfg.tool_call_parser else None
         self.controller = controller
         self.ingress_id = ingress_id
         """This ingress's Serve replica id: the controller drops its bookings once Serve no longer runs it."""
@@ -200,7 +204,8 @@ class Frontend:
         anew, after it the new decode replica goes on from the tokens already sent."""
         retries = self.cfg.ingress.replica_loss_retries
         for n in range(retries + 1):
-            seam = ResumedText(await self.requests.unsent_text(run.token_ids, run.text), req.sampling.stop) if n else None
+            seam = ResumedText(await self.requests.unsent_text(
+                run.token_ids, run.text, req.sampling.skip_special_tokens), req.sampling.stop) if n else None
             if n and run.tokens >= req.sampling.max_tokens:  # it died after its last token, before saying so
                 text, stopped = seam.feed("", last=True)
                 yield self._to_client(GenerateChunk(text, [], 0, 0, "stop" if stopped else "length"), req, run,

@@ -53,10 +53,11 @@ class RequestBuilder:
         self._check_token_ids(token_ids, "tokens")
         return await self._on_thread(self.tokenizer.decode, token_ids)
 
-    async def unsent_text(self, token_ids: list[int], sent: str) -> str:
+    async def unsent_text(self, token_ids: list[int], sent: str, skip_special_tokens: bool = True) -> str:
         """The text of `token_ids` past the `sent` part of it: what vLLM held back for a stop string
-        (see failover.ResumedText)."""
-        whole = await self._on_thread(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), token_ids)
+        (see failover.ResumedText), decoded as the engine decoded it."""
+        whole = await self._on_thread(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens),
+                                      token_ids)
         if not whole.startswith(sent):
             log.warning("the text sent (%d chars) is not a prefix of its tokens' text; none carried", len(sent))
             return ""

@@ -222,6 +222,7 @@ class EngineServer:
             logit_bias=dict(sampling.logit_bias) or None,
             seed=sampling.seed,
             ignore_eos=sampling.ignore_eos,
+            skip_special_tokens=sampling.skip_special_tokens,
             output_kind=RequestOutputKind.DELTA,
             structured_outputs=sampling.structured.vllm_params() if sampling.structured else None,
             extra_args=extra or None,

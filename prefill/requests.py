@@ -66,6 +66,9 @@ class Sampling(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=MAX_LOGIT_BIAS_TOKENS)
     """Token id -> bias added to its logit, -100..100 (OpenAI's range)."""
+    skip_special_tokens: bool = True
+    """Leave the tokenizer's special tokens out of the answer's text; tool-call parsers whose
+    models mark calls with special tokens (`<tool_call>` in Hermes) need them kept."""
     structured: StructuredOutput | None = None
     """The answer held to a JSON schema, a regex, a grammar...; on every engine that samples it, from
     where the answer stands (`grammar_carry.py`)."""

@@ -4,8 +4,8 @@ the answer around its choices. One instance per choice, since a completion choic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -28,7 +28,11 @@ from pdserve.deployments.api.openai_answers import (
     Usage,
 )
 from pdserve.deployments.api.tools import ForcedCall, call_id
-from pdserve.prefill.requests import TokenLogprob
+from pdserve.deployments.tool_parsing import AutoToolCalls, ToolCallReader
+from pdserve.prefill.requests import GenerateChunk, TokenLogprob
+
+if TYPE_CHECKING:
+    from vllm.entrypoints.generate.base.protocol import DeltaMessage
 
 
 @dataclass
@@ -45,25 +49,38 @@ class ChatShapes:
     """A named call's id, once its first piece is sent."""
     held: str = ""
     """A "required" answer's text so far: sent as calls once whole."""
+    auto: AutoToolCalls | None = None
+    """tool_choice "auto": the answer is read by the service's tool-call parser."""
+    prompt_token_ids: list[int] = field(default_factory=list)
+    """The prompt the answer continues (parsers look for a turn left open in it)."""
+    reader: ToolCallReader | None = field(init=False, default=None)
+    """This choice's own parser (it keeps state across a stream)."""
+
+    def __post_init__(self) -> None:
+        self.reader = self.auto.reader(self.prompt_token_ids) if self.auto else None
 
     def opening(self) -> list[BaseModel]:
         return [self._chunk(ChatChunkChoice(index=self.index, delta=ChatDelta(role="assistant", content="")))]
 
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
-              logprobs: list[TokenLogprob] | None) -> BaseModel | None:
+    def delta(self, chunk: GenerateChunk, usage: Usage | None) -> BaseModel | None:
         """The chunk for the answer's next piece; None when it has nothing to send yet."""
-        delta, finish_reason = self._delta(text, finish_reason)
-        if delta is None and finish_reason is None and logprobs is None and usage is None:
+        delta, finish_reason = self._delta(chunk)
+        if delta is None and finish_reason is None and chunk.logprobs is None and usage is None:
             return None
         choice = ChatChunkChoice(index=self.index, delta=delta or ChatDelta(), finish_reason=finish_reason,
-                                 logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
+                                 logprobs=None if chunk.logprobs is None else ChatLogprobs.of(chunk.logprobs))
         return self._chunk(choice, usage)
 
-    def _delta(self, text: str, finish_reason: str | None) -> tuple[ChatDelta | None, str | None]:
+    def _delta(self, chunk: GenerateChunk) -> tuple[ChatDelta | None, str | None]:
+        text, finish_reason = chunk.text, chunk.finish_reason
+        if self.reader is not None:
+            message = self.reader.delta(text, chunk.token_ids, finished=finish_reason is not None)
+            if finish_reason == "stop" and self.reader.called:
+                finish_reason = "tool_calls"
+            return _chat_delta(message), finish_reason
         if self.forced is None:
             return ChatDelta(content=text or None), finish_reason
         if self.forced.name is not None:  # a named call: the text is its arguments, sent as they come
-            finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             if self.call_id:
                 piece = ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text)) if text else None
                 return (ChatDelta(tool_calls=[piece]) if piece else None), finish_reason
@@ -84,16 +101,25 @@ class ChatShapes:
     def usage(self, usage: Usage) -> BaseModel:
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def choice(self, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None) -> ChatChoice:
+    def choice(self, text: str, token_ids: list[int], finish_reason: str,
+               logprobs: list[TokenLogprob] | None) -> ChatChoice:
+        """The whole answer's choice. In OpenAI's API a call made by the model's choice ("auto") or
+        by "required" finishes with "tool_calls", one forced by name with "stop"."""
         whole = finish_reason == "stop"
-        calls = self.forced.calls(text) if self.forced and (whole or self.forced.name) else None
-        if calls is None:
-            message = AssistantMessage(content=text)
-        else:
-            message = AssistantMessage(content=None, tool_calls=[
-                AnswerToolCall(id=call_id(), function=FunctionCall(name=name, arguments=arguments))
-                for name, arguments in calls])
-            finish_reason = "tool_calls" if whole else finish_reason
+        content: str | None = text
+        calls: list[tuple[str | None, str, str]] | None = None
+        if self.reader is not None:
+            content, found = self.reader.whole(text, token_ids)
+            calls = [(c.id, c.name, c.arguments) for c in found] or None
+        elif self.forced and (whole or self.forced.name):
+            named = self.forced.calls(text)
+            calls = None if named is None else [(None, name, arguments) for name, arguments in named]
+            content = None if calls else text
+        if calls:
+            finish_reason = "tool_calls" if whole and not (self.forced and self.forced.name) else finish_reason
+        message = AssistantMessage(content=content, tool_calls=[
+            AnswerToolCall(id=id_ or call_id(), function=FunctionCall(name=name, arguments=arguments))
+            for id_, name, arguments in calls or []])
         return ChatChoice(index=self.index, message=message, finish_reason=finish_reason,
                           logprobs=None if logprobs is None else ChatLogprobs.of(logprobs))
 
@@ -123,16 +149,16 @@ class CompletionShapes:
         choice = CompletionChoice(index=self.index, text=self.echo, finish_reason=None)
         return [CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])]
 
-    def delta(self, text: str, finish_reason: str | None, usage: Usage | None,
-              logprobs: list[TokenLogprob] | None) -> BaseModel:
-        choice = CompletionChoice(index=self.index, text=text, finish_reason=finish_reason,
-                                  logprobs=self._logprobs(logprobs))
+    def delta(self, chunk: GenerateChunk, usage: Usage | None) -> BaseModel:
+        choice = CompletionChoice(index=self.index, text=chunk.text, finish_reason=chunk.finish_reason,
+                                  logprobs=self._logprobs(chunk.logprobs))
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice], usage=usage)
 
     def usage(self, usage: Usage) -> BaseModel:
         return CompletionChunk(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
-    def choice(self, text: str, finish_reason: str, logprobs: list[TokenLogprob] | None) -> CompletionChoice:
+    def choice(self, text: str, token_ids: list[int], finish_reason: str,
+               logprobs: list[TokenLogprob] | None) -> CompletionChoice:
         return CompletionChoice(index=self.index, text=self.echo + text, finish_reason=finish_reason,
                                 logprobs=self._logprobs(logprobs))
 
@@ -145,6 +171,17 @@ class CompletionShapes:
         logprobs = CompletionLogprobs.of(tokens, self.offset)
         self.offset += sum(len(t.token) for t in tokens)
         return logprobs
+
+
+def _chat_delta(message: DeltaMessage | None) -> ChatDelta | None:
+    """vLLM's parsed piece of an answer in pdserve's wire model; None when it holds nothing."""
+    if message is None or not (message.content or message.tool_calls):
+        return None
+    calls = [ToolCallDelta(index=c.index, id=c.id, type="function" if c.id else None,
+                           function=FunctionCallDelta(name=c.function.name if c.function else None,
+                                                      arguments=c.function.arguments if c.function else None))
+             for c in message.tool_calls]
+    return ChatDelta(content=message.content or None, tool_calls=calls or None)
 
 
 Shapes = ChatShapes | CompletionShapes

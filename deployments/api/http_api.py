@@ -45,6 +45,7 @@ from pdserve.deployments.api.openai_models import (
 )
 from pdserve.deployments.api.tokenize_api import add_tokenize_routes
 from pdserve.deployments.frontend import FrontendAPI
+from pdserve.deployments.tool_parsing import AutoToolCalls
 from pdserve.errors import EngineFailure, InvalidRequest, ServeError
 from pdserve.prefill.requests import GenerateChunk, GenerateRequest
 
@@ -69,10 +70,14 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
-        req = await frontend.chat_request(body.message_dicts(), body.sampling(), _trace_carrier(request),
+        sampling = body.sampling()
+        auto = _auto_tool_calls(frontend, body)
+        if auto is not None:
+            sampling = auto.sampling(sampling)
+        req = await frontend.chat_request(body.message_dicts(), sampling, _trace_carrier(request),
                                           body.objectives(request.headers), tools=body.tool_dicts())
         shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name,
-                            forced=body.tool_plan[0])
+                            forced=body.tool_plan[0], auto=auto, prompt_token_ids=req.prompt_token_ids)
         return await _answer(frontend, req, body, shapes)
 
     @app.post("/v1/completions", response_model=None, responses=_docs(Completion), dependencies=keyed)
@@ -117,6 +122,18 @@ def _docs(body: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {200: {"model": body, "content": stream}, **errors}
 
 
+def _auto_tool_calls(frontend: FrontendAPI, body: ChatCompletionRequest) -> AutoToolCalls | None:
+    """How a request whose model decides on tool calls is read; None for any other request.
+    InvalidRequest when the service has no tool-call parser to read them with."""
+    if not body.auto_tools:
+        return None
+    if frontend.tool_parsing is None:
+        raise InvalidRequest("tool_choice 'auto' (OpenAI's default when tools are given) needs the model family's "
+                             "tool-call parser, and this service has none (`tool_call_parser` in its config); send "
+                             "tool_choice 'required', a named function, or 'none'", param="tool_choice")
+    return frontend.tool_parsing.for_request(body.vllm_auto_tools_request())
+
+
 def _trace_carrier(request: Request) -> dict[str, str]:
     """The client's W3C trace context, so the request's spans join the client's trace."""
     return {name: value for name in _TRACE_HEADERS if (value := request.headers.get(name)) is not None}
@@ -141,8 +158,8 @@ async def _answer(frontend: FrontendAPI, req: GenerateRequest, body: GenerationR
         await chunks.aclose()
         raise
     asked = req.sampling.logprobs is not None
-    choices = [sh.choice("".join(c.text for c in answer), _finish_reason(answer[-1]),
-                         [t for c in answer for t in c.logprobs or []] if asked else None)
+    choices = [sh.choice("".join(c.text for c in answer), [t for c in answer for t in c.token_ids],
+                         _finish_reason(answer[-1]), [t for c in answer for t in c.logprobs or []] if asked else None)
                for sh, answer in zip(shaped, answers, strict=True)]
     lasts = [answer[-1] for answer in answers]
     whole = shapes.whole(choices, _usage(lasts))
@@ -162,7 +179,7 @@ async def _events(chunks: AsyncGenerator[tuple[int, GenerateChunk], None], shape
             lasts[i] = chunk
             if chunk.text or chunk.finish_reason or chunk.logprobs:
                 so_far = _token_counts(chunk) if body.continuous_usage else None
-                delta = shaped[i].delta(chunk.text, chunk.finish_reason, so_far, chunk.logprobs)
+                delta = shaped[i].delta(chunk, so_far)
                 if delta is not None:
                     yield _event(delta.model_dump_json())
         for last in lasts.values():

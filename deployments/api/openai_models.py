@@ -36,7 +36,8 @@ OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-
 FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's records)",
                "response_format": "honoured: text, json_object, json_schema (not structural_tag)",
                "structured_outputs": "honoured: json, json_object, regex, choice, grammar (not structural_tag)",
-               "tool_choice": "honoured: none, required, a named function; auto refused (no tool-call parser yet)",
+               "tool_choice": "honoured: none, required, a named function; auto with the service's "
+                              "`tool_call_parser` (vLLM's), refused without one",
                "tools": "honoured: functions (given to the chat template; a forced call is held to them)",
                "priority": "pdserve's meaning: 0-9, refused first under load",
                "ttft_ms": "pdserve's: TTFT objective", "tpot_ms": "pdserve's: TPOT objective"}
@@ -128,6 +129,8 @@ class GenerationRequest(StrictBody, ABC):
     """vLLM's structured outputs; not together with a JSON `response_format`."""
     ignore_eos: bool | None = None
     """vLLM's extension: keep generating past end of sequence, up to the token limit (benchmarks)."""
+    skip_special_tokens: bool | None = None
+    """vLLM's extension: false keeps the tokenizer's special tokens in the text (null: true)."""
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -229,7 +232,8 @@ class GenerationRequest(StrictBody, ABC):
                   "stop": self.stop, "seed": self.seed, "ignore_eos": self.ignore_eos, "top_k": self.top_k,
                   "min_p": self.min_p, "repetition_penalty": self.repetition_penalty, "min_tokens": self.min_tokens,
                   "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
-                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias, "structured": structured}
+                  "stop_token_ids": self.stop_token_ids, "logit_bias": self.logit_bias, "structured": structured,
+                  "skip_special_tokens": self.skip_special_tokens}
         try:
             return Sampling(**{k: v for k, v in values.items() if v is not None})
         except ValidationError as e:
@@ -297,9 +301,10 @@ class ChatCompletionRequest(GenerationRequest):
     """Functions the model may call; they reach the chat template (which may show them to the model)."""
     tool_choice: ToolChoice | None = None
     """"required" or a named function: the answer is a call (`tools.py`); "none": text; "auto",
-    OpenAI's default with tools, is refused (no tool-call parser yet)."""
+    OpenAI's default with tools: the model decides, its answer read by the service's tool-call
+    parser (refused without one)."""
     parallel_tool_calls: bool | None = None
-    """false: "required" makes exactly one call."""
+    """false: at most one call ("required": exactly one)."""
 
     @cached_property
     def tool_plan(self) -> tuple[ForcedCall | None, dict[str, Any] | None]:
@@ -310,6 +315,20 @@ class ChatCompletionRequest(GenerationRequest):
     def _constraints(self) -> list[tuple[str, dict[str, Any]]]:
         _, schema = self.tool_plan
         return super()._constraints() + ([("tool_choice", {"json_schema": schema})] if schema is not None else [])
+
+    @property
+    def auto_tools(self) -> bool:
+        """Whether the model decides whether to call a tool (tool_choice "auto", given or implied)."""
+        return bool(self.tools) and self.tool_choice in (None, "auto")
+
+    def vllm_auto_tools_request(self) -> Any:
+        """The request, with tool_choice "auto", as vLLM's own model, which its tool-call parsers
+        take (they read the messages, tools and tool choice)."""
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VllmChatRequest
+
+        return VllmChatRequest.model_validate(
+            self.model_dump(include={"model", "messages", "tools", "parallel_tool_calls"}, exclude_none=True)
+            | {"tool_choice": "auto"})
 
     def tool_dicts(self) -> list[dict[str, Any]] | None:
         """The tools as chat templates take them."""

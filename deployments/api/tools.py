@@ -5,8 +5,8 @@ A forced call (`tool_choice: "required"` or a named function) is served as vLLM 
 answer is held by structured outputs to the JSON schema vLLM builds from the tools (its own
 `get_json_schema_from_tools`), so the call is well formed whatever the model; the JSON is then read
 back as the calls. `tool_choice: "auto"` lets the model decide in its own syntax, which only the
-model family's tool parser reads: pdserve runs none yet, so "auto" (OpenAI's default when tools
-are given) is refused, never answered as text that silently ignored the tools.
+model family's tool parser reads (`deployments/tool_parsing.py`): a service without one refuses
+"auto" (OpenAI's default when tools are given), never answering text that silently ignored the tools.
 """
 
 from __future__ import annotations
@@ -107,8 +107,8 @@ def call_id() -> str:
 def forced_call(tools: list[Tool] | None, tool_choice: ToolChoice | None,
                 parallel_tool_calls: bool | None) -> tuple[ForcedCall | None, dict[str, Any] | None]:
     """The call a request forces and the JSON schema that holds its answer to it (vLLM's); (None,
-    None) when it forces none. InvalidRequest for "auto", and for a choice that names no offered
-    tool."""
+    None) when it forces none ("none", and "auto", where the model decides). InvalidRequest for a
+    choice without tools, or one that names no offered tool."""
     if tool_choice is None:
         tool_choice = "auto" if tools else "none"
     if tool_choice == "none":
@@ -116,9 +116,7 @@ def forced_call(tools: list[Tool] | None, tool_choice: ToolChoice | None,
     if not tools:
         raise InvalidRequest(f"tool_choice {_shown(tool_choice)} needs tools", param="tool_choice")
     if tool_choice == "auto":
-        raise InvalidRequest(
-            "tool_choice 'auto' (OpenAI's default when tools are given) needs the model's tool-call parser, which "
-            "pdserve does not run yet; send tool_choice 'required', a named function, or 'none'", param="tool_choice")
+        return None, None
     from vllm.entrypoints.openai.chat_completion.protocol import (
         ChatCompletionNamedToolChoiceParam,
         ChatCompletionToolsParam,

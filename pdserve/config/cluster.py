@@ -188,6 +188,10 @@ _POOL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+DEFAULT_MODEL_TOOL_PARSER = "xlam"
+"""vLLM's tool-call parser for the default model's family (SmolLM2)."""
+
+
 class ClusterConfig(BaseModel):
     """Everything `pdserve serve` deploys."""
 
@@ -197,6 +201,11 @@ class ClusterConfig(BaseModel):
     """Checkpoint directory, or "default" for the embedded SmolLM2-135M-Instruct."""
     served_model_name: str = ""
     """Name clients put in `model`; empty uses the checkpoint directory's name."""
+    tool_call_parser: str | None = None
+    """vLLM's tool-call parser for the model family (its `--tool-call-parser`: "hermes",
+    "llama3_json", "xlam", ...), which reads the calls of `tool_choice: "auto"` answers; None:
+    "auto" is refused. Left out with the default model, it is that model family's, "xlam" (SmolLM2
+    calls tools as `<tool_call>[{"name": ..., "arguments": ...}]</tool_call>`)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV cache dtype; prefill and decode must agree for KV to move. "auto": float32
     on CPUs (see `resolve_dtype`), vLLM's own choice (the checkpoint's dtype) on GPUs."""
@@ -247,6 +256,15 @@ class ClusterConfig(BaseModel):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     log_level: str = "INFO"
     """pdserve's and vLLM's log level inside the replicas."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_tool_parser(cls, data: Any) -> Any:
+        """The default model comes with its family's tool-call parser; another model has none
+        unless the config names one."""
+        if isinstance(data, dict) and data.get("model", "default") == "default":
+            return {"tool_call_parser": DEFAULT_MODEL_TOOL_PARSER, **data}
+        return data
 
     @model_validator(mode="before")
     @classmethod

@@ -69,10 +69,11 @@ def test_serve_answers_the_readme_examples_and_ctrl_c_leaves_no_process(tmp_path
         assert printed.returncode == 0, printed.stderr
         assert printed.stdout.strip() == "The capital of France is Paris."
 
-        snippet = _readme_example("openai-json").replace("8000", str(http_port))
-        printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
-        assert printed.returncode == 0, printed.stderr
-        assert printed.stdout.strip() == "Paris"
+        for example, expected in (("openai-json", "Paris"), ("openai-tools", 'get_weather {"city": "Paris"}')):
+            snippet = _readme_example(example).replace("8000", str(http_port))
+            printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)
+            assert printed.returncode == 0, printed.stderr
+            assert printed.stdout.strip() == expected
 
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0

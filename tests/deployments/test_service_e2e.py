@@ -293,6 +293,23 @@ def test_metrics_report_latencies_outcomes_and_kv_bytes(svc, client, model):
 
 # Last in this file: it replaces the disaggregated application with a colocated one, so
 # that only two engines share the two cores.
+SMOLLM2_CALL = '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>'
+"""A call as the SmolLM2 family writes it."""
+
+
+def _streamed_calls(c, kw: dict) -> tuple[dict[int, tuple[str, str]], str]:
+    """A streamed answer's tool calls put together from their pieces, and its finish reason."""
+    vllms = {"structured_outputs": kw.pop("structured_outputs")}
+    pieces: dict[int, tuple[str, str]] = {}
+    finish_reason = ""
+    for chunk in c.chat.completions.create(**kw, extra_body=vllms):
+        for call in chunk.choices[0].delta.tool_calls or []:
+            name, arguments = pieces.get(call.index, ("", ""))
+            pieces[call.index] = (name + (call.function.name or ""), arguments + (call.function.arguments or ""))
+        finish_reason = chunk.choices[0].finish_reason or finish_reason
+    return pieces, finish_reason
+
+
 def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, client, model):
     requests = [{"model": model, "messages": [{"role": "user", "content": p}], "max_tokens": 32, "temperature": 0}
                 for p in PROMPTS]
@@ -333,17 +350,26 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
         # Forced tool calls: held to the function's schema (named) or vLLM's schema of the tools.
         {**weather, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
         {**weather, "tool_choice": "required", "parallel_tool_calls": False},
+        # tool_choice "auto" (implied by tools): the model's own choice, read by its family's
+        # parser (xlam for SmolLM2). This model's template does not show it the tools, so it
+        # answers in text; held to its family's call syntax, the same parser reads the call.
+        weather,
+        {**weather, "structured_outputs": {"choice": [SMOLLM2_CALL]}, "max_tokens": 60},
+        # Special tokens kept in the text (tool-call parsers that look for them need them).
+        {**requests[0], "logit_bias": {str(tokenizer.bos_token_id): 100}, "max_tokens": 3,
+         "skip_special_tokens": False},
     ]
 
     def answers(c) -> list[tuple[str, str, int]]:
         vllms = ("top_k", "min_p", "repetition_penalty", "stop_token_ids", "min_tokens",
-                 "structured_outputs")  # extra_body for the client
+                 "structured_outputs", "skip_special_tokens")  # extra_body for the client
         out = [c.chat.completions.create(**{k: v for k, v in kw.items() if k not in vllms},
                                          extra_body={k: v for k, v in kw.items() if k in vllms})
                for kw in requests]
         logprobs.append([r.choices[0].logprobs.content if r.choices[0].logprobs else None for r in out])
         calls.append([[(c.function.name, c.function.arguments) for c in r.choices[0].message.tool_calls or []]
                       for r in out])
+        streamed_calls.append(_streamed_calls(c, {**requests[21], "stream": True}))
         # n choices (2: the service takes 2 requests per replica): choice i is sampled as a request
         # seeded with seed + i is (vLLM's convention).
         several = c.chat.completions.create(**{**sampled, "n": 2})
@@ -355,6 +381,7 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     logprobs: list[list] = []
     choices: list[tuple] = []
     calls: list[list] = []
+    streamed_calls: list[tuple] = []
     disagg = answers(client)
     svc.delete()
     colo_cfg = service_config(mode="colocated", app_name="colocated", colocated={"replicas": 1, "cpu_binds": ["0"]},
@@ -386,10 +413,14 @@ def test_disaggregated_output_equals_colocated_through_the_whole_stack(svc, clie
     assert texts[16].startswith("{") and texts[16] not in texts[:16]  # sampled JSON, cut at max_tokens
     assert texts[17] in ("red", "green", "blue") and disagg[17][1] == "stop"
     assert calls[0] == calls[1]
-    for i in (18, 19):
+    for i, finish_reason in ((18, "stop"), (19, "tool_calls")):  # OpenAI's: "stop" for a call forced by name
         (name, arguments), = calls[0][i]
         assert name == "get_weather" and isinstance(json.loads(arguments)["city"], str)
-        assert disagg[i][:2] == (None, "tool_calls")
+        assert disagg[i][:2] == (None, finish_reason)
+    assert calls[0][20] == [] and texts[20] and disagg[20][1] in ("stop", "length")
+    assert calls[0][21] == [("get_weather", '{"city": "Paris"}')] and disagg[21][:2] == (None, "tool_calls")
+    assert streamed_calls[0] == streamed_calls[1] == ({0: ("get_weather", '{"city": "Paris"}')}, "tool_calls")
+    assert disagg[22] == (tokenizer.bos_token * 3, "length", 3)
     for d_answer, c_answer in zip(logprobs[0], logprobs[1], strict=True):  # computed alike in both modes
         assert [t.token for t in d_answer or []] == [t.token for t in c_answer or []]
         assert [t.logprob for t in d_answer or []] == pytest.approx([t.logprob for t in c_answer or []], abs=1e-3)

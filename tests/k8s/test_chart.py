@@ -235,6 +235,8 @@ def test_engine_args_and_config_overrides_reach_cluster_yaml():
     assert cluster["decode"]["engine_args"] == {"max_num_seqs": 64}
     assert cluster["decode"]["max_ongoing_requests"] == 32 and cluster["decode"]["accelerator_type"] == "L4"
     assert cluster["tracing"] == {"exporter": "otlp"}
+    assert "tool_call_parser" not in cluster  # the default model's own (pdserve's config default)
+    assert files(render({"toolCallParser": "hermes"}))["cluster.yaml"]["tool_call_parser"] == "hermes"
 
 
 @pytest.mark.parametrize("values", [

@@ -182,3 +182,10 @@ def test_the_grpc_apis_client_ca_needs_its_server_cert_and_key():
     cfg = parse_config({"ingress": {"grpc_tls_cert_file": "/etc/c.pem", "grpc_tls_key_file": "/etc/k.pem",
                                     "grpc_tls_client_ca_file": "/etc/ca.pem"}})
     assert str(cfg.ingress.grpc_tls_client_ca_file) == "/etc/ca.pem"
+
+
+def test_the_default_model_comes_with_its_familys_tool_parser_and_another_model_with_none(tmp_path):
+    assert load_config(None).tool_call_parser == "xlam"  # SmolLM2's `<tool_call>[...]</tool_call>`
+    assert parse_config({"model": str(tmp_path)}).tool_call_parser is None
+    assert parse_config({"model": str(tmp_path), "tool_call_parser": "hermes"}).tool_call_parser == "hermes"
+    assert parse_config({"tool_call_parser": None}).tool_call_parser is None  # "auto" refused

@@ -29,6 +29,7 @@ class FakeRejectingFrontend:
     model_name = MODEL
     max_model_len = 2048
     max_body_bytes = 64 << 10
+    tool_parsing = None
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []

@@ -82,6 +82,9 @@ pdserve_pool:{{ . }}
       "max_model_len" $v.maxModelLen "mode" "disaggregated" "app_name" "pdserve"
       "slo" (dict "ttft_ms" $v.slo.ttftMs "tpot_ms" $v.slo.tpotMs)
       "ingress" (dict "host" "0.0.0.0" "http_port" $v.ingress.httpPort "grpc_port" $v.ingress.grpcPort "resources" (dict "pdserve_ingress" 1)) }}
+{{- with $v.toolCallParser }}
+{{- $_ := set $cfg "tool_call_parser" . }}
+{{- end }}
 {{- with $v.ingress.grpcTls.existingSecret }}
 {{- $dir := include "pdserve.grpcTlsDir" $ }}
 {{- $_ := set $cfg.ingress "grpc_tls_cert_file" (printf "%s/tls.crt" $dir) }}
