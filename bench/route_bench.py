@@ -7,22 +7,33 @@ then times each router on requests with mixed prompt lengths. The SLO router's t
 the decision alone (what `choose_slo` costs), with a uniform network and with slow links
 between nodes (the same-node search); booking a routed request on its instances is timed
 apart, since it is not on the decision's path in a controller that books after answering.
+Prefix-aware routing is timed with every instance's prefix cache indexed (conversations that
+start with one of a few shared system prompts) and requests that share those prompts: the
+decision then includes looking the prompt up in both pools.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
+import psutil
 
 from pdserve.config.routing import CPU_PROFILE, RoutingConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
 from pdserve.controller.least_load import choose_least_load
+from pdserve.controller.prefix_index import GRAIN_TOKENS, CacheEvents, Stored, block_hashes
 from pdserve.controller.registry import LoadReport, Registry
 from pdserve.controller.slo_router import choose_slo
 
 KV_BYTES_PER_TOKEN = 23_040  # SmolLM2-135M in bfloat16: 2 x 30 layers x 3 KV heads x 64 x 2 bytes
+SYSTEM_PROMPTS = 64
+"""Shared system prompts of 512 tokens that the indexed conversations and the requests start with."""
+CONVERSATION_TOKENS = 1024
+"""Tokens of each cached conversation: a system prompt and 512 of its own."""
+VOCAB = 49_152
 
 
 def build_registry(n_instances: int, cfg: RoutingConfig, seed: int) -> Registry:
@@ -42,6 +53,22 @@ def build_registry(n_instances: int, cfg: RoutingConfig, seed: int) -> Registry:
     return reg
 
 
+def fill_prefix_index(reg: Registry, cached_tokens_per_instance: int, rng: np.random.Generator) -> list[list[int]]:
+    """Index conversations in every instance's prefix cache, as its KV cache events would report
+    them (one block of `GRAIN_TOKENS` per event hash); returns the shared system prompts."""
+    systems = [rng.integers(0, VOCAB, 512).tolist() for _ in range(SYSTEM_PROMPTS)]
+    per_block = GRAIN_TOKENS
+    for rid, inst in reg.instances.items():
+        conversations = cached_tokens_per_instance // CONVERSATION_TOKENS
+        events = []
+        for c in range(conversations):
+            tokens = systems[int(rng.integers(SYSTEM_PROMPTS))] + rng.integers(0, VOCAB, 512).tolist()
+            events.append(Stored(None, tuple((rid, c, k) for k in range(len(tokens) // per_block)), tuple(tokens),
+                                 per_block))
+        reg.report(replace(inst.report, cache=CacheEvents(tuple(events))), 0.0)
+    return systems
+
+
 def _time(decide: Callable[[RouteRequest], Decision], requests: list[RouteRequest]) -> dict:
     for req in requests[:200]:  # warm caches and numpy's dispatch
         decide(req)
@@ -56,8 +83,10 @@ def _time(decide: Callable[[RouteRequest], Decision], requests: list[RouteReques
             "p99_us": float(np.percentile(arr, 99)), "mean_us": float(arr.mean())}
 
 
-def run(n_instances: int = 1000, n_decisions: int = 5000, seed: int = 0) -> dict:
-    """Decision latency of each router, and of booking a routed request, on one registry."""
+def run(n_instances: int = 1000, n_decisions: int = 5000, seed: int = 0,
+        cached_tokens_per_instance: int = 16_384) -> dict:
+    """Decision latency of each router, and of booking a routed request, on one registry; the
+    prefix-aware decision over `cached_tokens_per_instance` indexed on every instance."""
     uniform = RoutingConfig(local_prefill_max_tokens=64)
     slow_links = uniform.model_copy(update={"intra_node_kv_gbps": 100.0, "inter_node_kv_gbps": 10.0})
     reg = build_registry(n_instances, uniform, seed)
@@ -76,7 +105,7 @@ def run(n_instances: int = 1000, n_decisions: int = 5000, seed: int = 0) -> dict
             reg.release(req.request_id)
         return d
 
-    return {
+    report = {
         "instances": n_instances,
         "goal_p99_us": 100.0,
         "slo": _time(slo(uniform), requests),
@@ -84,3 +113,21 @@ def run(n_instances: int = 1000, n_decisions: int = 5000, seed: int = 0) -> dict
         "least_load": _time(lambda req: choose_least_load(req, prefill, decode, live_after), requests),
         "slo_decision_and_booking": _time(book, requests),
     }
+    rss_before = psutil.Process().memory_info().rss
+    start = time.perf_counter()
+    systems = fill_prefix_index(reg, cached_tokens_per_instance, rng)
+    fill_s = time.perf_counter() - start
+    rss_mib = (psutil.Process().memory_info().rss - rss_before) / 2**20
+    sharing = [replace(req, prefix_hashes=tuple(block_hashes(systems[i % SYSTEM_PROMPTS] +
+                                                             rng.integers(0, VOCAB, 488).tolist())))
+               for i, req in enumerate(requests)]
+
+    def prefix_aware(req: RouteRequest) -> Decision:
+        cached = reg.cached_tokens(("prefill", "decode"), req.prefix_hashes)
+        return choose_slo(req, prefill, decode, live_after, uniform, KV_BYTES_PER_TOKEN,
+                          prefill_cached=cached["prefill"], decode_cached=cached["decode"])
+
+    report["slo_prefix_aware"] = {**_time(prefix_aware, sharing), "indexed_tokens_per_instance":
+                                  cached_tokens_per_instance, "index_build_s": round(fill_s, 2),
+                                  "index_rss_mib": round(rss_mib, 1)}
+    return report

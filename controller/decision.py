@@ -37,6 +37,9 @@ class RouteRequest:
     ingress_id: str = ""
     """The Serve replica id of the ingress routing it: its bookings go once that replica is gone
     ("": only at the deadline)."""
+    prefix_hashes: tuple[int, ...] = ()
+    """The prompt's chained hashes, piece by piece (`prefix_index.block_hashes`): what the router
+    looks up in the instances' prefix caches."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ class Decision:
     predicted_tpot_ms: float = 0.0
     retry_after_s: float = 1.0
     """For a refusal: when a retry has a fair chance."""
+    cached_tokens: int = 0
+    """Prompt tokens the instance that prefills it is predicted to hold in its prefix cache."""
 
     def targets(self) -> list[Target]:
         return [t for t in (self.prefill, self.decode) if t is not None]

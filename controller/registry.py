@@ -13,13 +13,16 @@ reports and the ledger does not know; that remainder only shrinks, as they finis
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.hot_experts import ExpertReport
 from pdserve.controller.latency_model import Correction, InstanceCorrection
 from pdserve.controller.pool_view import PoolView, Row
+from pdserve.controller.prefix_index import CacheEvents, PrefixIndex
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,8 @@ class LoadReport:
     """Recent time per output token of its requests (moving average; 0 before the first)."""
     experts: ExpertReport | None = None
     """Its expert buffers' counters; None when its MoE layers (if any) keep every expert resident."""
+    cache: CacheEvents | None = None
+    """What its prefix cache stored and evicted since its previous report (`prefix_index.py`)."""
 
 
 @dataclass
@@ -71,6 +76,8 @@ class Assignment:
     """A request the controller routed to an instance, with what it predicted there."""
 
     prompt_tokens: int
+    prefill_tokens: int
+    """The prompt tokens its prefill computes: those its instance's prefix cache did not hold."""
     kv_tokens: int
     """KV room the request takes: its prompt and the output tokens reserved for it."""
     tpot_ms: float
@@ -115,7 +122,7 @@ class Instance:
         return self.load >= self.report.max_ongoing
 
     def queued_prefill_tokens(self) -> int:
-        return self.unknown_queued_tokens + sum(a.prompt_tokens for a in self.assignments.values() if a.prefill_pending)
+        return self.unknown_queued_tokens + sum(a.prefill_tokens for a in self.assignments.values() if a.prefill_pending)
 
     def decoding(self) -> int:
         return self.unknown_running + sum(1 for a in self.assignments.values() if not a.prefill_pending)
@@ -166,11 +173,25 @@ class Registry:
     _routes: dict[str, list[str]] = field(default_factory=dict)
     """request id -> the replicas it was routed to."""
     _next_expiry_s: float = 0.0
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex)
+    """Which instance's prefix cache holds which prompt prefix, from their reports, by instance number."""
+    _numbers: dict[str, int] = field(default_factory=dict)
+    """Each replica's number in the prefix index."""
+    _pool_codes: dict[str, int] = field(default_factory=dict)
+    _pool_of: np.ndarray = field(default_factory=lambda: np.full(64, -1, np.int64))
+    """Per instance number, the code of the pool whose view has its row (-1: none)."""
+    _slot_of: np.ndarray = field(default_factory=lambda: np.zeros(64, np.int64))
+    """Per instance number, its row in that view."""
 
     def report(self, r: LoadReport, now_s: float) -> None:
         if r.replica_id in self._departed:
             return
         inst = self.instances.get(r.replica_id)
+        if inst is not None and inst.report.started_at_s != r.started_at_s:
+            self.prefixes.forget(self._number(r.replica_id))  # a new incarnation starts with an empty cache
+        if r.cache is not None:
+            self.prefixes.apply(self._number(r.replica_id), r.cache)
+            r = replace(r, cache=None)  # the instance keeps its report: not the events' tokens
         if inst is None or inst.report.started_at_s != r.started_at_s:
             log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
                      r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-")
@@ -194,6 +215,17 @@ class Registry:
         inst.unknown_queued_tokens = min(inst.unknown_queued_tokens, max(0, r.queued_prefill_tokens - known_tokens))
         self._refresh(inst)
 
+    def cached_tokens(self, pools: tuple[str, ...], prefix_hashes: tuple[int, ...]) -> dict[str, np.ndarray]:
+        """Per pool, per row of its view, how many leading tokens of the prompt its prefix cache holds."""
+        cached = {pool: np.zeros(len(self._pools.get(pool, [])), dtype=np.int64) for pool in pools}
+        numbers, tokens = self.prefixes.cached_tokens(prefix_hashes)
+        if len(numbers):
+            codes, slots = self._pool_of[numbers], self._slot_of[numbers]
+            for pool in pools:
+                mine = codes == self._pool_codes.get(pool, -2)
+                cached[pool][slots[mine]] = tokens[mine]
+        return cached
+
     def view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
         return PoolView([]) if view is None else view
@@ -205,6 +237,7 @@ class Registry:
         """Book a routed request on its instances: the prompt on the one that prefills it,
         the sequence on the one that decodes it."""
         kv_tokens = req.prompt_tokens + min(req.max_tokens, self.kv_reserve_tokens)
+        prefill_tokens = req.prompt_tokens - decision.cached_tokens
         if req.request_id in self._routes:  # routed again under the same id (the ingress retried): one booking
             self.release(req.request_id)
         targets = [t.replica_id for t in decision.targets()]
@@ -216,9 +249,9 @@ class Registry:
             prefills = t is decision.prefill or decision.prefill is None
             decodes = t is decision.decode
             inst.assignments[req.request_id] = Assignment(
-                prompt_tokens=req.prompt_tokens, kv_tokens=kv_tokens if decodes else 0,
+                prompt_tokens=req.prompt_tokens, prefill_tokens=prefill_tokens, kv_tokens=kv_tokens if decodes else 0,
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
-                predicted_prefill_ms=inst.raw_prefill_ms(req.prompt_tokens) if prefills else 0.0,
+                predicted_prefill_ms=inst.raw_prefill_ms(prefill_tokens) if prefills else 0.0,
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
                 assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id)
             self._refresh(inst)
@@ -282,11 +315,23 @@ class Registry:
         `now_s` it left for good: its reports are ignored from then on."""
         if now_s is not None:
             self._departed[replica_id] = now_s
+        if replica_id in self._numbers:
+            number = self._numbers[replica_id]
+            self.prefixes.forget(number)
+            self._pool_of[number] = -1
         inst = self.instances.pop(replica_id, None)
         if inst is None:
             return
         log.info("instance %s removed (%s) with %d requests routed to it", replica_id, why, len(inst.assignments))
         self._rebuild(inst.report.pool, replace=inst)
+
+    def _number(self, replica_id: str) -> int:
+        """The replica's number in the prefix index (the placement arrays grow to hold it)."""
+        number = self._numbers.setdefault(replica_id, len(self._numbers))
+        if number >= len(self._pool_of):
+            self._pool_of = np.r_[self._pool_of, np.full(len(self._pool_of), -1, np.int64)]
+            self._slot_of = np.r_[self._slot_of, np.zeros(len(self._slot_of), np.int64)]
+        return number
 
     def _refresh(self, inst: Instance) -> None:
         self._views[inst.report.pool].set_row(inst.slot, inst.row())
@@ -296,7 +341,10 @@ class Registry:
         kept = {id(i) for i in members}
         members += [i for i in self.instances.values() if i.report.pool == pool and id(i) not in kept]
         members.sort(key=lambda i: i.node)  # stable: a pool's rows keep their order within a node
+        code = self._pool_codes.setdefault(pool, len(self._pool_codes))
         for slot, i in enumerate(members):
             i.slot = slot
+            number = self._number(i.replica_id)
+            self._pool_of[number], self._slot_of[number] = code, slot
         self._pools[pool] = members
         self._views[pool] = PoolView([i.row() for i in members])

@@ -10,6 +10,8 @@ import logging
 import time
 from dataclasses import replace
 
+import numpy as np
+
 from pdserve import telemetry
 from pdserve.config.autoscaling import AutoscalingConfig
 from pdserve.config.autoscaling_policy import AutoscalingPolicy
@@ -119,21 +121,25 @@ class Controller:
         live_after = now - self.registry.ttl_s
         view = self.registry.view
         if self.mode == "adaptive":  # one pool, every instance prefilling and decoding
-            decode = view("adaptive")
-            prefill = decode if self.routing.policy == "slo" else None
+            decode_pool = "adaptive"
+            prefill_pool = decode_pool if self.routing.policy == "slo" else None
         else:
-            prefill = None if self.mode == "colocated" else view("prefill")
-            decode = view("colocated" if self.mode == "colocated" else "decode")
+            prefill_pool = None if self.mode == "colocated" else "prefill"
+            decode_pool = "colocated" if self.mode == "colocated" else "decode"
+        decode = view(decode_pool)
+        prefill = None if prefill_pool is None else decode if prefill_pool == decode_pool else view(prefill_pool)
         if self.routing.policy == "least_load":
             decision = choose_least_load(req, prefill, decode, live_after)
         else:
+            cached = self._cached(prefill_pool, decode_pool, req)
             decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
-                                  self.best_effort or resuming)
+                                  self.best_effort or resuming, **cached)
             idle_s = now - self._routed_at_s
             if (decision.outcome is Outcome.REJECTED and 0 < self.routing.probe_after_s <= idle_s
                     and decision.predicted_ttft_ms <= PROBE_WITHIN * req.slo.ttft_ms
                     and decision.predicted_tpot_ms <= PROBE_WITHIN * req.slo.tpot_ms):
-                probe = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True)
+                probe = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True,
+                                   **cached)
                 decision = replace(probe, reason=f"probe after {idle_s:.1f} s with nothing routed; {decision.reason}; "
                                                  f"{probe.reason}")
         if decision.outcome is Outcome.ROUTED:
@@ -144,6 +150,18 @@ class Controller:
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
+
+    def _cached(self, prefill_pool: str | None, decode_pool: str, req: RouteRequest) -> dict[str, np.ndarray]:
+        """`choose_slo`'s per-instance counts of the prompt's leading tokens each pool's prefix
+        caches hold ({}: no prompt hashes, or prefix-aware routing off)."""
+        if not req.prefix_hashes or not self.routing.prefix_aware:
+            return {}
+        pools = (decode_pool,) if prefill_pool in (None, decode_pool) else (decode_pool, prefill_pool)
+        cached = self.registry.cached_tokens(pools, req.prefix_hashes)
+        found = {"decode_cached": cached[decode_pool]}
+        if prefill_pool is not None:
+            found["prefill_cached"] = cached[prefill_pool]
+        return found
 
     async def replica_lost(self, replica_id: str, departed: bool = True) -> None:
         """An ingress found this replica gone: stop routing to it now. `departed`: for good (its

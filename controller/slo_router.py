@@ -42,17 +42,21 @@ def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
 
 def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
                cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
-               spare_decoding: bool = True) -> Decision:
+               spare_decoding: bool = True, prefill_cached: np.ndarray | None = None,
+               decode_cached: np.ndarray | None = None) -> Decision:
     """The pair for `req`; `prefill` None means colocated (every instance prefills its own),
     `prefill` the very view `decode` is means adaptive (every instance does both).
     Instances that last reported before `live_after_s` are out of routing. `spare_decoding`
     False (adaptive, best effort when no instance can prefill without it): an instance may
-    prefill whatever that does to the answers decoding there.
+    prefill whatever that does to the answers decoding there. `prefill_cached`/`decode_cached`:
+    per instance of each view, the prompt's leading tokens its prefix cache holds, which a
+    prefill there does not compute (None: nothing cached).
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
     n, slo = req.prompt_tokens, req.slo
     adaptive = prefill is decode
+    d_new, p_new = _uncached(n, decode_cached), _uncached(n, prefill_cached)
     step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
     headroom = max(0.05, 1.0 - cfg.priority_margin * slo.priority)
     roomy = (decode.last_seen_s >= live_after_s) & (
@@ -61,21 +65,26 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
 
     cap = cfg.local_prefill_max_tokens if cfg.local_prefill_max_tokens is not None else (
         None if adaptive else DISAGGREGATED_LOCAL_MAX_TOKENS)
-    local_allowed = prefill is None or cap is None or n <= cap
+    # The cap bounds what a local prefill computes: a later turn whose history the instance holds
+    # may prefill just its new message there.
+    local_ok = np.broadcast_to(prefill is None or cap is None or np.asarray(d_new) <= cap, len(decode))
+    local_allowed = bool(local_ok.any())
     local_ttft = None
     if local_allowed and adaptive:
-        fits = _prefill_fits(n, decode) if spare_decoding else True
-        local_ttft = np.where(fits, _chunked_prefill_ms(n, decode) + step, np.inf)
+        fits = _prefill_fits(d_new, decode) if spare_decoding else True
+        local_ttft = np.where(local_ok & fits, _chunked_prefill_ms(d_new, decode) + step, np.inf)
     elif local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
-        stall = decode.prefill_base_ms + decode.prefill_ms_per_token * n
-        local_ttft = np.where(stall <= decode.tpot_floor_ms, step + stall, np.inf) if prefill is not None else step + stall
+        stall = decode.prefill_base_ms + decode.prefill_ms_per_token * d_new
+        spared = stall <= decode.tpot_floor_ms if prefill is not None else True
+        local_ttft = np.where(local_ok & spared, step + stall, np.inf)
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
         if adaptive:
-            first, arrival, pick_prefill = _kv_arrival_elsewhere(n, prefill, live_after_s, cfg, kv_bytes_per_token,
-                                                                 spare_decoding)
+            first, arrival, pick_prefill = _kv_arrival_elsewhere(n, p_new, prefill, live_after_s, cfg,
+                                                                 kv_bytes_per_token, spare_decoding)
         else:
-            first, arrival, pick_prefill = _kv_arrival(n, prefill, live_after_s, decode, cfg, kv_bytes_per_token)
+            first, arrival, pick_prefill = _kv_arrival(n, p_new, prefill, live_after_s, decode, cfg,
+                                                       kv_bytes_per_token)
         remote_ttft = np.broadcast_to(first, step.shape)
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
     if local_ttft is None:
@@ -102,12 +111,15 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
             note = "best effort, objectives not met" + ("" if spare_decoding else ", decoding answers not spared") + ": "
         else:
             return refusal
-    pre = None if local[d] or prefill is None or pick_prefill is None else _target(prefill, pick_prefill(d))
+    p = None if local[d] or prefill is None or pick_prefill is None else pick_prefill(d)
+    pre = None if p is None else _target(prefill, p)
     dec = _target(decode, d)
+    cached = n - (_at(p_new, p) if p is not None else _at(d_new, d))
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
+    where += f", {cached} prompt tokens cached" if cached else ""
     reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
-    return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]))
+    return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached)
 
 
 def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
@@ -134,13 +146,25 @@ def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live
     return None
 
 
-def _kv_arrival(n: int, prefill: PoolView, live_after_s: float, decode: PoolView, cfg: RoutingConfig,
-                kv_bytes_per_token: int) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
+def _uncached(n: int, cached: np.ndarray | None) -> np.ndarray | int:
+    """The prompt tokens a prefill computes on each instance: its last token at least, as vLLM
+    always computes it (the first output needs its logits)."""
+    return n if cached is None else n - np.minimum(cached, n - 1)
+
+
+def _at(per_instance: np.ndarray | int, i: int) -> int:
+    return int(per_instance[i]) if isinstance(per_instance, np.ndarray) else per_instance
+
+
+def _kv_arrival(n: int, new: np.ndarray | int, prefill: PoolView, live_after_s: float, decode: PoolView,
+                cfg: RoutingConfig, kv_bytes_per_token: int) -> tuple[np.ndarray | float, np.ndarray | float,
+                                                                      Callable[[int], int]]:
     """For each decode instance, the prefill instance whose KV reaches it first: when that one
-    samples the first token, when the KV arrives (both inf when none is open), and which it is."""
+    samples the first token (computing `new` of the prompt's `n` tokens, per prefill instance),
+    when the KV of all `n` arrives (both inf when none is open), and which it is."""
     if not len(prefill):
         return np.inf, np.inf, lambda d: 0
-    ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * n
+    ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * new
     ready[prefill.last_seen_s < live_after_s] = np.inf
     best = int(ready.argmin())
     cross = float(ready[best]) + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
@@ -164,8 +188,8 @@ def _kv_arrival(n: int, prefill: PoolView, live_after_s: float, decode: PoolView
     return np.where(use_same, same_ready, float(ready[best])), np.minimum(same, cross), pick
 
 
-def _chunked_prefill_ms(n: int, view: PoolView) -> np.ndarray:
-    """When each instance would have a prompt of `n` tokens prefilled, behind its queue: chunk
+def _chunked_prefill_ms(n: np.ndarray | int, view: PoolView) -> np.ndarray:
+    """When each instance would have `n` prompt tokens (per instance) prefilled, behind its queue: chunk
     by chunk, each chunk in a step with the requests decoding there (none: the chunk alone)."""
     chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
     steps = -(-n // chunk)
@@ -173,8 +197,8 @@ def _chunked_prefill_ms(n: int, view: PoolView) -> np.ndarray:
     return view.prefill_base_ms + view.prefill_ms_per_token * n + np.where(decoding, steps * view.step_base_ms, 0.0)
 
 
-def _prefill_fits(n: int, view: PoolView) -> np.ndarray:
-    """Whether each instance can prefill `n` prompt tokens without pushing the requests decoding
+def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
+    """Whether each instance can prefill `n` prompt tokens (per instance) without pushing the requests decoding
     there past their tightest TPOT objective: each of their steps carries one chunk meanwhile.
     A chunk's stall is predicted as a prefill of its length, fixed cost included: a profile whose
     base and slope are off (one correction factor scales both) then errs on the safe side."""
@@ -182,16 +206,18 @@ def _prefill_fits(n: int, view: PoolView) -> np.ndarray:
     return view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
 
 
-def _kv_arrival_elsewhere(n: int, view: PoolView, live_after_s: float, cfg: RoutingConfig, kv_bytes_per_token: int,
-                          spare_decoding: bool) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
+def _kv_arrival_elsewhere(n: int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,
+                          kv_bytes_per_token: int, spare_decoding: bool) -> tuple[np.ndarray | float,
+                                                                                 np.ndarray | float,
+                                                                                 Callable[[int], int]]:
     """`_kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
     instance whose prefill has the first token, and then the KV there, soonest; an instance
     whose decoding requests a prefill would push past their TPOT prefills nothing (unless
     not `spare_decoding`)."""
     if not len(view):
         return np.inf, np.inf, lambda d: 0
-    fits = _prefill_fits(n, view) if spare_decoding else True
-    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & fits, _chunked_prefill_ms(n, view), np.inf)
+    fits = _prefill_fits(new, view) if spare_decoding else True
+    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & fits, _chunked_prefill_ms(new, view), np.inf)
     rows = np.arange(len(view))
     padded = np.r_[ready, np.inf]  # index len(view): "no other instance"
     top = np.argsort(ready, kind="stable")[:2]

@@ -21,6 +21,7 @@ from ray.exceptions import RayActorError
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.prefix_index import block_hashes
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.disaggregated import disaggregated_answer
 from pdserve.deployments.engine_metrics import render_engine_metrics
@@ -242,8 +243,9 @@ class Frontend:
         unless the request is already streaming to its client (`resuming`, routed best effort),
         which waits for room; no live instance, or no answer from the controller (restarting),
         is waited out for up to `route_wait_s`."""
+        hashes = tuple(block_hashes(req.prompt_token_ids)) if self.cfg.routing.prefix_aware else ()
         route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
-                             lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id)
+                             lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id, prefix_hashes=hashes)
         give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
         while True:
             try:

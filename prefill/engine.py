@@ -29,6 +29,7 @@ from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.prefill.engine_load import EngineLoad, RequestProgress
 from pdserve.prefill.engine_watchdog import WATCHDOG_ENV
 from pdserve.prefill.grammar_carry import ENTRY_POINT as GRAMMAR_CARRY
+from pdserve.prefill.kv_events import KVEventFeed, events_endpoint, kv_events_config
 from pdserve.prefill.requests import SAMPLED_TOKENS_KEY, GenerateRequest
 from pdserve.prefill.structured import BACKEND as STRUCTURED_BACKEND
 from pdserve.prefill.worker_extension import EXTENSION
@@ -79,6 +80,8 @@ class EngineServer:
         engine_args["worker_extension_cls"] = EXTENSION
         if self.expert_buffers:
             os.environ[CONFIG_ENV] = self.expert_buffers.model_dump_json()  # the engine's processes inherit it
+        self.kv_events = KVEventFeed(events_endpoint(self.replica_id))  # listening before the engine publishes
+        engine_args.setdefault("kv_events_config", kv_events_config(self.kv_events.endpoint))
         self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
         if self.expert_buffers:
             await self.engine.collective_rpc("pdserve_require_expert_buffers")
@@ -160,10 +163,14 @@ class EngineServer:
         metrics_pushed_s = -float("inf")
         while True:
             try:
-                report = self.load.report(self._report)
+                report = dataclasses.replace(self.load.report(self._report), cache=self.kv_events.take())
                 if self.expert_buffers:
                     report = dataclasses.replace(report, experts=await self._expert_report())
-                hot = await self.controller.report.remote(report)
+                try:
+                    hot = await self.controller.report.remote(report)
+                except Exception:
+                    self.kv_events.lose()
+                    raise
                 if hot is not None and hot != self._hot:
                     await self.engine.collective_rpc("pdserve_set_hot_experts", args=(hot,))
                     self._hot = hot
@@ -250,6 +257,8 @@ class EngineServer:
     async def __del__(self) -> None:
         if reporter := getattr(self, "_reporter", None):
             reporter.cancel()
+        if feed := getattr(self, "kv_events", None):
+            feed.close()
         if engine := getattr(self, "engine", None):  # absent when the constructor failed
             log.info("%s replica %s shutting down its engine", self.role, self.replica_id)
             engine.shutdown()

@@ -125,9 +125,13 @@ def _cmd_bench_route(args: argparse.Namespace) -> int:
     report = {"hardware": hardware(), **route_bench.run(args.instances, args.decisions, args.seed)}
     if not args.json:
         print(f"{args.instances} instances, {args.decisions} decisions each (goal: p99 < 100 us)")
-        for name in ("slo", "slo_slow_links_between_nodes", "least_load", "slo_decision_and_booking"):
+        for name in ("slo", "slo_slow_links_between_nodes", "least_load", "slo_decision_and_booking",
+                     "slo_prefix_aware"):
             r = report[name]
             print(f"  {name:32s} p50 {r['p50_us']:7.1f} us   p99 {r['p99_us']:7.1f} us   mean {r['mean_us']:7.1f} us")
+        index = report["slo_prefix_aware"]
+        print(f"  prefix index: {index['indexed_tokens_per_instance']} tokens per instance, built in "
+              f"{index['index_build_s']} s, {index['index_rss_mib']} MiB")
     print(json.dumps(report))
     return 0
 

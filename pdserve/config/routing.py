@@ -67,6 +67,10 @@ class RoutingConfig(BaseModel):
     its max_tokens), beyond its prompt."""
     ttl_s: float = Field(3.0, gt=0)
     """An instance silent this long gets no new requests until it reports again."""
+    prefix_aware: bool = True
+    """Charge a prompt's prefill on each instance only for the tokens its prefix cache does not
+    hold (known from the engines' KV cache events), so a conversation's next turn or a shared
+    system prompt goes where it is cached; false: every prompt is charged whole (cache-blind)."""
     probe_after_s: float = Field(5.0, ge=0)
     """Once no request has been routed for this long because every pair was predicted to miss,
     the next such request is served best effort as a probe: its latency re-measures predictions

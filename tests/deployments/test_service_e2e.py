@@ -228,9 +228,10 @@ def test_a_short_prompt_is_prefilled_on_the_decode_replica_while_the_prefill_rep
         return sum(i["queued_prefill_tokens"] for i in controller.snapshot.remote().result() if i["pool"] == "prefill")
 
     # A 1,000-token prompt keeps the prefill replica busy for a second or two: long enough that its
-    # queue is still predicted longer than a local prefill when the short prompt is routed.
+    # queue is still predicted longer than a local prefill when the short prompt is routed. (Tokens
+    # no prompt before had: a cached one would be predicted, rightly, to take no time.)
     with ThreadPoolExecutor(1) as pool:
-        busy = pool.submit(client.completions.create, model=model, prompt=list(range(100, 1100)), max_tokens=1,
+        busy = pool.submit(client.completions.create, model=model, prompt=list(range(3000, 4000)), max_tokens=1,
                            temperature=0, extra_body={"ttft_ms": 60_000, "tpot_ms": 60_000})
         deadline = time.monotonic() + 30
         while prefill_queue() < 1000 and time.monotonic() < deadline:
