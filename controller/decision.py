@@ -40,6 +40,9 @@ class RouteRequest:
     prefix_hashes: tuple[int, ...] = ()
     """The prompt's chained hashes, piece by piece (`prefix_index.block_hashes`): what the router
     looks up in the instances' prefix caches."""
+    session_id: str = ""
+    """The conversation it is a turn of ("": none): its previous turn's instances hold its prefix
+    before their cache events say so (`sessions.py`)."""
 
 
 @dataclass(frozen=True)

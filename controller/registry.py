@@ -226,6 +226,11 @@ class Registry:
                 cached[pool][slots[mine]] = tokens[mine]
         return cached
 
+    def placement(self, replica_id: str) -> tuple[str, int]:
+        """The pool and the row of a known instance; ("", -1) for another."""
+        inst = self.instances.get(replica_id)
+        return (inst.report.pool, inst.slot) if inst is not None else ("", -1)
+
     def view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
         return PoolView([]) if view is None else view

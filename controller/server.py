@@ -22,6 +22,7 @@ from pdserve.controller.hot_experts import ExpertWindow, hot_set
 from pdserve.controller.hot_experts import describe as describe_hot
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.registry import Instance, LoadReport, Registry
+from pdserve.controller.sessions import Sessions
 from pdserve.controller.slo_router import choose_slo
 
 log = logging.getLogger("pdserve.controller")
@@ -66,6 +67,8 @@ class Controller:
         self._ingress_watch: asyncio.Task | None = None
         self._routed_at_s = time.monotonic()
         """When a request was last routed: long ago with requests arriving, predictions need a probe."""
+        self.sessions = Sessions()
+        """Where each conversation's latest turn went."""
 
     def _start_autoscaling(self) -> None:
         """On the replica's event loop, which the first call runs on (the constructor may not);
@@ -131,7 +134,7 @@ class Controller:
         if self.routing.policy == "least_load":
             decision = choose_least_load(req, prefill, decode, live_after)
         else:
-            cached = self._cached(prefill_pool, decode_pool, req)
+            cached = self._cached(prefill_pool, decode_pool, req, now)
             decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
                                   self.best_effort or resuming, **cached)
             idle_s = now - self._routed_at_s
@@ -145,19 +148,27 @@ class Controller:
         if decision.outcome is Outcome.ROUTED:
             self._routed_at_s = now
             self.registry.assign(req, decision, now)
+            self.sessions.remember(req.session_id, req.prefix_hashes, [t.replica_id for t in decision.targets()], now)
             if self.window is not None:
                 self.window.arrived(now, req.prompt_tokens)
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
 
-    def _cached(self, prefill_pool: str | None, decode_pool: str, req: RouteRequest) -> dict[str, np.ndarray]:
+    def _cached(self, prefill_pool: str | None, decode_pool: str, req: RouteRequest,
+                now_s: float) -> dict[str, np.ndarray]:
         """`choose_slo`'s per-instance counts of the prompt's leading tokens each pool's prefix
-        caches hold ({}: no prompt hashes, or prefix-aware routing off)."""
+        caches hold, from the index or, where more, from the session's previous turn ({}: no
+        prompt hashes, or prefix-aware routing off)."""
         if not req.prefix_hashes or not self.routing.prefix_aware:
             return {}
         pools = (decode_pool,) if prefill_pool in (None, decode_pool) else (decode_pool, prefill_pool)
         cached = self.registry.cached_tokens(pools, req.prefix_hashes)
+        replica_ids, held = self.sessions.held(req.session_id, req.prefix_hashes, now_s)
+        for replica_id in replica_ids:
+            pool, slot = self.registry.placement(replica_id)
+            if pool in cached:
+                cached[pool][slot] = max(cached[pool][slot], held)
         found = {"decode_cached": cached[decode_pool]}
         if prefill_pool is not None:
             found["prefill_cached"] = cached[prefill_pool]

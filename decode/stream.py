@@ -31,6 +31,8 @@ async def stream_answer(server: EngineServer, req: GenerateRequest, max_tokens: 
             completion += len(o.token_ids)
             chunk = GenerateChunk(o.text, list(o.token_ids), n_prompt, completion,
                                   logprobs=token_logprobs(o.token_ids, o.logprobs, req.sampling.logprobs))
+            if kv is None and completion == len(o.token_ids):  # the prefill was this engine's: the first output
+                chunk.cached_tokens = out.num_cached_tokens
             if out.finished:
                 if o.finish_reason not in ("stop", "length") and kv is not None and completion == 0:
                     raise KVLost(req.request_id)  # vLLM's kv_load_failure_policy "fail": nothing generated

@@ -47,17 +47,18 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
             background.add(task)
             task.add_done_callback(background.discard)
     ids, text, logprobs = list(first["token_ids"]), str(first["text"]), first.get("logprobs")
+    cached = first.get("cached_tokens")
     ended = "stop" if first["finish_reason"] == "stop" else "length" if len(ids) >= req.sampling.max_tokens else None
     if ended is not None:
         if dest is not None:
             _discard_kv(pools["decode"], req.request_id, decision.decode.replica_id, background)
-        yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs)
+        yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs, cached_tokens=cached)
         return
     # vLLM holds back the text a stop string may start in; the decode engine sees this token as
     # prompt, where it looks for none, so the stop strings are looked for across the seam here.
     hold = min(len(text), max((len(s) for s in req.sampling.stop), default=1) - 1)
     seam = ResumedText(text[len(text) - hold:], req.sampling.stop)
-    yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs)
+    yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs, cached_tokens=cached)
     cont = req.continued(ids)
     stream = pools["decode"].options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
                                                                   replica_id=decision.decode.replica_id)

@@ -35,6 +35,9 @@ class AnswerRun:
     of the latest tokens, so this may end before `token_ids` does."""
     finished: bool = False
     """The answer's last chunk (with its finish_reason) has been sent."""
+    cached_tokens: int | None = None
+    """Prompt tokens the engine that first prefilled it had in its prefix cache (a later attempt's
+    prompt holds the answer so far: not the client's prompt)."""
 
     @property
     def tokens(self) -> int:

@@ -245,7 +245,8 @@ class Frontend:
         is waited out for up to `route_wait_s`."""
         hashes = tuple(block_hashes(req.prompt_token_ids)) if self.cfg.routing.prefix_aware else ()
         route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
-                             lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id, prefix_hashes=hashes)
+                             lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id, prefix_hashes=hashes,
+                             session_id=req.session_id)
         give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
         while True:
             try:
@@ -316,10 +317,14 @@ class Frontend:
     def _to_client(self, chunk: GenerateChunk, req: GenerateRequest, run: AnswerRun,
                     client_prompt_tokens: int) -> GenerateChunk:
         """`chunk` as the client gets it: the client's prompt length, its text recorded, and on the
-        answer's last chunk its SLO report."""
+        answer's last chunk its SLO report and the prompt's tokens found cached."""
         chunk.prompt_tokens, chunk.completion_tokens = client_prompt_tokens, run.tokens
         run.text += chunk.text
+        if run.cached_tokens is None:
+            run.cached_tokens = chunk.cached_tokens
+        chunk.cached_tokens = None
         if chunk.finish_reason is not None:
+            chunk.cached_tokens = run.cached_tokens
             run.finished = True
             chunk.slo = SLOReport(run.ttft_ms(), run.tpot_ms(), req.slo)
             self.metrics.observe_slo(chunk.slo)

@@ -80,8 +80,10 @@ class EngineServer:
         engine_args["worker_extension_cls"] = EXTENSION
         if self.expert_buffers:
             os.environ[CONFIG_ENV] = self.expert_buffers.model_dump_json()  # the engine's processes inherit it
-        self.kv_events = KVEventFeed(events_endpoint(self.replica_id))  # listening before the engine publishes
-        engine_args.setdefault("kv_events_config", kv_events_config(self.kv_events.endpoint))
+        self.kv_events = KVEventFeed(events_endpoint(self.replica_id)) if cfg.routing.prefix_aware else None
+        """Its prefix cache's changes for the controller's prefix-aware routing (listening before the engine publishes)."""
+        if self.kv_events is not None:
+            engine_args.setdefault("kv_events_config", kv_events_config(self.kv_events.endpoint))
         self.engine = self._build_engine(cfg, engine_args, model_path, kv_listen_addr)
         if self.expert_buffers:
             await self.engine.collective_rpc("pdserve_require_expert_buffers")
@@ -163,13 +165,16 @@ class EngineServer:
         metrics_pushed_s = -float("inf")
         while True:
             try:
-                report = dataclasses.replace(self.load.report(self._report), cache=self.kv_events.take())
+                report = self.load.report(self._report)
+                if self.kv_events is not None:
+                    report = dataclasses.replace(report, cache=self.kv_events.take())
                 if self.expert_buffers:
                     report = dataclasses.replace(report, experts=await self._expert_report())
                 try:
                     hot = await self.controller.report.remote(report)
                 except Exception:
-                    self.kv_events.lose()
+                    if self.kv_events is not None:
+                        self.kv_events.lose()
                     raise
                 if hot is not None and hot != self._hot:
                     await self.engine.collective_rpc("pdserve_set_hot_experts", args=(hot,))

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from pdserve.controller.decision import SLO
+from pdserve.errors import InvalidRequest
 from pdserve.prefill.structured import StructuredOutput
 
 MAX_STOP_CHARS = 256
@@ -24,6 +25,8 @@ MAX_LOGPROBS = 20
 SAMPLED_TOKENS_KEY = "pdserve_sampled_tokens"
 """`SamplingParams.extra_args` entry of an engine call: tokens of this answer already sampled
 (elsewhere), at the end of its prompt (`GenerateRequest.sampled_tokens`)."""
+MAX_SESSION_ID_CHARS = 256
+"""Longest session id kept (the controller keeps up to 100,000 sessions)."""
 MAX_STOP_TOKEN_IDS = 64
 MAX_LOGIT_BIAS_TOKENS = 1024
 """Bounds on per-request token lists, which vLLM copies into every step's batch metadata."""
@@ -174,6 +177,9 @@ class GenerateRequest:
     sampled_tokens: int = 0
     """Tokens at the end of `prompt_token_ids` that are the answer's own, sampled by an earlier
     engine call: a seeded generator skips their draws, so the answer goes on as one run would."""
+    session_id: str = ""
+    """The conversation it is a turn of, as the client names it: the controller sends the next
+    turn where this one's KV is (`controller/sessions.py`). "": none."""
 
     def continued(self, token_ids: list[int], request_id: str | None = None) -> GenerateRequest:
         """The request that goes on after the answer's `token_ids` (sampled elsewhere): the prompt
@@ -181,7 +187,7 @@ class GenerateRequest:
         assert self.sampling.max_tokens is not None and len(token_ids) < self.sampling.max_tokens
         sampling = self.sampling.model_copy(update={"max_tokens": self.sampling.max_tokens - len(token_ids)})
         return GenerateRequest(request_id or self.request_id, [*self.prompt_token_ids, *token_ids], sampling,
-                               self.slo, self.trace_carrier, self.sampled_tokens + len(token_ids))
+                               self.slo, self.trace_carrier, self.sampled_tokens + len(token_ids), self.session_id)
 
     def choice(self, index: int) -> GenerateRequest:
         """The request for the answer's choice `index` of several (OpenAI's `n`): its own id and,
@@ -198,6 +204,14 @@ class GenerateRequest:
         has `sent_token_ids`: it goes on from the next token (`continued`). A new id, because
         engines and KV transfers know requests by id and the lost attempt's may still linger."""
         return self.continued(sent_token_ids, f"{self.request_id}-r{attempt}")
+
+
+def checked_session_id(value: str, field: str) -> str:
+    """A client's session id; InvalidRequest naming `field` when it is too long to keep."""
+    if len(value) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequest(f"{field} names the session and may be at most {MAX_SESSION_ID_CHARS} characters; "
+                             f"got {len(value)}", param=field)
+    return value
 
 
 @dataclass
@@ -229,3 +243,6 @@ class GenerateChunk:
     """Last chunk, set by the ingress: measured TTFT and TPOT against the objectives."""
     logprobs: list[TokenLogprob] | None = None
     """One per token of `token_ids`, when the request asked for logprobs."""
+    cached_tokens: int | None = None
+    """First chunk of an engine that prefilled the prompt: its tokens taken from the engine's prefix
+    cache (vLLM's `num_cached_tokens`); the ingress puts the answer's on its last chunk."""

@@ -43,4 +43,5 @@ class PrefillServer(EngineServer):
             span.set_attribute("pdserve.prefill_ms", prefill_ms)
             return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params, "token_ids": token_ids,
                     "text": text, "finish_reason": final.outputs[0].finish_reason,
+                    "cached_tokens": final.num_cached_tokens,
                     "logprobs": logprobs if req.sampling.logprobs is not None else None}

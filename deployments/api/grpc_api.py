@@ -25,7 +25,14 @@ from pdserve.config.cluster import IngressConfig
 from pdserve.deployments.api_keys import bearer_token
 from pdserve.deployments.frontend import FrontendAPI
 from pdserve.errors import InvalidRequest, RetryLater, ServeError
-from pdserve.prefill.requests import GenerateChunk, GenerateRequest, Objectives, Sampling, TokenLogprob
+from pdserve.prefill.requests import (
+    GenerateChunk,
+    GenerateRequest,
+    Objectives,
+    Sampling,
+    TokenLogprob,
+    checked_session_id,
+)
 from pdserve.proto import pdserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -158,7 +165,8 @@ class _GenerationService:
                 raise RuntimeError("the frontend streamed no chunk")
             whole = GenerateChunk(text="".join(texts), token_ids=token_ids, prompt_tokens=last.prompt_tokens,
                                   completion_tokens=last.completion_tokens, finish_reason=last.finish_reason,
-                                  slo=last.slo, logprobs=logprobs if req.sampling.logprobs is not None else None)
+                                  slo=last.slo, logprobs=logprobs if req.sampling.logprobs is not None else None,
+                                  cached_tokens=last.cached_tokens)
             return _response(whole, client_id or req.request_id)
         except grpc.aio.AbortError:
             raise
@@ -182,14 +190,23 @@ async def _translate(raw: bytes, context: grpc.aio.ServicerContext,
     frontend.check_model(msg.model)
     sampling = _sampling(msg)
     objectives = _objectives(msg)
+    session_id = checked_session_id(msg.session_id, "session_id")
     carrier = {k: v for k, v in metadata if k in TRACE_KEYS} or None
+    req = await _request(frontend, msg, sampling, carrier, objectives)
+    req.session_id = session_id
+    return frontend, req, msg.request_id
+
+
+async def _request(frontend: FrontendAPI, msg: pb.GenerateRequest, sampling: Sampling,
+                   carrier: dict[str, str] | None, objectives: Objectives) -> GenerateRequest:
+    """The frontend's request for the message's input: a prompt, a chat or token ids."""
     kind = msg.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("set one of prompt, chat or prompt_token_ids", param="input")
     if kind == "prompt":
         if not msg.prompt:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return frontend, await frontend.completion_request(msg.prompt, sampling, carrier, objectives), msg.request_id
+        return await frontend.completion_request(msg.prompt, sampling, carrier, objectives)
     if kind == "chat":
         if not msg.chat.messages:
             raise InvalidRequest("chat needs at least one message", param="chat")
@@ -198,14 +215,14 @@ async def _translate(raw: bytes, context: grpc.aio.ServicerContext,
                 raise InvalidRequest(f"chat.messages[{i}].role is {m.role!r}; use one of {', '.join(CHAT_ROLES)}",
                                      param="chat")
         messages = [{"role": m.role, "content": m.content} for m in msg.chat.messages]
-        return frontend, await frontend.chat_request(messages, sampling, carrier, objectives), msg.request_id
+        return await frontend.chat_request(messages, sampling, carrier, objectives)
     ids = list(msg.prompt_token_ids.ids)
     if not ids:
         raise InvalidRequest("prompt_token_ids must not be empty", param="prompt_token_ids")
     for i, t in enumerate(ids):
         if not 0 <= t < TOKEN_ID_LIMIT:
             raise InvalidRequest(f"prompt_token_ids[{i}] is {t}, not a token id", param="prompt_token_ids")
-    return frontend, await frontend.completion_request(ids, sampling, carrier, objectives), msg.request_id
+    return await frontend.completion_request(ids, sampling, carrier, objectives)
 
 
 def _sampling(msg: pb.GenerateRequest) -> Sampling:
@@ -266,6 +283,8 @@ def _response(chunk: GenerateChunk, request_id: str) -> pb.GenerateResponse:
         resp.usage.prompt_tokens = chunk.prompt_tokens
         resp.usage.completion_tokens = chunk.completion_tokens
         resp.usage.total_tokens = chunk.prompt_tokens + chunk.completion_tokens
+        if chunk.cached_tokens is not None:
+            resp.usage.cached_tokens = chunk.cached_tokens
     if chunk.slo is not None:
         r = chunk.slo
         resp.slo.CopyFrom(pb.SLOReport(ttft_ms=r.ttft_ms, tpot_ms=r.tpot_ms, ttft_objective_ms=r.slo.ttft_ms,

@@ -33,6 +33,7 @@ from pdserve.deployments.api.openai_answers import (
     KVTransferUsage,
     ModelCard,
     ModelList,
+    PromptTokensDetails,
     SLOUsage,
     Usage,
     error_docs,
@@ -71,11 +72,13 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
         frontend = get_frontend()
         frontend.check_model(body.model)
         sampling = body.sampling()
+        session = body.session(request.headers)
         auto = _auto_tool_calls(frontend, body)
         if auto is not None:
             sampling = auto.sampling(sampling)
         req = await frontend.chat_request(body.message_dicts(), sampling, _trace_carrier(request),
                                           body.objectives(request.headers), tools=body.tool_dicts())
+        req.session_id = session
         shapes = ChatShapes(f"chatcmpl-{req.request_id}", int(time.time()), frontend.model_name,
                             forced=body.tool_plan[0], auto=auto, prompt_token_ids=req.prompt_token_ids)
         return await _answer(frontend, req, body, shapes)
@@ -84,8 +87,10 @@ def build_http_app(get_frontend: Callable[[], FrontendAPI]) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request) -> Response:
         frontend = get_frontend()
         frontend.check_model(body.model)
+        session = body.session(request.headers)
         req = await frontend.completion_request(body.prompt_input(), body.sampling(), _trace_carrier(request),
-                                          body.objectives(request.headers))
+                                                body.objectives(request.headers))
+        req.session_id = session
         prompt = body.prompt_input()
         echoed = "" if not body.echo else prompt if isinstance(prompt, str) else await frontend.detokenize(prompt)
         shapes = CompletionShapes(f"cmpl-{req.request_id}", int(time.time()), frontend.model_name, echo=echoed)
@@ -213,8 +218,10 @@ def _usage(lasts: list[GenerateChunk]) -> Usage:
     slowest = _slowest(lasts)
     slo = SLOUsage(**slowest.slo.as_dict()) if slowest.slo else None
     kv = KVTransferUsage.from_report(lasts[0].kv_transfer) if len(lasts) == 1 and lasts[0].kv_transfer else None
+    cached = lasts[0].cached_tokens
     return Usage(prompt_tokens=lasts[0].prompt_tokens, completion_tokens=completion,
-                 total_tokens=lasts[0].prompt_tokens + completion, slo=slo, kv_transfer=kv)
+                 total_tokens=lasts[0].prompt_tokens + completion, slo=slo, kv_transfer=kv,
+                 prompt_tokens_details=None if cached is None else PromptTokensDetails(cached_tokens=cached))
 
 
 def _slowest(lasts: list[GenerateChunk]) -> GenerateChunk:

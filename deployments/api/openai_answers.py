@@ -59,10 +59,17 @@ class KVTransferUsage(ApiModel):
                    load_ms=round(float(report.get("load_ms", 0.0)), 3))
 
 
+class PromptTokensDetails(ApiModel):
+    cached_tokens: int
+    """Prompt tokens the engine that prefilled it took from its prefix cache instead of computing."""
+
+
 class Usage(ApiModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = _absent_if_none()
+    """OpenAI's: how much of the prompt was cached (absent when the engine did not say)."""
     slo: SLOUsage | None = _absent_if_none()
     """pdserve's addition: measured TTFT and TPOT against the request's objectives."""
     kv_transfer: KVTransferUsage | None = _absent_if_none()

@@ -28,12 +28,15 @@ from pdserve.deployments.api.structured_fields import ResponseFormat, Structured
 from pdserve.deployments.api.tools import ForcedCall, Tool, ToolCall, ToolChoice, forced_call
 from pdserve.deployments.api.vllm_fields import StrictBody, field_table, refusal, vllm_request_models
 from pdserve.errors import InvalidRequest
-from pdserve.prefill.requests import Objectives, Sampling
+from pdserve.prefill.requests import Objectives, Sampling, checked_session_id
 from pdserve.prefill.structured import StructuredOutput
 
 OBJECTIVE_HEADERS = {"ttft_ms": "x-pdserve-ttft-ms", "tpot_ms": "x-pdserve-tpot-ms", "priority": "x-pdserve-priority"}
 """Request headers that carry the objectives when the body does not (e.g. set by a gateway)."""
-FIELD_NOTES = {"user": "accepted, no effect (an end-user id, for the client's records)",
+SESSION_HEADER = "x-pdserve-session-id"
+"""Request header naming the conversation a request is a turn of (else the body's `user`)."""
+FIELD_NOTES = {"user": "pdserve's use: names the session (unless the header x-pdserve-session-id does), whose "
+                       "turns go where their KV is; at most 256 characters",
                "response_format": "honoured: text, json_object, json_schema (not structural_tag)",
                "structured_outputs": "honoured: json, json_object, regex, choice, grammar (not structural_tag)",
                "tool_choice": "honoured: none, required, a named function; auto with the service's "
@@ -134,7 +137,8 @@ class GenerationRequest(StrictBody, ABC):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    """Accepted for compatibility; unused."""
+    """OpenAI's end-user id; pdserve takes it as the session (the conversation a request is a turn
+    of) unless the header `x-pdserve-session-id` names one."""
     ttft_ms: float | None = None
     """pdserve's SLO contract (OpenAI clients send it in `extra_body`, or as the header
     `x-pdserve-ttft-ms`): time-to-first-token objective in ms; unset: the service's default."""
@@ -168,6 +172,13 @@ class GenerationRequest(StrictBody, ABC):
         """Whether every chunk of a streamed answer carries the usage so far (vLLM's rule: only
         together with `include_usage`)."""
         return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
+
+    def session(self, headers: Mapping[str, str]) -> str:
+        """The session this request is a turn of: the `x-pdserve-session-id` header, else `user`;
+        InvalidRequest naming the one that is too long."""
+        if (header := headers.get(SESSION_HEADER)) is not None:
+            return checked_session_id(header, SESSION_HEADER)
+        return checked_session_id(self.user or "", "user")
 
     def objectives(self, headers: Mapping[str, str]) -> Objectives:
         """The request's latency objectives: body fields first, else the `x-pdserve-*` headers;

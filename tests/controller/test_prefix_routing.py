@@ -15,7 +15,7 @@ from pdserve.controller.registry import LoadReport, Registry
 from pdserve.controller.server import Controller
 from pdserve.controller.slo_router import choose_slo
 
-from .routing_states import SLOW, add, registry, request
+from .routing_states import SLOW, add, book, registry, request
 
 CFG = RoutingConfig(local_prefill_max_tokens=0)
 PROMPT = list(range(1000, 2000))
@@ -112,3 +112,22 @@ def test_a_report_without_cache_events_keeps_what_the_index_knows():
     cache(reg, "p2", PROMPT[:800])
     reg.report(LoadReport("p2", "prefill", "n1", None, "", 8, 1.0, block_size=16), 0.0)
     assert route(reg, asking(PROMPT)).cached_tokens == 800
+
+
+def test_a_sessions_next_turn_follows_its_kv_before_any_cache_event_says_where_it_is():
+    c = Controller("disaggregated", RoutingConfig(profiles={"default": SLOW}), kv_bytes_per_token=1000)
+    now = time.monotonic()
+    add(c.registry, "p1", "prefill", now_s=now, queued_prefill_tokens=300)
+    add(c.registry, "p2", "prefill", now_s=now)
+    add(c.registry, "d", "decode", now_s=now)
+    first = dataclasses.replace(asking(PROMPT), request_id="turn-1", session_id="trip")
+    assert asyncio.run(c.choose(first)).prefill.replica_id == "p2"  # p1 has a queue
+    c.registry.prefill_done("turn-1", 1560.0)
+    c.registry.release("turn-1")
+    book(c.registry, "busy", 400, prefill="p2")  # now p2 has the longer queue
+    later = PROMPT + list(range(200))
+    second = dataclasses.replace(asking(later), request_id="turn-2", session_id="trip")
+    routed = asyncio.run(c.choose(second))
+    assert routed.prefill.replica_id == "p2" and routed.cached_tokens == 992  # its first turn's whole pieces
+    stranger = dataclasses.replace(asking(later), request_id="other", session_id="someone-else")
+    assert asyncio.run(c.choose(stranger)).prefill.replica_id == "p1"  # cache-blind: the shorter queue

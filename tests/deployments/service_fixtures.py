@@ -102,3 +102,14 @@ def running_service(cfg: ClusterConfig, model_path: str, num_cpus: int) -> Itera
             s.delete()
         serve.shutdown()
         ray.shutdown()
+
+
+def routing_decisions(svc: service.Service) -> dict[str, str]:
+    """The controller's routing decision of every request the service answered, by request id
+    (the id its client saw, less OpenAI's `chatcmpl-`/`cmpl-`), from the ingress's trace spans."""
+    from ray import serve
+
+    spans = serve.get_deployment_handle("ingress", svc.cfg.app_name).finished_spans.remote().result()
+    roots = {s["trace_id"]: s["attributes"]["pdserve.request_id"] for s in spans if s["name"] == "ingress"}
+    return {roots[s["trace_id"]]: s["attributes"]["pdserve.decision"] for s in spans
+            if s["name"] == "routing" and s["trace_id"] in roots}

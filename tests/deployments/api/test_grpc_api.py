@@ -253,6 +253,19 @@ async def test_the_requests_objectives_reach_the_frontend_and_bad_ones_are_inval
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and next(iter(bad)) in err.details()
 
 
+async def test_a_requests_session_reaches_the_frontend_and_an_oversized_one_is_invalid_argument(channel, frontend):
+    await _stream_error(channel, _tokens(1, session_id="trip-42"))
+    assert frontend.routed[-1].session_id == "trip-42"
+    err = await _stream_error(channel, _tokens(1, session_id="s" * 257))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "session_id" in err.details()
+
+
+def test_the_last_message_says_how_much_of_the_prompt_was_cached() -> None:
+    usage = _response(GenerateChunk("x", [5], 3, 2, "stop", cached_tokens=256), "id").usage
+    assert usage.cached_tokens == 256
+    assert not _response(GenerateChunk("x", [5], 3, 2, "stop"), "id").usage.HasField("cached_tokens")
+
+
 def test_each_tokens_logprobs_travel_with_its_message() -> None:
     chunk = GenerateChunk("Hi", [5, 6], 3, 2, logprobs=[TokenLogprob("H", -0.5, [("H", -0.5), ("A", -1.25)]),
                                                       TokenLogprob("i", -9999.0, [])])

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdserve.prefill.requests import Objectives
+from pdserve.prefill.requests import SLO, GenerateChunk, GenerateRequest, Objectives, SLOReport
 from tests.deployments.api.fake_http_frontends import (
     HI,
     MODEL,
@@ -256,3 +257,31 @@ def test_openapi_documents_the_request_bodies() -> None:
     assert schemas["ChatMessage"]["properties"]["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
     assert "/v1/models" in doc["paths"] and "/health" in doc["paths"]
 
+
+
+class FakeSessionFrontend(FakeAnsweringFrontend):
+    """Records the session of each request it streams; its answer says 2 prompt tokens were cached."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sessions: list[str] = []
+
+    async def stream(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        self.sessions.append(req.session_id)
+        yield GenerateChunk("Hi", [10], 3, 1, "stop", slo=SLOReport(612.5, None, SLO(500.0, 50.0, 0)), cached_tokens=2)
+
+
+def test_a_request_names_its_session_by_header_or_user_and_an_oversized_name_is_refused() -> None:
+    frontend = FakeSessionFrontend()
+    client = http_client(frontend)
+    chat = {"model": MODEL, "messages": HI}
+    answer = client.post("/v1/chat/completions", json={**chat, "user": "alice"}).json()
+    client.post("/v1/chat/completions", json={**chat, "user": "alice"}, headers={"x-pdserve-session-id": "trip-42"})
+    client.post("/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert frontend.sessions == ["alice", "trip-42", ""]
+    assert answer["usage"]["prompt_tokens_details"] == {"cached_tokens": 2}  # OpenAI's field, from the engine
+    for body, headers, field in (({**chat, "user": "u" * 257}, {}, "user"),
+                                 (chat, {"x-pdserve-session-id": "s" * 257}, "x-pdserve-session-id")):
+        refused = client.post("/v1/chat/completions", json=body, headers=headers)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == field
+    assert len(frontend.sessions) == 3
