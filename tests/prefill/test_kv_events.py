@@ -19,6 +19,10 @@ from pdserve.model_store import resolve_model
 from pdserve.prefill.kv_events import KVEventFeed, events_endpoint, kv_events_config
 
 
+ENGINE = 7
+"""The engine's instance number in the index."""
+
+
 def _until(check, timeout_s: float = 10.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -114,8 +118,8 @@ def test_a_real_engines_cached_prompt_is_found_by_the_ingress_hashes_of_its_next
     """vLLM's own events, on the engine's own block size (128 tokens on a CPU)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     cached_first, found, cached_next, block = asyncio.run(_two_turns([100 + (7 * k) % 5000 for k in range(300)]))
-    assert cached_first == 0 and found == {"engine": 300 // block * block}
-    assert cached_next == found["engine"]  # the engine reuses exactly what the index says it holds
+    assert cached_first == 0 and found == {ENGINE: 300 // block * block}
+    assert cached_next == found[ENGINE]  # the engine reuses exactly what the index says it holds
 
 
 async def _two_turns(prompt: list[int]) -> tuple[int, dict[str, int], int, int]:
@@ -140,9 +144,12 @@ async def _two_turns(prompt: list[int]) -> tuple[int, dict[str, int], int, int]:
         first = await answer(prompt, "first")
         index, following = PrefixIndex(), prompt + [5, 6, 7]
         deadline = time.monotonic() + 10
-        while not (found := index.cached_tokens(block_hashes(following))) and time.monotonic() < deadline:
+        found: dict[int, int] = {}
+        while not found and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-            index.apply("engine", feed.take())
+            index.apply(ENGINE, feed.take())
+            instances, tokens = index.cached_tokens(block_hashes(following))
+            found = dict(zip(instances.tolist(), tokens.tolist(), strict=True))
         return first, found, await answer(following, "second"), engine.vllm_config.cache_config.block_size
     finally:
         engine.shutdown()
