@@ -95,7 +95,9 @@ class PrefixIndex:
     def __init__(self, max_pieces_per_instance: int = 1 << 17):
         self.max_pieces_per_instance = max_pieces_per_instance
         self._instances: dict[int, _Instance] = {}
-        self._holders: dict[int, set[int]] = {}
+        self._holders: dict[int, int | set[int]] = {}
+        """Piece hash -> the instance holding it, or the set of them when several do (most pieces
+        have one holder: a set for each would triple the index's memory)."""
 
     def apply(self, instance: int, report: CacheEvents) -> None:
         """An engine's report of its cache, in order."""
@@ -135,7 +137,7 @@ class PrefixIndex:
             held.blocks[vllm_hash] = own
             held.pieces += len(own)
             for h in own:
-                self._holders.setdefault(h, set()).add(instance)
+                self._hold(instance, h)
         while held.pieces > self.max_pieces_per_instance:
             self._drop(instance, held, next(iter(held.blocks)))
 
@@ -163,22 +165,19 @@ class PrefixIndex:
         that number finds where each instance's prefix ends: the work grows with the points where
         it falls, not with the prompt's length or the number of holders. A hole (an eviction
         reported out of that order, or lost) makes the guess too long: a recompute, nothing worse."""
-        empty: set[int] = set()
-        holders = [self._holders.get(h, empty) for h in prompt_hashes] + [empty]
-        first = holders[0]
+        holders = [self._holders.get(h) for h in prompt_hashes] + [None]
+        first = _members(holders[0])
         instances, tokens = [], []
         spans = [(0, len(prompt_hashes))] if first else []
         while spans:
             lo, hi = spans.pop()
-            if len(holders[lo]) == len(holders[hi]):
+            if _count(holders[lo]) == _count(holders[hi]):
                 continue
             if hi - lo > 1:
                 mid = (lo + hi) // 2
                 spans += [(lo, mid), (mid, hi)]
                 continue
-            ending = holders[lo].difference(holders[hi])
-            if holders[lo] is not first:
-                ending &= first
+            ending = _members(holders[lo]).difference(_members(holders[hi])) & first
             instances.append(np.fromiter(ending, np.int64, len(ending)))
             tokens.append(np.full(len(ending), hi * GRAIN_TOKENS, np.int64))
         if not instances:
@@ -197,9 +196,28 @@ class PrefixIndex:
             for h in own:
                 self._unhold(instance, h)
 
+    def _hold(self, instance: int, our_hash: int) -> None:
+        holders = self._holders.get(our_hash)
+        if holders is None:
+            self._holders[our_hash] = instance
+        elif isinstance(holders, set):
+            holders.add(instance)
+        elif holders != instance:
+            self._holders[our_hash] = {holders, instance}
+
     def _unhold(self, instance: int, our_hash: int) -> None:
         holders = self._holders.get(our_hash)
-        if holders is not None:
+        if isinstance(holders, set):
             holders.discard(instance)
-            if not holders:
-                del self._holders[our_hash]
+            if len(holders) == 1:
+                self._holders[our_hash] = holders.pop()
+        elif holders == instance:
+            del self._holders[our_hash]
+
+
+def _count(holders: int | set[int] | None) -> int:
+    return 0 if holders is None else len(holders) if isinstance(holders, set) else 1
+
+
+def _members(holders: int | set[int] | None) -> set[int]:
+    return set() if holders is None else holders if isinstance(holders, set) else {holders}

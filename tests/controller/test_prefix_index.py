@@ -134,3 +134,16 @@ def test_the_ingress_hashes_only_whole_pieces_and_the_same_in_every_process() ->
         out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
                              capture_output=True, text=True, check=True).stdout
         assert out.strip() == str(block_hashes(list(range(40))))
+
+
+def test_a_piece_two_instances_hold_stays_found_for_one_when_the_other_drops_it(tokens: list[int]) -> None:
+    index = PrefixIndex()
+    store(index, 1, tokens, 0, 2)
+    store(index, 2, tokens, 0, 2)
+    store(index, 3, tokens, 0, 2)
+    index.forget(2)
+    assert held(index, block_hashes(tokens)) == {1: 2 * BLOCK, 3: 2 * BLOCK}
+    index.removed(3, vllm_hashes(tokens)[1::-1])
+    assert held(index, block_hashes(tokens)) == {1: 2 * BLOCK}
+    index.forget(1)
+    assert held(index, block_hashes(tokens)) == {} and index._holders == {}  # nothing left behind

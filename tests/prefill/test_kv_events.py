@@ -18,7 +18,6 @@ from pdserve.controller.prefix_index import CacheEvents, Cleared, PrefixIndex, R
 from pdserve.model_store import resolve_model
 from pdserve.prefill.kv_events import KVEventFeed, events_endpoint, kv_events_config
 
-
 ENGINE = 7
 """The engine's instance number in the index."""
 
