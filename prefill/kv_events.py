@@ -10,6 +10,7 @@ and tells the controller to forget this replica's cache, which the next events r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -64,8 +65,11 @@ class KVEventFeed:
             self._lost = True
 
     def close(self) -> None:
+        """Stop listening, and remove the socket's file (the engine that bound it goes with the replica)."""
         self._stopping.set()
         self._thread.join(timeout=2 * POLL_MS / 1000)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.endpoint.removeprefix("ipc://"))
 
     def _run(self) -> None:
         import msgspec

@@ -4,14 +4,35 @@ types, the prefill pool lands only on one node type and the decode pool only on 
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
 from pdserve.deployments import service
 from pdserve.model_store import resolve_model
-from tests.deployments.service_fixtures import service_config
+from tests.deployments.service_fixtures import RAY_START_ATTEMPTS, service_config
 
 pytestmark = pytest.mark.slow
+
+
+def _two_node_types(cluster_class):
+    """A local cluster with two nodes of each accelerator type, one CPU each (the pools must pick
+    by type, not by free room). Ray gives each raylet a fixed 30 s to register, which a loaded CI
+    machine can miss: a start that does is torn down and tried again, as `init_ray` does."""
+    attempt = 1
+    while True:
+        cluster = cluster_class(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            nodes = {kind: [cluster.add_node(num_cpus=1, resources={f"accelerator_type:{kind.upper()}GPU": 1})
+                            for _ in range(2)] for kind in ("fast", "cheap")}
+            cluster.wait_for_nodes()
+            return cluster, nodes
+        except Exception as e:
+            cluster.shutdown()
+            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+                raise
+            warnings.warn(f"Ray cluster start {attempt} of {RAY_START_ATTEMPTS} failed ({e})", stacklevel=2)
+            attempt += 1
 
 
 def test_prefill_and_decode_replicas_land_on_their_own_accelerator_type():
@@ -20,14 +41,8 @@ def test_prefill_and_decode_replicas_land_on_their_own_accelerator_type():
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster, nodes = _two_node_types(Cluster)
     try:
-        # Two nodes of each type, one CPU each: the pools must pick by type, not by free room.
-        nodes = {
-            "fast": [cluster.add_node(num_cpus=1, resources={"accelerator_type:FASTGPU": 1}) for _ in range(2)],
-            "cheap": [cluster.add_node(num_cpus=1, resources={"accelerator_type:CHEAPGPU": 1}) for _ in range(2)],
-        }
-        cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False)
         cfg = service_config(
             ray_address=cluster.address,

@@ -112,6 +112,16 @@ def test_undelivered_events_make_the_next_report_forget_first(feed_and_publisher
     assert feed.take().lost and not feed.take().lost
 
 
+def test_a_closed_feed_leaves_no_socket_file_behind() -> None:
+    feed = KVEventFeed(events_endpoint(uuid.uuid4().hex))
+    publisher = FakePublisher(feed.endpoint)
+    path = feed.endpoint.removeprefix("ipc://")
+    assert os.path.exists(path)
+    feed.close()
+    publisher.close()
+    assert not os.path.exists(path)
+
+
 @pytest.mark.slow
 def test_a_real_engines_cached_prompt_is_found_by_the_ingress_hashes_of_its_next_turn() -> None:
     """vLLM's own events, on the engine's own block size (128 tokens on a CPU)."""
