@@ -2,9 +2,9 @@
 from the KV cache events each engine publishes (vLLM's `BlockStored` / `BlockRemoved` /
 `AllBlocksCleared`), so that routing can charge a prompt only for what an instance would compute.
 
-Blocks are keyed by pdserve's own hash chain over the tokens of full blocks (`block_hashes`),
-computed the same way by the ingress for a prompt and here for the tokens an event carries, as
-vLLM chains its own. vLLM's hashes depend on the engine's `prefix_caching_hash_algo` (xxhash is
+Cached prefixes are keyed, 16 tokens at a time, by pdserve's own hash chain over their tokens
+(`block_hashes`), computed the same way by the ingress for a prompt and here for the tokens an
+event carries, as vLLM chains its own. vLLM's hashes depend on the engine's `prefix_caching_hash_algo` (xxhash is
 seeded per process unless PYTHONHASHSEED is set), so they need not agree across instances, while
 the tokens always do. vLLM's hash of each block is kept only to follow later events (a removal
 names it, a stored block names its parent by it).
