@@ -10,23 +10,22 @@ Value ranges are checked once, by `Sampling`, whose errors come back naming the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
-    WrapValidator,
     field_validator,
-    model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
+from pdserve.deployments.api.chat_messages import ChatMessage
 from pdserve.deployments.api.structured_fields import ResponseFormat, StructuredOutputsBody
-from pdserve.deployments.api.tools import ForcedCall, Tool, ToolCall, ToolChoice, forced_call
-from pdserve.deployments.api.vllm_fields import StrictBody, field_table, refusal, vllm_request_models
+from pdserve.deployments.api.tools import ForcedCall, Tool, ToolChoice, forced_call
+from pdserve.deployments.api.vllm_fields import StrictBody, field_table, one_of, refusal, vllm_request_models
 from pdserve.errors import InvalidRequest
 from pdserve.prefill.requests import Objectives, Sampling, checked_session_id
 from pdserve.prefill.structured import StructuredOutput
@@ -71,21 +70,8 @@ def invalid_request(errors: Sequence[ErrorDetails], renames: dict[str, str] | No
     return InvalidRequest("; ".join(parts), param=params[0] if params and params[0] else None)
 
 
-def _one_of(expected: str) -> WrapValidator:
-    """Report a union's failure as one error on the field ("should be a string or ...") instead of
-    one error per member type under made-up paths like `stop.list[str]`."""
-
-    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
-        try:
-            return handler(value)
-        except ValidationError:
-            raise PydanticCustomError("union_type", "Input should be {expected}", {"expected": expected}) from None
-
-    return WrapValidator(validate)
-
-
-StopField = Annotated[str | list[str] | None, _one_of("a string, a list of strings or null")]
-PromptField = Annotated[str | list[int] | list[str], _one_of("a string, a list of token ids or a list of one string")]
+StopField = Annotated[str | list[str] | None, one_of("a string, a list of strings or null")]
+PromptField = Annotated[str | list[int] | list[str], one_of("a string, a list of token ids or a list of one string")]
 
 
 class StreamOptions(StrictBody):
@@ -250,48 +236,6 @@ class GenerationRequest(StrictBody, ABC):
         except ValidationError as e:
             raise invalid_request(e.errors(), renames={"max_tokens": max_tokens_field,
                                                        "logprobs": logprobs_field}) from None
-
-
-class TextPart(StrictBody):
-    type: Literal["text"]
-    text: str
-
-
-MessageContent = Annotated[str | list[TextPart], _one_of('a string or a list of {"type": "text", "text": ...} parts')]
-
-
-class ChatMessage(StrictBody):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    """`developer` is OpenAI's newer name for `system`, and reaches the chat template as `system`;
-    `tool` carries a tool call's result."""
-    content: MessageContent | None = None
-    """Text, or text parts, joined with newlines as vLLM joins them; null only in an assistant
-    message that made tool calls."""
-    tool_calls: list[ToolCall] | None = None
-    """An assistant message's calls."""
-    tool_call_id: str | None = None
-    """A tool message's answer is to this call."""
-
-    @model_validator(mode="after")
-    def _fields_of_the_role(self) -> ChatMessage:
-        if self.tool_calls is not None and self.role != "assistant":
-            raise PydanticCustomError("unsupported", "only assistant messages carry tool_calls")
-        if (self.tool_call_id is not None) != (self.role == "tool"):
-            raise PydanticCustomError("unsupported", "a tool message, and only one, names its tool_call_id")
-        if self.content is None and not self.tool_calls:
-            raise PydanticCustomError("unsupported", "content is null only in an assistant message with tool_calls")
-        return self
-
-    def as_template_dict(self) -> dict[str, Any]:
-        """The message as the model's chat template takes it."""
-        content = self.content if isinstance(self.content, str | None) else "\n".join(p.text for p in self.content)
-        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
-                                   "content": content or ""}
-        if self.tool_calls:
-            message["tool_calls"] = [call.as_template_dict() for call in self.tool_calls]
-        if self.tool_call_id is not None:
-            message["tool_call_id"] = self.tool_call_id
-        return message
 
 
 class ChatCompletionRequest(GenerationRequest):

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 from fastapi import Body, FastAPI
 from pydantic import Field, ValidationError
 
+from pdserve.deployments.api.chat_messages import ChatMessage
 from pdserve.deployments.api.openai_answers import ApiModel, error_docs
-from pdserve.deployments.api.openai_models import ChatMessage, invalid_request
+from pdserve.deployments.api.openai_models import invalid_request
 from pdserve.deployments.api.vllm_fields import StrictBody
 
 if TYPE_CHECKING:

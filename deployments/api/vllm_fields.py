@@ -16,10 +16,11 @@ import dataclasses
 import functools
 import json
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, WrapValidator, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 from pdserve.deployments.api.openai_answers import ApiModel
 
@@ -121,3 +122,16 @@ class StrictBody(ApiModel):
     @classmethod
     def _drop_no_ops(cls, data: Any) -> Any:
         return drop_no_ops(data, cls.model_fields, cls.vllm_api)
+
+
+def one_of(expected: str) -> WrapValidator:
+    """Report a union's failure as one error on the field ("should be a string or ...") instead of
+    one error per member type under made-up paths like `stop.list[str]`."""
+
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("union_type", "Input should be {expected}", {"expected": expected}) from None
+
+    return WrapValidator(validate)
