@@ -54,6 +54,7 @@ class RequestSpec:
     tpot_ms: float | None = None
     priority: int | None = None
     ignore_eos: bool = False  # generate exactly max_tokens: a workload's output lengths
+    session_id: str | None = None  # sent as `user`: a conversation's turns name their conversation
 
 
 @dataclass
@@ -70,6 +71,8 @@ class RequestResult:
     error: str = ""
     prompt_tokens: int = 0  # as the server counted them (usage)
     kv_transfer: dict | None = None  # the usage chunk's `kv_transfer` object (disaggregated requests)
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache (usage)
+    text: str = ""  # the answer, which a conversation's next turn sends back
 
 
 def gamma_arrivals(rate_rps: float, n: int, burstiness: float, seed: int) -> list[float]:
@@ -131,6 +134,8 @@ def _body(model: str, spec: RequestSpec) -> dict:
             body[key] = value
     if spec.ignore_eos:
         body["ignore_eos"] = True
+    if spec.session_id is not None:
+        body["user"] = spec.session_id
     return body
 
 
@@ -141,12 +146,13 @@ def _retry_after_s(resp: httpx.Response) -> float | None:
         return None  # absent, or an HTTP date: not worth parsing for a benchmark
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec) -> RequestResult:
+async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec) -> RequestResult:
     """Send one streamed request and time it; never raises for a failed request."""
     result = RequestResult(spec.kind, "error", 0, None, None, 0.0, 0, None, None)
     sent = time.perf_counter()
     first_s = last_s = None
     text_events, usage_tokens, done = 0, None, False
+    pieces: list[str] = []
     try:
         async with client.stream("POST", url, json=_body(model, spec)) as resp:
             result.status = resp.status_code
@@ -168,7 +174,9 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
                     result.error = json.dumps(event["error"])[:500]
                     return result
                 # An answer's first token may end it (end of sequence, no text): its finish counts as one.
-                if any(c.get("text") or c.get("finish_reason") for c in event.get("choices") or ()):
+                choices = event.get("choices") or ()
+                pieces += [c["text"] for c in choices if c.get("text")]
+                if any(c.get("text") or c.get("finish_reason") for c in choices):
                     last_s = time.perf_counter()
                     first_s = first_s if first_s is not None else last_s
                     text_events += 1
@@ -180,11 +188,15 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
                     result.server_slo = slo if isinstance(slo, dict) else None
                     kv = usage.get("kv_transfer")
                     result.kv_transfer = kv if isinstance(kv, dict) else None
+                    details = usage.get("prompt_tokens_details")
+                    if isinstance(details, dict) and details.get("cached_tokens") is not None:
+                        result.cached_tokens = int(details["cached_tokens"])
         if not done:
             result.error = "stream ended without data: [DONE]"
             return result
         # Without a usage chunk (a server ignoring stream_options) text events are the best count.
         result.completion_tokens = usage_tokens if usage_tokens is not None else text_events
+        result.text = "".join(pieces)
         if first_s is not None:
             result.ttft_ms = (first_s - sent) * 1e3
             if result.completion_tokens >= 2 and last_s is not None:
@@ -199,21 +211,30 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
         result.e2e_ms = (time.perf_counter() - sent) * 1e3
 
 
+def completions_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/v1/completions"
+
+
+def http_client(timeout_s: float) -> httpx.AsyncClient:
+    """A client for many requests in flight at once: open loop, so no connection cap may queue them."""
+    return httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000),
+                             timeout=timeout_s)
+
+
 async def run_load(base_url: str, model: str, specs: list[RequestSpec], timeout_s: float = 120.0,
                    progress: Callable[[int, int], None] | None = None) -> list[RequestResult]:
     """Send every spec at its arrival offset (open loop) and return the results in spec order."""
-    url = base_url.rstrip("/") + "/v1/completions"
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    url = completions_url(base_url)
     done = 0
 
-    async with httpx.AsyncClient(limits=limits, timeout=timeout_s) as client:
+    async with http_client(timeout_s) as client:
         loop = asyncio.get_running_loop()
         start = loop.time()
 
         async def launch(spec: RequestSpec) -> RequestResult:
             nonlocal done
             await asyncio.sleep(max(0.0, start + spec.arrival_s - loop.time()))
-            result = await _one(client, url, model, spec)
+            result = await send(client, url, model, spec)
             done += 1
             if progress is not None:
                 progress(done, len(specs))

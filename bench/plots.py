@@ -30,7 +30,7 @@ def attainment_vs_rate(report: dict, path: Path) -> Path:
         ref = report["slo"]["reference"]
         ax.set_title(f"scale {scale}: TTFT {ref['ttft_ms'] * float(scale):.0f} ms, "
                      f"TPOT {ref['tpot_ms'] * float(scale):.0f} ms", fontsize=9)
-        ax.set_xlabel("rate (req/s)")
+        ax.set_xlabel(f"rate ({report['workload']['rate_unit']})")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(scales):]:
@@ -56,7 +56,7 @@ def goodput_vs_scale(report: dict, path: Path) -> Path:
             ax.scatter(*zip(*open_ended, strict=True), s=140, marker="^", facecolors="none",
                        edgecolors=line.get_color(), label=f"{name}: lower bound (no failing rate found)")
     ax.set_xlabel("SLO scale (x unloaded p90 TTFT and TPOT)")
-    ax.set_ylabel(f"goodput (req/s, {report['slo']['target_attainment']:.0%} attainment)")
+    ax.set_ylabel(f"goodput ({report['workload']['rate_unit']}, {report['slo']['target_attainment']:.0%} attainment)")
     ax.set_title(f"{report['workload']['name']}: goodput against SLO scale")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -83,7 +83,7 @@ def goodput_by_setting(report: dict, path: Path) -> Path:
         for bar, lower_bound in zip(bars, open_ended, strict=True):
             bar.set_hatch("//" if lower_bound else "")
     ax.set_xticks(x, [f"{r['key']}\nTTFT {r['ttft_ms']:.0f} ms\nTPOT {r['tpot_ms']:.0f} ms" for r in rows], fontsize=7)
-    ax.set_ylabel(f"goodput (req/s, {report['slo']['target_attainment']:.0%} attainment)")
+    ax.set_ylabel(f"goodput ({report['workload']['rate_unit']}, {report['slo']['target_attainment']:.0%} attainment)")
     ax.set_title(f"{report['workload']['name']}: goodput per objective setting (hatched: lower bound, "
                  f"no failing rate found)", fontsize=9)
     ax.grid(alpha=0.3, axis="y")
@@ -108,7 +108,7 @@ def latency_cdfs(report: dict, path: Path) -> Path:
             values = np.sort([q[key] for q in run["per_request"] if q[key] is not None])
             if len(values):
                 ax.plot(values, np.arange(1, len(values) + 1) / len(values), drawstyle="steps-post",
-                        label=f"{name} @ {rate:.3g} req/s")
+                        label=f"{name} @ {rate:.3g} {report['workload']['rate_unit']}")
     ax_ttft.set_xscale("log")  # queueing stretches TTFT over orders of magnitude; TPOT stays within a few x
     for ax, label in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
         ax.set_xlabel(label)

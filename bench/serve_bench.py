@@ -23,14 +23,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from pdserve.bench import engine_probe, serve_report
+from pdserve.bench.conversations import (
+    Conversation,
+    ConversationWorkload,
+    first_turn_lengths,
+    make_conversations,
+    run_conversations,
+)
 from pdserve.bench.goodput import attainment, search_goodput
 from pdserve.bench.loadgen import RequestSpec, gamma_arrivals, run_load
-from pdserve.bench.serve_settings import Objective, Progress, Run, ServeBenchSettings, Target, judged_objectives
+from pdserve.bench.serve_settings import (
+    Objective,
+    Progress,
+    Run,
+    ServeBenchSettings,
+    Target,
+    judged_objectives,
+    parse_configuration,
+)
 from pdserve.bench.workloads import AnyWorkload, SampledRequest, make_requests, sample_lengths, word_token_ids
 
 log = logging.getLogger("pdserve.bench.serve")
@@ -42,30 +58,53 @@ class Requests:
     Prompt contents change from one rate to the next (and are the same for every configuration
     at a rate): engines keep what earlier runs computed in their prefix caches, and prompts seen
     before would be prefilled from there, cheaper than the workload says.
+    With a conversation workload each arrival is a conversation, whose turns follow its answers.
     """
 
-    load_lengths: list[tuple[int, int]]  # (prompt_tokens, output_tokens)
-    unit_arrivals_s: list[float]  # arrival offsets at 1 request/s
+    load_lengths: list[tuple[int, int]]  # (prompt_tokens, output_tokens): single requests, or first turns
+    unit_arrivals_s: list[float]  # arrival offsets at 1 request (or conversation) per second
     vocabulary: list[int]
     seed: int
     calibration: list[SampledRequest]  # the workload's lengths, sent unloaded
     pairs: list[tuple[SampledRequest, SampledRequest]]  # (through the service, straight to an engine)
     warmup: SampledRequest
+    conversation: ConversationWorkload | None = None  # each arrival is a conversation of this workload
+    encode: Callable[[str], list[int]] | None = None  # an answer's text as the next turn sends it
 
     def load_at(self, rate_rps: float) -> list[SampledRequest]:
-        return make_requests(self.load_lengths, self.vocabulary, [self.seed, 1, round(rate_rps * 1e6)])
+        return make_requests(self.load_lengths, self.vocabulary, self._content_seed(rate_rps))
+
+    def conversations_at(self, rate_rps: float) -> list[Conversation]:
+        assert self.conversation is not None
+        return make_conversations(self.conversation, len(self.unit_arrivals_s), self.vocabulary, self.seed,
+                                  self._content_seed(rate_rps))
+
+    def turns_per_arrival(self) -> float:
+        """Requests each arrival makes: 1, or a conversation's turns on average (before any end early)."""
+        if self.conversation is None:
+            return 1.0
+        return float(np.mean([len(c.messages) for c in self.conversations_at(1.0)]))
+
+    def _content_seed(self, rate_rps: float) -> list[int]:
+        return [self.seed, 1, round(rate_rps * 1e6)]
 
 
-def build_requests(workload: AnyWorkload, settings: ServeBenchSettings, tokenizer) -> Requests:
+def build_requests(workload: AnyWorkload | ConversationWorkload, settings: ServeBenchSettings, tokenizer) -> Requests:
     vocab = word_token_ids(tokenizer)
     s, n, k = settings.seed, settings.requests_per_rate, settings.calibration_requests
     burstiness = settings.burstiness if settings.arrival == "gamma" else 1.0
-    cal_lengths = sample_lengths(workload, k, s + 1, settings.max_model_len)
+    if isinstance(workload, ConversationWorkload):
+        lengths = first_turn_lengths(make_conversations(workload, n, vocab, s, [s, 1]))
+        cal_lengths = first_turn_lengths(make_conversations(workload, k, vocab, s + 1, [s, 2]))
+    else:
+        lengths = sample_lengths(workload, n, s, settings.max_model_len)
+        cal_lengths = sample_lengths(workload, k, s + 1, settings.max_model_len)
     probe = [(settings.probe_prompt_tokens, 2)] * k
     pairs = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 4]), strict=True))
-    return Requests(sample_lengths(workload, n, s, settings.max_model_len), gamma_arrivals(1.0, n, burstiness, s),
-                    vocab, s, make_requests(cal_lengths, vocab, [s, 2]), pairs,
-                    make_requests(cal_lengths[:1], vocab, [s, 5])[0])
+    conversation = workload if isinstance(workload, ConversationWorkload) else None
+    return Requests(lengths, gamma_arrivals(1.0, n, burstiness, s), vocab, s, make_requests(cal_lengths, vocab, [s, 2]),
+                    pairs, make_requests(cal_lengths[:1], vocab, [s, 5])[0], conversation,
+                    lambda text: tokenizer.encode(text, add_special_tokens=False))
 
 
 class Runner:
@@ -82,12 +121,22 @@ class Runner:
             return self.runs[rate_rps]
         if len(self.runs) >= self.settings.max_runs:
             return None
-        specs = [RequestSpec(t / rate_rps, r.prompt_token_ids, r.output_tokens, "load", ignore_eos=True)
-                 for t, r in zip(self.requests.unit_arrivals_s, self.requests.load_at(rate_rps), strict=True)]
-        label = f"{self.target.name} @ {rate_rps:.3g} req/s"
+        requests, url, model = self.requests, self.target.http_url, self.target.model
+        arrivals_s = [t / rate_rps for t in requests.unit_arrivals_s]
+        unit = "req/s" if requests.conversation is None else "conversations/s"
+        label = f"{self.target.name} @ {rate_rps:.3g} {unit}"
         report = (lambda done, total: self.progress(label, done, total)) if self.progress else None
         start = time.perf_counter()
-        results = asyncio.run(run_load(self.target.http_url, self.target.model, specs, self.settings.timeout_s, report))
+        if requests.conversation is None:
+            specs = [RequestSpec(t, r.prompt_token_ids, r.output_tokens, "load", ignore_eos=True)
+                     for t, r in zip(arrivals_s, requests.load_at(rate_rps), strict=True)]
+            results = asyncio.run(run_load(url, model, specs, self.settings.timeout_s, report))
+        else:
+            assert requests.encode is not None
+            turns = asyncio.run(run_conversations(url, model, requests.conversations_at(rate_rps), arrivals_s,
+                                                  requests.encode, self.settings.max_model_len,
+                                                  self.settings.timeout_s, report))
+            specs, results = [spec for spec, _ in turns], [result for _, result in turns]
         run = Run(rate_rps, time.perf_counter() - start, specs, results)
         self.runs[rate_rps] = run
         failed = sum(r.outcome != "ok" for r in results)
@@ -104,17 +153,18 @@ class Reference:
     start_rps: float
 
 
-def reference_from(calibration: dict, settings: ServeBenchSettings, source: str, lengths: list[tuple[int, int]]
-                   ) -> Reference:
+def reference_from(calibration: dict, settings: ServeBenchSettings, source: str, lengths: list[tuple[int, int]],
+                   turns_per_arrival: float = 1.0) -> Reference:
     """Objectives: the configured ones, else the unloaded p90s. Start rate: the configured one,
     else one request per unloaded end-to-end latency of a mean request (what one engine sustains
-    without any batching; doubling from there finds the rest)."""
+    without any batching; doubling from there finds the rest), divided by the requests each
+    arrival makes (a conversation's turns)."""
     ttft = settings.reference_ttft_ms or calibration["ttft_ms"]["p90"]
     tpot = settings.reference_tpot_ms or calibration["tpot_ms"]["p90"]
     mean_out = float(np.mean([o for _, o in lengths]))
     e2e_ms = calibration["ttft_ms"]["p50"] + (mean_out - 1) * calibration["tpot_ms"]["p50"]
     return Reference({"ttft_ms": float(ttft), "tpot_ms": float(tpot), "from": source},
-                     settings.start_rps or 1e3 / e2e_ms)
+                     settings.start_rps or 1e3 / e2e_ms / turns_per_arrival)
 
 
 def measure(target: Target, requests: Requests, settings: ServeBenchSettings, reference: Reference | None,
@@ -125,7 +175,8 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
         target.http_url, target.model, target.engine, requests.calibration, requests.pairs, requests.warmup,
         settings.calibration_max_tokens, (lambda done, total: progress(label, done, total)) if progress else None))
     log.info("%s unloaded: %s", target.name, calibration)
-    reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths)
+    reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths,
+                                            requests.turns_per_arrival())
     runner = Runner(target, requests, settings, progress)
     judged = judged_objectives(settings, reference.objectives)
     goodput: dict[str, dict] = {}
@@ -156,14 +207,15 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
 
 def _describe_cluster(cfg, model_path: str) -> dict:
     return {"mode": cfg.mode, "model_path": model_path, "dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
-            "routing_policy": cfg.routing.policy, "on_unmeetable": cfg.slo.on_unmeetable,
+            "routing_policy": cfg.routing.policy, "prefix_aware": cfg.routing.prefix_aware, "on_unmeetable": cfg.slo.on_unmeetable,
             "pools": {role: pool.model_dump(mode="json") for role, pool in cfg.pools().items()}}
 
 
-def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload, settings: ServeBenchSettings,
-                  progress: Progress | None = None) -> dict:
-    """Deploy `cfg` in each mode in turn on one Ray cluster (this process's, or a local one it
-    starts) and measure each with the same requests. Returns the whole report."""
+def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload | ConversationWorkload,
+                  settings: ServeBenchSettings, progress: Progress | None = None) -> dict:
+    """Deploy `cfg` in each configuration (`parse_configuration`) in turn on one Ray cluster (this
+    process's, or a local one it starts) and measure each with the same requests. Returns the
+    whole report."""
     from transformers import AutoTokenizer
 
     from pdserve.deployments import service
@@ -175,19 +227,21 @@ def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload,
     reference: Reference | None = None
     svc = None
     try:
-        for mode in modes:
-            mode_cfg = cfg.model_copy(update={"mode": mode,
+        for name in modes:
+            mode, prefix_aware = parse_configuration(name)
+            routing = cfg.routing if prefix_aware is None else cfg.routing.model_copy(update={"prefix_aware": prefix_aware})
+            mode_cfg = cfg.model_copy(update={"mode": mode, "routing": routing,
                                               "slo": cfg.slo.model_copy(update={"on_unmeetable": "best_effort"})})
             if svc is None:
                 svc = service.start(mode_cfg, model_path)
             else:
                 svc.delete()
                 svc = service.deploy(mode_cfg, model_path, svc.started_ray)
-            log.info("benchmarking %s at %s", mode, svc.http_url)
+            log.info("benchmarking %s at %s", name, svc.http_url)
             engine = asyncio.run(engine_probe.find_engine(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
-            target = Target(mode, svc.http_url, served_model_name(mode_cfg, model_path), engine,
+            target = Target(name, svc.http_url, served_model_name(mode_cfg, model_path), engine,
                             _describe_cluster(mode_cfg, model_path))
-            configs[mode], reference = measure(target, requests, settings, reference, progress)
+            configs[name], reference = measure(target, requests, settings, reference, progress)
     finally:
         if svc is not None:
             svc.stop()
@@ -197,7 +251,7 @@ def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload,
                                  baseline)
 
 
-def bench_url(http_url: str, tokenizer_path: str, workload: AnyWorkload, settings: ServeBenchSettings,
+def bench_url(http_url: str, tokenizer_path: str, workload: AnyWorkload | ConversationWorkload, settings: ServeBenchSettings,
               progress: Progress | None = None) -> dict:
     """Measure a service that is already running (its own config unknown here: the added latency
     needs a handle on its engines, so it is left out)."""

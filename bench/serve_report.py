@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pdserve.bench.conversations import ConversationWorkload
 from pdserve.bench.goodput import attainment
 from pdserve.bench.hardware import hardware
 from pdserve.bench.loadgen import RequestResult, RequestSpec, percentiles
@@ -35,9 +36,28 @@ def _kv_stats(results: list[RequestResult]) -> dict | None:
             "exposed_ms": percentiles([float(k["exposed_ms"]) for k in kv], _QS)}
 
 
+def _cached_fraction(results: list[RequestResult]) -> float | None:
+    """Share of the prompt tokens of served requests that their engines found in a prefix cache;
+    None when the service reported no cached counts."""
+    served = [r for r in results if r.outcome == "ok" and r.cached_tokens is not None]
+    prompt = sum(r.prompt_tokens for r in served)
+    return sum(r.cached_tokens or 0 for r in served) / prompt if prompt else None
+
+
+def _by_kind(results: list[RequestResult]) -> dict:
+    """Per request kind ("load"; a conversation's "first_turn" and "later_turn"): how many, their
+    TTFT, and how much of their prompts came from cache."""
+    kinds = sorted({r.kind for r in results})
+    return {k: {"requests": len(of), "ttft_ms": percentiles([r.ttft_ms for r in of if r.outcome == "ok"
+                                                             and r.ttft_ms is not None], _QS),
+                "cached_prompt_fraction": _cached_fraction(of)}
+            for k in kinds for of in [[r for r in results if r.kind == k]]}
+
+
 def _request_row(spec: RequestSpec, r: RequestResult) -> dict:
     kv = r.kv_transfer or {}
-    return {"arrival_s": spec.arrival_s, "outcome": r.outcome, "status": r.status, "prompt_tokens": len(spec.prompt),
+    return {"arrival_s": spec.arrival_s, "kind": spec.kind, "session_id": spec.session_id,
+            "cached_tokens": r.cached_tokens, "outcome": r.outcome, "status": r.status, "prompt_tokens": len(spec.prompt),
             "requested_output_tokens": spec.max_tokens, "output_tokens": r.completion_tokens, "ttft_ms": r.ttft_ms, "tpot_ms": r.tpot_ms, "e2e_ms": r.e2e_ms,
             "kv_bytes": kv.get("bytes"), "kv_transfer_ms": kv.get("transfer_ms"), "kv_exposed_ms": kv.get("exposed_ms"),
             "error": r.error or None}
@@ -55,6 +75,8 @@ def run_section(run: Run, judged: list[Objective]) -> dict:
         "e2e_ms": percentiles([r.e2e_ms for r in ok], _QS),
         "attainment": {o.key: attainment(run.results, o.ttft_ms, o.tpot_ms) for o in judged},
         "kv_transfer": _kv_stats(run.results),
+        "cached_prompt_fraction": _cached_fraction(run.results),
+        "by_kind": _by_kind(run.results),
         "errors": sorted({r.error[:200] for r in run.results if r.outcome == "error"})[:5],
         "per_request": [_request_row(s, r) for s, r in zip(run.specs, run.results, strict=True)],
     }
@@ -128,6 +150,44 @@ def adaptive_goal(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+CACHE_TTFT_GOAL = 0.5
+"""Cache-aware TTFT p50 at most this multiple of cache-blind's, on the same trace (issue 22)."""
+CACHE_GOODPUT_GOAL = 1.5
+"""Cache-aware goodput at least this multiple of cache-blind's, at the same objectives."""
+
+
+def cache_goal(configs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
+    """Cache-aware against cache-blind routing, per mode run both ways (`MODE/cache-blind` against
+    `MODE/cache-aware`, else `MODE`): TTFT p50 and the share of prompt tokens served from cache at
+    every rate both ran, and goodput at every setting. A goodput ratio over a cache-blind goodput of
+    0 is null, and met when cache-aware served anything."""
+    out = {}
+    for blind in (n for n in configs if n.endswith("/cache-blind")):
+        mode = blind.partition("/")[0]
+        aware = next((n for n in (f"{mode}/cache-aware", mode) if n in configs), None)
+        if aware is None:
+            continue
+        runs = {name: {r["rate_rps"]: r for r in configs[name]["runs"]} for name in (aware, blind)}
+        by_rate = {}
+        for rate in sorted(set(runs[aware]) & set(runs[blind])):
+            a, b = runs[aware][rate], runs[blind][rate]
+            p50 = {name: (run["ttft_ms"] or {}).get("p50") for name, run in ((aware, a), (blind, b))}
+            ratio = p50[aware] / p50[blind] if p50[aware] is not None and p50[blind] else None
+            by_rate[f"{rate:g}"] = {"ttft_p50_ms": p50, "ttft_p50_ratio": ratio,
+                                    "met": ratio is not None and ratio <= CACHE_TTFT_GOAL,
+                                    "cached_prompt_fraction": {aware: a["cached_prompt_fraction"],
+                                                               blind: b["cached_prompt_fraction"]}}
+        by_setting = {}
+        for row in rows:
+            g_aware, g_blind = row["goodput_rps"][aware], row["goodput_rps"][blind]
+            ratio = g_aware / g_blind if g_blind else None
+            by_setting[row["key"]] = {"goodput_rps": {aware: g_aware, blind: g_blind}, "ratio": ratio,
+                                      "met": ratio >= CACHE_GOODPUT_GOAL if ratio is not None else g_aware > 0}
+        out[mode] = {"cache_aware": aware, "cache_blind": blind, "ttft_goal_ratio": CACHE_TTFT_GOAL,
+                     "goodput_goal_ratio": CACHE_GOODPUT_GOAL, "by_rate": by_rate, "by_setting": by_setting}
+    return out
+
+
 def summary(report: dict) -> list[str]:
     """The report's headline figures, for a terminal."""
     ref = report["slo"]["reference"]
@@ -157,7 +217,29 @@ def summary(report: dict) -> list[str]:
     lines += [f"adaptive goal at {key}: adaptive {a['adaptive_rps']:.3f} req/s against {a['best_fixed']} "
               f"{a['best_fixed_rps']:.3f} (target: at least the better fixed mode) -> {'met' if a['met'] else 'not met'}"
               for key, a in report.get("adaptive_goal", {}).items()]
+    for mode, c in report.get("cache_goal", {}).items():
+        aware, blind = c["cache_aware"], c["cache_blind"]
+        lines += [f"cache goal, {mode} @ {rate} {report['workload']['rate_unit']}: TTFT p50 {_ms(r['ttft_p50_ms'][aware])} "
+                  f"cache-aware against {_ms(r['ttft_p50_ms'][blind])} cache-blind, ratio {_num(r['ttft_p50_ratio'])} "
+                  f"(target <= {c['ttft_goal_ratio']}) -> {'met' if r['met'] else 'not met'}; prompt tokens from "
+                  f"cache {_pct(r['cached_prompt_fraction'][aware])} against {_pct(r['cached_prompt_fraction'][blind])}"
+                  for rate, r in c["by_rate"].items()]
+        lines += [f"cache goal, {mode} at {key}: goodput {s['goodput_rps'][aware]:.3f} against "
+                  f"{s['goodput_rps'][blind]:.3f}, ratio {_num(s['ratio'])} (target >= {c['goodput_goal_ratio']}) -> "
+                  f"{'met' if s['met'] else 'not met'}" for key, s in c["by_setting"].items()]
     return lines
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def write(report: dict[str, Any], out_dir: Path) -> Path:
@@ -177,7 +259,9 @@ def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dic
     report = {
         "tool": "pdserve bench serve", "created_unix_s": time.time(), "command": sys.argv,
         "hardware": hardware(), "model": {"path": model_path},
-        "workload": {**describe(workload), "arrival": settings.arrival,
+        "workload": {**(workload.model_dump() if isinstance(workload, ConversationWorkload) else describe(workload)),
+                     "rate_unit": "conversations/s" if isinstance(workload, ConversationWorkload) else "req/s",
+                     "arrival": settings.arrival,
                      "burstiness": settings.burstiness if settings.arrival == "gamma" else 1.0,
                      "requests_per_rate": settings.requests_per_rate, "seed": settings.seed},
         "settings": settings.model_dump(mode="json"),
@@ -190,4 +274,6 @@ def assemble(settings: ServeBenchSettings, workload: Any, configs: dict[str, dic
         report["goal"] = headline(rows, "colocated", "disaggregated", 2.0)
     if "adaptive" in configs and set(FIXED_MODES) & set(configs):
         report["adaptive_goal"] = adaptive_goal(rows)
+    if cached := cache_goal(configs, rows):
+        report["cache_goal"] = cached
     return report

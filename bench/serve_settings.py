@@ -147,6 +147,21 @@ class Objective(BaseModel):
     """Multiple of the reference TPOT it is; None for absolute objectives."""
 
 
+MODES = ("colocated", "disaggregated", "adaptive")
+CACHE_ROUTING = {"cache-aware": True, "cache-blind": False}
+"""A configuration's routing variant: `routing.prefix_aware` set to this."""
+
+
+def parse_configuration(name: str) -> tuple[str, bool | None]:
+    """`MODE` or `MODE/cache-aware` or `MODE/cache-blind` -> (mode, prefix_aware; None: as the
+    config file says); ValueError naming what is allowed."""
+    mode, slash, variant = name.partition("/")
+    if mode not in MODES or (slash and variant not in CACHE_ROUTING):
+        raise ValueError(f"{name!r} is not a configuration: {', '.join(MODES)}, each optionally followed by "
+                         f"/{' or /'.join(CACHE_ROUTING)} (e.g. colocated/cache-blind)")
+    return mode, CACHE_ROUTING[variant] if slash else None
+
+
 def judged_objectives(settings: ServeBenchSettings, reference: dict) -> list[Objective]:
     """Every setting to judge, in the report's order: SLO scales tight to loose, the grid by TTFT
     then TPOT scale, absolute objectives as given. `reference` holds the scale-1 ttft_ms and tpot_ms."""

@@ -66,6 +66,9 @@ class Decision:
     """For a refusal: when a retry has a fair chance."""
     cached_tokens: int = 0
     """Prompt tokens the instance that prefills it is predicted to hold in its prefix cache."""
+    decode_cached_tokens: int = 0
+    """With a prefill instance: prompt tokens the decode instance is predicted to hold, which the
+    KV transfer leaves out (a conversation's earlier turns, decoded there)."""
 
     def targets(self) -> list[Target]:
         return [t for t in (self.prefill, self.decode) if t is not None]

@@ -36,7 +36,7 @@ DISAGGREGATED_LOCAL_MAX_TOKENS = 64
 one step, stalling every request decoding there for all of it."""
 
 
-def transfer_ms(tokens: int, kv_bytes_per_token: int, gbps: float) -> float:
+def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float) -> np.ndarray | float:
     return tokens * kv_bytes_per_token * 8 / (gbps * 1e6)
 
 
@@ -80,10 +80,10 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
         if adaptive:
-            first, arrival, pick_prefill = _kv_arrival_elsewhere(n, p_new, prefill, live_after_s, cfg,
+            first, arrival, pick_prefill = _kv_arrival_elsewhere(d_new, p_new, prefill, live_after_s, cfg,
                                                                  kv_bytes_per_token, spare_decoding)
         else:
-            first, arrival, pick_prefill = _kv_arrival(n, p_new, prefill, live_after_s, decode, cfg,
+            first, arrival, pick_prefill = _kv_arrival(d_new, p_new, prefill, live_after_s, decode, cfg,
                                                        kv_bytes_per_token)
         remote_ttft = np.broadcast_to(first, step.shape)
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
@@ -115,11 +115,14 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     pre = None if p is None else _target(prefill, p)
     dec = _target(decode, d)
     cached = n - (_at(p_new, p) if p is not None else _at(d_new, d))
+    held = n - _at(d_new, d) if p is not None else 0
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
     where += f", {cached} prompt tokens cached" if cached else ""
+    where += f", {held} held by the decode instance are not moved" if held else ""
     reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
-    return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached)
+    return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached,
+                    decode_cached_tokens=held)
 
 
 def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
@@ -156,18 +159,19 @@ def _at(per_instance: np.ndarray | int, i: int) -> int:
     return int(per_instance[i]) if isinstance(per_instance, np.ndarray) else per_instance
 
 
-def _kv_arrival(n: int, new: np.ndarray | int, prefill: PoolView, live_after_s: float, decode: PoolView,
-                cfg: RoutingConfig, kv_bytes_per_token: int) -> tuple[np.ndarray | float, np.ndarray | float,
-                                                                      Callable[[int], int]]:
+def _kv_arrival(moved: np.ndarray | int, new: np.ndarray | int, prefill: PoolView, live_after_s: float,
+                decode: PoolView, cfg: RoutingConfig, kv_bytes_per_token: int
+                ) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
     """For each decode instance, the prefill instance whose KV reaches it first: when that one
-    samples the first token (computing `new` of the prompt's `n` tokens, per prefill instance),
-    when the KV of all `n` arrives (both inf when none is open), and which it is."""
+    samples the first token (computing `new` of the prompt's tokens, per prefill instance), when
+    the KV arrives (`moved` tokens, per decode instance: what its prefix cache lacks; both inf
+    when no prefill instance is open), and which it is."""
     if not len(prefill):
         return np.inf, np.inf, lambda d: 0
     ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * new
     ready[prefill.last_seen_s < live_after_s] = np.inf
     best = int(ready.argmin())
-    cross = float(ready[best]) + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    cross = float(ready[best]) + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps)
     if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:  # a transfer costs the same anywhere
         return float(ready[best]), cross, lambda d: best
     # The fastest prefill instance of each node (rows are grouped by node).
@@ -175,7 +179,7 @@ def _kv_arrival(n: int, new: np.ndarray | int, prefill: PoolView, live_after_s: 
     by_node = np.full(max(prefill.max_node, decode.max_node) + 1, np.inf)
     by_node[nodes] = np.minimum.reduceat(ready, starts)
     same_ready = by_node[decode.node]
-    same = same_ready + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps)
     use_same = same < cross
 
     def pick(d: int) -> int:
@@ -206,7 +210,7 @@ def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     return view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
 
 
-def _kv_arrival_elsewhere(n: int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,
+def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,
                           kv_bytes_per_token: int, spare_decoding: bool) -> tuple[np.ndarray | float,
                                                                                  np.ndarray | float,
                                                                                  Callable[[int], int]]:
@@ -224,7 +228,7 @@ def _kv_arrival_elsewhere(n: int, new: np.ndarray | int, view: PoolView, live_af
     best, second = int(top[0]), int(top[1]) if len(top) > 1 else len(view)
     cross_pick = np.where(rows == best, second, best)
     cross_ready = padded[cross_pick]
-    cross = cross_ready + transfer_ms(n, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    cross = cross_ready + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps)
     if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:
         return cross_ready, cross, lambda d: int(cross_pick[d])
     # The two fastest instances of each node (rows are grouped by node): the first that is not d.
@@ -236,7 +240,7 @@ def _kv_arrival_elsewhere(n: int, new: np.ndarray | int, view: PoolView, live_af
     following = np.where(sizes > 1, order[np.minimum(starts + 1, len(view) - 1)], len(view))
     same_pick = np.where(first[group] == rows, following[group], first[group])
     same_ready = padded[same_pick]
-    same = same_ready + transfer_ms(n, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps)
     use_same = same < cross
     pick = np.where(use_same, same_pick, cross_pick)
     return np.where(use_same, same_ready, cross_ready), np.minimum(same, cross), lambda d: int(pick[d])

@@ -27,13 +27,16 @@ class DecodeServer(EngineServer):
         await super().__init__(cfg, model_path, controller, f"{ip}:{port}")
 
     async def generate(
-        self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool = False
+        self, req: GenerateRequest, max_tokens: int, lease_ms: int, *, replica_id: str, local_prefill: bool = False,
+        skip_tokens: int = 0,
     ) -> AsyncIterator[GenerateChunk]:
         """Stream the answer. The prompt's KV arrives from a prefill replica under the request id,
-        all of it but the last token (the first of the answer, which the prefill engine sampled),
-        unless the controller chose `local_prefill` (a short prompt this engine prefills faster
-        than a transfer would take). `replica_id` is read by the router."""
-        kv = None if local_prefill else params.for_decode(req.request_id, lease_ms, len(req.prompt_token_ids) - 1)
+        all of it but the last token (the first of the answer, which the prefill engine sampled)
+        and but the `skip_tokens` this engine's prefix cache was expected to hold, unless the
+        controller chose `local_prefill` (a short prompt this engine prefills faster than a transfer
+        would take). `replica_id` is read by the router."""
+        kv = None if local_prefill else params.for_decode(req.request_id, lease_ms, len(req.prompt_token_ids) - 1,
+                                                          skip_tokens)
         async for chunk in stream_answer(self, req, max_tokens, kv):
             yield chunk
 

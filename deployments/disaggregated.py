@@ -34,7 +34,7 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     assert decision.prefill is not None and decision.decode is not None and req.sampling.max_tokens is not None
     n = len(req.prompt_token_ids)
     dest = decision.decode.kv_addr if req.sampling.max_tokens > 1 else None  # a one-token answer moves no KV
-    task = asyncio.ensure_future(pools["prefill"].prefill.remote(req, dest, lease_ms,
+    task = asyncio.ensure_future(pools["prefill"].prefill.remote(req, dest, lease_ms, decision.decode_cached_tokens,
                                                                  replica_id=decision.prefill.replica_id))
     task.add_done_callback(on_prefill_done)
     try:
@@ -61,7 +61,8 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs, cached_tokens=cached)
     cont = req.continued(ids)
     stream = pools["decode"].options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
-                                                                  replica_id=decision.decode.replica_id)
+                                                                  replica_id=decision.decode.replica_id,
+                                                                  skip_tokens=decision.decode_cached_tokens)
     async with aclosing(decode_stream(stream, decision)) as chunks:
         async for chunk in chunks:
             chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)

@@ -52,6 +52,11 @@ class SchedulerSide:
     def _blocks(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def _skipped_blocks(self, n_tokens: int, skip_tokens: int) -> int:
+        """Leading blocks of an `n_tokens` transfer left out for `skip_tokens` the receiver holds:
+        whole blocks only, and never the last (a transfer carries at least one block)."""
+        return min(skip_tokens // self.block_size, self._blocks(n_tokens) - 1)
+
     # --- decode (consumer) ------------------------------------------------
     def _kv_tokens(self, request: Request, p: kvparams.RecvParams) -> int:
         """The prompt tokens whose KV arrives: all, or the `kv_tokens` first (the prefill engine
@@ -71,7 +76,16 @@ class SchedulerSide:
         p = self._params(request)
         if not isinstance(p, kvparams.RecvParams) or request.request_id in self._load_decided:
             return 0, False
-        remote = self._kv_tokens(request, p) - num_computed_tokens
+        n = self._kv_tokens(request, p)
+        remote = n - num_computed_tokens
+        held = self._skipped_blocks(n, p.skip_tokens) * self.block_size if n else 0
+        if remote > 0 and num_computed_tokens < held:
+            # Routing expected this engine to hold more than it does (evicted since, or a lost
+            # cache event): the transfer lacks blocks this request needs, so it computes its prompt.
+            self._load_decided.add(request.request_id)
+            self._cancel(p.transfer_id, f"the transfer leaves out {held} tokens, the prefix cache holds "
+                                        f"{num_computed_tokens}: computing the prompt here")
+            return 0, False
         return (remote, True) if remote > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -106,10 +120,11 @@ class SchedulerSide:
             end = min(start + n_sched, n)
             if start >= n:
                 continue
-            # The first push also carries blocks that came from the local prefix cache. A block this
-            # step leaves partly computed goes with the step that completes it: the receiver takes
-            # every block once (a chunk ends mid-block when decodes share the step's token budget).
-            first = self._next_block.get(req_id, 0)
+            # Pushes start at the first block the receiver lacks (`skip_tokens`), and the first one also
+            # carries blocks that came from the local prefix cache. A block this step leaves partly
+            # computed goes with the step that completes it: the receiver takes every block once (a
+            # chunk ends mid-block when decodes share the step's token budget).
+            first = self._next_block.get(req_id, self._skipped_blocks(n, p.skip_tokens))
             last = self._blocks(end) if end == n else end // self.block_size
             if last <= first:
                 continue

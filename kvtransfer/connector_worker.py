@@ -113,8 +113,9 @@ class WorkerSide:
         for job in meta.sends:
             if job.req_id not in self._outgoing:
                 assert self.sender is not None, "send job on an engine without the producer role"
+                # A request's first job starts where the transfer does (`SchedulerSide._send_jobs`).
                 self._outgoing[job.req_id] = self.sender.open(
-                    job.transfer_id, job.dest, job.num_tokens, job.lease_ms, job.trace_parent
+                    job.transfer_id, job.dest, job.num_tokens, job.lease_ms, job.trace_parent, job.first_block
                 )
                 self._compute_start_ns[job.req_id] = now_ns
         for transfer_id, reason in meta.cancels.items():

@@ -20,6 +20,9 @@ class SendParams:
     dest: str
     lease_ms: int
     trace_parent: str = ""  # W3C traceparent of the prefill span; carried in TransferOpen
+    skip_tokens: int = 0
+    """Leading prompt tokens the decode engine is expected to hold in its prefix cache: the whole
+    blocks among them are not sent (at most all blocks but the last)."""
 
 
 @dataclass(frozen=True)
@@ -32,19 +35,28 @@ class RecvParams:
     """How many leading tokens of the request's prompt the KV covers; None: all of them. Fewer when
     the prefill engine also sampled the answer's first token, which ends the prompt here and is
     computed on this engine."""
+    skip_tokens: int = 0
+    """What the prefill side was told this engine holds (`SendParams.skip_tokens`): when its prefix
+    cache holds less, the transfer lacks blocks this request needs, and the prompt is computed here."""
 
 
-def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_parent: str = "") -> dict[str, Any]:
-    p = {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}
+def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_parent: str = "",
+                skip_tokens: int = 0) -> dict[str, Any]:
+    p: dict[str, Any] = {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}
     if trace_parent:
         p["trace_parent"] = trace_parent
+    if skip_tokens:
+        p["skip_tokens"] = skip_tokens
     return {KEY: p}
 
 
-def for_decode(transfer_id: str, lease_ms: int = 30_000, kv_tokens: int | None = None) -> dict[str, Any]:
+def for_decode(transfer_id: str, lease_ms: int = 30_000, kv_tokens: int | None = None,
+               skip_tokens: int = 0) -> dict[str, Any]:
     p: dict[str, Any] = {"op": "recv", "transfer_id": transfer_id, "lease_ms": lease_ms}
     if kv_tokens is not None:
         p["kv_tokens"] = kv_tokens
+    if skip_tokens:
+        p["skip_tokens"] = skip_tokens
     return {KEY: p}
 
 
@@ -60,6 +72,9 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
         raise ValueError(f"{KEY}.transfer_id must be a non-empty string")
     if isinstance(lease, bool) or not isinstance(lease, int) or lease <= 0:
         raise ValueError(f"{KEY}.lease_ms must be a positive integer, got {lease!r}")
+    skip_tokens = p.get("skip_tokens", 0)
+    if isinstance(skip_tokens, bool) or not isinstance(skip_tokens, int) or skip_tokens < 0:
+        raise ValueError(f"{KEY}.skip_tokens must be a non-negative integer, got {skip_tokens!r}")
     op = p.get("op")
     if op == "send":
         dest = p.get("dest")
@@ -68,10 +83,10 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
         trace_parent = p.get("trace_parent", "")
         if not isinstance(trace_parent, str) or len(trace_parent) > 256:
             raise ValueError(f"{KEY}.trace_parent must be a W3C traceparent string")
-        return SendParams(tid, dest, lease, trace_parent)
+        return SendParams(tid, dest, lease, trace_parent, skip_tokens)
     if op == "recv":
         kv_tokens = p.get("kv_tokens")
         if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens <= 0):
             raise ValueError(f"{KEY}.kv_tokens must be a positive integer, got {kv_tokens!r}")
-        return RecvParams(tid, lease, kv_tokens)
+        return RecvParams(tid, lease, kv_tokens, skip_tokens)
     raise ValueError(f"{KEY}.op must be 'send' or 'recv', got {op!r}")

@@ -267,7 +267,10 @@ class KVSender:
     def _call(self, coro) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coro, self._loop)
 
-    def open(self, transfer_id: str, dest: str, num_tokens: int, lease_ms: int, trace_parent: str = "") -> OutgoingTransfer:
+    def open(self, transfer_id: str, dest: str, num_tokens: int, lease_ms: int, trace_parent: str = "",
+             first_block: int = 0) -> OutgoingTransfer:
+        """A transfer of the KV of `num_tokens` prompt tokens, blocks [first_block, end): the ones
+        before are in the receiver's prefix cache already."""
         num_blocks = -(-num_tokens // self.fingerprint.block_size)
         msg = pb.TransferOpen(
             transfer_id=transfer_id,
@@ -276,6 +279,7 @@ class KVSender:
             num_blocks=num_blocks,
             lease_ms=lease_ms,
             trace_parent=trace_parent,
+            first_block=first_block,
         )
         return OutgoingTransfer(self, transfer_id, dest, msg)
 

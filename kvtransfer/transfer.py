@@ -58,6 +58,7 @@ class IncomingTransfer:
     opened: bool = False
     num_tokens: int = 0
     num_blocks: int = 0
+    first_block: int = 0  # blocks before it are not carried (the receiver's engine holds them)
     state: TransferState = TransferState.WAITING
     error: str = ""
     chunks: dict[tuple[int, int], StagedChunk] = field(default_factory=dict)
@@ -71,11 +72,11 @@ class IncomingTransfer:
     trace_parent: str = ""  # the prefill span's W3C traceparent: parent of the kv_transfer span
 
     def covered_blocks(self, num_layers: int) -> int:
-        """Number of leading logical blocks staged in every layer."""
+        """End of the run of logical blocks from `first_block` staged in every layer."""
         per_layer = [set() for _ in range(num_layers)]
         for c in self.chunks.values():
             per_layer[c.layer].update(range(c.block_start, c.block_start + c.num_blocks))
-        n = 0
+        n = self.first_block
         while n < self.num_blocks and all(n in s for s in per_layer):
             n += 1
         return n
@@ -109,14 +110,17 @@ class TransferTable:
                 f"num_blocks={msg.num_blocks} does not cover num_tokens={msg.num_tokens} "
                 f"at block_size={bs}",
             )
-        need = msg.num_blocks * block_bytes * self.fingerprint.num_layers
+        if not 0 <= msg.first_block < msg.num_blocks:
+            raise TransferRefused("INVALID_ARGUMENT",
+                                  f"first_block={msg.first_block} outside [0, num_blocks={msg.num_blocks})")
+        need = (msg.num_blocks - msg.first_block) * block_bytes * self.fingerprint.num_layers
         lease_s = min(max(msg.lease_ms, 1), self.max_lease_ms) / 1000
         with self._lock:
             t = self._transfers.get(msg.transfer_id)
             if t is not None and t.state.terminal:  # e.g. a late sender after the lease expired
                 raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}: {t.error}")
             if t is not None and t.opened:
-                if (t.num_tokens, t.num_blocks) != (msg.num_tokens, msg.num_blocks):
+                if (t.num_tokens, t.num_blocks, t.first_block) != (msg.num_tokens, msg.num_blocks, msg.first_block):
                     raise TransferRefused("INVALID_ARGUMENT", "stream disagrees with the transfer's size")
                 return t
             if self.reserved_bytes + need > self.max_staging_bytes:
@@ -130,7 +134,7 @@ class TransferTable:
                     raise TransferRefused("RESOURCE_EXHAUSTED", f"{len(self._transfers)} transfers in flight")
                 t = IncomingTransfer(msg.transfer_id, deadline_s=now_s + lease_s)
                 self._transfers[msg.transfer_id] = t
-            t.opened, t.num_tokens, t.num_blocks = True, msg.num_tokens, msg.num_blocks
+            t.opened, t.num_tokens, t.num_blocks, t.first_block = True, msg.num_tokens, msg.num_blocks, msg.first_block
             t.staged_blocks = [bytearray(msg.num_blocks) for _ in range(self.fingerprint.num_layers)]
             t.reserved_bytes, t.trace_parent = need, msg.trace_parent
             self.reserved_bytes += need
@@ -152,8 +156,8 @@ class TransferTable:
             old = t.chunks.get(key)
             if not 0 <= hdr.layer < fp.num_layers:
                 problem = f"layer {hdr.layer} out of range [0, {fp.num_layers})"
-            elif hdr.num_blocks <= 0 or not 0 <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
-                problem = f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [0, {t.num_blocks})"
+            elif hdr.num_blocks <= 0 or not t.first_block <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
+                problem = f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [{t.first_block}, {t.num_blocks})"
             elif payload.nbytes != hdr.num_blocks * fp.block_bytes_per_layer:
                 problem = f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {fp.block_bytes_per_layer} B"
             elif frame_bytes - payload.nbytes > CHUNK_OVERHEAD_BYTES:
@@ -204,7 +208,8 @@ class TransferTable:
             return
         covered = t.covered_blocks(self.fingerprint.num_layers)
         if covered < t.num_blocks:
-            self._fail(t, f"only {covered} of {t.num_blocks} blocks arrived in every layer")
+            self._fail(t, f"only blocks [{t.first_block}, {covered}) of [{t.first_block}, {t.num_blocks}) arrived in "
+                          "every layer")
             return
         t.state = TransferState.DONE
         self.counters["done"] += 1

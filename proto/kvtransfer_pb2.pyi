@@ -56,7 +56,7 @@ class HandshakeReply(_message.Message):
     def __init__(self, receiver_id: _Optional[str] = ..., epoch: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
 
 class TransferOpen(_message.Message):
-    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent", "epoch")
+    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent", "epoch", "first_block")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class TransferOpen(_message.Message):
     LEASE_MS_FIELD_NUMBER: _ClassVar[int]
     TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     fingerprint: KVFingerprint
     num_tokens: int
@@ -71,7 +72,8 @@ class TransferOpen(_message.Message):
     lease_ms: int
     trace_parent: str
     epoch: str
-    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ..., epoch: _Optional[str] = ...) -> None: ...
+    first_block: int
+    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ..., epoch: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("transfer_id", "layer", "block_start", "num_blocks", "crc32c")

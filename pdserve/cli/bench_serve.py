@@ -39,14 +39,14 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from pdserve.bench import plots, serve_bench, serve_report, serve_settings
-    from pdserve.bench.workloads import load_workload
+    from pdserve.bench.conversations import load
 
     # Only the objective options given: without --slo-scale, a grid or --objectives replace its default.
     objectives = {field: value for field, value in (("slo_scales", args.slo_scale), ("ttft_scales", args.ttft_scales),
                                                     ("tpot_scales", args.tpot_scales), ("objectives_ms", args.objectives))
                   if value is not None}
     try:
-        workload = load_workload(args.workload)
+        workload = load(args.workload)
         settings = serve_settings.ServeBenchSettings(
             requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
             rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
@@ -72,9 +72,15 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
     else:
         modes = [m.strip() for m in args.compare.split(",") if m.strip()]
-        if not modes or set(modes) - {"colocated", "disaggregated", "adaptive"}:
-            print(f"pdserve bench serve: --compare takes colocated, disaggregated and/or adaptive, got {args.compare!r}",
-                  file=sys.stderr)
+        try:
+            if not modes:
+                raise ValueError("--compare names no configuration")
+            for name in modes:
+                serve_settings.parse_configuration(name)
+            if len(set(modes)) < len(modes):
+                raise ValueError(f"--compare names a configuration twice: {args.compare!r}")
+        except ValueError as err:
+            print(f"pdserve bench serve: {err}", file=sys.stderr)
             return 2
         report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
     for b in bar.values():
@@ -91,9 +97,13 @@ def add_bench_serve_parser(bench: Any) -> None:
     """`serve` under `pdserve bench`."""
     sv = bench.add_parser("serve", help="goodput: colocated vs disaggregated (or a running service), SLO-scale sweep")
     sv.add_argument("--config", help="cluster YAML both configurations start from (default: the built-in one)")
-    sv.add_argument("--compare", default="colocated,disaggregated", help="modes to deploy and run, in order")
+    sv.add_argument("--compare", default="colocated,disaggregated",
+                    help="configurations to deploy and run, in order: colocated, disaggregated, adaptive, each "
+                         "optionally /cache-aware or /cache-blind (routing.prefix_aware on or off)")
     sv.add_argument("--url", help="measure this running service instead of deploying (e.g. http://127.0.0.1:8000)")
-    sv.add_argument("--workload", default="chat", help="chat, summarization, code, or a .yaml/.json/.jsonl file")
+    sv.add_argument("--workload", default="chat",
+                    help="chat, summarization, code, multi-turn, shared-prefix, or a .yaml/.json/.jsonl file "
+                         "(multi-turn and shared-prefix send conversations: rates are conversations per second)")
     sv.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     sv.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps")
     sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")
@@ -111,7 +121,7 @@ def add_bench_serve_parser(bench: Any) -> None:
                          "(e.g. summarization=15000:160,code=1000:200)")
     sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
     sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
-    sv.add_argument("--requests", type=int, default=40, help="requests per rate")
+    sv.add_argument("--requests", type=int, default=40, help="requests (or conversations) per rate")
     sv.add_argument("--max-runs", type=int, default=8, help="runs per configuration at most")
     sv.add_argument("--calibration-requests", type=int, default=10, help="unloaded requests, and as many pairs")
     sv.add_argument("--probe-prompt-tokens", type=int, default=16, help="prompt length of the added-latency pairs")

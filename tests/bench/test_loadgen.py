@@ -15,6 +15,7 @@ from pdserve.bench.loadgen import (
     run_load,
     summarize,
 )
+from tests.bench.fake_service import FakeSSEServer
 
 
 def test_gamma_arrivals_mean_gap_and_burstiness():
@@ -94,51 +95,6 @@ def test_summarize_judges_each_request_against_its_own_objectives():
     assert s["reject_ms"]["p99"] == 7.0
 
 
-class FakeSSEServer:
-    """A minimal HTTP/1.1 server on loopback that answers /v1/completions by prompt:
-    "ok" streams three text events, a usage chunk and [DONE]; "busy" gets a 429; "fail" an error event."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-        self.server: asyncio.Server | None = None
-
-    async def __aenter__(self):
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self
-
-    async def __aexit__(self, *exc):
-        self.server.close()
-        await self.server.wait_closed()
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        length = next(int(h.split(":")[1]) for h in head.split("\r\n") if h.lower().startswith("content-length"))
-        body = json.loads(await reader.readexactly(length))
-        self.bodies.append(body)
-        if body["prompt"] == "busy":
-            msg = b'{"error": {"message": "overloaded"}}'
-            writer.write(b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 2\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(msg), msg))
-        else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n")
-            events = [{"choices": [{"index": 0, "text": ""}]}]
-            events += [{"choices": [{"index": 0, "text": t}]} for t in ("Hello", " wor", "ld")]
-            if body["prompt"] == "fail":
-                events.append({"error": {"message": "engine died"}})
-            events.append({"choices": [], "usage": {"completion_tokens": 3}, "slo": {"ttft_met": True}})
-            for event in events:
-                writer.write(f"data: {json.dumps(event)}\n\n".encode())
-                await writer.drain()
-                await asyncio.sleep(0.01)
-            writer.write(b"data: [DONE]\n\n")
-        await writer.drain()
-        writer.close()
-
-
 def test_run_load_against_fake_server():
     specs = [RequestSpec(0.0, "ok", 3, "chat", ttft_ms=500.0, priority=1),
              RequestSpec(0.05, "busy", 3, "long"),
@@ -155,6 +111,7 @@ def test_run_load_against_fake_server():
     assert (ok.kind, ok.outcome, ok.status, ok.completion_tokens) == ("chat", "ok", 200, 3)
     assert ok.ttft_ms is not None and ok.tpot_ms is not None and ok.tpot_ms > 0
     assert ok.e2e_ms >= ok.ttft_ms and ok.server_slo == {"ttft_met": True}
+    assert ok.text == "Hello world" and ok.cached_tokens is None  # no prompt_tokens_details: nothing claimed
     assert (busy.kind, busy.outcome, busy.status, busy.retry_after_s) == ("long", "rejected", 429, 2.0)
     assert (fail.outcome, fail.status) == ("error", 200) and "engine died" in fail.error
     assert sorted(seen) == [(1, 3), (2, 3), (3, 3)]

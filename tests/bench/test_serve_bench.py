@@ -4,7 +4,7 @@ every objective setting on one set of runs."""
 
 from transformers import AutoTokenizer
 
-from pdserve.bench import engine_probe, serve_bench
+from pdserve.bench import conversations, engine_probe, serve_bench
 from pdserve.bench.loadgen import RequestResult
 from pdserve.bench.serve_bench import build_requests
 from pdserve.bench.serve_settings import ServeBenchSettings, Target
@@ -30,6 +30,18 @@ def test_every_rate_gets_the_same_lengths_with_prompts_no_other_run_has_sent():
     assert len(set(first_blocks)) == len(first_blocks)  # no two prompts share a prefix-cache block
     assert {len(r.prompt_token_ids) for r in pairs} == {settings.probe_prompt_tokens}
     assert build_requests(BUILT_IN["chat"], settings, tokenizer).load_at(0.25) == fast
+
+
+def test_every_rate_gets_the_same_conversations_in_words_no_other_run_has_sent():
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_model(None)))
+    settings = ServeBenchSettings(requests_per_rate=12, calibration_requests=4, seed=3)
+    requests = build_requests(conversations.BUILT_IN["multi-turn"], settings, tokenizer)
+    slow, fast = requests.conversations_at(0.125), requests.conversations_at(0.25)
+    assert [[len(m) for m in c.messages] for c in slow] == [[len(m) for m in c.messages] for c in fast]
+    assert requests.load_lengths == [(len(c.messages[0]), c.answer_tokens[0]) for c in slow]
+    firsts = [c.messages[0][:16] for c in [*slow, *fast]]
+    assert len(set(firsts)) == len(firsts)
+    assert requests.turns_per_arrival() == sum(len(c.messages) for c in slow) / 12
 
 
 def test_every_setting_is_searched_on_runs_measured_once_and_judged_from_the_same_requests(monkeypatch):

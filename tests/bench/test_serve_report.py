@@ -4,7 +4,7 @@ objectives), the attainment and comparison rows keyed by them, and the headline 
 import pytest
 from pydantic import ValidationError
 
-from pdserve.bench import plots
+from pdserve.bench import conversations, plots
 from pdserve.bench.loadgen import RequestResult, RequestSpec
 from pdserve.bench.serve_report import (
     adaptive_goal,
@@ -201,3 +201,40 @@ def test_a_report_of_absolute_objectives_keys_goodput_by_them_and_plots_bars(tmp
     assert report["goal"]["by_setting"] == {"code": {"ratio": 2.0, "met": True}}
     # No SLO scale, so no plot against one: the bars instead.
     assert [p.name for p in plots.write_all(report, tmp_path)] == ["goodput_settings.png", "latency.png"]
+
+
+def _turn(kind: str, ttft_ms: float, cached_tokens: int) -> RequestResult:
+    result = _result(ttft_ms, 50.0)
+    result.kind, result.prompt_tokens, result.cached_tokens = kind, 400, cached_tokens
+    return result
+
+
+def test_cache_aware_routing_is_judged_against_cache_blind_on_the_same_conversation_runs(tmp_path):
+    """At 0.1 and 0.2 conversations/s; later turns hit the cache when routed to it (cache-aware)
+    and half the time by chance (cache-blind), and their TTFT follows the cached share."""
+    settings = ServeBenchSettings(rates_rps=[0.1, 0.2], objectives_ms=[{"name": "chat", "ttft_ms": 300,
+                                                                         "tpot_ms": 200}])
+    judged = judged_objectives(settings, REFERENCE)
+    configs = {}
+    for name, hits in (("colocated", [True, True]), ("colocated/cache-blind", [True, False])):
+        turns = [_turn("first_turn", 400.0, 0)] * 2 + [_turn("later_turn", 100.0 if h else 400.0, 256 if h else 0)
+                                                        for h in hits] * 3
+        runs = {r: _run(turns, r) for r in (0.1, 0.2)}
+        configs[name] = target_section(Target(name, "http://fake", "m", None, {}), {}, runs, judged, settings, {})
+    report = assemble(settings, conversations.BUILT_IN["multi-turn"], configs, REFERENCE, 0.1, "model", "colocated")
+    assert report["workload"]["rate_unit"] == "conversations/s" and report["workload"]["turns_mean"] == 2.0
+    run = report["configs"]["colocated"]["runs"][0]
+    assert run["cached_prompt_fraction"] == pytest.approx(6 * 256 / (8 * 400))
+    assert run["by_kind"]["later_turn"]["ttft_ms"]["p50"] == 100.0 and run["by_kind"]["first_turn"]["requests"] == 2
+    goal = report["cache_goal"]["colocated"]
+    assert (goal["cache_aware"], goal["cache_blind"]) == ("colocated", "colocated/cache-blind")
+    by_rate = goal["by_rate"]["0.1"]
+    assert by_rate["ttft_p50_ms"] == {"colocated": 100.0, "colocated/cache-blind": 400.0}
+    assert by_rate["ttft_p50_ratio"] == 0.25 and by_rate["met"]
+    # 6 of 8 turns meet 300 ms cache-aware, 5 of 8 cache-blind: neither reaches 90%, so no goodput either way.
+    assert goal["by_setting"]["chat"] == {"goodput_rps": {"colocated": 0.0, "colocated/cache-blind": 0.0},
+                                          "ratio": None, "met": False}
+    assert any(line.startswith("cache goal, colocated @ 0.1 conversations/s: TTFT p50 100 ms cache-aware against "
+                               "400 ms cache-blind, ratio 0.25 (target <= 0.5) -> met; prompt tokens from cache 48% "
+                               "against 24%") for line in summary(report))
+    assert "latency.png" in [p.name for p in plots.write_all(report, tmp_path)]

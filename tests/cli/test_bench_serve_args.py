@@ -4,7 +4,8 @@ settings it was given to the benchmark."""
 import pytest
 
 from pdserve.bench import serve_bench
-from pdserve.bench.serve_settings import AbsoluteObjective, ServeBenchSettings, judged_objectives
+from pdserve.bench.conversations import ConversationWorkload
+from pdserve.bench.serve_settings import AbsoluteObjective, judged_objectives
 from pdserve.cli.main import main
 
 
@@ -19,7 +20,10 @@ def _exit_code(argv: list[str]) -> int:
     (["--workload", "no-such-workload"], "neither built in"),
     (["--requests", "0"], "requests_per_rate"),
     (["--slo-scale", "1,x"], "comma-separated numbers"),
-    (["--compare", "colocated,fancy"], "--compare takes colocated, disaggregated and/or adaptive"),
+    (["--compare", "colocated,fancy"], "'fancy' is not a configuration: colocated, disaggregated, adaptive"),
+    (["--compare", "colocated/cache-lucky"], "each optionally followed by /cache-aware or /cache-blind"),
+    (["--compare", "colocated,colocated"], "names a configuration twice"),
+    (["--workload", "multi-turn", "--compare", ","], "names no configuration"),
     (["--objectives", "15000"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
     (["--objectives", "summarization=15000:fast"], "argument --objectives: expected TTFT_MS:TPOT_MS pairs"),
     (["--objectives", "chat=1000:200,chat=2000:100"], "objectives_ms: chat given twice"),
@@ -32,23 +36,35 @@ def test_bad_arguments_exit_2_saying_what_is_wrong(args, words, capsys):
 
 
 class _Deploying(Exception):
-    """Raised where the benchmark would deploy: the settings it was handed."""
+    """Raised where the benchmark would deploy: the settings, configurations and workload it was handed."""
 
 
 @pytest.fixture
-def settings_for(monkeypatch):
-    """`bench serve` with some arguments, up to where it would deploy: the settings it would deploy with."""
+def deploying_with(monkeypatch):
+    """`bench serve` with some arguments, up to where it would deploy: (settings, configurations, workload)."""
     def deploy(cfg, model_path, modes, workload, settings, progress=None):
-        raise _Deploying(settings)
+        raise _Deploying(settings, modes, workload)
 
     monkeypatch.setattr(serve_bench, "bench_configs", deploy)
 
-    def settings_for(args: list[str]) -> ServeBenchSettings:
+    def deploying_with(args: list[str]) -> tuple:
         with pytest.raises(_Deploying) as deploying:
             main(["bench", "serve", *args])
-        return deploying.value.args[0]
+        return deploying.value.args
 
-    return settings_for
+    return deploying_with
+
+
+@pytest.fixture
+def settings_for(deploying_with):
+    """The settings `bench serve` would deploy with."""
+    return lambda args: deploying_with(args)[0]
+
+
+def test_a_conversation_workload_is_run_on_each_configuration_with_its_cache_routing(deploying_with):
+    _, modes, workload = deploying_with(["--workload", "multi-turn", "--compare", "colocated,colocated/cache-blind"])
+    assert modes == ["colocated", "colocated/cache-blind"]
+    assert isinstance(workload, ConversationWorkload) and workload.turns_mean == 2.0
 
 
 @pytest.mark.parametrize("args, slo_scales, keys", [

@@ -70,6 +70,16 @@ def test_a_wholly_cached_prompt_still_computes_its_last_token():
     assert route(reg, asking(PROMPT)).cached_tokens == 992  # a partial last block is never cached
 
 
+def test_what_the_decode_instance_holds_is_left_out_of_the_transfer_it_is_sent():
+    reg = pools()
+    cache(reg, "d", PROMPT[:608])  # an earlier turn, decoded there
+    cache(reg, "p1", PROMPT[:800])
+    d = route(reg, asking(PROMPT))
+    assert (d.prefill.replica_id, d.cached_tokens, d.decode_cached_tokens) == ("p1", 800, 608)
+    assert "608 held by the decode instance are not moved" in d.reason
+    assert route(reg, request(len(PROMPT))).decode_cached_tokens == 0  # cache-blind: all of it moves
+
+
 def test_a_later_turn_prefills_just_its_new_tokens_on_the_decode_instance_holding_its_history():
     reg = pools()
     add(reg, "d2", "decode")

@@ -1,6 +1,7 @@
 """Prefix-aware routing on real engines: two colocated float32 engines, two conversations whose
 first turns land one on each; their second turns go to the engine that holds their history, which
-computes only the new tokens (the answers' usage says how many were cached), and the answers are
+computes only the new tokens (the answers' usage says how many were cached). Disaggregated, the
+second turn's KV transfer leaves out the history its decode engine holds. The answers are always
 those of an engine that caches nothing."""
 
 from __future__ import annotations
@@ -57,7 +58,26 @@ def engine(decision: str) -> str:
     return decision.split(" -> ")[1].split(" ")[0]
 
 
-def test_later_turns_go_to_the_engine_holding_their_history_and_answer_as_an_engine_caching_nothing():
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list]:
+    """The conversations' answers from one engine that caches nothing."""
+    nothing_cached = service_config(mode="colocated", colocated={
+        "replicas": 1, "cpu_binds": ["0"], "engine_args": {"enable_prefix_caching": False}},
+        routing={"prefix_aware": False})
+    with running_service(nothing_cached, str(resolve_model(None)), num_cpus=4) as svc:
+        answers, _ = conversations(svc, concurrently=False)
+    for name in SYSTEM:
+        assert answers[name][1].usage.prompt_tokens_details.cached_tokens == 0
+    return answers
+
+
+def same_answers(answers: dict[str, list], reference: dict[str, list]) -> None:
+    for name in SYSTEM:
+        assert [a.choices[0].message.content for a in answers[name]] == \
+               [a.choices[0].message.content for a in reference[name]]
+
+
+def test_later_turns_go_to_the_engine_holding_their_history_and_answer_as_an_engine_caching_nothing(reference):
     cached_cfg = service_config(mode="colocated", colocated={"replicas": 2, "cpu_binds": ["0", "1"]})
     with running_service(cached_cfg, str(resolve_model(None)), num_cpus=4) as svc:
         answers, ids = conversations(svc, concurrently=True)
@@ -70,13 +90,19 @@ def test_later_turns_go_to_the_engine_holding_their_history_and_answer_as_an_eng
         later = answers[name][1].usage
         assert later.prompt_tokens_details.cached_tokens >= 256, later  # its history, in whole 128-token blocks
         assert answers[name][0].usage.prompt_tokens_details.cached_tokens == 0
+    same_answers(answers, reference)
 
-    nothing_cached = service_config(mode="colocated", colocated={
-        "replicas": 1, "cpu_binds": ["0"], "engine_args": {"enable_prefix_caching": False}},
-        routing={"prefix_aware": False})
-    with running_service(nothing_cached, str(resolve_model(None)), num_cpus=4) as svc:
-        reference, _ = conversations(svc, concurrently=False)
-    for name in SYSTEM:
-        assert [a.choices[0].message.content for a in answers[name]] == \
-               [a.choices[0].message.content for a in reference[name]]
-        assert reference[name][1].usage.prompt_tokens_details.cached_tokens == 0
+
+def test_a_later_turns_transfer_leaves_out_the_history_its_decode_engine_holds(reference):
+    """Disaggregated (one prefill, one decode engine): the decode engine holds the first turn with its
+    answer, so the second turn's KV transfer carries only the rest, and the answers stay the same."""
+    with running_service(service_config(), str(resolve_model(None)), num_cpus=4) as svc:
+        answers, ids = conversations(svc, concurrently=False)
+        routed = routing_decisions(svc)
+    for name, (first, second) in ids.items():
+        assert "held by the decode instance" not in routed[first]
+        assert "held by the decode instance are not moved" in routed[second], routed[second]
+        held = int(routed[second].split(" held by the decode instance")[0].rsplit(" ", 1)[1])
+        assert held >= 384, routed[second]  # the system prompt's three 128-token blocks at least
+        assert answers[name][1].usage.model_extra["kv_transfer"]["state"] == "DONE"  # loaded, not recomputed
+    same_answers(answers, reference)

@@ -55,8 +55,11 @@ def prompts(tokenizer) -> dict:
     assert len(ids) > max(LENGTHS)
     doomed = tokenizer(" ".join(reversed(TEXT.split())) * 40)["input_ids"][:1000]
     chunked = tokenizer(" ".join(TEXT.split()[::2]) * 40)["input_ids"][:700]
+    # Three 600-token prompts sharing no block with any other: 4 whole blocks and a partial one each.
+    held, lacking, moved = (tokenizer(" ".join(TEXT.split()[k::k + 1]) * 60)["input_ids"][:600] for k in (1, 2, 4))
     return {**{n: ids[:n] for n in LENGTHS}, "forged": tokenizer(FORGED_TEXT)["input_ids"], "doomed": doomed,
-            "open": tokenizer(OPEN_TEXT)["input_ids"], "chunked": chunked}
+            "open": tokenizer(OPEN_TEXT)["input_ids"], "chunked": chunked, "held": held, "lacking": lacking,
+            "moved": moved}
 
 
 SEEDED = {"temperature": 1.0, "seed": 1234}
@@ -97,15 +100,14 @@ class PD(DisaggregatedPair):
     def new_prefill(self) -> EngineProcess:
         return EngineProcess(EngineSpec(self.model, "prefill", {"secret": self.secret}, cpu_bind="0"))
 
-    def run(self, ids, dest=None):
-        """Like generate, but returns both results and can push through another address."""
+    def run(self, ids, dest=None, skip_tokens: int = 0):
+        """Like generate, but returns both results, can push through another address, and can leave
+        out the `skip_tokens` the decode engine is expected to hold."""
         tid = uuid.uuid4().hex
-        self.decode.send_generate(
-            {"prompt_token_ids": ids, "max_tokens": MAX_TOKENS, "kv_transfer_params": params.for_decode(tid)}
-        )
-        pr = self.prefill.generate(
-            {"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, dest or self.addr)}
-        )
+        self.decode.send_generate({"prompt_token_ids": ids, "max_tokens": MAX_TOKENS,
+                                   "kv_transfer_params": params.for_decode(tid, skip_tokens=skip_tokens)})
+        pr = self.prefill.generate({"prompt_token_ids": ids, "max_tokens": 1, "kv_transfer_params":
+                                    params.for_prefill(tid, dest or self.addr, skip_tokens=skip_tokens)})
         return pr, self.decode.result()
 
 
@@ -212,6 +214,34 @@ def test_a_json_answer_going_on_without_its_grammar_moved_on_differs(pd, prompts
     assert first["token_ids"] == reference["greedy-json-open"][:1]
     assert tokenizer.decode(reference["greedy-json-open"]).startswith("{") and first["token_ids"] == [tokenizer.encode("{")[0]]
     assert first["token_ids"] + rest["token_ids"] != reference["greedy-json-open"]
+    _assert_no_leak(pd)
+
+
+def _received_bytes(pd: PD) -> int:
+    return pd.decode.call("connector")["receiver"]["bytes"]
+
+
+def test_a_transfer_leaves_out_the_blocks_the_decode_engine_holds_and_the_answer_is_the_same(pd, prompts, reference):
+    # The decode engine computed the first 300 tokens of "held" itself (an earlier turn): blocks 0-1 stay cached.
+    pd.decode.generate({"prompt_token_ids": prompts["held"][:300], "max_tokens": 1})
+    before = _received_bytes(pd)
+    pd.run(prompts["moved"])  # the same length, nothing held: all 5 blocks move
+    whole = _received_bytes(pd) - before
+    _, dr = pd.run(prompts["held"], skip_tokens=300)
+    part = _received_bytes(pd) - before - whole
+    rep = _report(dr)
+    assert rep["state"] == "DONE", rep
+    assert dr["token_ids"] == reference["held"]
+    assert part * 5 == whole * 3 and part > 0  # blocks 2-4 only
+    assert dr["num_cached_tokens"] >= 599  # 256 from its own cache, the rest loaded
+    _assert_no_leak(pd)
+
+
+def test_a_decode_engine_lacking_what_the_transfer_leaves_out_computes_the_prompt_to_the_same_answer(pd, prompts,
+                                                                                                      reference):
+    _, dr = pd.run(prompts["lacking"], skip_tokens=300)  # routing believed it held 300 tokens: it holds none
+    assert dr["token_ids"] == reference["lacking"]
+    assert dr["num_cached_tokens"] == 0 and "state" not in _report(dr)  # computed here, nothing loaded
     _assert_no_leak(pd)
 
 

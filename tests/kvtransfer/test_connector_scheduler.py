@@ -119,6 +119,37 @@ def test_prefill_pushes_chunk_by_chunk_from_block_zero_each_block_once_and_marks
     assert hold and out[params.KEY]["transfer_id"] == "t9"
 
 
+def test_prefill_leaves_out_the_whole_blocks_the_decode_engine_holds_but_never_the_last():
+    side = _side({"p1": [10, 11, 12, 13], "p2": [20, 21]})
+    # The decode engine holds 300 tokens: blocks 0 and 1 stay; block 2 (tokens 256-383) goes.
+    held = _request("p1", 400, params.for_prefill("t1", "h:1", skip_tokens=300))
+    side.update_state_after_alloc(held, _blocks([10, 11, 12, 13]), 0)
+    # Held all but its last token (a prompt ends with its last block): that block still goes.
+    whole = _request("p2", 256, params.for_prefill("t2", "h:1", skip_tokens=255 + BS))
+    side.update_state_after_alloc(whole, _blocks([20, 21]), 0)
+    jobs = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={"p1": 400, "p2": 256})).sends
+    assert [(j.transfer_id, j.first_block, j.block_ids) for j in jobs] == [("t1", 2, [12, 13]), ("t2", 1, [21])]
+
+
+def test_decode_holding_what_the_transfer_leaves_out_loads_only_the_rest():
+    side = _side()
+    req = _request("r1", 400, params.for_decode("t1", skip_tokens=300))
+    assert side.get_num_new_matched_tokens(req, 256) == (144, True)  # 2 whole blocks from its own cache
+    side.update_state_after_alloc(req, _blocks([4, 5, 6, 7]), 144)
+    (job,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert (job.first_block, job.block_ids) == (2, [6, 7])
+
+
+def test_decode_lacking_what_the_transfer_leaves_out_computes_its_prompt_and_cancels_the_transfer():
+    side = _side()
+    req = _request("r1", 400, params.for_decode("t1", skip_tokens=300))
+    assert side.get_num_new_matched_tokens(req, BS) == (0, False)  # holds 1 of the 2 blocks left out
+    side.update_state_after_alloc(req, _blocks([4, 5, 6, 7]), 0)
+    meta = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert meta.loads == [] and "computing the prompt here" in meta.cancels["t1"]
+    assert side.get_num_new_matched_tokens(req, BS) == (0, False)  # asked again: still computed here
+
+
 def test_prefill_request_finished_before_any_push_frees_its_blocks_at_once():
     side = _side()
     req = _request("p1", 40, params.for_prefill("t1", "h:1"))

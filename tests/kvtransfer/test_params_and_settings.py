@@ -25,6 +25,12 @@ def test_prefill_params_carry_the_trace_parent_for_the_transfer():
     assert "trace_parent" not in params.for_prefill("t", "h:1")[params.KEY]
 
 
+def test_the_tokens_a_decode_engine_holds_round_trip_on_both_sides():
+    assert params.parse(params.for_prefill("t", "h:1", skip_tokens=256)).skip_tokens == 256
+    assert params.parse(params.for_decode("t", kv_tokens=300, skip_tokens=256)) == RecvParams("t", 30_000, 300, 256)
+    assert "skip_tokens" not in params.for_prefill("t", "h:1")[params.KEY]
+
+
 def test_for_decode_round_trips_through_parse():
     assert params.parse(params.for_decode("tid-2", lease_ms=50)) == RecvParams("tid-2", 50)
     assert params.parse(params.for_decode("tid-2")) == RecvParams("tid-2", 30_000)
@@ -69,6 +75,9 @@ def _with(**entry):
         (_with(op="recv", kv_tokens=0), "kv_tokens"),
         (_with(op="recv", kv_tokens="12"), "kv_tokens"),
         pytest.param(_with(op="recv", kv_tokens=True), "kv_tokens", id="bool_kv_tokens"),
+        (_with(skip_tokens=-1), "skip_tokens"),
+        (_with(op="recv", skip_tokens=1.5), "skip_tokens"),
+        pytest.param(_with(skip_tokens=True), "skip_tokens", id="bool_skip_tokens"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

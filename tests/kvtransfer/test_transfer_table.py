@@ -20,8 +20,10 @@ def make_table(budget: int = 1 << 20, max_lease_ms: int = 60_000) -> TransferTab
     return TransferTable(FP, budget, max_lease_ms)
 
 
-def open_msg(tid: str = "t", tokens: int = TOKENS, blocks: int = BLOCKS, lease_ms: int = 1000) -> pb.TransferOpen:
-    return pb.TransferOpen(transfer_id=tid, num_tokens=tokens, num_blocks=blocks, lease_ms=lease_ms)
+def open_msg(tid: str = "t", tokens: int = TOKENS, blocks: int = BLOCKS, lease_ms: int = 1000,
+             first_block: int = 0) -> pb.TransferOpen:
+    return pb.TransferOpen(transfer_id=tid, num_tokens=tokens, num_blocks=blocks, lease_ms=lease_ms,
+                           first_block=first_block)
 
 
 def chunk(layer: int, start: int, n: int, fill: int = 1, crc: int | None = None, size: int | None = None):
@@ -78,7 +80,7 @@ def test_totals_that_match_but_miss_a_block_fail():
         table.add_chunk(t, *chunk(*c))
     table.end(t, end_msg(2, 5 * BB))
     assert t.state is TransferState.FAILED
-    assert "only 2 of 3 blocks" in t.error
+    assert "only blocks [0, 2) of [0, 3)" in t.error
     assert table.reserved_bytes == 0
 
 
@@ -194,6 +196,38 @@ def test_num_blocks_not_covering_num_tokens_is_invalid(tokens, blocks):
         table.open(open_msg(tokens=tokens, blocks=blocks), 0.0)
     assert err.value.code == "INVALID_ARGUMENT"
     assert table.reserved_bytes == 0 and table.state_of("t") is None
+
+
+def test_a_transfer_leaving_out_leading_blocks_reserves_and_completes_with_the_rest_only():
+    table = make_table()
+    t = table.open(open_msg(first_block=1), 0.0)
+    assert table.reserved_bytes == NEED * 2 // 3  # blocks 1 and 2 of 3
+    with pytest.raises(TransferRefused):  # the receiver holds block 0: a sender sending it anyway is hostile
+        table.add_chunk(t, *chunk(0, 0, 2))
+    assert t.state is TransferState.FAILED and table.reserved_bytes == 0
+    t = table.open(open_msg("u", first_block=1), 0.0)
+    for layer in (0, 1):
+        hdr, payload, nbytes = chunk(layer, 1, 2)
+        hdr.transfer_id = "u"
+        table.add_chunk(t, hdr, payload, nbytes)
+    table.end(t, pb.TransferEnd(transfer_id="u", num_chunks=2, total_bytes=4 * BB))
+    assert t.state is TransferState.DONE and t.covered_blocks(2) == BLOCKS
+
+
+@pytest.mark.parametrize("first_block", [-1, BLOCKS, BLOCKS + 5])
+def test_a_first_block_outside_the_transfer_is_invalid(first_block):
+    table = make_table()
+    with pytest.raises(TransferRefused) as err:
+        table.open(open_msg(first_block=first_block), 0.0)
+    assert err.value.code == "INVALID_ARGUMENT" and table.reserved_bytes == 0
+
+
+def test_joining_stream_with_a_different_first_block_is_invalid():
+    table = make_table()
+    table.open(open_msg(), 0.0)
+    with pytest.raises(TransferRefused) as err:
+        table.open(open_msg(first_block=1), 0.0)
+    assert err.value.code == "INVALID_ARGUMENT" and table.reserved_bytes == NEED
 
 
 def test_joining_stream_with_a_different_size_is_invalid():
