@@ -27,10 +27,11 @@ class Correction:
     limit: float = 8.0
     """The factor stays within [1/limit, limit]."""
     half_life_s: float = 30.0
-    """Evidence of slowness fades toward the profile at this pace, so that an instance once seen
-    slow, and refused every request since (so never observed again), gets requests again and is
-    re-measured. Evidence of speed does not fade: on a profile slower than the hardware, fading
-    would make predictions ever more pessimistic with nothing admitted to disprove them."""
+    """Evidence of slowness fades at this pace (toward the profile, or toward what the instance's
+    type shows), so that an instance once seen slow, and refused every request since (so never
+    observed again), gets requests again and is re-measured. Evidence of speed does not fade: on a
+    profile slower than the hardware, fading would make predictions ever more pessimistic with
+    nothing admitted to disprove them."""
     decayed_at_s: float | None = None
 
     def observe(self, predicted_ms: float, observed_ms: float) -> None:
@@ -41,10 +42,12 @@ class Correction:
         bound = math.log(self.limit)
         self.factor = math.exp(min(bound, max(-bound, log_f)))
 
-    def decay_to(self, now_s: float) -> None:
-        """Let the evidence of slowness fade for the time since the last call (idempotent for a given `now_s`)."""
-        if self.decayed_at_s is not None and now_s > self.decayed_at_s and self.factor > 1.0:
-            self.factor = math.exp(math.log(self.factor) * 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s))
+    def decay_to(self, now_s: float, toward: float = 1.0) -> None:
+        """Let the evidence of slowness beyond `toward` fade for the time since the last call
+        (idempotent for a given `now_s`)."""
+        if self.decayed_at_s is not None and now_s > self.decayed_at_s and self.factor > toward:
+            fade = 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s)
+            self.factor = toward * math.exp(math.log(self.factor / toward) * fade)
         self.decayed_at_s = now_s if self.decayed_at_s is None else max(self.decayed_at_s, now_s)
 
 
@@ -67,5 +70,9 @@ class InstanceCorrection:
         self.shared.observe(predicted_ms, observed_ms)
 
     def decay_to(self, now_s: float) -> None:
-        self.own.decay_to(now_s)
+        """An instance's own slowness fades toward its type's factor, not the profile's: where the
+        type runs faster than its profile, an instance left idle fading to the profile would look
+        slower than its busy siblings, and get no requests to show otherwise (seen on two CPU
+        engines: one served 90% of the requests, the other idled at the profile's prediction)."""
         self.shared.decay_to(now_s)
+        self.own.decay_to(now_s, toward=self.shared.factor)

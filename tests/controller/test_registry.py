@@ -208,3 +208,23 @@ def test_the_bookings_of_an_ingress_replica_serve_no_longer_runs_go_and_the_othe
     assert sorted(reg.instances["d"].assignments) == ["anon", "b1", "n1"]
     reg.release("a1")  # a release that does come late changes nothing
     assert reg.instances["d"].load == 3
+
+
+def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profiles():
+    """Both instances of a type run at half the profile's time; one was seen slow once and then left
+    idle. It fades back to what its type shows, so it is predicted as fast as its busy sibling."""
+    reg = registry()
+    add(reg, "p1", "prefill", accelerator="FAST")
+    add(reg, "p2", "prefill", accelerator="FAST")
+    idle = reg.instances["p2"].prefill_fix
+    idle.own.factor, idle.own.observations = 2.0, 5  # its first prefills were slow (a cold engine)
+    for i in range(20):  # p1 serves everything, at half the profile's time
+        book(reg, f"r{i}", 100, prefill="p1", decode=None)
+        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
+        reg.release(f"r{i}")
+    for t in range(1, 481):  # four minutes of reports, p2 admitting nothing
+        add(reg, "p1", "prefill", accelerator="FAST", now_s=t * 0.5)
+        add(reg, "p2", "prefill", accelerator="FAST", now_s=t * 0.5)
+    busy = reg.instances["p1"].prefill_fix.factor
+    assert busy < 0.6 and math.isclose(idle.factor, idle.shared.factor, rel_tol=0.01)
+    assert idle.factor < 0.7  # not the profile's 1.0, at which it would look slower than p1
