@@ -47,11 +47,13 @@ def _cached_fraction(results: list[RequestResult]) -> float | None:
 def _by_kind(results: list[RequestResult]) -> dict:
     """Per request kind ("load"; a conversation's "first_turn" and "later_turn"): how many, their
     TTFT, and how much of their prompts came from cache."""
-    kinds = sorted({r.kind for r in results})
-    return {k: {"requests": len(of), "ttft_ms": percentiles([r.ttft_ms for r in of if r.outcome == "ok"
-                                                             and r.ttft_ms is not None], _QS),
-                "cached_prompt_fraction": _cached_fraction(of)}
-            for k in kinds for of in [[r for r in results if r.kind == k]]}
+    out = {}
+    for kind in sorted({r.kind for r in results}):
+        of = [r for r in results if r.kind == kind]
+        out[kind] = {"requests": len(of),
+                     "ttft_ms": percentiles([r.ttft_ms for r in of if r.outcome == "ok" and r.ttft_ms is not None], _QS),
+                     "cached_prompt_fraction": _cached_fraction(of)}
+    return out
 
 
 def _request_row(spec: RequestSpec, r: RequestResult) -> dict:

@@ -88,7 +88,7 @@ class FakePools:
         return self
 
     def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
-                  local_prefill: bool = False) -> FakeEngineStream:
+                  local_prefill: bool = False, skip_tokens: int = 0) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         self.sampled.append(req.sampled_tokens)
         dies_after = self.decode_dies_after.pop(replica_id, None)
@@ -119,7 +119,7 @@ class FakePools:
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
-    async def _prefill(self, req, dest: str | None, lease_ms: int, *, replica_id: str) -> dict:
+    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, *, replica_id: str) -> dict:
         self.prefills.append((replica_id, dest))
         if replica_id in self.dead_prefills:
             raise ActorDiedError()
@@ -176,7 +176,7 @@ class FakeTextPools(FakePools):
         self.answer_ids: list[int] = tokenizer.encode(ANSWER, add_special_tokens=False)
 
     def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
-                  local_prefill: bool = False) -> FakeEngineStream:
+                  local_prefill: bool = False, skip_tokens: int = 0) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         dies_after = self.decode_dies_after.pop(replica_id, None)
         start = len(req.prompt_token_ids) - len(PROMPT)
@@ -202,7 +202,7 @@ class FakeTextPools(FakePools):
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
-    async def _prefill(self, req, dest: str | None, lease_ms: int, *, replica_id: str) -> dict:
+    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, *, replica_id: str) -> dict:
         out = await super()._prefill(req, dest, lease_ms, replica_id=replica_id)
         token = self.answer_ids[len(req.prompt_token_ids) - len(PROMPT)]
         text = self.tokenizer.decode(req.prompt_token_ids + [token])[len(self.tokenizer.decode(req.prompt_token_ids)):]

@@ -127,7 +127,8 @@ class FakeEnginePool:
         return self
 
     @staticmethod
-    async def _prefill(req: GenerateRequest, kv_addr: str | None, lease_ms: int, **_: Any) -> dict:
+    async def _prefill(req: GenerateRequest, kv_addr: str | None, lease_ms: int, skip_tokens: int = 0,
+                       **_: Any) -> dict:
         seed_as_vllm_does(req.sampling)
         return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [99], "text": " first",
                 "finish_reason": "length"}
