@@ -70,9 +70,10 @@ class InstanceCorrection:
         self.shared.observe(predicted_ms, observed_ms)
 
     def decay_to(self, now_s: float) -> None:
-        """An instance's own slowness fades toward its type's factor, not the profile's: where the
-        type runs faster than its profile, an instance left idle fading to the profile would look
-        slower than its busy siblings, and get no requests to show otherwise (seen on two CPU
-        engines: one served 90% of the requests, the other idled at the profile's prediction)."""
+        """An instance's own slowness fades toward its type's factor where the type runs faster than
+        the profile: an instance left idle fading to the profile would look slower than its busy
+        siblings, and get no requests to show otherwise (seen on two CPU engines: one served 90% of
+        the requests, the other idled at the profile's prediction). Where the type runs slower, to
+        the profile, as any slowness does."""
         self.shared.decay_to(now_s)
-        self.own.decay_to(now_s, toward=self.shared.factor)
+        self.own.decay_to(now_s, toward=min(self.shared.factor, 1.0))

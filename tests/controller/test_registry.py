@@ -1,7 +1,7 @@
 import math
 
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import Correction
+from pdserve.controller.latency_model import Correction, InstanceCorrection
 from pdserve.controller.registry import LoadReport
 
 from .routing_states import FAST, add, book, registry
@@ -228,3 +228,10 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
     busy = reg.instances["p1"].prefill_fix.factor
     assert busy < 0.6 and math.isclose(idle.factor, idle.shared.factor, rel_tol=0.01)
     assert idle.factor < 0.7  # not the profile's 1.0, at which it would look slower than p1
+
+
+def test_where_the_type_runs_slower_than_its_profile_an_idle_instances_slowness_fades_to_the_profile():
+    c = InstanceCorrection(Correction(factor=1.5), Correction(factor=3.0, observations=5))
+    c.decay_to(0.0)
+    c.decay_to(c.own.half_life_s)
+    assert math.isclose(c.own.factor, 3.0 ** 0.5)  # half of its slowness gone, as toward the profile
