@@ -104,9 +104,12 @@ def overload_figures(phase: Phase) -> dict:
 
 def goals(over: dict, errors: int, recovered_s: float | None, memory: dict | None, s: OverloadSettings) -> dict:
     """Target, value and met per claim; met is None where nothing was measured (no refusals, or
-    memory not sampled)."""
+    memory not sampled). `worst_kind_attainment`: the least share of its requests any kind (chat,
+    long) had served within its objectives; 0 means that kind was starved."""
     att, p99, retry = over["attainment_of_admitted"], (over["reject_ms"] or {}).get("p99"), over["retry_after_fraction"]
     growth = (memory or {}).get("last_over_first_fraction")
+    kinds = over.get("by_kind") or {}
+    worst = min((k["met"] / k["requests"] for k in kinds.values() if k["requests"]), default=None)
     return {"errors": {"target": 0, "value": errors, "met": errors == 0},
             "attainment_of_admitted": {"target": 0.9, "value": att, "met": att is not None and att >= 0.9},
             "reject_p99_ms": {"target": s.reject_p99_target_ms, "value": p99,
@@ -114,6 +117,7 @@ def goals(over: dict, errors: int, recovered_s: float | None, memory: dict | Non
             "retry_after_fraction": {"target": 1.0, "value": retry, "met": None if retry is None else retry == 1.0},
             "recovered_after_s": {"target": s.recovery_target_s, "value": recovered_s,
                                   "met": recovered_s is not None and recovered_s <= s.recovery_target_s},
+            "worst_kind_attainment": {"target": "> 0", "value": worst, "met": None if worst is None else worst > 0},
             "memory_growth_fraction": {"target": s.memory_growth_target, "value": growth,
                                        "met": None if growth is None else growth <= s.memory_growth_target}}
 
@@ -154,6 +158,8 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{name:8}: {p['requests']} requests, {p['ok']} served, {p['rejected']} refused, {p['error']} "
                      f"failed, {p['met']} met; TTFT p50 {fmt((p['ttft_ms'] or {}).get('p50'), '.0f')} ms, "
                      f"TPOT p50 {fmt((p['tpot_ms'] or {}).get('p50'), '.0f')} ms")
+        lines += [f"  {kind:6}: {k['requests']} requests, {k['ok']} served, {k['rejected']} refused, {k['met']} met"
+                  for kind, k in sorted((p.get("by_kind") or {}).items())]
     normal, peaks = report["recovery"]["normal"], report["memory"].get("peak_mib", "not sampled")
     lines += [f"recovery: {len(report['recovery']['probes'])} probes against {normal['source']} chat TTFT "
               f"{normal['ttft_ms']:.0f} ms / TPOT {normal['tpot_ms']:.0f} ms; peak RSS (MiB) by phase: {peaks}"]

@@ -82,10 +82,21 @@ service's default objectives (which a long prompt on a slow machine can miss) do
 that are only being timed."""
 
 
-def probe_prompts(w: Workload) -> tuple[tuple[str, str], ...]:
-    """(kind, prompt): the one chat question and the one long prompt that calibration times alone."""
-    return (("chat", _as_dialogue("chat", "What is the capital of France?")),
-            ("long", mixed_prompts(1, 1.0, w.long_tokens, w.seed)[0][1]))
+PROBE_SEED = 1_000_003
+"""Added to the workload's seed for the long prompts timed alone: traces draw theirs from the seed
+and the seed + 1, and a probe equal to a trace's prompt would find it in the prefix cache."""
+CALIBRATION_ROUNDS = 4
+"""Requests of each kind calibration times, the first as a warm-up."""
+
+
+def probe_prompts(w: Workload, i: int = 0) -> tuple[tuple[str, str], ...]:
+    """(kind, prompt): a chat question and the `i`-th long prompt timed alone. Long prompts differ
+    for each `i`: timed again, one prompt would be served from the engines' prefix cache, and
+    objectives set from that (a third of an uncached prefill here) no long prompt could meet. The
+    chat prompt fits in less than one KV block (128 tokens on CPUs, 16 on GPUs: it is cached there,
+    which a chat's one-block prefill barely notices)."""
+    longs = mixed_prompts(i + 1, 1.0, w.long_tokens, w.seed + PROBE_SEED)
+    return (("chat", _as_dialogue("chat", "What is the capital of France?")), ("long", longs[i][1]))
 
 
 def warm_up(url: str, model: str, w: Workload) -> None:
@@ -97,10 +108,12 @@ def warm_up(url: str, model: str, w: Workload) -> None:
 
 
 def calibrate(url: str, model: str, w: Workload) -> dict:
-    """Unloaded TTFT/TPOT per kind (median of 3, after one warm-up each)."""
+    """Unloaded TTFT/TPOT per kind (median of 3, after one warm-up each), on prompts no earlier
+    request sent (`probe_prompts`)."""
     measured: dict[str, dict] = {}
-    for kind, prompt in probe_prompts(w):
-        specs = [RequestSpec(0.0, prompt, w.max_tokens, kind, *UNJUDGED_MS) for _ in range(4)]
+    rounds = [probe_prompts(w, 1 + i) for i in range(CALIBRATION_ROUNDS)]
+    for k, kind in enumerate(("chat", "long")):
+        specs = [RequestSpec(0.0, prompts[k][1], w.max_tokens, kind, *UNJUDGED_MS) for prompts in rounds]
         results = [asyncio.run(run_load(url, model, [s], timeout_s=600.0))[0] for s in specs]
         if any(r.outcome != "ok" or r.tpot_ms is None for r in results[1:]):  # the first one warms up
             raise RuntimeError(f"calibration request failed or made one token: {[(r.outcome, r.error) for r in results]}")

@@ -8,6 +8,7 @@ grouped by node, so the fastest instance of every node is one `reduceat`.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -85,6 +86,15 @@ class PoolView:
         self.open[i] = is_open
         self.open_prefill_base_ms[i] = row.prefill_base_ms if is_open else np.inf
         self.open_kv_tokens[i] = row.free_kv_tokens if is_open else -np.inf
+
+    def closed(self, i: int) -> PoolView:
+        """A copy in which instance `i` takes no new request, for one decision (the registry's
+        view stays as it is)."""
+        view = copy.copy(self)
+        view.open, view.open_prefill_base_ms, view.open_kv_tokens = (
+            self.open.copy(), self.open_prefill_base_ms.copy(), self.open_kv_tokens.copy())
+        view.open[i], view.open_prefill_base_ms[i], view.open_kv_tokens[i] = False, np.inf, -np.inf
+        return view
 
     def __len__(self) -> int:
         return len(self.replica_ids)

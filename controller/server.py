@@ -16,14 +16,16 @@ from pdserve import telemetry
 from pdserve.config.autoscaling import AutoscalingConfig
 from pdserve.config.autoscaling_policy import AutoscalingPolicy
 from pdserve.config.routing import RoutingConfig
+from pdserve.controller.admission import KindWaits, Room, Starved
 from pdserve.controller.autoscaling.loop import Autoscaler, RateWindow, describe
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.hot_experts import ExpertWindow, hot_set
 from pdserve.controller.hot_experts import describe as describe_hot
 from pdserve.controller.least_load import choose_least_load
+from pdserve.controller.pool_view import PoolView
 from pdserve.controller.registry import Instance, LoadReport, Registry
 from pdserve.controller.sessions import Sessions
-from pdserve.controller.slo_router import choose_slo
+from pdserve.controller.slo_router import choose_slo, priority_headroom
 
 log = logging.getLogger("pdserve.controller")
 
@@ -69,6 +71,10 @@ class Controller:
         """When a request was last routed: long ago with requests arriving, predictions need a probe."""
         self.sessions = Sessions()
         """Where each conversation's latest turn went."""
+        self.waits = KindWaits(routing.fair_admission)
+        """How long each prompt-length kind has gone refused with none admitted."""
+        self._room_kept: tuple[str, str, bool] | None = None
+        """The last room logged (kind, instance, unmeetable): the log says when it changes."""
 
     def _start_autoscaling(self) -> None:
         """On the replica's event loop, which the first call runs on (the constructor may not);
@@ -134,17 +140,12 @@ class Controller:
         if self.routing.policy == "least_load":
             decision = choose_least_load(req, prefill, decode, live_after)
         else:
-            cached = self._cached(prefill_pool, decode_pool, req, now)
-            decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
-                                  self.best_effort or resuming, **cached)
-            idle_s = now - self._routed_at_s
-            if (decision.outcome is Outcome.REJECTED and 0 < self.routing.probe_after_s <= idle_s
-                    and decision.predicted_ttft_ms <= PROBE_WITHIN * req.slo.ttft_ms
-                    and decision.predicted_tpot_ms <= PROBE_WITHIN * req.slo.tpot_ms):
-                probe = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True,
-                                   **cached)
-                decision = replace(probe, reason=f"probe after {idle_s:.1f} s with nothing routed; {decision.reason}; "
-                                                 f"{probe.reason}")
+            decision = self._choose_slo(req, prefill, decode, (prefill_pool, decode_pool), live_after, now, resuming)
+            if not resuming:
+                if decision.outcome is Outcome.ROUTED:
+                    self.waits.admitted(req)
+                elif decision.outcome in (Outcome.REJECTED, Outcome.OVERLOADED):
+                    self.waits.refused(req, now)
         if decision.outcome is Outcome.ROUTED:
             self._routed_at_s = now
             self.registry.assign(req, decision, now)
@@ -154,6 +155,62 @@ class Controller:
         log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
                  req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
         return decision
+
+    def _choose_slo(self, req: RouteRequest, prefill: PoolView | None, decode: PoolView,
+                    pools: tuple[str | None, str], live_after: float, now: float, resuming: bool) -> Decision:
+        """`choose_slo`, with a probe after a long spell of refusals, and room kept for a starved kind."""
+        cached = self._cached(*pools, req, now)
+        decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
+                              self.best_effort or resuming, **cached)
+        idle_s = now - self._routed_at_s
+        if (decision.outcome is Outcome.REJECTED and 0 < self.routing.probe_after_s <= idle_s
+                and decision.predicted_ttft_ms <= PROBE_WITHIN * req.slo.ttft_ms
+                and decision.predicted_tpot_ms <= PROBE_WITHIN * req.slo.tpot_ms):
+            probe = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True,
+                               **cached)
+            return replace(probe, reason=f"probe after {idle_s:.1f} s with nothing routed; {decision.reason}; "
+                                         f"{probe.reason}")
+        starved = None if resuming else self.waits.starved(now)
+        room = None
+        if starved is not None and decision.outcome is Outcome.ROUTED and starved.kind != self.waits.kind(
+                req.prompt_tokens):
+            room = self._room(starved, prefill, decode, pools, live_after, now)
+        if room is None or room.left_by(decision):
+            return decision
+        # Another instance, or none: the views without the one whose room is kept.
+        pool, slot = self.registry.placement(room.replica_id)
+        if pool == pools[1]:  # the decoding view's: colocated, adaptive, or a local prefill
+            decode = decode.closed(slot)
+            prefill = decode if pools[0] == pools[1] else prefill
+        else:
+            prefill = prefill.closed(slot)
+        elsewhere = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
+                               self.best_effort, **cached)
+        return replace(elsewhere, reason=f"{room.describe()}; {elsewhere.reason}")
+
+    def _room(self, starved: Starved, prefill: PoolView | None, decode: PoolView, pools: tuple[str | None, str],
+              live_after: float, now: float) -> Room | None:
+        """Where the starved kind's latest refused request would be prefilled soonest, and what it
+        needs there; None when no instance could take it, or not even an idle one would meet its
+        TTFT objective (keeping room would then serve nothing)."""
+        waiting = starved.request
+        d = choose_slo(waiting, prefill, decode, live_after, self.routing, self.kv_bytes_per_token, True,
+                       **self._cached(*pools, waiting, now))
+        target = d.prefill or d.decode
+        if d.outcome is not Outcome.ROUTED or target is None:
+            return None
+        pool, slot = self.registry.placement(target.replica_id)
+        view = self.registry.view(pool)
+        prompt_ms = float(view.prefill_ms_per_token[slot]) * (waiting.prompt_tokens - d.cached_tokens)
+        limit_ms = waiting.slo.ttft_ms * priority_headroom(waiting.slo.priority, self.routing)
+        room = Room(starved.kind, starved.waited_s, target.replica_id, prompt_ms, limit_ms)
+        unmeetable = float(view.prefill_fixed_ms[slot]) + prompt_ms > limit_ms
+        if (room.kind, room.replica_id, unmeetable) != self._room_kept:
+            self._room_kept = (room.kind, room.replica_id, unmeetable)
+            log.info("admission: %s-token prompts refused for %.1f s with none admitted: %s", room.kind,
+                     room.waited_s, "not even an idle instance would meet their TTFT objective, no room kept"
+                     if unmeetable else f"{room.describe()} (its predicted ttft now {d.predicted_ttft_ms:.0f} ms)")
+        return None if unmeetable else room
 
     def _cached(self, prefill_pool: str | None, decode_pool: str, req: RouteRequest,
                 now_s: float) -> dict[str, np.ndarray]:

@@ -40,6 +40,11 @@ def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float) 
     return tokens * kv_bytes_per_token * 8 / (gbps * 1e6)
 
 
+def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
+    """The share of its objectives a request of this priority must be predicted within."""
+    return max(0.05, 1.0 - cfg.priority_margin * priority)
+
+
 def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
                cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
                spare_decoding: bool = True, prefill_cached: np.ndarray | None = None,
@@ -58,7 +63,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     adaptive = prefill is decode
     d_new, p_new = _uncached(n, decode_cached), _uncached(n, prefill_cached)
     step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
-    headroom = max(0.05, 1.0 - cfg.priority_margin * slo.priority)
+    headroom = priority_headroom(slo.priority, cfg)
     roomy = (decode.last_seen_s >= live_after_s) & (
         decode.open_kv_tokens >= n + min(req.max_tokens, cfg.kv_reserve_tokens))
     meets = roomy & (step <= decode.tpot_floor_ms) & (step <= slo.tpot_ms * headroom)

@@ -42,6 +42,29 @@ CPU_PROFILE = LatencyProfile(prefill_base_ms=630.0, prefill_ms_per_token=1.05, d
                              decode_ms_per_seq=5.0, decode_ms_per_1k_context_tokens=10.0)
 
 
+class FairAdmission(BaseModel):
+    """Admission that starves no kind of request (`controller/admission.py`): SLO-aware admission
+    alone refuses every long prompt under overload, since short ones keep the queues just short
+    enough for themselves."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_wait_s: float = Field(5.0, ge=0)
+    """A kind refused this long with none of it admitted gets room kept for it: the instance that
+    would prefill its latest refused request soonest takes other kinds' prompts only while that
+    request would still meet its TTFT objective there. 0: off (every request judged alone)."""
+    prompt_class_bounds_tokens: list[int] = Field(default_factory=lambda: [256, 2048])
+    """Upper bounds (inclusive, ascending) of the prompt-length kinds: [256, 2048] makes three,
+    up to 256 tokens, 257-2048 and longer."""
+
+    @field_validator("prompt_class_bounds_tokens")
+    @classmethod
+    def _ascending(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v) or v != sorted(set(v)):
+            raise ValueError(f"must be positive and strictly ascending, got {v}")
+        return v
+
+
 class RoutingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -76,6 +99,8 @@ class RoutingConfig(BaseModel):
     the next such request is served best effort as a probe: its latency re-measures predictions
     that would otherwise stay pessimistic with the engines idle (a correction learned under load,
     a profile slower than the hardware), refusing everything for good. 0: never probe."""
+    fair_admission: FairAdmission = Field(default_factory=FairAdmission)
+    """Keeping room for a kind of request (a prompt-length class) that has waited too long."""
     profiles: dict[str, LatencyProfile] = Field(default_factory=lambda: {"default": CPU_PROFILE})
     """Latency profile per accelerator type (a pool's `accelerator_type`); "default" covers
     pools without one or of a type not listed. Each instance's predictions are corrected

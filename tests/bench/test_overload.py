@@ -4,7 +4,7 @@
 import pytest
 
 from pdserve.bench.overload_settings import OverloadSettings
-from pdserve.bench.slo_compare import Workload, trace_within
+from pdserve.bench.slo_compare import CALIBRATION_ROUNDS, Workload, probe_prompts, trace_within
 from pdserve.cli.main import main
 
 
@@ -12,6 +12,17 @@ def test_trace_within_a_window_cuts_arrivals_at_its_end():
     specs = trace_within(Workload(burstiness=1.0), 2.0, 30.0, {"chat": (1.0, 1.0), "long": (2.0, 2.0)}, seed=3)
     assert specs[0].arrival_s == 0.0 and all(q.arrival_s < 30.0 for q in specs)
     assert specs[-1].arrival_s > 25.0  # drew enough arrivals to fill the window
+
+
+def test_calibration_times_long_prompts_no_earlier_request_sent():
+    """A long prompt timed twice would come from the prefix cache the second time, and objectives
+    set from that (a third of an uncached prefill on 2 cores) refused every long prompt."""
+    w = Workload(long_fraction=0.5)
+    probes = [dict(probe_prompts(w, i))["long"] for i in range(1 + CALIBRATION_ROUNDS)]
+    traced = {q.prompt for seed in (w.seed, w.seed + 1) for q in trace_within(w, 2.0, 60.0, {
+        "chat": (1.0, 1.0), "long": (2.0, 2.0)}, seed)}
+    assert len(set(probes)) == len(probes) and not traced & set(probes)
+    assert probe_prompts(w, 3) == probe_prompts(w, 3)  # and the same in every run
 
 
 @pytest.mark.parametrize("field, value", [("duration_s", 0.0), ("overload", -1.0), ("recovery_s", 0.0), ("probe_gap_s", 0.0),

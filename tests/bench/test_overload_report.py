@@ -99,7 +99,7 @@ def test_a_failed_request_counts_against_the_attainment_of_the_admitted():
 
 def _figures(**changes) -> dict:
     return {"attainment_of_admitted": 0.95, "reject_ms": {"p50": 5.0, "p99": 20.0}, "retry_after_fraction": 1.0,
-            **changes}
+            "by_kind": {"chat": {"requests": 10, "met": 9}, "long": {"requests": 4, "met": 1}}, **changes}
 
 
 def test_goals_met():
@@ -110,7 +110,9 @@ def test_goals_met():
 def test_goals_missed_one_by_one():
     s = OverloadSettings()
     g = overload_report.goals(_figures(attainment_of_admitted=0.89, reject_ms={"p50": 5.0, "p99": 50.0},
-                                retry_after_fraction=0.99), 1, None, {"last_over_first_fraction": 0.06}, s)
+                                retry_after_fraction=0.99, by_kind={"chat": {"requests": 10, "met": 9},
+                                                                    "long": {"requests": 4, "met": 0}}),
+                              1, None, {"last_over_first_fraction": 0.06}, s)
     assert {name: v["met"] for name, v in g.items()} == dict.fromkeys(g, False)
     assert overload_report.goals(_figures(), 0, 10.5, None, s)["recovered_after_s"]["met"] is False
 
@@ -119,6 +121,8 @@ def test_goals_not_measured_are_neither_met_nor_missed():
     g = overload_report.goals(_figures(reject_ms=None, retry_after_fraction=None), 0, 1.0, None, OverloadSettings())
     assert g["reject_p99_ms"]["met"] is None and g["retry_after_fraction"]["met"] is None
     assert g["memory_growth_fraction"] == {"target": 0.05, "value": None, "met": None}
+    assert overload_report.goals(_figures(by_kind={}), 0, 1.0, None, OverloadSettings())[
+        "worst_kind_attainment"]["met"] is None
 
 
 def _report(samples: list[MemorySample] | None) -> dict:
@@ -160,6 +164,7 @@ def test_summary_prints_each_phase_and_each_goal(tmp_path):
     lines = overload_report.summary_lines(report)
     assert lines[0].startswith("offered: baseline 1.00 req/s, overload 6.00 req/s (capacity estimate 2.00 req/s")
     assert any(line.startswith("overload: 5 requests, 2 served, 2 refused, 1 failed") for line in lines)
+    assert "  chat  : 5 requests, 2 served, 2 refused, 1 met" in lines  # and one such line per kind
     assert any("errors" in line and "NOT met" in line for line in lines)
     assert len([line for line in lines if line.split()[0] in report["goals"]]) == len(report["goals"])
     assert overload_report.write(report, tmp_path)[1].stat().st_size > 0  # the plot with memory sampled
