@@ -12,6 +12,7 @@ reports and the ledger does not know; that remainder only shrinks, as they finis
 
 from __future__ import annotations
 
+import heapq
 import logging
 from dataclasses import dataclass, field, replace
 
@@ -24,6 +25,7 @@ from pdserve.controller.latency_model import Correction, InstanceCorrection
 from pdserve.controller.pool_view import PoolView, Row
 from pdserve.controller.prefix_index import CacheEvents, PrefixIndex
 
+_NO_ROWS = np.zeros(0, np.int64)
 log = logging.getLogger(__name__)
 
 DEPARTED_MEMORY_S = 600.0
@@ -177,11 +179,12 @@ class Registry:
     """Which instance's prefix cache holds which prompt prefix, from their reports, by instance number."""
     _numbers: dict[str, int] = field(default_factory=dict)
     """Each replica's number in the prefix index."""
-    _pool_codes: dict[str, int] = field(default_factory=dict)
-    _pool_of: np.ndarray = field(default_factory=lambda: np.full(64, -1, np.int64))
-    """Per instance number, the code of the pool whose view has its row (-1: none)."""
-    _slot_of: np.ndarray = field(default_factory=lambda: np.zeros(64, np.int64))
-    """Per instance number, its row in that view."""
+    _free_numbers: list[int] = field(default_factory=list)
+    """Numbers of forgotten replicas, reused lowest first: the index's bitmaps stay as wide as the
+    cluster is, however many replicas come and go."""
+    _row_numbers: dict[str, np.ndarray] = field(default_factory=dict)
+    """Per pool, the instance number of each row of its view: a lookup's counts, by number,
+    become the view's column in one gather."""
 
     def report(self, r: LoadReport, now_s: float) -> None:
         if r.replica_id in self._departed:
@@ -217,14 +220,12 @@ class Registry:
 
     def cached_tokens(self, pools: tuple[str, ...], prefix_hashes: tuple[int, ...]) -> dict[str, np.ndarray]:
         """Per pool, per row of its view, how many leading tokens of the prompt its prefix cache holds."""
-        cached = {pool: np.zeros(len(self._pools.get(pool, [])), dtype=np.int64) for pool in pools}
         numbers, tokens = self.prefixes.cached_tokens(prefix_hashes)
-        if len(numbers):
-            codes, slots = self._pool_of[numbers], self._slot_of[numbers]
-            for pool in pools:
-                mine = codes == self._pool_codes.get(pool, -2)
-                cached[pool][slots[mine]] = tokens[mine]
-        return cached
+        if not len(numbers):
+            return {pool: np.zeros(len(self._pools.get(pool, [])), dtype=np.int64) for pool in pools}
+        by_number = np.zeros(len(self._numbers) + len(self._free_numbers), np.int64)
+        by_number[numbers] = tokens
+        return {pool: by_number[self._row_numbers.get(pool, _NO_ROWS)] for pool in pools}
 
     def placement(self, replica_id: str) -> tuple[str, int]:
         """The pool and the row of a known instance; ("", -1) for another."""
@@ -321,9 +322,9 @@ class Registry:
         if now_s is not None:
             self._departed[replica_id] = now_s
         if replica_id in self._numbers:
-            number = self._numbers[replica_id]
+            number = self._numbers.pop(replica_id)
             self.prefixes.forget(number)
-            self._pool_of[number] = -1
+            heapq.heappush(self._free_numbers, number)
         inst = self.instances.pop(replica_id, None)
         if inst is None:
             return
@@ -331,11 +332,11 @@ class Registry:
         self._rebuild(inst.report.pool, replace=inst)
 
     def _number(self, replica_id: str) -> int:
-        """The replica's number in the prefix index (the placement arrays grow to hold it)."""
-        number = self._numbers.setdefault(replica_id, len(self._numbers))
-        if number >= len(self._pool_of):
-            self._pool_of = np.r_[self._pool_of, np.full(len(self._pool_of), -1, np.int64)]
-            self._slot_of = np.r_[self._slot_of, np.zeros(len(self._slot_of), np.int64)]
+        """The replica's number in the prefix index: a forgotten replica's, lowest first, else a new one."""
+        number = self._numbers.get(replica_id)
+        if number is None:
+            number = heapq.heappop(self._free_numbers) if self._free_numbers else len(self._numbers)
+            self._numbers[replica_id] = number
         return number
 
     def _refresh(self, inst: Instance) -> None:
@@ -346,10 +347,8 @@ class Registry:
         kept = {id(i) for i in members}
         members += [i for i in self.instances.values() if i.report.pool == pool and id(i) not in kept]
         members.sort(key=lambda i: i.node)  # stable: a pool's rows keep their order within a node
-        code = self._pool_codes.setdefault(pool, len(self._pool_codes))
         for slot, i in enumerate(members):
             i.slot = slot
-            number = self._number(i.replica_id)
-            self._pool_of[number], self._slot_of[number] = code, slot
+        self._row_numbers[pool] = np.array([self._number(i.replica_id) for i in members], np.int64)
         self._pools[pool] = members
         self._views[pool] = PoolView([i.row() for i in members])

@@ -37,7 +37,7 @@ one step, stalling every request decoding there for all of it."""
 
 
 def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float) -> np.ndarray | float:
-    return tokens * kv_bytes_per_token * 8 / (gbps * 1e6)
+    return tokens * (kv_bytes_per_token * 8 / (gbps * 1e6))  # one array operation for per-instance tokens
 
 
 def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
@@ -72,8 +72,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         None if adaptive else DISAGGREGATED_LOCAL_MAX_TOKENS)
     # The cap bounds what a local prefill computes: a later turn whose history the instance holds
     # may prefill just its new message there.
-    local_ok = np.broadcast_to(prefill is None or cap is None or np.asarray(d_new) <= cap, len(decode))
-    local_allowed = bool(local_ok.any())
+    local_ok = True if prefill is None or cap is None else np.asarray(d_new) <= cap  # one or per instance
+    local_allowed = bool(np.any(local_ok))
     local_ttft = None
     if local_allowed and adaptive:
         fits = _prefill_fits(d_new, decode) if spare_decoding else True
@@ -90,7 +90,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         else:
             first, arrival, pick_prefill = _kv_arrival(d_new, p_new, prefill, live_after_s, decode, cfg,
                                                        kv_bytes_per_token)
-        remote_ttft = np.broadcast_to(first, step.shape)
+        remote_ttft = first + np.zeros_like(step)  # per decode instance, whether `first` is one figure or not
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
     if local_ttft is None:
         ttft, local = remote_ttft, np.zeros(len(decode), bool)

@@ -147,3 +147,15 @@ def test_a_piece_two_instances_hold_stays_found_for_one_when_the_other_drops_it(
     assert held(index, block_hashes(tokens)) == {1: 2 * BLOCK}
     index.forget(1)
     assert held(index, block_hashes(tokens)) == {} and index._holders == {}  # nothing left behind
+
+
+def test_a_piece_a_thousand_instances_share_takes_bytes_and_each_finds_its_own_length(tokens: list[int]) -> None:
+    index = PrefixIndex()
+    for i in range(1000):
+        store(index, i, tokens, 0, 1 + i % 4)
+    assert held(index, block_hashes(tokens)) == {i: (1 + i % 4) * BLOCK for i in range(1000)}
+    assert sys.getsizeof(index._holders[block_hashes(tokens)[0]]) < 200  # a bitmap: a set of them took 32 KiB
+    for i in range(1, 1000):
+        index.forget(i)
+    assert held(index, block_hashes(tokens)) == {0: BLOCK}
+    assert all(holders == ~0 for holders in index._holders.values())  # one holder again: no bitmap kept

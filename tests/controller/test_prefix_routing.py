@@ -105,6 +105,19 @@ def test_evictions_and_a_restarted_or_departed_replica_take_its_cache_out_of_rou
     assert list(reg.cached_tokens(("prefill",), asking(PROMPT).prefix_hashes)["prefill"]) == [0]
 
 
+def test_a_replica_taking_a_forgotten_ones_index_number_starts_with_nothing_cached():
+    """Numbers are reused, so that the index's holder bitmaps stay as wide as the cluster."""
+    reg = pools()
+    cache(reg, "p1", PROMPT[:800])
+    number = reg._number("p1")
+    reg.forget("p1", "gone", now_s=0.0)
+    add(reg, "p3", "prefill")
+    assert reg._number("p3") == number
+    assert list(reg.cached_tokens(("prefill",), asking(PROMPT).prefix_hashes)["prefill"]) == [0, 0]
+    cache(reg, "p3", PROMPT[:320])
+    assert route(reg, asking(PROMPT)).prefill.replica_id == "p3"
+
+
 def test_the_controller_looks_prefixes_up_unless_routing_is_cache_blind():
     for prefix_aware, expected in ((True, "p2"), (False, "p1")):
         c = Controller("disaggregated", RoutingConfig(profiles={"default": SLOW}, prefix_aware=prefix_aware),
