@@ -182,7 +182,8 @@ def cache_goal(configs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
         by_setting = {}
         for row in rows:
             g_aware, g_blind = row["goodput_rps"][aware], row["goodput_rps"][blind]
-            ratio = g_aware / g_blind if g_blind else None
+            # Rounded: goodputs are rates tried, and 0.3 / 0.2 is 1.4999999999999998 in floating point.
+            ratio = round(g_aware / g_blind, 9) if g_blind else None
             by_setting[row["key"]] = {"goodput_rps": {aware: g_aware, blind: g_blind}, "ratio": ratio,
                                       "met": ratio >= CACHE_GOODPUT_GOAL if ratio is not None else g_aware > 0}
         out[mode] = {"cache_aware": aware, "cache_blind": blind, "ttft_goal_ratio": CACHE_TTFT_GOAL,

@@ -9,6 +9,7 @@ from pdserve.bench.loadgen import RequestResult, RequestSpec
 from pdserve.bench.serve_report import (
     adaptive_goal,
     assemble,
+    cache_goal,
     comparison,
     headline,
     run_section,
@@ -238,3 +239,11 @@ def test_cache_aware_routing_is_judged_against_cache_blind_on_the_same_conversat
                                "400 ms cache-blind, ratio 0.25 (target <= 0.5) -> met; prompt tokens from cache 48% "
                                "against 24%") for line in summary(report))
     assert "latency.png" in [p.name for p in plots.write_all(report, tmp_path)]
+
+
+def test_a_goodput_of_rates_tried_one_and_a_half_times_cache_blinds_meets_the_goal():
+    """0.3 / 0.2 is 1.4999999999999998 in floating point (a real run's report said "not met")."""
+    configs = {name: {"runs": []} for name in ("colocated", "colocated/cache-blind")}
+    rows = [{"key": "scale 2", "goodput_rps": {"colocated": 0.3, "colocated/cache-blind": 0.2}}]
+    setting = cache_goal(configs, rows)["colocated"]["by_setting"]["scale 2"]
+    assert setting["ratio"] == 1.5 and setting["met"]
