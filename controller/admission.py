@@ -1,9 +1,8 @@
 """Admission that starves no kind of request: aging by prompt-length class.
 
-SLO-aware admission refuses what is predicted to miss its objectives. Under overload that is
+SLO-aware admission refuses what is predicted to miss its objectives. Under overload that can be
 every long prompt: short ones keep the prefill queues just short enough for themselves, so a long
-prompt never finds the room it needs, and goodput is bought by refusing a whole kind (`bench
-overload` on 2 cores served 104 of 557 chats and 0 of 254 long prompts).
+prompt never finds the room it needs, and goodput is bought by refusing a whole kind.
 
 A kind is starved once it has been refused for `max_wait_s` with none of it admitted, and was
 refused within the last `max_wait_s` (a kind no longer arriving is not waited for). While one is,

@@ -12,6 +12,12 @@ whose `extra_args` hold `pdserve_sampled_tokens: k`
 - has those k tokens counted as its output by the presence and frequency penalties (wrapping
   the sampler's penalty step): the same counts, so the same logits, as one run. (Repetition
   penalty counts prompt and output alike, and min_tokens is carried by the caller.)
+
+It also keeps a seeded request alive through a chunked prefill on CPUs: vLLM samples every row
+each step and, for a prompt not yet whole, discards the token and rewinds the request's generator
+with `set_offset`, which only CUDA's Philox generators have ("CPU Generator does not use offset"
+killed the engine). A CPU generator's state is saved before such a step's sampling and put back
+after it instead, so the step draws nothing, as vLLM means it to.
 """
 
 from __future__ import annotations
@@ -79,13 +85,54 @@ def _counting_earlier_output(original):
     return staticmethod(apply_penalties)
 
 
+def _discarded_cpu_generators(runner: Any) -> dict[int, Any]:
+    """Batch row -> CPU generator of each seeded request whose token this step discards (a prefill
+    chunk that does not end its prompt)."""
+    import numpy as np
+
+    rows = np.nonzero(runner.discard_request_mask.np[:runner.input_batch.num_reqs])[0]
+    generators = runner.input_batch.generators
+    return {int(i): g for i in rows if (g := generators.get(int(i))) is not None and g.device.type == "cpu"}
+
+
+def _saving_discarded_draws(original):
+    @functools.wraps(original)
+    def _sample(self, *args: Any, **kwargs: Any) -> Any:
+        self.pdserve_rewinds = {i: (g, g.get_state()) for i, g in _discarded_cpu_generators(self).items()}
+        return original(self, *args, **kwargs)
+
+    _sample.pdserve_wrapped = True
+    return _sample
+
+
+def _rewinding_cpu_generators(original):
+    @functools.wraps(original)
+    def _bookkeeping_sync(self, *args: Any, **kwargs: Any) -> Any:
+        rewinds, self.pdserve_rewinds = getattr(self, "pdserve_rewinds", {}), {}
+        generators = self.input_batch.generators
+        for i, (generator, _) in rewinds.items():  # out of vLLM's reach: it would call set_offset
+            if generators.get(i) is generator:
+                del generators[i]
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            for i, (generator, state) in rewinds.items():
+                generator.set_state(state)
+                generators[i] = generator
+
+    _bookkeeping_sync.pdserve_wrapped = True
+    return _bookkeeping_sync
+
+
 def _wrap_model_runner() -> None:
     from vllm.v1.sample.sampler import Sampler
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    current = GPUModelRunner._update_states
-    if not getattr(current, "pdserve_wrapped", False):
-        GPUModelRunner._update_states = _continuing_answers(current)
+    for name, wrap in (("_update_states", _continuing_answers), ("_sample", _saving_discarded_draws),
+                       ("_bookkeeping_sync", _rewinding_cpu_generators)):
+        current = getattr(GPUModelRunner, name)
+        if not getattr(current, "pdserve_wrapped", False):
+            setattr(GPUModelRunner, name, wrap(current))
     penalties = Sampler.apply_penalties
     if not getattr(penalties, "pdserve_wrapped", False):
         Sampler.apply_penalties = _counting_earlier_output(penalties)

@@ -6,6 +6,9 @@ import itertools
 import time
 from dataclasses import replace
 
+import pytest
+from pydantic import ValidationError
+
 from pdserve.config.routing import FairAdmission, RoutingConfig
 from pdserve.controller.admission import KindWaits
 from pdserve.controller.decision import Outcome
@@ -46,6 +49,12 @@ def test_a_kind_no_longer_arriving_is_not_waited_for_and_the_longest_waiting_kin
         waits.refused(request(5000), now_s=t)
         waits.refused(request(20), now_s=t + 1)
     assert waits.starved(116.0).kind == ">2048"
+
+
+@pytest.mark.parametrize("bounds", [[2048, 256], [256, 256], [0, 256]])
+def test_class_bounds_must_be_positive_and_ascending(bounds):
+    with pytest.raises(ValidationError, match="strictly ascending"):
+        FairAdmission(prompt_class_bounds_tokens=bounds)
 
 
 def test_off_at_zero():
