@@ -171,10 +171,10 @@ class Controller:
             return replace(probe, reason=f"probe after {idle_s:.1f} s with nothing routed; {decision.reason}; "
                                          f"{probe.reason}")
         starved = None if resuming else self.waits.starved(now)
-        room = None
-        if starved is not None and decision.outcome is Outcome.ROUTED and starved.kind != self.waits.kind(
-                req.prompt_tokens):
-            room = self._room(starved, prefill, decode, pools, live_after, now)
+        if (starved is None or decision.outcome is not Outcome.ROUTED
+                or starved.kind == self.waits.kind(req.prompt_tokens)):
+            return decision
+        room = self._room(starved, prefill, decode, pools, live_after, now)
         if room is None or room.left_by(decision):
             return decision
         # Another instance, or none: the views without the one whose room is kept.

@@ -115,7 +115,7 @@ def test_without_fair_admission_short_prompts_take_the_instance_and_long_ones_st
 
 
 def test_a_short_prompt_that_leaves_room_enough_goes_where_it_is_soonest():
-    c = controller(queued=(600, 700))
+    c = controller()
     starve_long_prompts(c)
     add(c.registry, "i1", "colocated", queued_prefill_tokens=200, now_s=time.monotonic())  # long fits on i1 again
     d = choose(c, 50, 1600)  # 60 + 1.5 x 250 + a step on i1, then the long prompt's 1500 ms: within 2000 ms
