@@ -10,7 +10,7 @@ VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all venv model serve test test-fast lint bench-kv proto clean
+.PHONY: all venv model serve test test-fast lint bench-kv gpu-check-wheels proto clean
 
 all: test
 
@@ -52,6 +52,15 @@ test-fast: venv
 
 bench-kv: model
 	$(BIN)/pdserve bench kv
+
+# What bench/gpu_check.sh installs on a machine with only PyTorch, grpcio and numpy (Python 3.12,
+# x86_64): pdserve's pinned pure-Python dependencies of the KV layer and the expert buffer.
+GPU_CHECK_WHEELS = pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 \
+	typing_extensions==4.16.0 crc32c==2.9.post0 protobuf==7.36.2
+gpu-check-wheels: venv
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(foreach n,17 27 28 34,--platform manylinux_2_$(n)_x86_64) --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_CHECK_WHEELS)
 
 # Regenerate the protobuf modules after editing proto/*.proto (they are committed).
 proto: venv

@@ -1,12 +1,16 @@
-"""`pdserve bench kv`: gRPC KV transfer throughput against a plain TCP socket.
+"""`pdserve bench kv`: KV transfer throughput, gRPC and same-node, against a plain TCP socket.
 
 All transports move the same bytes between the same two processes over
 loopback: this process sends, a spawned process receives (the real
 `KVReceiver`, and a TCP server that reads into a preallocated buffer). Each
-size is timed from the first byte offered to the receiver's acknowledgement.
-A third figure, a bare grpcio stream of the same bytes in chunk-sized messages
-that the receiver drops, is grpcio's own ceiling: it separates what pdserve's
-protocol costs (framing, checksums, staging) from what the library costs.
+size is timed from the first byte offered to the receiver's acknowledgement
+(for pdserve: the transfer DONE, its bytes staged for the engine to load).
+The same-node path is the same sender and receiver with payloads in shared
+memory (`kvtransfer/same_node.py`), once reusing the memory receivers hand
+back and once with none reused (every transfer's pages fresh). A bare grpcio stream of the same bytes in
+chunk-sized messages that the receiver drops is grpcio's own ceiling: it
+separates what pdserve's protocol costs (framing, checksums, staging) from what
+the library costs.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ class SizeResult:
     grpc_ms: float
     tcp_ms: float
     grpcio_raw_mib_s: float  # bare grpcio, same bytes and message size: the library's ceiling
+    same_node_mib_s: float  # pdserve with payloads in shared memory, control on gRPC
+    same_node_ms: float
+    same_node_fresh_mib_s: float  # the same with no memory reused: every transfer's pages fresh
 
 
 def _tcp_server(sock: socket.socket, stop: threading.Event, max_bytes: int) -> None:
@@ -152,32 +159,43 @@ def run(sizes_mib: list[int], repeats: int, settings: KVTransferSettings, progre
         f"127.0.0.1:{raw_port}", options=[("grpc.max_send_message_length", settings.max_frame_bytes)]
     )
     raw_push = raw_channel.stream_unary(_RAW_SINK, request_serializer=None, response_deserializer=None)
-    sender = KVSender(settings, BENCH_FINGERPRINT, sender_id="bench-sender")
+    sender = KVSender(settings.model_copy(update={"same_node": False}), BENCH_FINGERPRINT, sender_id="bench-sender")
+    local = KVSender(settings.model_copy(update={"same_node": True}), BENCH_FINGERPRINT, sender_id="bench-same-node")
+    fresh = KVSender(settings.model_copy(update={"same_node": True, "same_node_pool_bytes": 0}), BENCH_FINGERPRINT,
+                     sender_id="bench-same-node-fresh")
     sock = socket.create_connection(("127.0.0.1", tcp_port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     payload = torch.randint(0, 255, (max(sizes_mib) * MIB,), dtype=torch.uint8)
     results = []
     try:
         _time_grpc(sender, parent, addr, payload, 1)  # warm up channels and handshake
+        _time_grpc(local, parent, addr, payload, 1)  # and the same-node links they set up
+        _time_grpc(fresh, parent, addr, payload, 1)
         _time_tcp(sock, payload, 1)
         chunk = settings.chunk_bytes
         for size in sizes_mib:
             flat = memoryview(payload[: size * MIB].numpy()).cast("B")
             messages = [bytes(flat[i : i + chunk]) for i in range(0, size * MIB, chunk)]
             _time_raw_grpc(raw_push, messages)
-            g, t, r = [], [], []
+            _time_grpc(local, parent, addr, payload, size)  # shared memory of this size, reused from here on
+            g, t, r, s, f = [], [], [], [], []
             for _ in range(repeats):
                 g.append(_time_grpc(sender, parent, addr, payload, size))
                 t.append(_time_tcp(sock, payload, size))
                 r.append(_time_raw_grpc(raw_push, messages))
+                s.append(_time_grpc(local, parent, addr, payload, size))
+                f.append(_time_grpc(fresh, parent, addr, payload, size))
                 if progress:
                     progress(1)
-            gm, tm, rm = statistics.median(g), statistics.median(t), statistics.median(r)
-            results.append(SizeResult(size, size / gm, size / tm, tm / gm, gm * 1e3, tm * 1e3, size / rm))
+            gm, tm, rm, sm, fm = (statistics.median(x) for x in (g, t, r, s, f))
+            results.append(SizeResult(size, size / gm, size / tm, tm / gm, gm * 1e3, tm * 1e3, size / rm,
+                                      size / sm, sm * 1e3, size / fm))
     finally:
         sock.close()
         raw_channel.close()
         sender.close()
+        local.close()
+        fresh.close()
         parent.send("stop")
         proc.join(10)
         if proc.is_alive():

@@ -207,7 +207,7 @@ class WorkerSide:
                 ids = [job.block_ids[b - job.first_block] if job.first_block <= b < last else None for b in range(lo, hi)]
                 copied += self.layers[chunk.layer].write(ids, chunk.payload)
             load_ms = (time.perf_counter() - start) * 1e3
-        t.chunks.clear()
+        t.release()
         ready_ns = time.time_ns()
         c_start, c_end = t.compute_ns
         report = TransferReport(

@@ -19,6 +19,7 @@ from pdserve.kvtransfer import auth, framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint, mismatches
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.rpc import SERVICE
+from pdserve.kvtransfer.same_node_receiver import HandoffServer
 from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
@@ -50,6 +51,8 @@ class KVReceiver:
         self._server: grpc.aio.Server | None = None
         self._thread: threading.Thread | None = None
         self._events: dict[str, asyncio.Event] = {}
+        self._handoffs: HandoffServer | None = None
+        self._claims: dict[str, asyncio.Task] = {}  # same-node transfer id -> mapping its memory file
 
     # --- lifecycle -------------------------------------------------------
     def start(self) -> str:
@@ -108,6 +111,9 @@ class KVReceiver:
         if bound == 0:
             raise OSError(f"port {port} unavailable")
         self.address = f"{host}:{bound}"
+        if self.settings.same_node:
+            self._handoffs = HandoffServer(asyncio.get_running_loop(), self.epoch, self.settings.secret_value,
+                                           self.settings.max_concurrent_calls, self.settings.connect_timeout_s)
         await self._server.start()
         self._stopping = asyncio.Event()
 
@@ -117,12 +123,16 @@ class KVReceiver:
             for tid in self.table.expire(now):
                 log.warning("KV transfer %s failed: lease expired; staging freed", tid)
                 self._notify(tid)
+            if self._handoffs is not None:
+                self._handoffs.expire(now)
             try:
                 await asyncio.wait_for(self._stopping.wait(), _REAP_INTERVAL_S)
             except TimeoutError:
                 pass
         assert self._server is not None
         await self._server.stop(grace=0.5)
+        if self._handoffs is not None:
+            self._handoffs.close()
 
     def stop(self) -> None:
         if self._loop is None or self._thread is None:
@@ -168,7 +178,8 @@ class KVReceiver:
             log.warning("refused KV sender %s: fingerprint mismatch: %s", req.sender_id, "; ".join(diff))
             await ctx.abort(grpc.StatusCode.FAILED_PRECONDITION, "KV fingerprint mismatch: " + "; ".join(diff))
         return pb.HandshakeReply(
-            receiver_id=self.receiver_id, epoch=self.epoch, max_frame_bytes=self.settings.max_frame_bytes
+            receiver_id=self.receiver_id, epoch=self.epoch, max_frame_bytes=self.settings.max_frame_bytes,
+            same_node_socket=self._handoffs.name if self._handoffs is not None else "",
         )
 
     async def _push(self, frames, ctx: grpc.aio.ServicerContext) -> pb.PushAck:
@@ -181,10 +192,11 @@ class KVReceiver:
             self._forget_finished_events()
 
     def _forget_finished_events(self) -> None:
-        for tid in list(self._events):
+        for tid in [*self._events, *self._claims]:
             state = self.table.state_of(tid)
             if state is None or state.terminal:
                 self._events.pop(tid, None)
+                self._claims.pop(tid, None)
 
     async def _consume(self, frames, ctx: grpc.aio.ServicerContext) -> pb.PushAck:
         transfer: IncomingTransfer | None = None
@@ -206,6 +218,8 @@ class KVReceiver:
                             f"as epoch {self.epoch[:8]!r} since the sender's handshake; handshake again")
                     transfer = self.table.open(header.open, time.monotonic())
                     self._events.setdefault(transfer.transfer_id, asyncio.Event())
+                    if transfer.same_node:
+                        await self._attach_segment(transfer)
                     continue
                 if kind == "chunk":
                     if header.chunk.transfer_id != transfer.transfer_id:
@@ -245,6 +259,24 @@ class KVReceiver:
             bytes_received=nbytes,
             error=transfer.error,
         )
+
+    async def _attach_segment(self, transfer: IncomingTransfer) -> None:
+        """Map the memory file the sender handed over for this same-node transfer; every stream of
+        the transfer waits for the one mapping."""
+        tid = transfer.transfer_id
+        try:
+            if self._handoffs is None:
+                raise TransferRefused("FAILED_PRECONDITION", "this receiver does not take same-node transfers")
+            claim = self._claims.get(tid)
+            if claim is None:
+                fp = self.fingerprint
+                nbytes = transfer.segment_bytes(fp.block_bytes_per_layer, fp.num_layers)
+                claim = self._claims[tid] = asyncio.ensure_future(self._handoffs.claim(tid, nbytes))
+            segment = await asyncio.shield(claim)
+        except TransferRefused as exc:
+            self.table.cancel(tid, str(exc), time.monotonic())
+            raise
+        self.table.attach_segment(transfer, segment)
 
     def stats(self) -> dict[str, int]:
         return self.table.snapshot()

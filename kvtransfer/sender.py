@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from pdserve.config.kvtransfer import KVTransferSettings
-from pdserve.kvtransfer import auth, framing
+from pdserve.kvtransfer import auth, framing, same_node
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.rpc import SERVICE
@@ -74,11 +74,14 @@ class _Peer:
             for ch in self.channels
         ]
         self.epoch = ""
+        self.link: same_node.Link | None = None  # set when the receiver is on this node
         self.lock = asyncio.Lock()
         self.active = 0  # transfers using these connections
         self.retired = False  # replaced after the peer went away; close once idle
 
     async def close(self) -> None:
+        if self.link is not None:
+            self.link.close()
         for ch in self.channels:
             await ch.close()
 
@@ -91,12 +94,14 @@ class OutgoingTransfer:
     be DONE; an empty one could otherwise arrive after the receiver finished with it.
     """
 
-    def __init__(self, sender: "KVSender", transfer_id: str, dest: str, open_msg: pb.TransferOpen):
+    def __init__(self, sender: "KVSender", transfer_id: str, dest: str, open_msg: pb.TransferOpen,
+                 link: same_node.Link | None = None, segment: same_node.Segment | None = None):
         self.transfer_id = transfer_id
         self.dest = dest
         self._sender = sender
         self._loop = sender._loop
         self._open_msg = open_msg
+        self._link, self._segment = link, segment  # same node: payloads go into the segment
         self._open_frame = b""  # framed once the handshake gave the receiver's epoch
         self._timeout_s = open_msg.lease_ms / 1000
         self._num_streams = sender.settings.num_streams
@@ -138,13 +143,22 @@ class OutgoingTransfer:
                 crc32c=framing.checksum(parts),
             )
         )
-        frame = framing.encode(hdr, parts)
+        payload_bytes = sum(p.nbytes for p in parts)
+        if self._segment is None:
+            frame = framing.encode(hdr, parts)
+            copied = len(frame)
+        else:
+            msg = self._open_msg
+            block_bytes = self._sender.fingerprint.block_bytes_per_layer
+            offset = (layer * (msg.num_blocks - msg.first_block) + block_start - msg.first_block) * block_bytes
+            copied = self._segment.write(offset, parts)
+            frame = framing.encode(hdr)
         self.chunks_sent += 1
-        self.bytes_sent += sum(p.nbytes for p in parts)
+        self.bytes_sent += payload_bytes
         stream = self._next % self._num_streams
         self._next += 1
         self._loop.call_soon_threadsafe(self._put, stream, frame)
-        return len(frame)
+        return copied
 
     def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
         """All chunks are enqueued: send the end marker with the totals."""
@@ -215,6 +229,8 @@ class OutgoingTransfer:
             if peer is not None:
                 peer.active -= 1
                 sender._close_if_retired(peer)
+            if self._link is not None:
+                self._link.settle(self.transfer_id, state is TransferState.DONE)
         if state is not TransferState.DONE:
             self._fail_fast(error or state.name)
             self._peer.cancel()  # streams still waiting for the handshake give up
@@ -271,7 +287,11 @@ class KVSender:
              first_block: int = 0) -> OutgoingTransfer:
         """A transfer of the KV of `num_tokens` prompt tokens, blocks [first_block, end): the ones
         before are in the receiver's prefix cache already."""
-        num_blocks = -(-num_tokens // self.fingerprint.block_size)
+        fp = self.fingerprint
+        num_blocks = -(-num_tokens // fp.block_size)
+        link = self._link_to(dest)
+        segment = None if link is None else link.hand_over(
+            transfer_id, (num_blocks - first_block) * fp.block_bytes_per_layer * fp.num_layers)
         msg = pb.TransferOpen(
             transfer_id=transfer_id,
             fingerprint=self.fingerprint.to_proto(),
@@ -280,8 +300,17 @@ class KVSender:
             lease_ms=lease_ms,
             trace_parent=trace_parent,
             first_block=first_block,
+            same_node=segment is not None,
         )
-        return OutgoingTransfer(self, transfer_id, dest, msg)
+        return OutgoingTransfer(self, transfer_id, dest, msg, link if segment is not None else None, segment)
+
+    def _link_to(self, dest: str) -> same_node.Link | None:
+        """Engine thread: the same-node link to `dest` if a handshake set one up. A transfer to a
+        receiver not handshaken yet goes over gRPC (its handshake runs on the loop meanwhile)."""
+        peer = self._peers.get(dest)
+        if peer is None or peer.retired or peer.link is None or peer.link.broken:
+            return None
+        return peer.link
 
     async def _peer(self, address: str) -> _Peer:
         peer = self._peers.pop(address, None)
@@ -297,7 +326,12 @@ class KVSender:
                     timeout=self.settings.connect_timeout_s,
                 )
                 peer.epoch = reply.epoch
-                log.info("KV peer %s: receiver %s epoch %s", address, reply.receiver_id, reply.epoch[:8])
+                if self.settings.same_node and reply.same_node_socket:
+                    peer.link = await same_node.connect(
+                        reply.same_node_socket, self.settings.secret_value, asyncio.get_running_loop(),
+                        self.settings.same_node_pool_bytes, self.settings.connect_timeout_s)
+                log.info("KV peer %s: receiver %s epoch %s%s", address, reply.receiver_id, reply.epoch[:8],
+                         ", same node: payloads in shared memory" if peer.link else "")
         return peer
 
     def handshake(self, address: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.framing import checksum
@@ -33,6 +34,14 @@ class TransferState(enum.Enum):
     @property
     def terminal(self) -> bool:
         return self in (TransferState.DONE, TransferState.FAILED)
+
+
+class MappedSegment(Protocol):
+    """A same-node transfer's memory file as the receiver maps it (see `same_node`)."""
+
+    view: memoryview
+
+    def release(self) -> None: ...
 
 
 class TransferRefused(Exception):
@@ -70,6 +79,19 @@ class IncomingTransfer:
     end_totals: tuple[int, int] | None = None
     compute_ns: tuple[int, int] = (0, 0)  # sender's prefill forward start/end, unix ns
     trace_parent: str = ""  # the prefill span's W3C traceparent: parent of the kv_transfer span
+    same_node: bool = False  # payloads are in a memory file the sender handed over, not in frames
+    segment: MappedSegment | None = None  # that file, mapped once a stream claimed it
+
+    def segment_bytes(self, block_bytes: int, num_layers: int) -> int:
+        """Size of a same-node transfer's memory file: every carried block of every layer."""
+        return (self.num_blocks - self.first_block) * block_bytes * num_layers
+
+    def release(self) -> None:
+        """Drop the staged payloads: what the engine loaded, or a failed transfer's."""
+        self.chunks.clear()
+        if self.segment is not None:
+            self.segment.release()
+            self.segment = None
 
     def covered_blocks(self, num_layers: int) -> int:
         """End of the run of logical blocks from `first_block` staged in every layer."""
@@ -95,7 +117,7 @@ class TransferTable:
         self._transfers: dict[str, IncomingTransfer] = {}
         self.reserved_bytes = 0
         self.counters = {"opened": 0, "done": 0, "failed": 0, "expired": 0, "bytes": 0, "chunks": 0,
-                         "duplicate_chunks": 0, "evicted_tombstones": 0}
+                         "duplicate_chunks": 0, "evicted_tombstones": 0, "same_node": 0}
 
     # --- gRPC side -------------------------------------------------------
     def open(self, msg: pb.TransferOpen, now_s: float) -> IncomingTransfer:
@@ -120,7 +142,8 @@ class TransferTable:
             if t is not None and t.state.terminal:  # e.g. a late sender after the lease expired
                 raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}: {t.error}")
             if t is not None and t.opened:
-                if (t.num_tokens, t.num_blocks, t.first_block) != (msg.num_tokens, msg.num_blocks, msg.first_block):
+                if (t.num_tokens, t.num_blocks, t.first_block, t.same_node) != (
+                        msg.num_tokens, msg.num_blocks, msg.first_block, msg.same_node):
                     raise TransferRefused("INVALID_ARGUMENT", "stream disagrees with the transfer's size")
                 return t
             if self.reserved_bytes + need > self.max_staging_bytes:
@@ -136,40 +159,35 @@ class TransferTable:
                 self._transfers[msg.transfer_id] = t
             t.opened, t.num_tokens, t.num_blocks, t.first_block = True, msg.num_tokens, msg.num_blocks, msg.first_block
             t.staged_blocks = [bytearray(msg.num_blocks) for _ in range(self.fingerprint.num_layers)]
-            t.reserved_bytes, t.trace_parent = need, msg.trace_parent
+            t.reserved_bytes, t.trace_parent, t.same_node = need, msg.trace_parent, msg.same_node
             self.reserved_bytes += need
             self.counters["opened"] += 1
             return t
 
     def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview, frame_bytes: int) -> bool:
         """Verify and stage one chunk, which holds its whole frame of `frame_bytes`; a bad chunk
-        fails the whole transfer. A byte-identical copy of a staged chunk (a replayed frame) is
-        dropped uncounted: counted, it would exceed the sender's totals and fail a transfer whose
-        bytes are all there. Any other chunk over blocks already staged is refused, so that what a
-        transfer stages never exceeds its reservation. Returns whether it counted."""
+        fails the whole transfer. A same-node chunk's frame carries no payload: it is the chunk's
+        place in the transfer's memory file. A byte-identical copy of a staged chunk (a replayed
+        frame) is dropped uncounted: counted, it would exceed the sender's totals and fail a
+        transfer whose bytes are all there. Any other chunk over blocks already staged is refused,
+        so that what a transfer stages never exceeds its reservation. Returns whether it counted."""
         fp = self.fingerprint
         with self._lock:
             if t.state.terminal:
                 return False
-            problem = ""
             key = (hdr.layer, hdr.block_start)
             old = t.chunks.get(key)
-            if not 0 <= hdr.layer < fp.num_layers:
-                problem = f"layer {hdr.layer} out of range [0, {fp.num_layers})"
-            elif hdr.num_blocks <= 0 or not t.first_block <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
-                problem = f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [{t.first_block}, {t.num_blocks})"
-            elif payload.nbytes != hdr.num_blocks * fp.block_bytes_per_layer:
-                problem = f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {fp.block_bytes_per_layer} B"
-            elif frame_bytes - payload.nbytes > CHUNK_OVERHEAD_BYTES:
-                problem = f"chunk frame of {frame_bytes} B holds more than its payload + {CHUNK_OVERHEAD_BYTES} B"
-            elif checksum([payload]) != hdr.crc32c:
-                problem = f"checksum mismatch in layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks})"
-            elif old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
+            problem = _range_problem(t, hdr, fp.num_layers)
+            if not problem and t.same_node:
+                problem, payload = _segment_payload(t, hdr, payload, fp.block_bytes_per_layer)
+                frame_bytes += payload.nbytes
+            problem = problem or _payload_problem(hdr, payload, frame_bytes, fp.block_bytes_per_layer)
+            if not problem and old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
                 self.counters["duplicate_chunks"] += 1
                 return False
-            elif any(t.staged_blocks[hdr.layer][hdr.block_start : hdr.block_start + hdr.num_blocks]):
+            if not problem and any(t.staged_blocks[hdr.layer][hdr.block_start : hdr.block_start + hdr.num_blocks]):
                 problem = f"layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks}) overlap staged blocks"
-            elif t.staged_bytes + frame_bytes > t.reserved_bytes:
+            elif not problem and t.staged_bytes + frame_bytes > t.reserved_bytes:
                 problem = f"staging {t.staged_bytes} + {frame_bytes} B would exceed the {t.reserved_bytes} B reserved"
             t.chunks_received += 1
             t.bytes_received += payload.nbytes
@@ -185,6 +203,19 @@ class TransferTable:
                 t.state = TransferState.TRANSFERRING
             self._maybe_complete(t)
             return True
+
+    def attach_segment(self, t: IncomingTransfer, segment: MappedSegment) -> None:
+        """Give a same-node transfer its mapped memory file; a transfer already over releases it."""
+        with self._lock:
+            if t.segment is segment:  # another stream of the transfer attached it
+                return
+            if t.state.terminal or t.segment is not None:
+                release = True
+            else:
+                t.segment, release = segment, False
+                self.counters["same_node"] += 1
+        if release:
+            segment.release()
 
     def end(self, t: IncomingTransfer, msg: pb.TransferEnd) -> None:
         with self._lock:
@@ -220,7 +251,7 @@ class TransferTable:
         self._free(t)
 
     def _free(self, t: IncomingTransfer) -> None:
-        t.chunks.clear()
+        t.release()
         t.staged_blocks = []
         t.staged_bytes = 0
         self.reserved_bytes -= t.reserved_bytes
@@ -258,7 +289,8 @@ class TransferTable:
             return None if t is None else t.state
 
     def take(self, transfer_id: str) -> IncomingTransfer | None:
-        """Remove and return a DONE or FAILED transfer; the caller owns its chunks now."""
+        """Remove and return a DONE or FAILED transfer; the caller owns its chunks now, and calls
+        its `release` once it has loaded them."""
         with self._lock:
             t = self._transfers.get(transfer_id)
             if t is None or not t.state.terminal:
@@ -313,6 +345,37 @@ class TransferTable:
                 "reserved_bytes": self.reserved_bytes,
                 "staged_bytes": sum(t.staged_bytes for t in self._transfers.values()),
             }
+
+
+def _range_problem(t: IncomingTransfer, hdr: pb.ChunkHeader, num_layers: int) -> str:
+    if not 0 <= hdr.layer < num_layers:
+        return f"layer {hdr.layer} out of range [0, {num_layers})"
+    if hdr.num_blocks <= 0 or not t.first_block <= hdr.block_start <= t.num_blocks - hdr.num_blocks:
+        return f"blocks [{hdr.block_start}, +{hdr.num_blocks}) outside [{t.first_block}, {t.num_blocks})"
+    return ""
+
+
+def _segment_payload(t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview,
+                     block_bytes: int) -> tuple[str, memoryview]:
+    """(problem, payload) of a same-node chunk: its place in the transfer's memory file, which
+    holds every carried block layer by layer, so that no peer names an offset."""
+    if payload.nbytes:
+        return "a same-node chunk carries its payload in the frame", payload
+    if t.segment is None:
+        return "a same-node chunk before the transfer's memory file", payload
+    carried = t.num_blocks - t.first_block
+    offset = (hdr.layer * carried + hdr.block_start - t.first_block) * block_bytes
+    return "", t.segment.view[offset : offset + hdr.num_blocks * block_bytes]
+
+
+def _payload_problem(hdr: pb.ChunkHeader, payload: memoryview, frame_bytes: int, block_bytes: int) -> str:
+    if payload.nbytes != hdr.num_blocks * block_bytes:
+        return f"payload {payload.nbytes} B != {hdr.num_blocks} blocks x {block_bytes} B"
+    if frame_bytes - payload.nbytes > CHUNK_OVERHEAD_BYTES:
+        return f"chunk frame of {frame_bytes} B holds more than its payload + {CHUNK_OVERHEAD_BYTES} B"
+    if checksum([payload]) != hdr.crc32c:
+        return f"checksum mismatch in layer {hdr.layer} blocks [{hdr.block_start}, +{hdr.num_blocks})"
+    return ""
 
 
 def check_transfer_id(transfer_id: str) -> None:

@@ -46,17 +46,19 @@ class HandshakeRequest(_message.Message):
     def __init__(self, fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., sender_id: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("receiver_id", "epoch", "max_frame_bytes")
+    __slots__ = ("receiver_id", "epoch", "max_frame_bytes", "same_node_socket")
     RECEIVER_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     MAX_FRAME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SAME_NODE_SOCKET_FIELD_NUMBER: _ClassVar[int]
     receiver_id: str
     epoch: str
     max_frame_bytes: int
-    def __init__(self, receiver_id: _Optional[str] = ..., epoch: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ...) -> None: ...
+    same_node_socket: str
+    def __init__(self, receiver_id: _Optional[str] = ..., epoch: _Optional[str] = ..., max_frame_bytes: _Optional[int] = ..., same_node_socket: _Optional[str] = ...) -> None: ...
 
 class TransferOpen(_message.Message):
-    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent", "epoch", "first_block")
+    __slots__ = ("transfer_id", "fingerprint", "num_tokens", "num_blocks", "lease_ms", "trace_parent", "epoch", "first_block", "same_node")
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,7 @@ class TransferOpen(_message.Message):
     TRACE_PARENT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     FIRST_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    SAME_NODE_FIELD_NUMBER: _ClassVar[int]
     transfer_id: str
     fingerprint: KVFingerprint
     num_tokens: int
@@ -73,7 +76,8 @@ class TransferOpen(_message.Message):
     trace_parent: str
     epoch: str
     first_block: int
-    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ..., epoch: _Optional[str] = ..., first_block: _Optional[int] = ...) -> None: ...
+    same_node: bool
+    def __init__(self, transfer_id: _Optional[str] = ..., fingerprint: _Optional[_Union[KVFingerprint, _Mapping]] = ..., num_tokens: _Optional[int] = ..., num_blocks: _Optional[int] = ..., lease_ms: _Optional[int] = ..., trace_parent: _Optional[str] = ..., epoch: _Optional[str] = ..., first_block: _Optional[int] = ..., same_node: _Optional[bool] = ...) -> None: ...
 
 class ChunkHeader(_message.Message):
     __slots__ = ("transfer_id", "layer", "block_start", "num_blocks", "crc32c")

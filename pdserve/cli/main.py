@@ -108,9 +108,11 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
                              "goal": {"target_fraction": 0.1, "met": ex.exposed_fraction <= 0.1}}
     bar.close()
     if not args.json:
-        print(f"{'MiB':>5} {'gRPC MiB/s':>11} {'TCP MiB/s':>10} {'ratio':>6} {'bare grpcio MiB/s':>18}")
+        print(f"{'MiB':>5} {'gRPC MiB/s':>11} {'TCP MiB/s':>10} {'ratio':>6} {'bare grpcio MiB/s':>18} "
+              f"{'same-node MiB/s':>16} {'same-node, fresh memory':>24}")
         for r in results:
-            print(f"{r.size_mib:>5} {r.grpc_mib_s:>11.0f} {r.tcp_mib_s:>10.0f} {r.ratio:>6.2f} {r.grpcio_raw_mib_s:>18.0f}")
+            print(f"{r.size_mib:>5} {r.grpc_mib_s:>11.0f} {r.tcp_mib_s:>10.0f} {r.ratio:>6.2f} {r.grpcio_raw_mib_s:>18.0f} "
+                  f"{r.same_node_mib_s:>16.0f} {r.same_node_fresh_mib_s:>24.0f}")
         if "exposed" in report:
             e = report["exposed"]
             print(f"{e['prompt_tokens']}-token prompt: prefill {e['prefill_compute_ms']:.0f} ms, exposed transfer "

@@ -53,6 +53,15 @@ class KVTransferSettings(BaseModel):
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """How long a sender waits for the receiver's handshake before failing the transfer."""
 
+    same_node: bool = True
+    """Between a sender and a receiver on one host (one network namespace: one pod, or one
+    machine), move payloads through shared memory handed over a Unix socket instead of the gRPC
+    stream; control (open, checksums, end, leases, the secret) stays on gRPC either way."""
+
+    same_node_pool_bytes: int = Field(default=1 << 30, ge=0)
+    """Shared memory a sender keeps for reuse once receivers release it: fresh memory costs the
+    kernel's page zeroing on every transfer, about as much as the copy itself."""
+
     tune_malloc: bool = True
     """Keep freed frame buffers in the heap (see malloc_tuning); frames must stay under 32 MiB."""
 

@@ -253,6 +253,10 @@ def test_each_side_copies_each_kv_byte_at_most_once(pd):
     assert 0 < sent["sent_bytes"] <= sent["send_copies_bytes"] < 1.01 * sent["sent_bytes"]
     # Blocks the decode engine already had cached are skipped, so it may copy less.
     assert 0 < got["load_copies_bytes"] <= got["received_bytes"]
+    # The pair shares a node: after the first transfer (and its handshake) payloads went through
+    # shared memory, so the answers checked above came over both paths.
+    rx = pd.decode.call("connector")["receiver"]
+    assert 0 < rx["same_node"] < rx["done"]
 
 
 def test_noise_in_flight_fails_the_checksum_and_decode_recomputes(pd, prompts, reference):

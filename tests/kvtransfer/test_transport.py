@@ -26,7 +26,8 @@ SECRET = "unit-test-secret"
 FP = KVFingerprint("tiny", "float32", block_size=4, kv_layout="cpu:test", num_layers=2, num_kv_heads=2, head_size=64)
 HEADS, BS, HEAD = FP.num_kv_heads, FP.block_size, FP.head_size
 BB = FP.block_bytes_per_layer  # 4 KiB
-BASE = dict(secret=SECRET, num_streams=3, chunk_bytes=2 * BB, max_frame_bytes=64 << 10, tune_malloc=False)
+BASE = dict(secret=SECRET, num_streams=3, chunk_bytes=2 * BB, max_frame_bytes=64 << 10, tune_malloc=False,
+            same_node=False)  # payloads in frames: these tests are about the gRPC path (same-node: test_same_node)
 WAIT_S = 10
 
 
