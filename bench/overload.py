@@ -24,9 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from pdserve.bench.loadgen import RequestResult, RequestSpec, run_load
 from pdserve.bench.overload_report import MemorySample, Phase, Probe, assemble
@@ -97,13 +99,29 @@ async def _overload_then_probes(url: str, model: str, specs: list[RequestSpec], 
     return start_s, await load, probes
 
 
-def _measure(url: str, model: str, s: OverloadSettings, sampler: RssSampler, progress: Progress | None) -> tuple:
-    """Calibrate, then the three phases: (calibration, objectives, baseline, overload, probes, and when
-    the overload began on the sampler's clock)."""
+def load_calibration(path: str) -> dict:
+    """The calibration of an earlier overload report, for a run that must offer the same trace
+    against the same objectives (policies compared on one calibration, not one each)."""
+    try:
+        cal = json.loads(Path(path).read_text())["calibration"]
+        unloaded = {kind: {k: float(cal["unloaded"][kind][k]) for k in ("ttft_ms", "tpot_ms")}
+                    for kind in ("chat", "long")}
+        capacity_rps = float(cal["capacity_rps"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"--calibration {path}: not an overload report with a calibration ({err!r})") from err
+    return {"unloaded": unloaded, "capacity_rps": capacity_rps, "from": path}
+
+
+def _measure(url: str, model: str, s: OverloadSettings, sampler: RssSampler, progress: Progress | None,
+             calibration: dict | None) -> tuple:
+    """Calibrate, then the three phases: (calibration, objectives, baseline, overload, probes, and
+    when the overload began on the sampler's clock). A given calibration replaces the measured one
+    (kept as `measured`), which still runs: its requests are what the router first learns from."""
     w = s.workload()
     sampler.phase = "warm-up"
     warm_up_service(url, model, w)
-    cal = calibrate(url, model, w)
+    measured = calibrate(url, model, w)
+    cal = {**calibration, "measured": measured} if calibration else measured
     objectives = objectives_for(cal, s.slo_scale)
     cal |= {"baseline_rps": s.baseline_load * cal["capacity_rps"], "overload_rps": s.overload * cal["capacity_rps"]}
     base = trace_within(w, cal["baseline_rps"], s.baseline_s, objectives, s.seed)
@@ -120,9 +138,10 @@ def _measure(url: str, model: str, s: OverloadSettings, sampler: RssSampler, pro
 
 
 def run(cfg: ClusterConfig, model_path: str | None, s: OverloadSettings, url: str | None = None,
-        progress: Progress | None = None) -> dict:
+        progress: Progress | None = None, calibration: dict | None = None) -> dict:
     """Deploy `cfg` on a local Ray cluster (or drive the service at `url`, memory unsampled), run the
-    phases, stop what was started, and return the report."""
+    phases (with `calibration` from `load_calibration`, the same trace as the run it came from),
+    stop what was started, and return the report."""
     import httpx
 
     from pdserve.deployments import service
@@ -140,7 +159,7 @@ def run(cfg: ClusterConfig, model_path: str | None, s: OverloadSettings, url: st
         else:
             models = httpx.get(url.rstrip("/") + "/v1/models", timeout=30.0).raise_for_status().json()["data"]
             model = models[0]["id"]
-        *measured, over_start_s = _measure(url, model, s, sampler, progress)
+        *measured, over_start_s = _measure(url, model, s, sampler, progress, calibration)
     finally:
         sampler.stop()
         if svc is not None:

@@ -152,7 +152,8 @@ def summary_lines(report: dict) -> list[str]:
     cal = report["calibration"]
     lines = [f"offered: baseline {cal['baseline_rps']:.2f} req/s, overload {cal['overload_rps']:.2f} req/s "
              f"(capacity estimate {cal['capacity_rps']:.2f} req/s: one prefill engine alone); overload goodput "
-             f"{report['overload']['goodput_rps']:.2f} req/s"]
+             f"{report['overload']['goodput_rps']:.2f} req/s"
+             + (f"; calibration from {cal['from']}" if cal.get("from") else "")]
     for name in ("baseline", "overload"):
         p = report[name]
         lines.append(f"{name:8}: {p['requests']} requests, {p['ok']} served, {p['rejected']} refused, {p['error']} "

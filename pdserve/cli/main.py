@@ -178,6 +178,7 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
     try:
         settings = overload_settings.OverloadSettings(overload=args.overload, duration_s=args.duration_s,
                                              recovery_s=args.recovery_s, slo_scale=args.slo_scale, seed=args.seed)
+        calibration = overload.load_calibration(args.calibration) if args.calibration else None
     except ValueError as err:
         print(f"pdserve bench overload: {err}", file=sys.stderr)
         return 2
@@ -191,7 +192,7 @@ def _cmd_bench_overload(args: argparse.Namespace) -> int:
         bars[phase].update(done - bars[phase].n)
 
     try:
-        report = overload.run(cfg, model_path, settings, args.url, progress)
+        report = overload.run(cfg, model_path, settings, args.url, progress, calibration)
     except (httpx.HTTPError, RuntimeError) as err:  # --url unreachable, or calibration failed
         print(f"pdserve bench overload: {err}", file=sys.stderr)
         return 1
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     ov.add_argument("--recovery-s", type=float, default=20.0, help="probing for normal latency after the overload")
     ov.add_argument("--slo-scale", type=float, default=3.0, help="objectives = this x unloaded latency, per kind")
     ov.add_argument("--seed", type=int, default=0)
+    ov.add_argument("--calibration", metavar="OVERLOAD_JSON",
+                    help="use this earlier report's calibration instead of the one measured: the same objectives "
+                         "and, with the same settings, the same trace (to compare configurations on one load)")
     ov.add_argument("--out", default="bench-overload", help="directory for overload.json and overload.png")
     ov.add_argument("--quiet", action="store_true", help="no progress bars")
     ov.set_defaults(func=_cmd_bench_overload)

@@ -1,8 +1,11 @@
 """`pdserve bench overload`'s settings and trace, and its CLI refusing bad options before it deploys
 (the figures: test_overload_report.py)."""
 
+import json
+
 import pytest
 
+from pdserve.bench.overload import load_calibration
 from pdserve.bench.overload_settings import OverloadSettings
 from pdserve.bench.slo_compare import CALIBRATION_ROUNDS, Workload, probe_prompts, trace_within
 from pdserve.cli.main import main
@@ -42,3 +45,28 @@ def test_cli_refuses_bad_options_before_deploying(args, words, capsys):
         code = int(exc.code)
     assert code == 2
     assert words in capsys.readouterr().err
+
+
+CALIBRATION = {"unloaded": {"chat": {"ttft_ms": 80.0, "tpot_ms": 60.0}, "long": {"ttft_ms": 3000.0, "tpot_ms": 70.0}},
+               "capacity_rps": 1.2, "baseline_rps": 0.6, "overload_rps": 3.6}
+
+
+def test_a_reused_calibration_gives_the_same_objectives_and_trace_as_the_run_it_came_from(tmp_path):
+    report = tmp_path / "overload.json"
+    report.write_text(json.dumps({"calibration": CALIBRATION}))
+    cal = load_calibration(str(report))
+    assert cal["unloaded"] == CALIBRATION["unloaded"] and cal["capacity_rps"] == 1.2 and cal["from"] == str(report)
+    w, objectives = OverloadSettings().workload(), {"chat": (240.0, 180.0), "long": (9000.0, 210.0)}
+    first = trace_within(w, 3 * CALIBRATION["capacity_rps"], 60.0, objectives, seed=1)
+    again = trace_within(w, 3 * cal["capacity_rps"], 60.0, objectives, seed=1)
+    assert [(q.arrival_s, q.prompt, q.kind) for q in first] == [(q.arrival_s, q.prompt, q.kind) for q in again]
+
+
+@pytest.mark.parametrize("content", [None, "not json", json.dumps({"calibration": {"unloaded": {"chat": {}}}}),
+                                     json.dumps({"settings": {}})], ids=["missing", "garbage", "partial", "other"])
+def test_cli_refuses_a_calibration_that_is_not_an_overload_reports_before_deploying(tmp_path, content, capsys):
+    path = tmp_path / "overload.json"
+    if content is not None:
+        path.write_text(content)
+    assert main(["bench", "overload", "--calibration", str(path)]) == 2
+    assert "not an overload report with a calibration" in capsys.readouterr().err
