@@ -7,10 +7,10 @@ size is timed from the first byte offered to the receiver's acknowledgement
 (for pdserve: the transfer DONE, its bytes staged for the engine to load).
 The same-node path is the same sender and receiver with payloads in shared
 memory (`kvtransfer/same_node.py`), once reusing the memory receivers hand
-back and once with none reused (every transfer's pages fresh). A bare grpcio stream of the same bytes in
-chunk-sized messages that the receiver drops is grpcio's own ceiling: it
-separates what pdserve's protocol costs (framing, checksums, staging) from what
-the library costs.
+back and once with none reused (every transfer's pages fresh). A bare grpcio
+stream of the same bytes in chunk-sized messages that the receiver drops is
+grpcio's own ceiling: it separates what pdserve's protocol costs (framing,
+checksums, staging) from what the library costs.
 """
 
 from __future__ import annotations
