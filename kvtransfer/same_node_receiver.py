@@ -86,8 +86,10 @@ class HandoffServer:
         self._conns[conn] = False
         self._loop.add_reader(conn, self._read, conn)
 
-    def _drop(self, conn: socket.socket, why: str) -> None:
-        log.warning("same-node KV connection dropped: %s", why)
+    def _drop(self, conn: socket.socket, why: str = "") -> None:
+        """Close a connection: a peer that broke the protocol (`why`), or one that hung up."""
+        if why:
+            log.warning("same-node KV connection dropped: %s", why)
         self._loop.remove_reader(conn)
         self._conns.pop(conn, None)
         conn.close()
@@ -106,9 +108,7 @@ class HandoffServer:
             self._drop(conn, "oversized packet, several descriptors, or one before the secret")
             return
         if not packet and not fds:
-            self._loop.remove_reader(conn)
-            self._conns.pop(conn, None)
-            conn.close()
+            self._drop(conn)
             return
         if not self._conns[conn]:
             if not (packet.startswith(AUTH) and hmac.compare_digest(packet[len(AUTH):], self._secret)):
@@ -190,9 +190,7 @@ class HandoffServer:
         self._loop.remove_reader(self._sock)
         self._sock.close()
         for conn in list(self._conns):
-            self._loop.remove_reader(conn)
-            conn.close()
-        self._conns.clear()
+            self._drop(conn)
         for fd, _, _ in self._pending.values():
             os.close(fd)
         self._pending.clear()
