@@ -27,7 +27,24 @@ log = logging.getLogger(__name__)
 
 _REAP_INTERVAL_S = 0.05
 MAX_HANDSHAKE_BYTES = 64 << 10
+REFUSAL_DRAIN_S = 0.5
+"""How long a refused Push stream is read (and dropped) before its status goes: see `_refuse`."""
 """Largest handshake accepted (a fingerprint and a name: well under a kilobyte)."""
+
+
+async def _refuse(frames, ctx: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End a refused Push with `code` once the peer has stopped sending, or after
+    REFUSAL_DRAIN_S. A status that reaches gRPC's asyncio client while one of its writes is in
+    flight is replaced there by INTERNAL "Internal error from Core" (grpc/grpc#36066), and the
+    sender acts on the code (ABORTED: handshake again) and reports the details. Frames read here
+    are dropped unparsed, one at a time: a peer gains nothing it could not send before the refusal."""
+    try:
+        async with asyncio.timeout(REFUSAL_DRAIN_S):
+            async for _ in frames:
+                pass
+    except TimeoutError:
+        log.warning("KV push refused (%s: %s) while the peer still sends; ending it now", code.name, details)
+    await ctx.abort(code, details)
 
 
 class KVReceiver:
@@ -237,11 +254,11 @@ class KVReceiver:
                 if transfer.state.terminal:
                     self._notify(transfer.transfer_id)
         except framing.FrameError as exc:
-            await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}")
+            await _refuse(frames, ctx, grpc.StatusCode.INVALID_ARGUMENT, f"malformed frame: {exc}")
         except TransferRefused as exc:
             if transfer is not None:
                 self._notify(transfer.transfer_id)
-            await ctx.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+            await _refuse(frames, ctx, getattr(grpc.StatusCode, exc.code), str(exc))
         if transfer is None:
             await ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty Push stream")
         assert transfer is not None

@@ -181,3 +181,16 @@ def test_the_senders_connections_are_bounded_and_the_least_recently_used_idle_pe
     res = send(tx, receivers[0].address, "again", src, ids).result.result(WAIT_S)
     assert res.state is TransferState.DONE, res.error
     assert list(tx._peers) == [receivers[3].address, receivers[0].address]
+
+
+async def test_a_refused_push_reaches_a_sender_still_writing_with_the_receivers_own_status(make_receiver):
+    # gRPC's asyncio client reports INTERNAL instead when the status lands during one of its writes
+    # (grpc/grpc#36066); the sender acts on the code, so the receiver lets it finish writing first.
+    rx = make_receiver(max_frame_bytes=1 << 20)
+    stale = bad.transfer_frames("stale", caches(1, seed=24), [0], epoch="an-epoch-before-a-restart")[0]
+    unread = [bytes(4 << 10)] * 256  # after the refused open nothing is parsed
+    for _ in range(20):
+        results = await asyncio.gather(*(raw_push(rx.address, [stale, *unread]) for _ in range(4)),
+                                       return_exceptions=True)
+        assert [(r.code(), "stale epoch" in r.details()) for r in results] == [(grpc.StatusCode.ABORTED, True)] * 4
+    assert rx.stats()["opened"] == 0 and rx.stats()["chunks"] == 0
