@@ -8,8 +8,9 @@ vLLM connector. Without a GPU it runs the same code on CPU tensors, and `make te
 - KV: a paged cache in vLLM's GPU layout, (2, blocks, block_size, kv_heads, head_size) per layer,
   is pushed layer by layer as a simulated forward computes it (one matmul per layer), to a
   receiver in another process that loads it into its own cache on the device and compares every
-  byte. Reported per path (gRPC, same-node): GB/s from open to DONE, and how long each layer's
-  save held the forward up (what `save_kv_layer` costs the step; the goal is about 0).
+  byte. Each layer's blocks leave through the LayerStager (side stream, pinned buffers), as the
+  connector's do. Reported per path (gRPC, same-node): GB/s from open to DONE, and how long each
+  layer's save held the forward up (what `save_kv_layer` costs the step; the goal is about 0).
 - Experts: two buffered MoE layers with fewer slots than experts; the stall waiting for expert
   copies with prefetch on the copy stream against without it (CPU: no copy stream, no figure).
 """
@@ -29,6 +30,7 @@ import torch
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.layer_stager import LayerStager
 
 
 @dataclass(frozen=True)
@@ -95,23 +97,24 @@ def _forward_layer(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.tanh(x @ w)
 
 
-def _push(sender, dest: str, shape: Shape, layouts: list[BlockLayout], x, w, device: str, tid: str) -> dict:
-    """One prefill step that computes each layer, then saves its blocks, as vLLM calls the connector."""
+def _push(sender, stager, dest: str, shape: Shape, layouts: list[BlockLayout], x, w, device: str, tid: str) -> dict:
+    """One prefill step that computes each layer, then saves its blocks, as the connector's
+    worker does for a device cache (`save_kv_layer` through the LayerStager)."""
     ids = list(range(0, 2 * shape.blocks, 2))
     per_chunk = max(1, sender.settings.chunk_bytes // layouts[0].block_bytes)
     held = []
     start = time.perf_counter()
+    stager.fence()
     t = sender.open(tid, dest, num_tokens=shape.prompt_tokens, lease_ms=60_000)
     for layer, lay in enumerate(layouts):
         x = _forward_layer(x, w)
         save = time.perf_counter()
         for b in range(0, len(ids), per_chunk):
-            part = ids[b : b + per_chunk]
-            t.send_chunk(layer, b, len(part), lay.read(part))
+            stager.send(t, layer, b, lay, ids[b : b + per_chunk])
         held.append(time.perf_counter() - save)
     _sync(device)
     forward_s = time.perf_counter() - start
-    t.finish()
+    stager.finish(t, 0, 0)
     res = t.result.result(timeout=120)
     total_s = time.perf_counter() - start
     return {"state": res.state.name, "error": res.error, "bytes": res.bytes, "forward_s": forward_s,
@@ -142,16 +145,18 @@ def check_kv(shape: Shape, device: str, repeats: int) -> dict:
         out["forward_alone_ms"] = (time.perf_counter() - start) * 1e3
         for path, local in (("grpc", False), ("same_node", True)):
             sender = KVSender(settings.model_copy(update={"same_node": local}), shape.fingerprint(device))
+            stager = LayerStager(torch.device(device))
             runs = []
             try:
                 for i in range(repeats + 1):  # the first handshakes (and sets the same-node link up)
                     tid = f"{path}-{i}"
-                    run = _push(sender, dest, shape, layouts, x, w, device, tid)
+                    run = _push(sender, stager, dest, shape, layouts, x, w, device, tid)
                     parent.send(tid)
                     run.update(parent.recv())
                     if i:
                         runs.append(run)
             finally:
+                stager.close()
                 sender.close()
             out[path] = {
                 "all_bytes_ok": all(r["ok"] and r["state"] == "DONE" for r in runs),

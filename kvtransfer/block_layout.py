@@ -45,7 +45,7 @@ class BlockLayout:
             2 * kv_layer[0, 0].numel() * kv_layer.element_size()
         )
 
-    def _slices(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
+    def slices(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
         """Tensor slices in payload order: blocks in order; with a leading K/V
         dim, all K blocks then all V blocks. Independent of how ids group into runs,
         so sender and receiver agree whatever their physical block ids."""
@@ -55,12 +55,11 @@ class BlockLayout:
         return [self.kv[kv, f : f + n] for kv in (0, 1) for f, n in runs]
 
     def read(self, block_ids: Sequence[int]) -> list[memoryview]:
-        """Views of `block_ids`' bytes in payload order (no copy on CPU)."""
-        parts = []
-        for t in self._slices(block_ids):
-            src = t if self.on_cpu else t.to("cpu")
-            parts.append(memoryview(src.view(torch.uint8).numpy()).cast("B"))
-        return parts
+        """Views of `block_ids`' bytes in payload order, in place: a CPU cache only (a device
+        cache's blocks leave through `LayerStager`, off the forward's stream)."""
+        if not self.on_cpu:
+            raise ValueError(f"read() views a CPU cache in place; a {self.kv.device} cache is read by LayerStager")
+        return host_views(self.slices(block_ids))
 
     def write(self, block_ids: Sequence[int | None], payload: memoryview) -> int:
         """Copy a payload made by the peer's `read` of len(block_ids) blocks into
@@ -83,6 +82,11 @@ class BlockLayout:
                 dst.copy_(piece.view(dst.dtype).view(dst.shape), non_blocking=not self.on_cpu)
                 copied += piece.numel()
         return copied
+
+
+def host_views(tensors: Sequence[torch.Tensor]) -> list[memoryview]:
+    """The bytes of contiguous host tensors, as flat memoryviews (no copy)."""
+    return [memoryview(t.view(torch.uint8).numpy()).cast("B") for t in tensors]
 
 
 def _positioned_runs(block_ids: Sequence[int | None]) -> list[tuple[int, int, int]]:

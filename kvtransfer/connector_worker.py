@@ -1,9 +1,11 @@
 """Worker side of GrpcKVConnector: moves KV bytes between the paged cache and the wire.
 
 Producer: `save_kv_layer` pushes each layer's blocks as soon as the layer is
-computed, so the transfer overlaps the rest of the forward pass.
+computed, so the transfer overlaps the rest of the forward pass. A CPU cache is read in
+place; a GPU cache's blocks leave through a `LayerStager`, so the forward never waits on a copy.
 Consumer: received transfers are staged by the receiver; between steps,
-`get_transfer_results` copies finished ones into the blocks vLLM allocated.
+`get_transfer_results` copies finished ones into the blocks vLLM allocated (into a GPU cache
+through the `LayerStager`, reported finished once the copies have landed).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, LoadJob, SendJob, TransferReport
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.layer_stager import LayerStager, PendingLoad
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
 from pdserve.kvtransfer.transfer import IncomingTransfer, TransferState
@@ -52,16 +55,27 @@ class WorkerSide:
         self.fingerprint: KVFingerprint | None = None
         self.sender: KVSender | None = None
         self.receiver: KVReceiver | None = None
+        self.stager: LayerStager | None = None
         self._meta = GrpcConnectorMetadata()
         self._outgoing: dict[str, OutgoingTransfer] = {}
         self._compute_start_ns: dict[str, int] = {}
         self._finished_by_scheduler: set[str] = set()
         self._loads: dict[str, LoadJob] = {}
+        self._landing: dict[str, tuple[IncomingTransfer, PendingLoad, float]] = {}  # device loads in flight
         self._invalid_blocks: set[int] = set()
         self._reports: dict[str, TransferReport] = {}
-        # Payload bytes against bytes pdserve copied on each side: one copy per byte is the design.
-        self.counters = {"sent_bytes": 0, "send_copies_bytes": 0, "received_bytes": 0, "load_copies_bytes": 0,
+        # Payload bytes against bytes pdserve copied on each side: one copy per byte is the design
+        # on a CPU cache (two sending from a GPU cache: off the device, then into the frame).
+        self._counters = {"sent_bytes": 0, "send_copies_bytes": 0, "received_bytes": 0, "load_copies_bytes": 0,
                          "loads_done": 0, "loads_failed": 0, "sends_done": 0, "sends_failed": 0}
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Bytes sent, received and copied; a stager's copies are the sending copies of a device cache."""
+        out = dict(self._counters)
+        if self.stager is not None:
+            out["send_copies_bytes"] += self.stager.counters["d2h_bytes"] + self.stager.counters["frame_bytes"]
+        return out
 
     # --- setup --------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -89,11 +103,15 @@ class WorkerSide:
             self.receiver.start()
         if self.produce:
             self.sender = KVSender(self.settings, self.fingerprint)
+        if not lay.on_cpu:
+            self.stager = LayerStager(first.device)
         log.info("GrpcKVConnector worker ready: %s", self.fingerprint)
 
     def shutdown(self) -> None:
         for t in self._outgoing.values():
             t.abort("engine shutting down")
+        if self.stager is not None:
+            self.stager.close()
         if self.sender is not None:
             self.sender.close()
         if self.receiver is not None:
@@ -109,6 +127,8 @@ class WorkerSide:
     # --- per step -------------------------------------------------------------
     def bind(self, meta: GrpcConnectorMetadata) -> None:
         self._meta = meta
+        if self.stager is not None:
+            self.stager.fence()
         now_ns = time.time_ns()
         for job in meta.sends:
             if job.req_id not in self._outgoing:
@@ -139,13 +159,20 @@ class WorkerSide:
         for job in self._meta.sends:
             t = self._outgoing[job.req_id]
             for block_start, ids in self._chunks(job):
-                self.counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), layout.read(ids))
+                if self.stager is not None:
+                    self.stager.send(t, idx, block_start, layout, ids)
+                else:
+                    self._counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), layout.read(ids))
 
     def wait_for_save(self) -> None:
         end_ns = time.time_ns()
         for job in self._meta.sends:
             if job.is_last:
-                self._outgoing[job.req_id].finish(self._compute_start_ns.get(job.req_id, 0), end_ns)
+                t, start_ns = self._outgoing[job.req_id], self._compute_start_ns.get(job.req_id, 0)
+                if self.stager is not None:
+                    self.stager.finish(t, start_ns, end_ns)
+                else:
+                    t.finish(start_ns, end_ns)
 
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) for vLLM; also fills load errors and reports."""
@@ -162,8 +189,8 @@ class WorkerSide:
                 continue
             res = t.result.result()
             ok = res.state is TransferState.DONE
-            self.counters["sends_done" if ok else "sends_failed"] += 1
-            self.counters["sent_bytes"] += res.bytes
+            self._counters["sends_done" if ok else "sends_failed"] += 1
+            self._counters["sent_bytes"] += res.bytes
             log.info(
                 "KV push %s for %s: %s, %d chunks, %.1f MiB in %.1f ms%s",
                 res.transfer_id, req_id, res.state.name, res.chunks, res.bytes / 2**20,
@@ -180,33 +207,52 @@ class WorkerSide:
             return set()
         done = set()
         for req_id, job in list(self._loads.items()):
-            if req_id in finished_req_ids:  # aborted while waiting: free its staging too
+            if req_id in self._landing:  # its copies write into its blocks until they land
+                t, pending, start = self._landing[req_id]
+                if not pending.done():
+                    continue
+                del self._landing[req_id]
+                self._report_load(job, t, "", pending.written_bytes, pending.written_bytes + pending.host_bytes,
+                                  (time.perf_counter() - start) * 1e3)
+            elif req_id in finished_req_ids:  # aborted while waiting: free its staging too
                 self.receiver.discard(job.transfer_id)
             else:
                 t = self.receiver.take(job.transfer_id)
                 if t is None:
                     continue
-                self._complete_load(job, t)
+                if not self._load(job, t):
+                    continue
             del self._loads[req_id]
             done.add(req_id)
         return done
 
-    def _complete_load(self, job: LoadJob, t: IncomingTransfer) -> None:
+    def _load(self, job: LoadJob, t: IncomingTransfer) -> bool:
+        """Copy a finished transfer into the job's blocks; False while a device load is landing."""
         error = t.error
         if t.state is TransferState.DONE and t.num_tokens != job.num_tokens:
             error = f"prefill sent {t.num_tokens} prompt tokens, decode expects {job.num_tokens}"
-        load_ms = 0.0
-        copied = 0
-        if not error:
-            start = time.perf_counter()
-            last = job.first_block + len(job.block_ids)
-            for chunk in t.chunks.values():
-                lo, hi = chunk.block_start, chunk.block_start + chunk.num_blocks
-                if hi <= job.first_block or lo >= last:
-                    continue
-                ids = [job.block_ids[b - job.first_block] if job.first_block <= b < last else None for b in range(lo, hi)]
-                copied += self.layers[chunk.layer].write(ids, chunk.payload)
-            load_ms = (time.perf_counter() - start) * 1e3
+        if error:
+            self._report_load(job, t, error, 0, 0, 0.0)
+            return True
+        start = time.perf_counter()
+        last = job.first_block + len(job.block_ids)
+        pieces = []
+        for chunk in t.chunks.values():
+            lo, hi = chunk.block_start, chunk.block_start + chunk.num_blocks
+            if hi <= job.first_block or lo >= last:
+                continue
+            ids = [job.block_ids[b - job.first_block] if job.first_block <= b < last else None for b in range(lo, hi)]
+            pieces.append((self.layers[chunk.layer], ids, chunk.payload))
+        if self.stager is not None:
+            self._landing[job.req_id] = (t, self.stager.load(pieces), start)
+            return False
+        copied = sum(layout.write(ids, payload) for layout, ids, payload in pieces)
+        self._report_load(job, t, "", copied, copied, (time.perf_counter() - start) * 1e3)
+        return True
+
+    def _report_load(self, job: LoadJob, t: IncomingTransfer, error: str, written: int, copied: int,
+                     load_ms: float) -> None:
+        """Free the transfer's staging and record how its load went, for vLLM and the answer."""
         t.release()
         ready_ns = time.time_ns()
         c_start, c_end = t.compute_ns
@@ -214,7 +260,7 @@ class WorkerSide:
             transfer_id=job.transfer_id,
             state="FAILED" if error else "DONE",
             tokens=0 if error else job.num_tokens,
-            bytes=copied,
+            bytes=written,
             error=error,
             prefill_compute_ms=(c_end - c_start) / 1e6 if c_end else 0.0,
             exposed_ms=(ready_ns - c_end) / 1e6 if c_end and not error else 0.0,
@@ -226,12 +272,12 @@ class WorkerSide:
         self._reports[job.req_id] = report
         if error:
             self._invalid_blocks.update(job.block_ids)
-            self.counters["loads_failed"] += 1
+            self._counters["loads_failed"] += 1
             log.warning("KV load for %s failed (%s): %d blocks reported invalid", job.req_id, error, len(job.block_ids))
         else:
-            self.counters["loads_done"] += 1
-            self.counters["received_bytes"] += t.bytes_received
-            self.counters["load_copies_bytes"] += copied
+            self._counters["loads_done"] += 1
+            self._counters["received_bytes"] += t.bytes_received
+            self._counters["load_copies_bytes"] += copied
             log.info(
                 "KV load %s for %s: %d tokens, %.1f MiB copied in %.1f ms, exposed %.1f ms of %.1f ms prefill",
                 job.transfer_id, job.req_id, job.num_tokens, copied / 2**20, load_ms,

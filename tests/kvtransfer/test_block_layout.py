@@ -8,6 +8,7 @@ import torch
 
 from pdserve.kvtransfer.block_layout import BlockLayout, contiguous_runs
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from tests.kvtransfer.copy_counter import CopyCounter
 
 HEADS, BLOCK_SIZE, HEAD = 2, 4, 8
 SENTINEL = -7.0
@@ -75,6 +76,24 @@ def test_none_destinations_are_skipped_and_left_untouched(layout):
             assert torch.equal(block(dst_kv, layout, d), block(src_kv, layout, s))
     for d in (1, 4, 5, 6):
         assert (block(dst_kv, layout, d) == SENTINEL).all()
+
+
+def test_read_views_the_cache_in_place_and_write_counts_every_byte_torch_copies(layout):
+    make, _ = LAYOUTS[layout]
+    src_kv, dst_kv = make(8, torch.bfloat16), make(8, torch.bfloat16)
+    src, dst = BlockLayout(src_kv, 8), BlockLayout(dst_kv, 8)
+    with CopyCounter() as copies:
+        parts = src.read([6, 1, 2])
+    assert copies.copied_bytes == 0, copies.ops
+    with CopyCounter() as copies:
+        copied = dst.write([None, 3, 4], payload_of(parts))
+    assert copied == copies.copied_bytes == 2 * dst.block_bytes, copies.ops
+
+
+def test_a_device_cache_is_not_read_in_place():
+    lay = BlockLayout(gpu_like_cache(4).to("meta"), 4)
+    with pytest.raises(ValueError, match="LayerStager"):
+        lay.read([0])
 
 
 def test_all_none_destinations_copy_nothing(layout):
