@@ -1,12 +1,12 @@
 """Unloaded latencies of a running service, and what pdserve adds in front of its engines.
 
-Pairs of requests of the same (short) prompt length go one at a time, alternately, through the whole
-service (HTTP client -> Serve proxy -> ingress -> controller -> engines, KV transfer in a
-disaggregated service) and straight to one engine replica: a Ray Serve handle call from this
-process, the engine prefilling and decoding by itself (that one handle call is all that is
-between). The two prompts of a pair differ in content, so
-neither finds the other's KV in a prefix cache. The median of the per-pair TTFT differences
-is the latency pdserve adds. Short prompts keep the engine's own TTFT, and its noise, small
+Requests of the same (short) prompt length go one at a time, in turn, through the whole service
+(HTTP client -> the ingress's own HTTP server, or Serve's proxy -> ingress -> controller ->
+engines, KV transfer in a disaggregated service), through Serve's proxy as a baseline where the
+service URL is the ingress's own server, and straight to one engine replica: a Ray Serve handle
+call from this process, the engine prefilling and decoding by itself (that one handle call is
+all that is between). The prompts of a probe differ in content, so none finds another's KV in a
+prefix cache. The median of the per-probe TTFT differences is the latency pdserve adds. Short prompts keep the engine's own TTFT, and its noise, small
 next to what is measured (with the workload's prompts, 10 pairs on 2 cores gave medians
 from -7 to +88 ms for the same service).
 """
@@ -76,21 +76,26 @@ async def direct_ttft_ms(engine: EngineTarget, prompt_token_ids: list[int]) -> f
 
 
 async def calibrate(http_url: str, model: str, engine: EngineTarget | None, unloaded: list[SampledRequest],
-                    pairs: list[tuple[SampledRequest, SampledRequest]], warmup: SampledRequest, max_tokens: int,
-                    progress: Callable[[int, int], None] | None = None) -> tuple[dict, list[RequestResult]]:
+                    probes: list[tuple[SampledRequest, ...]], warmup: SampledRequest, max_tokens: int,
+                    progress: Callable[[int, int], None] | None = None,
+                    proxy_url: str | None = None) -> tuple[dict, list[RequestResult]]:
     """Send the `unloaded` requests through the service one at a time (at most `max_tokens` of each
-    output): the service's unloaded TTFT and TPOT. Then, with an engine, each pair: its first
-    request through the service, its second (same length) straight to `engine`, one at a time,
-    alternating which goes first: the latency pdserve adds. `warmup` goes both ways first and is
-    not counted: a freshly deployed application's first calls also pay for Serve's handles
-    finding the new replicas. Returns the figures, and the unloaded requests' results.
+    output): the service's unloaded TTFT and TPOT. Then, with an engine, each probe's requests, of
+    one length, one at a time, in an order that rotates from one probe to the next: the first
+    through the service, the second straight to `engine` (the latency pdserve adds), and with a
+    `proxy_url` (the service's `http_url` is then the ingress's own server) the third through
+    Serve's proxy, the baseline that server is measured against in the same run. `warmup` goes
+    every way first and is not counted: a freshly deployed application's first calls also pay for
+    Serve's handles finding the new replicas. Returns the figures, and the unloaded requests' results.
     """
-    (warm,) = await run_load(http_url, model, [RequestSpec(0.0, warmup.prompt_token_ids, 2, "warmup")], 600.0)
-    if warm.outcome != "ok":
-        raise RuntimeError(f"the service at {http_url} did not answer a warm-up request: {warm.status} {warm.error}")
+    urls = [http_url] + ([proxy_url] if proxy_url else [])
+    for url in urls:
+        (warm,) = await run_load(url, model, [RequestSpec(0.0, warmup.prompt_token_ids, 2, "warmup")], 600.0)
+        if warm.outcome != "ok":
+            raise RuntimeError(f"the service at {url} did not answer a warm-up request: {warm.status} {warm.error}")
     if engine is not None:
         await direct_ttft_ms(engine, warmup.prompt_token_ids)
-    total = len(unloaded) + (len(pairs) if engine is not None else 0)
+    total = len(unloaded) + (len(probes) if engine is not None else 0)
     results = []
     for i, req in enumerate(unloaded):
         results.append(await _through_service(http_url, model, req.prompt_token_ids, min(req.output_tokens, max_tokens)))
@@ -102,33 +107,39 @@ async def calibrate(http_url: str, model: str, engine: EngineTarget | None, unlo
            "tpot_ms": percentiles([r.tpot_ms for r in results if r.tpot_ms is not None], (50, 90))}
     if engine is None:
         return out, results
-    served: list[RequestResult] = []
+    served: dict[str, list[RequestResult]] = {"service": [], "proxy": []}
     direct_ms: list[float] = []
-    for i, (via_service, direct) in enumerate(pairs):
-        if i % 2:
-            direct_ms.append(await direct_ttft_ms(engine, direct.prompt_token_ids))
-        served.append(await _through_service(http_url, model, via_service.prompt_token_ids, _PAIR_MAX_TOKENS))
-        if not i % 2:
-            direct_ms.append(await direct_ttft_ms(engine, direct.prompt_token_ids))
+    for i, probe in enumerate(probes):
+        legs = [("service", probe[0]), ("engine", probe[1])] + ([("proxy", probe[2])] if proxy_url else [])
+        for leg, req in legs[i % len(legs):] + legs[:i % len(legs)]:
+            if leg == "engine":
+                direct_ms.append(await direct_ttft_ms(engine, req.prompt_token_ids))
+            else:
+                url = http_url if leg == "service" else proxy_url
+                served[leg].append(await _through_service(url, model, req.prompt_token_ids, _PAIR_MAX_TOKENS))
         if progress is not None:
             progress(len(unloaded) + i + 1, total)
+    out["added_latency"] = {"engine": f"{engine.pool} replica {engine.replica_id}",
+                            "prompt_tokens": len(probes[0][0].prompt_token_ids) if probes else None,
+                            "engine_ttft_ms": percentiles(direct_ms, (50, 90)), "pairs": len(direct_ms),
+                            "path": "ingress" if proxy_url else "proxy", **_added(served["service"], direct_ms)}
+    if proxy_url:
+        out["added_latency"]["via_proxy"] = _added(served["proxy"], direct_ms)
+    return out, results
+
+
+def _added(served: list[RequestResult], direct_ms: list[float]) -> dict:
+    """TTFT through the service against straight to the engine, request by request. The ingress
+    measures TTFT too (usage.slo): from the request reaching it to the first token reaching it,
+    which splits what is added into the HTTP side (client, HTTP server, Serve's proxy when it is in
+    the way) and the ingress side (routing, the engine call, a disaggregated request's transfer)."""
     added = [r.ttft_ms - d for r, d in zip(served, direct_ms, strict=True)]
-    # The ingress measures TTFT too (usage.slo): from the request reaching it to the first token
-    # reaching it. That splits what is added into the HTTP side (client, Serve's proxy) and the
-    # ingress side (routing, the engine call, a disaggregated request's transfer).
     split = [(r.ttft_ms - r.server_slo["ttft_ms"], r.server_slo["ttft_ms"] - d)
              for r, d in zip(served, direct_ms, strict=True) if r.server_slo and r.server_slo.get("ttft_ms") is not None]
-    out["added_latency"] = {
-        "engine": f"{engine.pool} replica {engine.replica_id}",
-        "prompt_tokens": len(pairs[0][0].prompt_token_ids) if pairs else None,
-        "service_ttft_ms": percentiles([r.ttft_ms for r in served], (50, 90)),
-        "engine_ttft_ms": percentiles(direct_ms, (50, 90)),
-        "added_ms": {**(percentiles(added, (50, 90)) or {}), "mean": float(np.mean(added)) if added else None},
-        "http_proxy_ms": percentiles([h for h, _ in split], (50, 90)),
-        "ingress_ms": percentiles([i for _, i in split], (50, 90)),
-        "pairs": len(added),
-    }
-    return out, results
+    return {"service_ttft_ms": percentiles([r.ttft_ms for r in served], (50, 90)),
+            "added_ms": {**(percentiles(added, (50, 90)) or {}), "mean": float(np.mean(added)) if added else None},
+            "http_ms": percentiles([h for h, _ in split], (50, 90)),
+            "ingress_ms": percentiles([i for _, i in split], (50, 90))}
 
 
 async def _through_service(http_url: str, model: str, prompt_token_ids: list[int], max_tokens: int) -> RequestResult:

@@ -66,7 +66,7 @@ class Requests:
     vocabulary: list[int]
     seed: int
     calibration: list[SampledRequest]  # the workload's lengths, sent unloaded
-    pairs: list[tuple[SampledRequest, SampledRequest]]  # (through the service, straight to an engine)
+    probes: list[tuple[SampledRequest, ...]]  # (through the service, straight to an engine, through Serve's proxy)
     warmup: SampledRequest
     conversation: ConversationWorkload | None = None  # each arrival is a conversation of this workload
     encode: Callable[[str], list[int]] | None = None  # an answer's text as the next turn sends it
@@ -100,10 +100,11 @@ def build_requests(workload: AnyWorkload | ConversationWorkload, settings: Serve
         lengths = sample_lengths(workload, n, s, settings.max_model_len)
         cal_lengths = sample_lengths(workload, k, s + 1, settings.max_model_len)
     probe = [(settings.probe_prompt_tokens, 2)] * k
-    pairs = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 4]), strict=True))
+    probes = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 4]),
+                      make_requests(probe, vocab, [s, 6]), strict=True))
     conversation = workload if isinstance(workload, ConversationWorkload) else None
     return Requests(lengths, gamma_arrivals(1.0, n, burstiness, s), vocab, s, make_requests(cal_lengths, vocab, [s, 2]),
-                    pairs, make_requests(cal_lengths[:1], vocab, [s, 5])[0], conversation,
+                    probes, make_requests(cal_lengths[:1], vocab, [s, 5])[0], conversation,
                     lambda text: tokenizer.encode(text, add_special_tokens=False))
 
 
@@ -172,8 +173,9 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
     """Calibrate and run one target. Returns (its report section, the reference it was judged by)."""
     label = f"{target.name} calibration"
     calibration, unloaded = asyncio.run(engine_probe.calibrate(
-        target.http_url, target.model, target.engine, requests.calibration, requests.pairs, requests.warmup,
-        settings.calibration_max_tokens, (lambda done, total: progress(label, done, total)) if progress else None))
+        target.http_url, target.model, target.engine, requests.calibration, requests.probes, requests.warmup,
+        settings.calibration_max_tokens, (lambda done, total: progress(label, done, total)) if progress else None,
+        target.proxy_url))
     log.info("%s unloaded: %s", target.name, calibration)
     reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths,
                                             requests.turns_per_arrival())
@@ -237,10 +239,11 @@ def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload 
             else:
                 svc.delete()
                 svc = service.deploy(mode_cfg, model_path, svc.started_ray)
-            log.info("benchmarking %s at %s", name, svc.http_url)
+            log.info("benchmarking %s at %s", name, svc.fastest_http_url)
             engine = asyncio.run(engine_probe.find_engine(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
-            target = Target(name, svc.http_url, served_model_name(mode_cfg, model_path), engine,
-                            _describe_cluster(mode_cfg, model_path))
+            target = Target(name, svc.fastest_http_url, served_model_name(mode_cfg, model_path), engine,
+                            _describe_cluster(mode_cfg, model_path),
+                            svc.http_url if svc.direct_http_url else None)
             configs[name], reference = measure(target, requests, settings, reference, progress)
     finally:
         if svc is not None:

@@ -199,7 +199,10 @@ def summary(report: dict) -> list[str]:
     for name, c in report["configs"].items():
         added = c["calibration"].get("added_latency")
         if added:
-            lines.append(f"{name}: pdserve adds {added['added_ms']['p50']:.1f} ms median TTFT in front of one engine")
+            proxy = added.get("via_proxy")
+            lines.append(f"{name}: pdserve adds {added['added_ms']['p50']:.1f} ms median TTFT in front of one engine "
+                         f"through {'its ingress' if added['path'] == 'ingress' else 'Serve proxy'}"
+                         + (f" ({proxy['added_ms']['p50']:.1f} ms through Serve's proxy)" if proxy else ""))
         run = next((r for r in c["runs"] if r["kv_transfer"]), None)
         if run is not None:
             kv = run["kv_transfer"]

@@ -185,6 +185,7 @@ class Target:
     model: str
     engine: engine_probe.EngineTarget | None  # None: the added latency cannot be measured (no Ray handle)
     description: dict = field(default_factory=dict)
+    proxy_url: str | None = None  # Serve's proxy, where `http_url` is the ingress's own server: the baseline
 
 
 @dataclass

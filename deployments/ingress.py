@@ -1,5 +1,5 @@
-"""The ingress deployment: the OpenAI HTTP API (through Ray Serve's proxy) and the gRPC
-API (its own server in the replica), both over one `Frontend`."""
+"""The ingress deployment: the OpenAI HTTP API (through Ray Serve's proxy, and from its own
+server in the replica) and the gRPC API (its own server), all over one `Frontend`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from ray import serve
 
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
+from pdserve.deployments.api.direct_http import start_direct_http
 from pdserve.deployments.api.grpc_api import GrpcHealth, server_credentials, start_grpc_server
 from pdserve.deployments.api.http_api import build_http_app
 from pdserve.deployments.api.openai_models import load_validators
@@ -28,7 +29,10 @@ def _current_frontend() -> Frontend:
     return _frontend
 
 
-@serve.ingress(build_http_app(_current_frontend))
+_http_app = build_http_app(_current_frontend)
+
+
+@serve.ingress(_http_app)
 class Ingress:
     async def __init__(self, cfg: ClusterConfig, model_path: str, controller: Any, pools: dict[str, Any]):
         global _frontend
@@ -42,14 +46,22 @@ class Ingress:
         tls = server_credentials(cfg.ingress)
         self.grpc = await start_grpc_server(_current_frontend, cfg.ingress.grpc_port, cfg.ingress.host,
                                             self.grpc_health, tls)
-        log.info("ingress ready: model %s, gRPC on %s:%d (%s)", self.frontend.model_name, cfg.ingress.host,
-                 cfg.ingress.grpc_port, "plaintext" if tls is None else "TLS")
+        ing = cfg.ingress
+        self.http = None
+        if ing.direct_http_port is not None:
+            self.http = await start_direct_http(_http_app, ing.host, ing.direct_http_port,
+                                                ing.route_prefix.rstrip("/"))
+        log.info("ingress ready: model %s, gRPC on %s:%d (%s), HTTP on %s", self.frontend.model_name, ing.host,
+                 ing.grpc_port, "plaintext" if tls is None else "TLS",
+                 "Serve's proxy only" if self.http is None else f"{self.http.address} and Serve's proxy")
 
     def finished_spans(self) -> list[dict]:
         return telemetry.finished_spans()
 
     async def __del__(self) -> None:
         await self.grpc_health.set_serving(False)  # probes move traffic away while streams finish
+        if self.http is not None:
+            await self.http.stop()
         await self.grpc.stop(grace=5)
         telemetry.shutdown_tracing()
         await super().__del__()

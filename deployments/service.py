@@ -19,9 +19,16 @@ log = logging.getLogger("pdserve.service")
 class Service:
     cfg: ClusterConfig
     http_url: str
-    """Base URL of the application (OpenAI's API lives under `/v1`)."""
+    """Base URL of the application through Serve's proxy (OpenAI's API lives under `/v1`)."""
     grpc_addr: str
     started_ray: bool
+    direct_http_url: str | None = None
+    """The same API from the ingress replica's own server (`ingress.direct_http_port`), if any."""
+
+    @property
+    def fastest_http_url(self) -> str:
+        """The ingress's own server where there is one, else the proxy."""
+        return self.direct_http_url or self.http_url
 
     def delete(self) -> None:
         """Delete the application (if still there); its engines shut down in their replicas."""
@@ -96,6 +103,7 @@ def deploy(cfg: ClusterConfig, model_path: str, started_ray: bool = False) -> Se
     external = cfg.external_scaler_enabled if cfg.external_scaler_enabled is not None else cfg.autoscaling is not None
     serve.run(build_app(cfg, model_path), name=cfg.app_name, route_prefix=cfg.ingress.route_prefix,
               external_scaler_enabled=external)
-    host, prefix = cfg.ingress.host, cfg.ingress.route_prefix.rstrip("/")
-    return Service(cfg, f"http://{host}:{cfg.ingress.http_port}{prefix}", f"{host}:{cfg.ingress.grpc_port}",
-                   started_ray)
+    ing = cfg.ingress
+    host, prefix = ing.host, ing.route_prefix.rstrip("/")
+    direct = None if ing.direct_http_port is None else f"http://{host}:{ing.direct_http_port}{prefix}"
+    return Service(cfg, f"http://{host}:{ing.http_port}{prefix}", f"{host}:{ing.grpc_port}", started_ray, direct)

@@ -58,6 +58,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"pdserve is serving {os.path.basename(model_path)} ({cfg.mode}: {pools}; {cfg.engine_dtype})\n"
           f"  OpenAI HTTP API: {svc.http_url}/v1  (docs {svc.http_url}/docs, health {svc.http_url}/health, "
           f"metrics {svc.http_url}/metrics)\n"
+          + (f"                   {svc.direct_http_url}/v1  (the same API without Serve's proxy: lower latency)\n"
+             if svc.direct_http_url else "") +
           f"  gRPC API:        {svc.grpc_addr}  (pdserve.v1.Generation, health, reflection)\n"
           "Press Ctrl-C to stop.", flush=True)
     stop.wait()

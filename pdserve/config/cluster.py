@@ -124,6 +124,12 @@ class IngressConfig(BaseModel):
     host: str = "127.0.0.1"
     """Address the HTTP and gRPC ingresses bind."""
     http_port: int = Field(8000, ge=1, le=65535)
+    """Ray Serve's HTTP proxy: the OpenAI API, several applications side by side under their
+    route prefixes."""
+    direct_http_port: int | None = Field(8001, ge=1, le=65535)
+    """The same OpenAI API served by the ingress replica itself, without the proxy's hop (10-18 ms
+    less TTFT on the project's machine); null: only through the proxy. Like `grpc_port`, one
+    ingress replica per node can bind it."""
     grpc_port: int = Field(50051, ge=1, le=65535)
     route_prefix: str = Field("/", pattern=r"^/[A-Za-z0-9_\-/]*$")
     """HTTP path prefix of this application, so several can share one Serve proxy."""
@@ -289,8 +295,9 @@ class ClusterConfig(BaseModel):
             raise ValueError("kv_transfer.listen_addr is chosen per decode replica; leave it unset")
         if self.kv_receiver_port and self.kv_receiver_port + self.kv_receiver_port_count > 65536:
             raise ValueError("kv_receiver_port + kv_receiver_port_count runs past port 65535")
-        if self.ingress.http_port == self.ingress.grpc_port:
-            raise ValueError("ingress.http_port and ingress.grpc_port must differ")
+        ports = [self.ingress.http_port, self.ingress.grpc_port, self.ingress.direct_http_port]
+        if len(set(ports) - {None}) != len([p for p in ports if p is not None]):
+            raise ValueError("ingress.http_port, grpc_port and direct_http_port must differ")
         if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":
             raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so the "
                              "prefill and decode engines would hold KV of different dtypes: set dtype explicitly")

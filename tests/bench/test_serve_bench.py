@@ -25,7 +25,7 @@ def test_every_rate_gets_the_same_lengths_with_prompts_no_other_run_has_sent():
     assert [(len(r.prompt_token_ids), r.output_tokens) for r in slow] == requests.load_lengths
     assert [(len(r.prompt_token_ids), r.output_tokens) for r in fast] == requests.load_lengths
     assert requests.load_at(0.125) == slow  # the same at a rate, whichever configuration asks
-    pairs = [r for pair in requests.pairs for r in pair]
+    pairs = [r for probe in requests.probes for r in probe]
     first_blocks = [tuple(r.prompt_token_ids[:16]) for r in [*slow, *fast, *requests.calibration, *pairs, requests.warmup]]
     assert len(set(first_blocks)) == len(first_blocks)  # no two prompts share a prefix-cache block
     assert {len(r.prompt_token_ids) for r in pairs} == {settings.probe_prompt_tokens}

@@ -72,7 +72,9 @@ def test_every_configuration_serves_every_request_and_reports_goodput(report):
         (run,) = cfg["runs"]
         assert (run["rate_rps"], run["requests"], run["ok"]) == (1.0, 4, 4), run["errors"]
         assert all(r["output_tokens"] == r["requested_output_tokens"] and r["ttft_ms"] > 0 for r in run["per_request"])
-        assert cfg["calibration"]["added_latency"]["pairs"] == 2
+        added = cfg["calibration"]["added_latency"]
+        assert added["pairs"] == 2 and added["path"] == "ingress"  # with Serve's proxy measured alongside
+        assert added["via_proxy"]["service_ttft_ms"]["p50"] > 0 and added["via_proxy"]["http_ms"]["p50"] is not None
         # At 50x the unloaded latencies every request of a 1 req/s trickle meets its objectives.
         assert cfg["goodput"]["50"]["goodput_rps"] == cfg["goodput"]["ttft50x/tpot50x"]["goodput_rps"] == 1.0
         assert cfg["goodput"]["loose"]["goodput_rps"] == 1.0

@@ -46,23 +46,24 @@ def _wait_for_line(proc: subprocess.Popen, needle: str, timeout_s: float) -> str
 
 
 def test_serve_answers_the_readme_examples_and_ctrl_c_leaves_no_process(tmp_path):
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port, direct_port = free_port(), free_port(), free_port()
     config = tmp_path / "cluster.yaml"
-    config.write_text(f"ingress: {{http_port: {http_port}, grpc_port: {grpc_port}}}\n")
+    config.write_text(f"ingress: {{http_port: {http_port}, grpc_port: {grpc_port}, direct_http_port: {direct_port}}}\n")
     pdserve = Path(sys.executable).with_name("pdserve")
     proc = subprocess.Popen([str(pdserve), "serve", "--config", str(config)], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     descendants: set[int] = set()
     try:
         banner = _wait_for_line(proc, "Press Ctrl-C to stop.", timeout_s=400)
-        assert f"127.0.0.1:{http_port}" in banner and f"127.0.0.1:{grpc_port}" in banner
+        assert all(f"127.0.0.1:{port}" in banner for port in (http_port, grpc_port, direct_port))
         assert "; float32)" in banner  # the default dtype answers right on every CPU (bfloat16 does not on AMX)
         descendants = {p.pid for p in psutil.Process(proc.pid).children(recursive=True)}
 
-        curl = _readme_example("curl").replace("8000", str(http_port)).replace("\\\n", " ")
-        out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120, check=True).stdout
-        answer = json.loads(out)
-        assert answer["choices"][0]["message"]["content"] == "The capital of France is Paris."
+        for port in (http_port, direct_port):  # through Serve's proxy, and from the ingress's own server
+            curl = _readme_example("curl").replace("8000", str(port)).replace("\\\n", " ")
+            out = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=120, check=True).stdout
+            answer = json.loads(out)
+            assert answer["choices"][0]["message"]["content"] == "The capital of France is Paris."
 
         snippet = _readme_example("openai").replace("8000", str(http_port))
         printed = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=120)

@@ -25,7 +25,7 @@ def service_config(**overrides) -> ClusterConfig:
         "dtype": "float32",
         "max_model_len": 1024,
         "tracing": {"exporter": "memory"},
-        "ingress": {"http_port": free_port(), "grpc_port": free_port()},
+        "ingress": {"http_port": free_port(), "grpc_port": free_port(), "direct_http_port": free_port()},
         "log_level": "WARNING",
         "routing": {"local_prefill_max_tokens": 8},
     }

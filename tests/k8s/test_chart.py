@@ -113,7 +113,7 @@ def test_serve_config_runs_the_pdserve_builder_with_external_scaling_only_when_a
     assert serve.http_options.port == cfg.ingress.http_port
 
 
-def test_service_sends_http_and_grpc_to_the_head_pods_ports():
+def test_service_sends_both_http_ports_and_grpc_to_the_head_pods_ports():
     docs = render()
     service, head = only(docs, "Service"), pods(docs)["head"]
     labels = head["metadata"]["labels"]
@@ -121,7 +121,15 @@ def test_service_sends_http_and_grpc_to_the_head_pods_ports():
     ports = {p["name"]: p["containerPort"] for p in head["spec"]["containers"][0]["ports"]}
     cfg = parse_config(files(docs)["cluster.yaml"])
     assert {(p["port"], ports[p["targetPort"]]) for p in service["spec"]["ports"]} == {
-        (cfg.ingress.http_port, cfg.ingress.http_port), (cfg.ingress.grpc_port, cfg.ingress.grpc_port)}
+        (cfg.ingress.http_port, cfg.ingress.http_port), (cfg.ingress.grpc_port, cfg.ingress.grpc_port),
+        (cfg.ingress.direct_http_port, cfg.ingress.direct_http_port)}
+
+
+def test_without_the_ingress_http_server_no_port_is_declared_for_it():
+    docs = render({"ingress": {"directHttpPort": None}})
+    assert parse_config(files(docs)["cluster.yaml"]).ingress.direct_http_port is None
+    assert "http-direct" not in {p["name"] for p in only(docs, "Service")["spec"]["ports"]}
+    assert "http-direct" not in {p["name"] for p in pods(docs)["head"]["spec"]["containers"][0]["ports"]}
 
 
 def test_the_ingress_serving_grpc_is_pinned_to_the_head_the_service_reaches():

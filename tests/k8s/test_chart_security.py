@@ -131,7 +131,7 @@ def test_client_ports_admit_anyone_by_default_and_only_client_from_when_set(vari
     head = _groups(docs)["head"]
     cfg = parse_config(files(docs)["cluster.yaml"])
     restricted = bool(VARIANTS[variant])
-    for port in (cfg.ingress.http_port, cfg.ingress.grpc_port):
+    for port in (cfg.ingress.http_port, cfg.ingress.grpc_port, cfg.ingress.direct_http_port):
         assert admits(docs, head, GATEWAY, port)
         assert all(admits(docs, head, source, port) != restricted for source in (STRANGER, ELSEWHERE, OUTSIDE)), port
     # KubeRay checks Serve's proxy whoever the clients are.

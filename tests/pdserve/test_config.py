@@ -189,3 +189,12 @@ def test_the_default_model_comes_with_its_familys_tool_parser_and_another_model_
     assert parse_config({"model": str(tmp_path)}).tool_call_parser is None
     assert parse_config({"model": str(tmp_path), "tool_call_parser": "hermes"}).tool_call_parser == "hermes"
     assert parse_config({"tool_call_parser": None}).tool_call_parser is None  # "auto" refused
+
+
+def test_the_ingress_serves_http_itself_on_its_own_port_by_default_and_every_port_differs():
+    ingress = load_config(None).ingress
+    assert (ingress.http_port, ingress.direct_http_port, ingress.grpc_port) == (8000, 8001, 50051)
+    assert parse_config({"ingress": {"direct_http_port": None}}).ingress.direct_http_port is None
+    for clash in ({"direct_http_port": 8000}, {"direct_http_port": 50051}, {"grpc_port": 8000}):
+        with pytest.raises(ConfigError, match="must differ"):
+            parse_config({"ingress": clash})

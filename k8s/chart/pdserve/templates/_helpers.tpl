@@ -81,7 +81,7 @@ pdserve_pool:{{ . }}
 {{- $cfg := dict "model" $v.model "served_model_name" $v.servedModelName "dtype" $v.dtype
       "max_model_len" $v.maxModelLen "mode" "disaggregated" "app_name" "pdserve"
       "slo" (dict "ttft_ms" $v.slo.ttftMs "tpot_ms" $v.slo.tpotMs)
-      "ingress" (dict "host" "0.0.0.0" "http_port" $v.ingress.httpPort "grpc_port" $v.ingress.grpcPort "resources" (dict "pdserve_ingress" 1)) }}
+      "ingress" (dict "host" "0.0.0.0" "http_port" $v.ingress.httpPort "grpc_port" $v.ingress.grpcPort "direct_http_port" $v.ingress.directHttpPort "resources" (dict "pdserve_ingress" 1)) }}
 {{- with $v.toolCallParser }}
 {{- $_ := set $cfg "tool_call_parser" . }}
 {{- end }}
@@ -119,6 +119,7 @@ pdserve_pool:{{ . }}
 {{- $cfg = mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides) }}
 {{- $kvFirst := int $cfg.kv_receiver_port }}{{ $kvLast := add $kvFirst (int $cfg.kv_receiver_port_count) -1 }}
 {{- $rayPorts := list 6379 8080 8265 10001 52365 (int $cfg.ingress.http_port) (int $cfg.ingress.grpc_port) }}
+{{- with $cfg.ingress.direct_http_port }}{{ $rayPorts = append $rayPorts (int .) }}{{ end }}
 {{- range $port := $rayPorts }}
 {{- if and (le $kvFirst $port) (ge $kvLast $port) }}
 {{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.decode.replicasPerPod) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $port) }}
