@@ -75,13 +75,16 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     local_ok = True if prefill is None or cap is None else np.asarray(d_new) <= cap  # one or per instance
     local_allowed = bool(np.any(local_ok))
     local_ttft = None
+    # A prompt prefilled where answers are decoding waits for the step in flight; on an idle
+    # instance its prefill step samples the first token at once.
+    in_flight = np.where(np.isfinite(decode.tpot_floor_ms), step, 0.0)
     if local_allowed and adaptive:
         fits = _prefill_fits(d_new, decode) if spare_decoding else True
-        local_ttft = np.where(local_ok & fits, _chunked_prefill_ms(d_new, decode) + step, np.inf)
+        local_ttft = np.where(local_ok & fits, _chunked_prefill_ms(d_new, decode) + in_flight, np.inf)
     elif local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
         stall = decode.prefill_base_ms + decode.prefill_ms_per_token * d_new
         spared = stall <= decode.tpot_floor_ms if prefill is not None else True
-        local_ttft = np.where(local_ok & spared, step + stall, np.inf)
+        local_ttft = np.where(local_ok & spared, in_flight + stall, np.inf)
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
         if adaptive:
@@ -97,12 +100,17 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     elif remote_ttft is None:
         ttft, local = local_ttft, np.ones(len(decode), bool)
     else:  # a short prompt prefilled where it decodes skips the transfer and the hop to a prefill instance
-        local = local_ttft <= remote_going
+        local = local_ttft + (step - in_flight) <= remote_going  # when each answer's second token comes
         ttft = np.where(local, local_ttft, remote_ttft)
     meets &= ttft <= slo.ttft_ms * headroom
 
     note = "" if spare_decoding else "best effort, decoding answers not spared: "
-    d = int(np.where(meets, ttft, np.inf).argmin()) if len(decode) else 0
+    # Soonest first token. On a tie an answer goes where answers already decode, its prompt
+    # prefilled elsewhere (roles settle with the load), else stays whole on one instance: a
+    # split onto an idle instance would move KV and take two engines for nothing.
+    busy = np.isfinite(decode.tpot_floor_ms)
+    preference = np.where(local, 1, np.where(busy, 2, 0))
+    d = int(np.lexsort((-preference, np.where(meets, ttft, np.inf)))[0]) if len(decode) else 0
     if not len(decode) or not meets[d]:
         refusal = _why_not(req, prefill, decode, live_after_s, roomy, local_allowed, cfg)
         if refusal is None:

@@ -29,8 +29,17 @@ def test_on_an_idle_pool_a_long_prompt_is_prefilled_where_it_decodes():
     engine(reg, "b")
     d = route(reg, request(1000))
     assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
-    # 60 + 1.5 x 1000 (nothing decoding there: the chunks alone), then the first step 20 + 2 + 5
-    assert math.isclose(d.predicted_ttft_ms, 1587) and "local prefill" in d.reason
+    # 60 + 1.5 x 1000 (nothing decoding there: the chunks alone; the last one samples the first token)
+    assert math.isclose(d.predicted_ttft_ms, 1560) and "local prefill" in d.reason
+
+
+def test_on_an_idle_pool_a_short_prompt_stays_whole_on_one_instance_even_where_another_prefills_faster():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b", accelerator="FAST")
+    d = route(reg, request(16))
+    # a could decode it after b's faster prefill, but b alone gives the first token as soon, moving no KV
+    assert d.prefill is None and d.decode.replica_id == "b" and "local prefill" in d.reason
 
 
 def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_prompt_prefilled_elsewhere():
@@ -40,7 +49,8 @@ def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_p
     book(reg, "running", 100, decode="a", tpot_ms=50)  # a's step 24.5 ms + a 64-token chunk 60 + 96 ms > 50
     d = route(reg, request(1000))
     # b prefills (1560 ms, first token sampled there) and the answer decodes on a, whose step
-    # with it (29.5 ms) keeps the running request within 50 ms: the pool splits into roles.
+    # with it (29.5 ms) keeps the running request within 50 ms: the pool splits into roles (b
+    # alone would give the first token as soon; a already decodes).
     assert d.prefill.replica_id == "b" and d.decode.replica_id == "a"
     assert math.isclose(d.predicted_ttft_ms, 1560)
 
