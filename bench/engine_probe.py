@@ -6,9 +6,9 @@ engines, KV transfer in a disaggregated service), through Serve's proxy as a bas
 service URL is the ingress's own server, and straight to one engine replica: a Ray Serve handle
 call from this process, the engine prefilling and decoding by itself (that one handle call is
 all that is between). The prompts of a probe differ in content, so none finds another's KV in a
-prefix cache. The median of the per-probe TTFT differences is the latency pdserve adds. Short prompts keep the engine's own TTFT, and its noise, small
-next to what is measured (with the workload's prompts, 10 pairs on 2 cores gave medians
-from -7 to +88 ms for the same service).
+prefix cache. The median of the per-probe TTFT differences is the latency pdserve adds. Short
+prompts keep the engine's own TTFT, and its noise, small next to what is measured (with the
+workload's prompts, 10 pairs on 2 cores gave medians from -7 to +88 ms for the same service).
 """
 
 from __future__ import annotations

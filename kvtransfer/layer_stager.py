@@ -126,21 +126,12 @@ class LayerStager:
             torch.cuda.current_stream(self.device).wait_event(self._last)
             self._last = None
 
-    def drain(self) -> None:
-        """Wait until every queued job is done (tests, shutdown)."""
-        flushed = threading.Event()
-        self._jobs.put(flushed)
-        flushed.wait()
-
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            if isinstance(job, threading.Event):
-                job.set()
-                continue
             try:
                 self._do(job)
             except Exception as exc:  # a failure ends that transfer only, never the thread
