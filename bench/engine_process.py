@@ -41,11 +41,28 @@ class EngineSpec:
     kv_load_failure_policy: Literal["recompute", "fail"] = "recompute"
     log_level: str = "INFO"  # vLLM's logging level inside the engine process
     expert_buffers: str | None = None  # ExpertBufferConfig JSON: run the MoE layers buffered
+    connector: Literal["pdserve", "nixl"] = "pdserve"  # nixl: vLLM's NixlConnector, for `bench kv`'s side by side
+    nixl_side_channel_port: int | None = None  # the NIXL handshake port a producer listens on
+
+
+def cpu_list(bind: str) -> set[int]:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND value names ("0", "0-1", "0,2", "0|1" for TP ranks)."""
+    cores: set[int] = set()
+    for part in bind.replace("|", ",").split(","):
+        first, _, last = part.strip().partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
 
 
 def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
+    # vLLM binds its CPU engines through the multiprocessing executor's OpenMP settings; this
+    # engine runs in-process, where vLLM binds nothing. The process is confined to its cores
+    # instead, as a container's CPU set would confine it, before any thread starts.
+    cores = cpu_list(spec.cpu_bind)
+    os.sched_setaffinity(0, cores)
     os.environ.update(
         {WATCHDOG_ENV: "1"},  # ends with its parent (a test, a benchmark) however that ends
+        OMP_NUM_THREADS=str(len(cores)),
         VLLM_CPU_KVCACHE_SPACE=str(spec.kv_cache_gib),
         VLLM_CPU_OMP_THREADS_BIND=spec.cpu_bind,
         VLLM_ENABLE_V1_MULTIPROCESSING="0",
@@ -58,7 +75,9 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     kv_cfg = None
-    if spec.role != "plain":
+    if spec.connector == "nixl" and spec.role != "plain":
+        kv_cfg = _nixl_config(spec)
+    elif spec.role != "plain":
         kv_cfg = kv_transfer_config(spec.role, spec.kv_settings, spec.kv_load_failure_policy)
     extra: dict[str, Any] = {}
     if spec.max_num_batched_tokens:
@@ -84,7 +103,10 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         llm.collective_rpc("pdserve_require_expert_buffers")
     core = llm.llm_engine.engine_core.engine_core
     block_pool = core.scheduler.kv_cache_manager.block_pool
-    worker = get_kv_transfer_group().worker if has_kv_transfer_group() else None
+    nixl_transfers: list[dict[str, list[float]]] = []
+    if spec.connector == "nixl" and has_kv_transfer_group():
+        _keep_nixl_stats(get_kv_transfer_group(), nixl_transfers)
+    worker = get_kv_transfer_group().worker if has_kv_transfer_group() and spec.connector == "pdserve" else None
     send_lock = threading.Lock()
 
     def reply(seq: int, msg: dict[str, Any]) -> None:
@@ -96,11 +118,15 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
     jobs: queue.Queue = queue.Queue()
 
     def generate_loop() -> None:
+        # The forward runs on this thread: on the engine's cores, whatever a connector did to the
+        # thread that built the engine (NIXL moves it to the machine's last core).
+        os.sched_setaffinity(0, cores)
         while (job := jobs.get()) is not None:
             seq, req = job
             try:
                 out = _generate(llm, SamplingParams, req)
-                _drain(llm, core)
+                if req.get("drain", True):
+                    _drain(llm, core)
                 reply(seq, {"ok": out})
             except Exception as exc:  # reported to the parent, which raises it
                 reply(seq, {"error": f"{type(exc).__name__}: {exc}"})
@@ -127,6 +153,8 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
                 out: Any = block_pool.get_num_free_blocks()
             elif cmd == "rpc":  # a worker method by name, e.g. the expert buffer's (worker_extension.py)
                 out = llm.collective_rpc(arg["method"], args=tuple(arg.get("args", ())))[0]
+            elif cmd == "nixl_transfers":  # what NIXL timed since the last call
+                out, nixl_transfers[:] = list(nixl_transfers), []
             elif cmd == "connector":
                 out = {
                     "counters": dict(worker.counters) if worker else {},
@@ -138,6 +166,30 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
             reply(seq, {"ok": out})
         except Exception as exc:
             reply(seq, {"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _nixl_config(spec: EngineSpec):
+    """vLLM's NixlConnector as its docs deploy it on the CPU: KV in host memory, UCX."""
+    from vllm.config import KVTransferConfig
+
+    if spec.nixl_side_channel_port is not None:
+        os.environ["VLLM_NIXL_SIDE_CHANNEL_PORT"] = str(spec.nixl_side_channel_port)
+    return KVTransferConfig(kv_connector="NixlConnector", kv_role="kv_producer" if spec.role == "prefill" else "kv_consumer",
+                            kv_buffer_device="cpu", kv_load_failure_policy=spec.kv_load_failure_policy)
+
+
+def _keep_nixl_stats(connector, into: list[dict[str, list[float]]]) -> None:
+    """NIXL times its own transfers but hands the figures only to the engine's stat loggers,
+    which `LLM` does not run: a copy of each step's figures is kept here for `bench kv`."""
+    own = connector.get_kv_connector_stats
+
+    def keep():
+        stats = own()
+        if stats is not None and not stats.is_empty():
+            into.append({key: list(values) for key, values in stats.data.items()})
+        return stats
+
+    connector.get_kv_connector_stats = keep
 
 
 def _drain(llm, core, timeout_s: float = 60.0) -> None:
@@ -164,9 +216,13 @@ def _generate(llm, sampling_cls, req: dict[str, Any]) -> dict[str, Any]:
         structured_outputs=StructuredOutput(**structured).vllm_params() if structured else None,
         extra_args=extra or None,
     )
+    start = time.perf_counter()
     out = llm.generate({"prompt_token_ids": req["prompt_token_ids"]}, sp, use_tqdm=False)[0]
+    finished = time.perf_counter()
     comp = out.outputs[0]
     return {
+        "generate_ms": (finished - start) * 1e3,
+        "finished_at_s": finished,  # perf_counter: one clock for every process on the host
         "token_ids": list(comp.token_ids),
         "text": comp.text,
         "finish_reason": comp.finish_reason,
@@ -261,10 +317,10 @@ class DisaggregatedPair:
     gRPC layer: one request is prefilled on one and continued on the other."""
 
     def __init__(self, model: str, secret: str, dtype: str = "float32", log_level: str = "INFO",
-                 decode_expert_buffers: str | None = None):
+                 decode_expert_buffers: str | None = None, max_model_len: int = 2048):
         self.model, self.secret = model, secret
         self.addr = f"127.0.0.1:{free_port()}"
-        common = {"dtype": dtype, "log_level": log_level}
+        common = {"dtype": dtype, "log_level": log_level, "max_model_len": max_model_len}
         self.decode = EngineProcess(
             EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1",
                        expert_buffers=decode_expert_buffers, **common), wait=False

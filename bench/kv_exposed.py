@@ -8,6 +8,7 @@ in the request's `kv_transfer_params`.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import uuid
 from dataclasses import dataclass
@@ -35,20 +36,26 @@ class ExposedResult:
         return self.exposed_transfer_ms / self.prefill_compute_ms
 
 
-def _prompt(tokenizer, run: int, n_tokens: int) -> list[int]:
-    # A different first sentence per run keeps the decode engine's prefix cache out of it.
-    ids = tokenizer(f"Run {run}: {uuid.uuid4().hex}. " + _TEXT * 100)["input_ids"]
+@functools.cache
+def _tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+def prompt_ids(model: str, run: int, n_tokens: int) -> list[int]:
+    """`n_tokens` of text whose first sentence differs every call, which keeps every engine's prefix
+    cache out of the measurement."""
+    repeats = n_tokens // 16 + 1  # _TEXT is over 16 tokens
+    ids = _tokenizer(model)(f"Run {run}: {uuid.uuid4().hex}. " + _TEXT * repeats)["input_ids"]
     return ids[:n_tokens]
 
 
 def run(model: str, secret: str, prompt_tokens: int = 1000, runs: int = 3, progress=None) -> ExposedResult:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model)
     reports = []
     with DisaggregatedPair(model, secret, log_level="WARNING") as pair:
         for i in range(runs + 1):  # the first run warms both engines up and is not counted
-            rep = pair.generate(_prompt(tokenizer, i, prompt_tokens), max_tokens=1)["kv_transfer_params"][params.KEY]
+            rep = pair.generate(prompt_ids(model, i, prompt_tokens), max_tokens=1)["kv_transfer_params"][params.KEY]
             if rep["state"] != "DONE":
                 raise RuntimeError(f"transfer failed: {rep['error']}")
             if i:

@@ -6,11 +6,11 @@ import argparse
 import json
 import logging
 import os
-import secrets
 import sys
 
 from pdserve.bench.hardware import hardware
 from pdserve.cli.autoscale import add_autoscale_parsers, add_bench_trace_parser
+from pdserve.cli.bench_kv import add_bench_kv_parser
 from pdserve.cli.bench_serve import add_bench_serve_parser
 from pdserve.cli.config_args import config_or_exit, model_path_or_exit
 from pdserve.cli.experts import add_bench_experts_parser
@@ -73,53 +73,6 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
 
     cfg = config_or_exit(args.config, "config show")
     print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), end="")
-    return 0
-
-
-def _cmd_bench_kv(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pdserve.bench import kv_transfer
-    from pdserve.config.kvtransfer import KVTransferSettings
-
-    sizes = [int(s) for s in args.sizes.split(",")]
-    settings = KVTransferSettings(
-        secret=secrets.token_hex(16),
-        chunk_bytes=args.chunk_mib << 20,
-        num_streams=args.streams,
-        max_frame_bytes=(args.chunk_mib + 1) << 20,
-    )
-    total = len(sizes) * args.repeats + (0 if args.no_engines else args.engine_runs + 1)
-    bar = tqdm(total=total, desc="bench kv", file=sys.stderr, disable=args.quiet)
-    results = kv_transfer.run(sizes, args.repeats, settings, progress=bar.update)
-    report: dict = {
-        "hardware": hardware(),
-        "settings": {"chunk_mib": args.chunk_mib, "streams": args.streams, "repeats": args.repeats},
-        "sizes": [r.__dict__ for r in results],
-    }
-    big = [r.ratio for r in results if r.size_mib >= 64]
-    report["goal_ratio_at_64mib_plus"] = {"target": 0.8, "worst": min(big) if big else None,
-                                          "met": bool(big) and min(big) >= 0.8}
-    if not args.no_engines:
-        from pdserve.bench import kv_exposed
-        from pdserve.model_store import resolve_model
-
-        ex = kv_exposed.run(str(resolve_model(args.model)), settings.secret_value, args.prompt_tokens,
-                            args.engine_runs, progress=bar.update)
-        report["exposed"] = {**ex.__dict__, "exposed_fraction": ex.exposed_fraction,
-                             "goal": {"target_fraction": 0.1, "met": ex.exposed_fraction <= 0.1}}
-    bar.close()
-    if not args.json:
-        print(f"{'MiB':>5} {'gRPC MiB/s':>11} {'TCP MiB/s':>10} {'ratio':>6} {'bare grpcio MiB/s':>18} "
-              f"{'same-node MiB/s':>16} {'same-node, fresh memory':>24}")
-        for r in results:
-            print(f"{r.size_mib:>5} {r.grpc_mib_s:>11.0f} {r.tcp_mib_s:>10.0f} {r.ratio:>6.2f} {r.grpcio_raw_mib_s:>18.0f} "
-                  f"{r.same_node_mib_s:>16.0f} {r.same_node_fresh_mib_s:>24.0f}")
-        if "exposed" in report:
-            e = report["exposed"]
-            print(f"{e['prompt_tokens']}-token prompt: prefill {e['prefill_compute_ms']:.0f} ms, exposed transfer "
-                  f"{e['exposed_transfer_ms']:.1f} ms ({100 * e['exposed_fraction']:.1f}%), {e['kv_mib']:.1f} MiB KV")
-    print(json.dumps(report))
     return 0
 
 
@@ -235,18 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_cmd_config_show)
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
-    kv = bench.add_parser("kv", help="KV transfer: gRPC vs plain TCP throughput, exposed transfer time")
-    kv.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
-    kv.add_argument("--sizes", default="1,4,16,64,256", help="payload sizes in MiB, comma separated")
-    kv.add_argument("--repeats", type=int, default=5, help="timed runs per size and transport (median)")
-    kv.add_argument("--chunk-mib", type=int, default=8, help="payload MiB per chunk")
-    kv.add_argument("--streams", type=int, default=2, help="gRPC streams (connections) per transfer")
-    kv.add_argument("--no-engines", action="store_true", help="skip the real-engine exposed-time measurement")
-    kv.add_argument("--prompt-tokens", type=int, default=1000)
-    kv.add_argument("--engine-runs", type=int, default=3)
-    kv.add_argument("--model", help="HF checkpoint directory (default: the embedded model)")
-    kv.add_argument("--quiet", action="store_true", help="no progress bar")
-    kv.set_defaults(func=_cmd_bench_kv)
+    add_bench_kv_parser(bench)
     route = bench.add_parser("route", help="routing decision latency with many registered instances")
     route.add_argument("--instances", type=int, default=1000)
     route.add_argument("--decisions", type=int, default=5000)

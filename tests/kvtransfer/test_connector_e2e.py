@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 import pytest
@@ -371,3 +372,18 @@ def _kill_prefill_mid_transfer(pd: PD, doomed: EngineProcess, prompts, reference
     rx = pd.decode.call("connector")["receiver"]
     assert rx["chunks"] > chunks_before  # some of the KV had arrived when the prefill died
     _assert_no_leak(pd)
+
+
+def _allowed_cores(pid: int) -> set[str]:
+    allowed = set()
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        line = next(x for x in status.read_text().splitlines() if x.startswith("Cpus_allowed_list"))
+        allowed.add(line.split()[1])
+    return allowed
+
+
+def test_each_engine_of_the_pair_runs_every_thread_on_its_own_core_only(pd):
+    # In-process engines get no binding from vLLM: unconfined, a decode engine stepping while it
+    # waits for KV would take the prefill engine's core.
+    assert _allowed_cores(pd.prefill.proc.pid) == {"0"}
+    assert _allowed_cores(pd.decode.proc.pid) == {"1"}
