@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pdserve.bench import engine_probe, serve_report
+from pdserve.bench import engine_probe, serve_report, sweep_report
 from pdserve.bench.conversations import (
     Conversation,
     ConversationWorkload,
@@ -213,20 +213,25 @@ def _describe_cluster(cfg, model_path: str) -> dict:
             "pools": {role: pool.model_dump(mode="json") for role, pool in cfg.pools().items()}}
 
 
-def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload | ConversationWorkload,
+def bench_configs(cfg, model_path: str, modes: list[str], workloads: list[AnyWorkload | ConversationWorkload],
                   settings: ServeBenchSettings, progress: Progress | None = None) -> dict:
     """Deploy `cfg` in each configuration (`parse_configuration`) in turn on one Ray cluster (this
-    process's, or a local one it starts) and measure each with the same requests. Returns the
-    whole report."""
+    process's, or a local one it starts) and measure each with the same requests of every
+    workload. Returns the whole report: one workload's, or the sweep over several
+    (`sweep_report`), each workload judged by objectives of its own."""
     from transformers import AutoTokenizer
 
     from pdserve.deployments import service
     from pdserve.prefill.engine import served_model_name
 
     settings = settings.model_copy(update={"max_model_len": cfg.max_model_len})
-    requests = build_requests(workload, settings, AutoTokenizer.from_pretrained(model_path))
-    configs: dict[str, dict] = {}
-    reference: Reference | None = None
+    # A seed per workload: the same seed would send the same words first, which the engines' prefix
+    # caches would serve to the next workload's calibration and runs.
+    own = {w.name: settings.model_copy(update={"seed": settings.seed + i}) for i, w in enumerate(workloads)}
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    requests = {w.name: build_requests(w, own[w.name], tokenizer) for w in workloads}
+    configs: dict[str, dict[str, dict]] = {w.name: {} for w in workloads}
+    reference: dict[str, Reference | None] = {w.name: None for w in workloads}
     svc = None
     try:
         for name in modes:
@@ -241,17 +246,26 @@ def bench_configs(cfg, model_path: str, modes: list[str], workload: AnyWorkload 
                 svc = service.deploy(mode_cfg, model_path, svc.started_ray)
             log.info("benchmarking %s at %s", name, svc.fastest_http_url)
             engine = asyncio.run(engine_probe.find_engine(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
-            target = Target(name, svc.fastest_http_url, served_model_name(mode_cfg, model_path), engine,
-                            _describe_cluster(mode_cfg, model_path),
-                            svc.http_url if svc.direct_http_url else None)
-            configs[name], reference = measure(target, requests, settings, reference, progress)
+            for w in workloads:
+                label = name if len(workloads) == 1 else f"{name} {w.name}"
+                target = Target(label, svc.fastest_http_url, served_model_name(mode_cfg, model_path), engine,
+                                _describe_cluster(mode_cfg, model_path),
+                                svc.http_url if svc.direct_http_url else None)
+                configs[w.name][name], reference[w.name] = measure(target, requests[w.name], own[w.name],
+                                                                   reference[w.name], progress)
     finally:
         if svc is not None:
             svc.stop()
-    baseline = "colocated" if "colocated" in configs else None
-    assert reference is not None
-    return serve_report.assemble(settings, workload, configs, reference.objectives, reference.start_rps, model_path,
-                                 baseline)
+    baseline = "colocated" if "colocated" in modes else None
+    reports = {}
+    for w in workloads:
+        ref = reference[w.name]
+        assert ref is not None
+        reports[w.name] = serve_report.assemble(own[w.name], w, configs[w.name], ref.objectives, ref.start_rps,
+                                                model_path, baseline)
+    if len(workloads) == 1:
+        return reports[workloads[0].name]
+    return sweep_report.assemble(reports, baseline)
 
 
 def bench_url(http_url: str, tokenizer_path: str, workload: AnyWorkload | ConversationWorkload, settings: ServeBenchSettings,

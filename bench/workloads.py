@@ -83,6 +83,12 @@ BUILT_IN: dict[str, Workload] = {
                "ISCA 2024): median prompt 1500 tokens, median output 13 tokens; sigma 0.7 is ours",
         prompt_tokens=LengthDist(median=1500, sigma=0.7, min_tokens=16, max_tokens=4096),
         output_tokens=LengthDist(median=13, sigma=0.7, min_tokens=2, max_tokens=256)),
+    "azure-conversation": Workload(
+        name="azure-conversation",
+        source="Azure LLM inference trace 2023, conversation service, as reported in Splitwise (Patel et al., "
+               "ISCA 2024): median prompt 1020 tokens, median output 129 tokens; sigma 0.7 is ours",
+        prompt_tokens=LengthDist(median=1020, sigma=0.7, min_tokens=16, max_tokens=4096),
+        output_tokens=LengthDist(median=129, sigma=0.7, min_tokens=2, max_tokens=1024)),
 }
 
 

@@ -173,7 +173,7 @@ def add_autoscale_parsers(sub: argparse._SubParsersAction) -> None:
 def add_bench_trace_parser(bench_sub: argparse._SubParsersAction) -> None:
     """`pdserve bench trace`."""
     tr = bench_sub.add_parser("trace", help="a request trace on a rate schedule, for `pdserve autoscale --replay`")
-    tr.add_argument("--workload", default="chat", help="chat, summarization, code, or a .yaml/.json/.jsonl file")
+    tr.add_argument("--workload", default="chat", help="chat, summarization, code, azure-conversation, or a .yaml/.json/.jsonl file")
     tr.add_argument("--phases", required=True,
                     help="rate schedule RATE:DURATION_S,... in req/s and s, e.g. 0.5:300,2:300,0.5:600")
     tr.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")

@@ -38,15 +38,23 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
-    from pdserve.bench import plots, serve_bench, serve_report, serve_settings
+    from pdserve.bench import plots, serve_bench, serve_report, serve_settings, sweep_report
     from pdserve.bench.conversations import load
 
     # Only the objective options given: without --slo-scale, a grid or --objectives replace its default.
     objectives = {field: value for field, value in (("slo_scales", args.slo_scale), ("ttft_scales", args.ttft_scales),
                                                     ("tpot_scales", args.tpot_scales), ("objectives_ms", args.objectives))
                   if value is not None}
+    names = [w.strip() for w in args.workloads.split(",") if w.strip()] if args.workloads else [args.workload or "chat"]
     try:
-        workload = load(args.workload)
+        if args.workloads and args.workload:
+            raise ValueError("give --workload or --workloads, not both")
+        if args.workloads and args.url:
+            raise ValueError("--workloads sweeps deployments it makes: measure a running service (--url) one "
+                             "--workload at a time")
+        workloads = [load(name) for name in names]
+        if len({w.name for w in workloads}) < len(workloads) or not workloads:
+            raise ValueError(f"--workloads names no workload, or one name twice: {args.workloads!r}")
         settings = serve_settings.ServeBenchSettings(
             requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
             rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
@@ -69,7 +77,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
     cfg = config_or_exit(args.config, "bench serve")
     model_path = model_path_or_exit(cfg, "bench serve")
     if args.url:
-        report = serve_bench.bench_url(args.url, model_path, workload, settings, progress)
+        report = serve_bench.bench_url(args.url, model_path, workloads[0], settings, progress)
     else:
         modes = [m.strip() for m in args.compare.split(",") if m.strip()]
         try:
@@ -82,13 +90,19 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         except ValueError as err:
             print(f"pdserve bench serve: {err}", file=sys.stderr)
             return 2
-        report = serve_bench.bench_configs(cfg, model_path, modes, workload, settings, progress)
+        report = serve_bench.bench_configs(cfg, model_path, modes, workloads, settings, progress)
     for b in bar.values():
         b.close()
     out = Path(args.out)
     path = serve_report.write(report, out)
-    pngs = plots.write_all(report, out)
-    print("\n".join(serve_report.summary(report)))
+    if "sweep" in report:  # each workload's plots and summary in turn, then the sweep's table
+        pngs = [png for name, rep in report["workloads"].items() for png in plots.write_all(rep, out / name)]
+        for name, rep in report["workloads"].items():
+            print(f"== {name}\n" + "\n".join(serve_report.summary(rep)))
+        print("\n".join(sweep_report.summary(report)))
+    else:
+        pngs = plots.write_all(report, out)
+        print("\n".join(serve_report.summary(report)))
     print(f"report: {path}; plots: {', '.join(str(p) for p in pngs)}")
     return 0
 
@@ -101,9 +115,14 @@ def add_bench_serve_parser(bench: Any) -> None:
                     help="configurations to deploy and run, in order: colocated, disaggregated, adaptive, each "
                          "optionally /cache-aware or /cache-blind (routing.prefix_aware on or off)")
     sv.add_argument("--url", help="measure this running service instead of deploying (e.g. http://127.0.0.1:8000)")
-    sv.add_argument("--workload", default="chat",
-                    help="chat, summarization, code, multi-turn, shared-prefix, or a .yaml/.json/.jsonl file "
-                         "(multi-turn and shared-prefix send conversations: rates are conversations per second)")
+    sv.add_argument("--workload",
+                    help="chat, summarization, code, azure-conversation, multi-turn, shared-prefix, or a .yaml/.json/.jsonl file "
+                         "(multi-turn and shared-prefix send conversations: rates are conversations per second); default chat")
+    sv.add_argument("--workloads",
+                    help="a sweep: these workloads, comma separated, each run in every configuration on the same "
+                         "deployments and judged by objectives of its own (scales of its own unloaded latencies; "
+                         "--objectives apply to every workload); one table of goodput per workload, setting and "
+                         "configuration with its uncertainty")
     sv.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
     sv.add_argument("--burstiness", type=float, default=1.0, help="gamma arrivals: squared CV of the gaps")
     sv.add_argument("--rate", type=float, help="run this one rate (req/s) instead of searching")

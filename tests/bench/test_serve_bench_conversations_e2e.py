@@ -41,7 +41,7 @@ def report(tmp_path_factory):
                                                   calibration_requests=2, calibration_max_tokens=4)
         cfg = service_config(mode="colocated", colocated={"replicas": 2, "cpu_binds": ["0", "1"]})
         rep = serve_bench.bench_configs(cfg, str(resolve_model(None)), ["colocated/cache-aware",
-                                                                         "colocated/cache-blind"], chats, settings)
+                                                                         "colocated/cache-blind"], [chats], settings)
     finally:
         ray.shutdown()
     return rep, serve_report.write(rep, tmp_path_factory.mktemp("bench-conversations"))

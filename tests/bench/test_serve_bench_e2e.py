@@ -1,6 +1,6 @@
-"""`pdserve bench serve` end to end: a short comparison of colocated, disaggregated and adaptive
-services on real engines, judged at SLO scales, a TTFT x TPOT grid and absolute objectives; its report has
-every field the README documents, and its plots are written."""
+"""`pdserve bench serve` end to end: a short sweep of two workloads over colocated, disaggregated and
+adaptive services on real engines, judged at SLO scales, a TTFT x TPOT grid and absolute objectives; its
+report has every field the README documents, and its plots are written."""
 
 import json
 import re
@@ -18,10 +18,10 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 
-def documented_fields() -> list[str]:
-    """The JSON paths listed in the README's report table (first column, in backticks)."""
+def documented_fields(table: str) -> list[str]:
+    """The JSON paths listed in one of the README's report tables (first column, in backticks)."""
     text = README.read_text()
-    section = text.split("<!-- bench-serve-json -->")[1].split("<!-- /bench-serve-json -->")[0]
+    section = text.split(f"<!-- {table} -->")[1].split(f"<!-- /{table} -->")[0]
     return re.findall(r"^\| `([^`]+)` \|", section, flags=re.MULTILINE)
 
 
@@ -53,20 +53,23 @@ def report(tmp_path_factory):
     try:
         tiny = Workload(name="tiny", source="this test",
                         prompt_tokens=LengthDist(mean=40, sigma=0.3), output_tokens=LengthDist(mean=6, sigma=0.2))
+        longer = Workload(name="longer", source="this test",
+                          prompt_tokens=LengthDist(mean=200, sigma=0.1), output_tokens=LengthDist(mean=3, sigma=0.1))
         loose = serve_settings.AbsoluteObjective(name="loose", ttft_ms=600_000, tpot_ms=60_000)
         settings = serve_settings.ServeBenchSettings(requests_per_rate=4, rates_rps=[1.0], slo_scales=[2.0, 50.0],
                                                   ttft_scales=[50.0], tpot_scales=[2.0, 50.0], objectives_ms=[loose],
                                                   calibration_requests=2, calibration_max_tokens=4)
         rep = serve_bench.bench_configs(service_config(), str(resolve_model(None)),
-                                        ["colocated", "disaggregated", "adaptive"], tiny, settings)
+                                        ["colocated", "disaggregated", "adaptive"], [tiny, longer], settings)
     finally:
         ray.shutdown()
     out = tmp_path_factory.mktemp("bench-serve")
-    return rep, serve_report.write(rep, out), plots.write_all(rep, out)
+    return rep, serve_report.write(rep, out), plots.write_all(rep["workloads"]["tiny"], out / "tiny")
 
 
 def test_every_configuration_serves_every_request_and_reports_goodput(report):
-    rep, _, _ = report
+    sweep, _, _ = report
+    rep = sweep["workloads"]["tiny"]
     assert list(rep["configs"]) == ["colocated", "disaggregated", "adaptive"]
     for cfg in rep["configs"].values():
         (run,) = cfg["runs"]
@@ -90,12 +93,34 @@ def test_every_configuration_serves_every_request_and_reports_goodput(report):
                                              "met": True}
 
 
+def test_a_sweep_judges_each_workload_by_its_own_objectives_in_one_table(report):
+    sweep, _, _ = report
+    tiny, longer = sweep["workloads"]["tiny"], sweep["workloads"]["longer"]
+    # Scales are of each workload's own unloaded latency: a 200-token prompt's TTFT is not a 40-token one's.
+    assert longer["slo"]["reference"]["ttft_ms"] > tiny["slo"]["reference"]["ttft_ms"]
+    for rep in (tiny, longer):
+        assert all(cfg["runs"][0]["ok"] == 4 for cfg in rep["configs"].values())
+    table = sweep["sweep"]
+    assert [(r["workload"], r["key"]) for r in table["rows"]] == [
+        (w, k) for w in ("tiny", "longer") for k in ("2", "50", "ttft50x/tpot2x", "ttft50x/tpot50x", "loose")]
+    loose = next(r for r in table["rows"] if (r["workload"], r["key"]) == ("longer", "loose"))
+    # Fixed rates: 1 req/s passed and nothing above it failed, so goodput is bounded below only.
+    assert loose["goodput_rps"] == {"colocated": 1.0, "disaggregated": 1.0, "adaptive": 1.0}
+    assert loose["upper_rps"] == {"colocated": None, "disaggregated": None, "adaptive": None}
+    assert loose["ratio_bounds"]["adaptive"] == [0.0, None] and loose["adaptive_at_least_best_fixed"] is True
+    assert (table["attainment_step"], table["attainment_step_ok"]) == (0.25, False)  # 4 requests: too few to trust
+    assert table["adaptive_goal"]["of"] == 10
+
+
 def test_report_has_every_field_the_readme_documents(report):
-    rep, path, _ = report
-    fields = documented_fields()
-    assert len(fields) >= 20
+    _, path, _ = report
     written = json.loads(path.read_text())
-    assert [m for f in fields for m in missing(written, f)] == []
+    fields = documented_fields("bench-serve-json")
+    assert len(fields) >= 20
+    assert [m for f in fields for m in missing(written["workloads"]["tiny"], f)] == []
+    sweep_fields = documented_fields("bench-serve-sweep-json")
+    assert len(sweep_fields) >= 8
+    assert [m for f in sweep_fields for m in missing(written, f)] == []
 
 
 def test_plots_are_png_files(report):

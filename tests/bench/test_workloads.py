@@ -17,7 +17,7 @@ from pdserve.bench.workloads import (
 
 
 def test_built_in_workloads_match_the_figures_their_sources_state():
-    assert set(BUILT_IN) == {"chat", "summarization", "code"}
+    assert set(BUILT_IN) == {"chat", "summarization", "code", "azure-conversation"}
     rng = np.random.default_rng(0)
     chat = BUILT_IN["chat"]
     assert "161" in chat.source and "338" in chat.source
@@ -27,6 +27,10 @@ def test_built_in_workloads_match_the_figures_their_sources_state():
     assert "1500" in code.source and np.median(code.prompt_tokens.sample(rng, 50_000)) == pytest.approx(1500, rel=0.03)
     summary = BUILT_IN["summarization"]
     assert np.mean(summary.output_tokens.sample(rng, 50_000)) == pytest.approx(56, rel=0.05)
+    conversation = BUILT_IN["azure-conversation"]
+    assert "1020" in conversation.source and "129" in conversation.source
+    assert np.median(conversation.prompt_tokens.sample(rng, 50_000)) == pytest.approx(1020, rel=0.03)
+    assert np.median(conversation.output_tokens.sample(rng, 50_000)) == pytest.approx(129, rel=0.03)
 
 
 def test_sampling_is_repeatable_for_a_seed_and_fits_the_context():

@@ -29,6 +29,10 @@ def _exit_code(argv: list[str]) -> int:
     (["--objectives", "chat=1000:200,chat=2000:100"], "objectives_ms: chat given twice"),
     (["--ttft-scales", "1,3,10"], "ttft_scales and tpot_scales make a grid together"),
     (["--ttft-scales", "1,x", "--tpot-scales", "1"], "argument --ttft-scales: expected comma-separated numbers"),
+    (["--workloads", "chat,code,chat"], "names no workload, or one name twice"),
+    (["--workloads", "chat,code", "--workload", "code"], "not both"),
+    (["--workloads", "chat,no-such-workload"], "neither built in"),
+    (["--workloads", "chat,code", "--url", "http://127.0.0.1:1"], "one --workload at a time"),
 ])
 def test_bad_arguments_exit_2_saying_what_is_wrong(args, words, capsys):
     assert _exit_code(["bench", "serve", *args]) == 2
@@ -62,9 +66,16 @@ def settings_for(deploying_with):
 
 
 def test_a_conversation_workload_is_run_on_each_configuration_with_its_cache_routing(deploying_with):
-    _, modes, workload = deploying_with(["--workload", "multi-turn", "--compare", "colocated,colocated/cache-blind"])
+    _, modes, (workload,) = deploying_with(["--workload", "multi-turn", "--compare", "colocated,colocated/cache-blind"])
     assert modes == ["colocated", "colocated/cache-blind"]
     assert isinstance(workload, ConversationWorkload) and workload.turns_mean == 2.0
+
+
+def test_a_sweep_hands_every_workload_in_order_to_one_benchmark(deploying_with):
+    _, modes, workloads = deploying_with(["--workloads", "chat, summarization,code,azure-conversation",
+                                          "--compare", "colocated,disaggregated,adaptive"])
+    assert [w.name for w in workloads] == ["chat", "summarization", "code", "azure-conversation"]
+    assert modes == ["colocated", "disaggregated", "adaptive"]
 
 
 @pytest.mark.parametrize("args, slo_scales, keys", [
