@@ -73,14 +73,14 @@ def assemble(reports: dict[str, dict], baseline: str | None) -> dict:
 
 
 def _bracket(lo: float, hi: float | None) -> str:
-    return f"{lo:.3g} [{lo:.3g}, {'-' if hi is None else format(hi, '.3g')})"
+    return f"[{lo:.3g}, {'inf' if hi is None else format(hi, '.3g')})"
 
 
 def summary(report: dict) -> list[str]:
     """The sweep's table, one line per workload and setting."""
     sweep = report["sweep"]
     modes = list(next(iter(report["workloads"].values()))["configs"])
-    lines = [f"sweep: goodput (req/s) [passed, next failed) per workload and setting; "
+    lines = [f"sweep: goodput (req/s) in [a rate that passed, the next that failed) per workload and setting; "
              f"{sweep['requests_per_rate']} requests per rate, one request = {sweep['attainment_step']:.3f} "
              f"of attainment ({'within' if sweep['attainment_step_ok'] else 'above'} the "
              f"{MAX_ATTAINMENT_STEP} a reader can trust)"]

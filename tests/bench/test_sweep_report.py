@@ -48,7 +48,7 @@ def test_the_sweep_table_has_a_row_per_workload_and_setting_and_names_where_adap
     assert (sweep["requests_per_rate"], sweep["attainment_step"], sweep["attainment_step_ok"]) == (20, 0.05, True)
     assert report["workloads"] is reports
     lines = sweep_report.summary(report)
-    assert "code app: colocated 0.4 [0.4, 0.5); disaggregated 0.8 [0.8, 1)" in lines[2]
+    assert "code app: colocated [0.4, 0.5); disaggregated [0.8, 1); adaptive [0.6, 0.8)" in lines[2]
     assert "disaggregated/colocated 2.00 (bounds 1.60-2.50)" in lines[2]
     assert lines[-1] == "adaptive >= the better fixed mode: 1 of 2 settings (missed: code/app)"
 
