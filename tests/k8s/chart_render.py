@@ -35,6 +35,10 @@ VARIANTS = {
     "existing_secrets": {"kvTransfer": {"existingSecret": "team-kv", "existingSecretKey": "token"},
                          "apiKeys": {"existingSecret": "team-api-keys"}, "rayAuth": {"existingSecret": "team-ray-token"}},
     "autoscaling_off": {"autoscaling": {"enabled": False}},
+    # One pool of engines that both prefill and decode, two per pod (pdserve's autoscaling is off).
+    "adaptive": {"mode": "adaptive", "autoscaling": {"enabled": False},
+                 "pools": {"adaptive": {"acceleratorType": "H100", "replicasPerPod": 2, "replicas": 4,
+                                        "minReplicas": 2, "maxReplicas": 8}}},
     # Nothing calls the Kubernetes API; clients only from the gateway namespace, over mutual TLS.
     "static_pools_behind_a_gateway": {
         "enableInTreeAutoscaling": False, "autoscaling": {"enabled": False},
@@ -75,3 +79,8 @@ def _ray_resources(group: dict) -> dict[str, float]:
 def _secret_holding(docs: list[dict], key: str) -> dict:
     [secret] = [d for d in docs if d["kind"] == "Secret" and key in {**d.get("data", {}), **d.get("stringData", {})}]
     return secret
+
+
+def kv_roles(values: dict) -> tuple[str, str]:
+    """(the pool whose pods send KV, the pool whose pods receive it) for these values."""
+    return ("adaptive", "adaptive") if values.get("mode") == "adaptive" else ("prefill", "decode")

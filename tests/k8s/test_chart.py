@@ -163,6 +163,25 @@ def test_each_pool_gets_a_worker_group_on_its_gpu_type_sized_in_pods():
     assert cfg.pools()["prefill"].accelerator_type == "H100" and cfg.decode.accelerator_type == "L4"
 
 
+def test_adaptive_mode_deploys_one_pool_whose_engines_pdserve_runs_as_adaptive():
+    docs = render(VARIANTS["adaptive"])
+    [group] = only(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    cfg = parse_config(files(docs)["cluster.yaml"])
+    assert cfg.mode == "adaptive" and list(cfg.pools()) == ["adaptive"] and cfg.autoscaling is None
+    assert group["groupName"] == "adaptive-h100"
+    assert [group[k] for k in ("replicas", "minReplicas", "maxReplicas")] == [2, 1, 4]  # 2 replicas a pod
+    provides = _ray_resources(group)
+    assert provides["accelerator_type:H100"] == 1
+    assert all(provides[r] == 2 * n for r, n in cfg.adaptive.resources.items())
+    assert group["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "adaptive"
+    assert "autoscaling.yaml" not in files(docs)
+
+
+def test_adaptive_mode_with_pdserves_autoscaling_refuses_to_render():
+    with pytest.raises(helm_python.HelmRenderError, match="mode adaptive needs autoscaling.enabled=false"):
+        render({"mode": "adaptive"})
+
+
 def test_policy_bounds_and_objectives_come_from_pool_and_slo_values():
     values = VARIANTS["two_gpu_types"]
     policy = parse_policy(files(render(values))["autoscaling.yaml"])
@@ -256,8 +275,9 @@ def test_engine_args_and_config_overrides_reach_cluster_yaml():
     {"networkPolicy": {"enabled": "yes"}},
     {"networkPolicy": {"clientFrom": [{"podSelectr": {}}]}},
     {"rayAuth": {"secretName": "mine"}},
+    {"mode": "colocated"},
 ], ids=["wrong_type", "misspelt_key", "bound_in_policy", "secret_not_string", "privileged_kv_port",
-        "network_policy_switch_not_boolean", "misspelt_client_peer", "misspelt_ray_auth_key"])
+        "network_policy_switch_not_boolean", "misspelt_client_peer", "misspelt_ray_auth_key", "unknown_mode"])
 def test_values_schema_refuses_bad_values(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(values)

@@ -1,5 +1,5 @@
 """Security of the rendered pods: who reaches which port (NetworkPolicies, evaluated here as
-Kubernetes does for the parts the chart writes, including the decode pods' KV receiver ports),
+Kubernetes does for the parts the chart writes, including the KV receiver ports),
 what runs with which rights (security contexts, service account tokens), and where the
 credentials go (Secrets, Ray's token authentication, the gRPC ingress's TLS files). Offline, as
 test_chart: the chart rendered by chart_render; no cluster."""
@@ -21,6 +21,7 @@ from tests.k8s.chart_render import (
     _ray_resources,
     _secret_holding,
     files,
+    kv_roles,
     only,
     pods,
     render,
@@ -93,7 +94,7 @@ def _kv_ports(docs: list[dict]) -> range:
 
 
 def _groups(docs: list[dict]) -> dict[str, dict]:
-    """Pod templates by role: head, prefill, decode."""
+    """Pod templates by role: head, and prefill and decode, or adaptive."""
     return {t["metadata"]["labels"]["app.kubernetes.io/component"]: t for t in pods(docs).values()}
 
 
@@ -112,17 +113,19 @@ def test_ray_ports_admit_the_clusters_own_pods_and_no_other(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_kv_receiver_ports_admit_only_prefill_pods(variant):
+def test_kv_receiver_ports_admit_only_the_pods_that_send_kv(variant):
     docs = render(VARIANTS[variant])
     groups = _groups(docs)
     kv = _kv_ports(docs)
-    prefill, head, decode = (Source.pod(groups[r]["metadata"]["labels"]) for r in ("prefill", "head", "decode"))
+    senders, receivers = kv_roles(VARIANTS[variant])
+    sender, head = Source.pod(groups[senders]["metadata"]["labels"]), Source.pod(groups["head"]["metadata"]["labels"])
+    others = [Source.pod(t["metadata"]["labels"]) for role, t in groups.items() if role not in ("head", senders)]
     for port in kv:
-        assert admits(docs, groups["decode"], prefill, port)
-        assert not any(admits(docs, groups["decode"], source, port)
-                       for source in (head, decode, STRANGER, ELSEWHERE, OUTSIDE, OPERATOR)), port
+        assert admits(docs, groups[receivers], sender, port)
+        assert not any(admits(docs, groups[receivers], source, port)
+                       for source in (head, *others, STRANGER, ELSEWHERE, OUTSIDE, OPERATOR)), port
     # Only those ports: the ones either side stay open to the whole cluster.
-    assert admits(docs, groups["decode"], head, kv.start - 1) and admits(docs, groups["decode"], head, kv.stop)
+    assert admits(docs, groups[receivers], head, kv.start - 1) and admits(docs, groups[receivers], head, kv.stop)
 
 
 @pytest.mark.parametrize("variant", ["defaults", "static_pools_behind_a_gateway"])
@@ -144,14 +147,15 @@ def test_network_policies_can_be_turned_off():
     assert admits(docs, _groups(docs)["decode"], STRANGER, _kv_ports(docs).start)
 
 
-@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types"])
-def test_decode_pods_declare_the_kv_receiver_ports_pdserve_binds(variant):
+@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types", "adaptive"])
+def test_receiving_pods_declare_the_kv_receiver_ports_pdserve_binds(variant):
     docs = render(VARIANTS[variant])
     groups = _groups(docs)
-    per_pod = (VARIANTS[variant].get("pools", {}).get("decode", {})).get("replicasPerPod", 1)
+    _, receivers = kv_roles(VARIANTS[variant])
+    per_pod = (VARIANTS[variant].get("pools", {}).get(receivers, {})).get("replicasPerPod", 1)
     kv = _kv_ports(docs)
-    assert (kv.start, len(kv)) == (5600, per_pod)  # one receiver per decode replica of a pod
-    ports = groups["decode"]["spec"]["containers"][0]["ports"]
+    assert (kv.start, len(kv)) == (5600, per_pod)  # one receiver per receiving replica of a pod
+    ports = groups[receivers]["spec"]["containers"][0]["ports"]
     assert {p["containerPort"]: p["name"] for p in ports} == {port: "kv" if i == 0 else f"kv-{i}"
                                                              for i, port in enumerate(kv)}
     for template in groups.values():

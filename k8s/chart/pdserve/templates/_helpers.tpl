@@ -32,6 +32,20 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.autoscaling.enabled (not .Values.enableInTreeAutoscaling) }}true{{ end }}
 {{- end }}
 
+{{/* The pools `mode` deploys, as JSON (fromJsonArray): prefill and decode, or one adaptive pool
+     whose engines each prefill, decode and move KV either way. */}}
+{{- define "pdserve.roles" -}}
+{{- if eq .Values.mode "adaptive" }}["adaptive"]{{ else }}["prefill", "decode"]{{ end }}
+{{- end }}
+
+{{/* The pool whose pods run KV receivers, and the pool whose pods send them KV. */}}
+{{- define "pdserve.kvReceiverRole" -}}
+{{- if eq .Values.mode "adaptive" }}adaptive{{ else }}decode{{ end }}
+{{- end }}
+{{- define "pdserve.kvSenderRole" -}}
+{{- if eq .Values.mode "adaptive" }}adaptive{{ else }}prefill{{ end }}
+{{- end }}
+
 {{/* Worker group of a pool: "<pool>-<accelerator>", e.g. prefill-h100. Call with (list $ "prefill"). */}}
 {{- define "pdserve.groupName" -}}
 {{- $pool := index (index . 0).Values.pools (index . 1) }}
@@ -79,7 +93,7 @@ pdserve_pool:{{ . }}
 {{- define "pdserve.clusterConfig" -}}
 {{- $v := .Values }}
 {{- $cfg := dict "model" $v.model "served_model_name" $v.servedModelName "dtype" $v.dtype
-      "max_model_len" $v.maxModelLen "mode" "disaggregated" "app_name" "pdserve"
+      "max_model_len" $v.maxModelLen "mode" $v.mode "app_name" "pdserve"
       "slo" (dict "ttft_ms" $v.slo.ttftMs "tpot_ms" $v.slo.tpotMs)
       "ingress" (dict "host" "0.0.0.0" "http_port" $v.ingress.httpPort "grpc_port" $v.ingress.grpcPort "direct_http_port" $v.ingress.directHttpPort "resources" (dict "pdserve_ingress" 1)) }}
 {{- with $v.toolCallParser }}
@@ -93,7 +107,7 @@ pdserve_pool:{{ . }}
 {{- $_ := set $cfg.ingress "grpc_tls_client_ca_file" (printf "%s/ca.crt" $dir) }}
 {{- end }}
 {{- end }}
-{{- range $role := list "prefill" "decode" }}
+{{- range $role := include "pdserve.roles" . | fromJsonArray }}
 {{- $p := index $v.pools $role }}
 {{- if or (lt $p.replicas $p.minReplicas) (gt $p.replicas $p.maxReplicas) }}
 {{- fail (printf "pools.%s.replicas (%v) must lie within minReplicas (%v) and maxReplicas (%v)" $role $p.replicas $p.minReplicas $p.maxReplicas) }}
@@ -102,6 +116,9 @@ pdserve_pool:{{ . }}
       "num_cpus" $p.cpusPerReplica "resources" (dict (include "pdserve.poolResource" $role) 1) }}
 {{- with $p.engineArgs }}{{ $_ := set $pool "engine_args" . }}{{ end }}
 {{- $_ := set $cfg $role $pool }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (ne $v.mode "disaggregated") }}
+{{- fail (printf "autoscaling sizes the prefill and decode pools: mode %s needs autoscaling.enabled=false (the adaptive pool stays at pools.adaptive.replicas)" $v.mode) }}
 {{- end }}
 {{- if $v.autoscaling.enabled }}
 {{- $as := dict "policy_file" "/etc/pdserve/autoscaling.yaml" }}
@@ -113,23 +130,24 @@ pdserve_pool:{{ . }}
 {{- end }}
 {{- $_ := set $cfg "autoscaling" $as }}
 {{- end }}
-{{- /* Fixed KV receiver ports, one per decode replica of a pod: the NetworkPolicy names them. */}}
+{{- /* Fixed KV receiver ports, one per receiving replica of a pod: the NetworkPolicy names them. */}}
+{{- $receivers := include "pdserve.kvReceiverRole" . }}
 {{- $_ := set $cfg "kv_receiver_port" $v.kvTransfer.port }}
-{{- $_ := set $cfg "kv_receiver_port_count" $v.pools.decode.replicasPerPod }}
+{{- $_ := set $cfg "kv_receiver_port_count" (index $v.pools $receivers).replicasPerPod }}
 {{- $cfg = mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides) }}
 {{- $kvFirst := int $cfg.kv_receiver_port }}{{ $kvLast := add $kvFirst (int $cfg.kv_receiver_port_count) -1 }}
 {{- $rayPorts := list 6379 8080 8265 10001 52365 (int $cfg.ingress.http_port) (int $cfg.ingress.grpc_port) }}
 {{- with $cfg.ingress.direct_http_port }}{{ $rayPorts = append $rayPorts (int .) }}{{ end }}
 {{- range $port := $rayPorts }}
 {{- if and (le $kvFirst $port) (ge $kvLast $port) }}
-{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.decode.replicasPerPod) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $port) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $receivers $port) }}
 {{- end }}
 {{- end }}
 {{- if and $v.networkPolicy.enabled (lt $kvFirst 1024) }}
 {{- fail "the NetworkPolicy names the KV receiver ports: kv_receiver_port must be a fixed port from 1024 (kvTransfer.port)" }}
 {{- end }}
 {{- if and (le $kvFirst 19999) (ge $kvLast 10002) }}
-{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.decode.replicasPerPod) overlap Ray's worker ports 10002-19999" $kvFirst $kvLast) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod) overlap Ray's worker ports 10002-19999" $kvFirst $kvLast $receivers) }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
