@@ -1,5 +1,6 @@
-"""pdserve's KV connector against vLLM's NixlConnector on the same real engines, the same
-prompts and the same cores: the side by side of `pdserve bench kv`.
+"""pdserve's KV connector against vLLM's NixlConnector on the same real engines, prompts of the
+same lengths and text (each with a first sentence of its own, which keeps prefix caches out) and
+the same cores: the side by side of `pdserve bench kv`.
 
 Each connector runs a prefill engine on core 0 and a decode engine on core 1; a plain engine
 (no connector) on core 0 gives the prefill time both are compared with. Per prompt length:
@@ -39,7 +40,7 @@ class ConnectorResult:
     runs: int
     prefill_ms: float  # medians over runs, each with its range
     prefill_ms_range: tuple[float, float]
-    prefill_slowdown: float | None  # prefill_ms / the plain engine's
+    prefill_slowdown: float  # prefill_ms / the plain engine's
     decode_first_token_ms: float | None
     decode_first_token_ms_range: tuple[float, float] | None
     kv_mib: float | None
