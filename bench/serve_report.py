@@ -200,8 +200,9 @@ def summary(report: dict) -> list[str]:
         added = c["calibration"].get("added_latency")
         if added:
             proxy = added.get("via_proxy")
+            via = "its ingress" if added["path"] == "ingress" else "Serve's proxy"
             lines.append(f"{name}: pdserve adds {added['added_ms']['p50']:.1f} ms median TTFT in front of one engine "
-                         f"through {'its ingress' if added['path'] == 'ingress' else 'Serve proxy'}"
+                         f"through {via}"
                          + (f" ({proxy['added_ms']['p50']:.1f} ms through Serve's proxy)" if proxy else ""))
         run = next((r for r in c["runs"] if r["kv_transfer"]), None)
         if run is not None:

@@ -77,7 +77,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     local_ttft = None
     # A prompt prefilled where answers are decoding waits for the step in flight; on an idle
     # instance its prefill step samples the first token at once.
-    in_flight = np.where(np.isfinite(decode.tpot_floor_ms), step, 0.0)
+    busy = np.isfinite(decode.tpot_floor_ms)  # answers decoding there
+    in_flight = np.where(busy, step, 0.0)
     if local_allowed and adaptive:
         fits = _prefill_fits(d_new, decode) if spare_decoding else True
         local_ttft = np.where(local_ok & fits, _chunked_prefill_ms(d_new, decode) + in_flight, np.inf)
@@ -108,7 +109,6 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     # Soonest first token. On a tie an answer goes where answers already decode, its prompt
     # prefilled elsewhere (roles settle with the load), else stays whole on one instance: a
     # split onto an idle instance would move KV and take two engines for nothing.
-    busy = np.isfinite(decode.tpot_floor_ms)
     preference = np.where(local, 1, np.where(busy, 2, 0))
     d = int(np.lexsort((-preference, np.where(meets, ttft, np.inf)))[0]) if len(decode) else 0
     if not len(decode) or not meets[d]:
