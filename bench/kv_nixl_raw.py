@@ -80,7 +80,10 @@ def run(sizes_mib: list[int], repeats: int, progress: Callable[[int], None] | No
         agent.deregister_memory(agent.get_reg_descs(dst))
         return rates
     finally:
-        conn.send("done")
+        try:
+            conn.send("done")
+        except OSError:  # the source process is gone already
+            pass
         proc.join(30)
         if proc.is_alive():
             proc.kill()

@@ -42,8 +42,15 @@ def _cmd_bench_kv(args: argparse.Namespace) -> int:
     from pdserve.bench import kv_transfer
     from pdserve.config.kvtransfer import KVTransferSettings
 
-    sizes = [int(s) for s in args.sizes.split(",")]
-    lengths = [int(n) for n in args.connector_prompts.split(",") if n.strip()]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")]
+        lengths = [int(n) for n in args.connector_prompts.split(",") if n.strip()]
+        if min(sizes) < 1 or (lengths and min(lengths) < 1):
+            raise ValueError
+    except ValueError:
+        print(f"pdserve bench kv: --sizes and --connector-prompts take positive whole numbers, comma separated "
+              f"(got {args.sizes!r} and {args.connector_prompts!r})", file=sys.stderr)
+        return 2
     connectors, error = _connectors_or_error(args)
     if error:
         print(f"pdserve bench kv: {error}", file=sys.stderr)

@@ -27,6 +27,12 @@ def test_an_unknown_connector_is_refused_naming_the_known_ones(capsys):
     assert "mooncake" in err and "pdserve, nixl" in err
 
 
+@pytest.mark.parametrize("args", [["--sizes", "1,x"], ["--sizes", "0"], ["--connector-prompts", "1000,-4"]])
+def test_sizes_and_prompt_lengths_that_are_not_positive_numbers_are_refused(args, capsys):
+    assert main(["bench", "kv", *args, "--quiet"]) == 2
+    assert "positive whole numbers" in capsys.readouterr().err
+
+
 def test_nixl_asked_for_but_not_installed_is_refused_with_the_install_command(capsys, monkeypatch):
     monkeypatch.setattr(kv_connectors, "nixl_available", lambda: False)
     assert main(["bench", "kv", "--connectors", "nixl", "--quiet"]) == 2
