@@ -312,7 +312,32 @@ class EngineProcess:
         self._conn.close()
 
 
-class DisaggregatedPair:
+class EnginePair:
+    """A prefill engine and a decode engine started together, each on its own cores; both stop
+    when either fails to start."""
+
+    def __init__(self, prefill: EngineSpec, decode: EngineSpec):
+        self.decode = EngineProcess(decode, wait=False)
+        self.prefill = EngineProcess(prefill, wait=False)
+        try:
+            self.decode.wait_ready()
+            self.prefill.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        self.prefill.stop()
+        self.decode.stop()
+
+    def __enter__(self) -> "EnginePair":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class DisaggregatedPair(EnginePair):
     """A prefill engine (core 0) pushing KV to a decode engine (core 1) over pdserve's
     gRPC layer: one request is prefilled on one and continued on the other."""
 
@@ -321,17 +346,11 @@ class DisaggregatedPair:
         self.model, self.secret = model, secret
         self.addr = f"127.0.0.1:{free_port()}"
         common = {"dtype": dtype, "log_level": log_level, "max_model_len": max_model_len}
-        self.decode = EngineProcess(
+        super().__init__(
+            EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", **common),
             EngineSpec(model, "decode", {"secret": secret, "listen_addr": self.addr}, cpu_bind="1",
-                       expert_buffers=decode_expert_buffers, **common), wait=False
+                       expert_buffers=decode_expert_buffers, **common),
         )
-        self.prefill = EngineProcess(EngineSpec(model, "prefill", {"secret": secret}, cpu_bind="0", **common), wait=False)
-        try:
-            self.decode.wait_ready()
-            self.prefill.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
 
     def generate(self, prompt_token_ids: list[int], max_tokens: int) -> dict[str, Any]:
         """The decode engine's result; its `kv_transfer_params` say how the KV travelled."""
@@ -345,13 +364,3 @@ class DisaggregatedPair:
             {"prompt_token_ids": prompt_token_ids, "max_tokens": 1, "kv_transfer_params": params.for_prefill(tid, self.addr)}
         )
         return self.decode.result()
-
-    def stop(self) -> None:
-        self.prefill.stop()
-        self.decode.stop()
-
-    def __enter__(self) -> "DisaggregatedPair":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Literal, Protocol
 
-from pdserve.bench.engine_process import DisaggregatedPair, EngineProcess, EngineSpec
+from pdserve.bench.engine_process import DisaggregatedPair, EnginePair, EngineProcess, EngineSpec
 from pdserve.bench.kv_exposed import prompt_ids
 from pdserve.kvtransfer import params
 from pdserve.ports import free_port
@@ -64,21 +64,13 @@ def nixl_available() -> bool:
     return True
 
 
-class NixlPair:
+class NixlPair(EnginePair):
     """A prefill engine (core 0) whose KV a decode engine (core 1) reads with vLLM's NixlConnector."""
 
     def __init__(self, model: str, max_model_len: int, log_level: str = "WARNING"):
         common = {"connector": "nixl", "max_model_len": max_model_len, "log_level": log_level}
-        self.prefill = EngineProcess(EngineSpec(model, "prefill", cpu_bind="0", nixl_side_channel_port=free_port(),
-                                                **common), wait=False)
-        self.decode = EngineProcess(EngineSpec(model, "decode", cpu_bind="1", nixl_side_channel_port=free_port(),
-                                               **common), wait=False)
-        try:
-            self.prefill.wait_ready()
-            self.decode.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
+        super().__init__(EngineSpec(model, "prefill", cpu_bind="0", nixl_side_channel_port=free_port(), **common),
+                         EngineSpec(model, "decode", cpu_bind="1", nixl_side_channel_port=free_port(), **common))
 
     def split(self, ids: list[int]) -> tuple[dict[str, Any], dict[str, Any], dict[str, float]]:
         # The producer keeps the blocks until the consumer's read: draining it here would wait for a
@@ -93,10 +85,6 @@ class NixlPair:
         if not moved:
             raise RuntimeError("NIXL reported no transfer for the request")
         return pre, dec, {"bytes": moved, "transfer_ms": seconds * 1e3}
-
-    def stop(self) -> None:
-        self.prefill.stop()
-        self.decode.stop()
 
 
 class PdservePair(DisaggregatedPair):
