@@ -20,10 +20,10 @@ from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, LoadJob, SendJob, TransferReport
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.incoming import IncomingTransfer, TransferState
 from pdserve.kvtransfer.layer_stager import LayerStager, PendingLoad
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
-from pdserve.kvtransfer.transfer import IncomingTransfer, TransferState
 
 log = logging.getLogger(__name__)
 

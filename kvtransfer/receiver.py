@@ -17,10 +17,11 @@ import grpc
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import auth, framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint, mismatches
+from pdserve.kvtransfer.incoming import IncomingTransfer, TransferRefused
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.same_node_receiver import HandoffServer
-from pdserve.kvtransfer.transfer import IncomingTransfer, TransferRefused, TransferTable
+from pdserve.kvtransfer.transfer import TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from pdserve.kvtransfer.incoming import TransferRefused, check_transfer_id
 from pdserve.kvtransfer.same_node import AUTH, MAX_PACKET_BYTES, OK, socket_name
-from pdserve.kvtransfer.transfer import TransferRefused, check_transfer_id
 
 log = logging.getLogger(__name__)
 

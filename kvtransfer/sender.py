@@ -22,9 +22,9 @@ import grpc
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer import auth, framing, same_node
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.malloc_tuning import tune_malloc
 from pdserve.kvtransfer.rpc import SERVICE
-from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pdserve.kvtransfer.block_layout import BlockLayout
+from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.layer_stager import LayerStager
-from pdserve.kvtransfer.transfer import TransferState
 from tests.kvtransfer import test_transport
 from tests.kvtransfer.copy_counter import CopyCounter
 from tests.kvtransfer.test_transport import BB, BS, FP, WAIT_S, assert_arrived, caches

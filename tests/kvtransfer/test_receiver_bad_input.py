@@ -17,10 +17,10 @@ import torch
 from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.auth import SECRET_METADATA_KEY
 from pdserve.kvtransfer.block_layout import BlockLayout
+from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
-from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.kvtransfer import test_transport
 from tests.kvtransfer.test_transport import BB, BS, FP, SECRET, WAIT_S, assert_arrived, caches, raw_push, reservation

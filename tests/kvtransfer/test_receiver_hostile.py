@@ -15,8 +15,8 @@ import psutil
 import pytest
 
 from pdserve.kvtransfer import framing, sender
+from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.receiver import MAX_HANDSHAKE_BYTES
-from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.kvtransfer import test_receiver_bad_input as bad
 from tests.kvtransfer import test_transport

@@ -14,8 +14,8 @@ import grpc
 import pytest
 
 from pdserve.kvtransfer import framing
+from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.same_node import MIN_SEGMENT_BYTES, SEALS, Segment, socket_name
-from pdserve.kvtransfer.transfer import TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.kvtransfer import test_transport
 from tests.kvtransfer.test_transport import BB, BS, FP, SECRET, WAIT_S, assert_arrived, caches, raw_push, send, wait_for

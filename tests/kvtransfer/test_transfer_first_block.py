@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.kvtransfer.transfer import TransferRefused, TransferState
+from pdserve.kvtransfer.incoming import TransferRefused, TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.kvtransfer.test_transfer_table import BB, BLOCKS, NEED, chunk, make_table, open_msg
 

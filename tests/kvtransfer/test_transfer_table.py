@@ -7,7 +7,8 @@ import pytest
 from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.fingerprint import KVFingerprint
 from pdserve.kvtransfer.framing import checksum
-from pdserve.kvtransfer.transfer import CHUNK_OVERHEAD_BYTES, TransferRefused, TransferState, TransferTable
+from pdserve.kvtransfer.incoming import CHUNK_OVERHEAD_BYTES, TransferRefused, TransferState
+from pdserve.kvtransfer.transfer import TransferTable
 from pdserve.proto import kvtransfer_pb2 as pb
 
 FP = KVFingerprint("m", "float32", block_size=4, kv_layout="cpu", num_layers=2, num_kv_heads=1, head_size=8)

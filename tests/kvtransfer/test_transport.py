@@ -15,10 +15,10 @@ from pdserve.kvtransfer import framing
 from pdserve.kvtransfer.auth import SECRET_METADATA_KEY
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.incoming import CHUNK_OVERHEAD_BYTES, TransferState
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.rpc import SERVICE
 from pdserve.kvtransfer.sender import KVSender
-from pdserve.kvtransfer.transfer import CHUNK_OVERHEAD_BYTES, TransferState
 from pdserve.proto import kvtransfer_pb2 as pb
 from tests.tls_certs import make_tls_files
 
