@@ -4,8 +4,12 @@ online by what the instance actually did.
 Prefill is compute-bound: its time grows with the tokens ahead of the request in the
 instance's queue plus its own prompt. A decode step reads every running sequence's
 KV: its time grows with the batch and with the context held by the batch. Both are
-linear here; what a straight line misses on a given instance (a slower part, a noisy
-neighbour, attention's quadratic term) is absorbed by the per-instance correction.
+linear here: a fixed part and a per-token part. Each part has its own correction, since one
+factor for both learns from whichever requests come most: a factor learned from short chats
+(fixed cost) mispredicts a long prompt (per-token cost) by the ratio of the two parts' errors,
+about 4x too fast on this project's CPU engines (`tests/controller/test_latency_model.py`).
+What a straight line misses on a given instance (a slower part, a noisy neighbour, attention's
+quadratic term) is absorbed by the corrections.
 """
 
 from __future__ import annotations
@@ -16,16 +20,26 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Correction:
-    """observed / predicted latency of one phase (of an instance, or of an accelerator type): an exponentially weighted
-    mean in log space (2x slower and 2x faster weigh the same), clipped so that a single
-    outlier cannot take an instance out of routing."""
+    """observed / predicted latency of one phase (of an instance, or of an accelerator type), one
+    factor for the prediction's fixed part and one for its per-token part, fitted in log space
+    (2x slower and 2x faster weigh the same) and clipped so that a single outlier cannot take an
+    instance out of routing.
 
-    factor: float = 1.0
+    Each observation takes a normalized step on its squared log error (normalized least mean
+    squares): the corrected prediction of what was observed moves `alpha` of the way to it, each
+    factor in proportion to its part's share of the prediction. A short prompt so corrects mostly
+    the fixed cost and a long one mostly the per-token cost; with one part alone it is an
+    exponentially weighted mean of observed / predicted."""
+
+    fixed: float = 1.0
+    """Factor on the fixed part (a prefill's base cost; a step's base and per-sequence cost)."""
+    per_token: float = 1.0
+    """Factor on the per-token part (prompt and queued tokens; the batch's context)."""
     observations: int = 0
     alpha: float = 0.2
-    """Weight of the newest observation."""
+    """Step of the fit: the weight of the newest observation where one part makes the prediction."""
     limit: float = 8.0
-    """The factor stays within [1/limit, limit]."""
+    """Both factors stay within [1/limit, limit]."""
     half_life_s: float = 30.0
     """Evidence of slowness fades at this pace (toward the profile, or toward what the instance's
     type shows), so that an instance once seen slow, and refused every request since (so never
@@ -34,21 +48,37 @@ class Correction:
     nothing admitted to disprove them."""
     decayed_at_s: float | None = None
 
-    def observe(self, predicted_ms: float, observed_ms: float) -> None:
+    def ms(self, fixed_ms: float, token_ms: float) -> float:
+        """The corrected prediction of a profile's `fixed_ms` + `token_ms`."""
+        return self.fixed * fixed_ms + self.per_token * token_ms
+
+    def observe(self, fixed_ms: float, token_ms: float, observed_ms: float) -> None:
+        """The profile predicted `fixed_ms` + `token_ms`; it took `observed_ms`."""
+        predicted_ms = self.ms(fixed_ms, token_ms)
         if predicted_ms <= 0 or observed_ms <= 0:
             return
         self.observations += 1
-        log_f = (1 - self.alpha) * math.log(self.factor) + self.alpha * math.log(observed_ms / predicted_ms)
-        bound = math.log(self.limit)
-        self.factor = math.exp(min(bound, max(-bound, log_f)))
+        fixed_share = self.fixed * fixed_ms / predicted_ms
+        step = self.alpha * math.log(observed_ms / predicted_ms) / (fixed_share**2 + (1.0 - fixed_share) ** 2)
+        self.fixed = self._bounded(math.log(self.fixed) + step * fixed_share)
+        self.per_token = self._bounded(math.log(self.per_token) + step * (1.0 - fixed_share))
 
-    def decay_to(self, now_s: float, toward: float = 1.0) -> None:
-        """Let the evidence of slowness beyond `toward` fade for the time since the last call
-        (idempotent for a given `now_s`)."""
-        if self.decayed_at_s is not None and now_s > self.decayed_at_s and self.factor > toward:
+    def decay_to(self, now_s: float, toward: tuple[float, float] = (1.0, 1.0)) -> None:
+        """Let the evidence of slowness beyond `toward` (fixed, per-token) fade for the time since
+        the last call (idempotent for a given `now_s`)."""
+        if self.decayed_at_s is not None and now_s > self.decayed_at_s:
             fade = 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s)
-            self.factor = toward * math.exp(math.log(self.factor / toward) * fade)
+            self.fixed = _faded(self.fixed, toward[0], fade)
+            self.per_token = _faded(self.per_token, toward[1], fade)
         self.decayed_at_s = now_s if self.decayed_at_s is None else max(self.decayed_at_s, now_s)
+
+    def _bounded(self, log_factor: float) -> float:
+        bound = math.log(self.limit)
+        return math.exp(min(bound, max(-bound, log_factor)))
+
+
+def _faded(factor: float, toward: float, fade: float) -> float:
+    return toward * math.exp(math.log(factor / toward) * fade) if factor > toward else factor
 
 
 @dataclass
@@ -62,18 +92,18 @@ class InstanceCorrection:
     min_own: int = 3
 
     @property
-    def factor(self) -> float:
-        return self.own.factor if self.own.observations >= self.min_own else self.shared.factor
+    def current(self) -> Correction:
+        return self.own if self.own.observations >= self.min_own else self.shared
 
-    def observe(self, predicted_ms: float, observed_ms: float) -> None:
-        self.own.observe(predicted_ms, observed_ms)
-        self.shared.observe(predicted_ms, observed_ms)
+    def observe(self, fixed_ms: float, token_ms: float, observed_ms: float) -> None:
+        self.own.observe(fixed_ms, token_ms, observed_ms)
+        self.shared.observe(fixed_ms, token_ms, observed_ms)
 
     def decay_to(self, now_s: float) -> None:
-        """An instance's own slowness fades toward its type's factor where the type runs faster than
+        """An instance's own slowness fades toward its type's factors where the type runs faster than
         the profile: an instance left idle fading to the profile would look slower than its busy
         siblings, and get no requests to show otherwise (seen on two CPU engines: one served 90% of
         the requests, the other idled at the profile's prediction). Where the type runs slower, to
         the profile, as any slowness does."""
         self.shared.decay_to(now_s)
-        self.own.decay_to(now_s, toward=min(self.shared.factor, 1.0))
+        self.own.decay_to(now_s, toward=(min(self.shared.fixed, 1.0), min(self.shared.per_token, 1.0)))

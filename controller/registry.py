@@ -85,9 +85,11 @@ class Assignment:
     tpot_ms: float
     prefill_pending: bool
     """The instance still has to prefill the prompt (prefill instances, local prefill)."""
-    predicted_prefill_ms: float
-    """The profile's prediction before correction, to correct it by what happens."""
-    predicted_step_ms: float
+    predicted_prefill_ms: tuple[float, float]
+    """The profile's prediction before correction (fixed part, per-token part), to correct it by
+    what happens; (0, 0) where the instance does not prefill it."""
+    predicted_step_ms: tuple[float, float]
+    """The same for its decode steps; (0, 0) where the instance does not decode it."""
     assigned_at_s: float
     expires_at_s: float
     """The request's deadline: past it the booking goes, release or not (an ingress that died,
@@ -132,23 +134,31 @@ class Instance:
     def context_tokens(self) -> int:
         return max(self.report.context_tokens, sum(a.prompt_tokens for a in self.assignments.values()))
 
-    def raw_prefill_ms(self, prompt_tokens: int) -> float:
-        return self.profile.prefill_ms(prompt_tokens, self.queued_prefill_tokens())
+    def raw_prefill_ms(self, prompt_tokens: int) -> tuple[float, float]:
+        """The profile's prefill time of `prompt_tokens` behind this instance's queue: (fixed part,
+        per-token part)."""
+        p = self.profile
+        return p.prefill_base_ms, p.prefill_ms_per_token * (self.queued_prefill_tokens() + prompt_tokens)
 
-    def raw_step_ms(self, prompt_tokens: int) -> float:
-        return self.profile.step_ms(self.decoding() + 1, self.context_tokens() + prompt_tokens)
+    def raw_step_ms(self, prompt_tokens: int) -> tuple[float, float]:
+        """The profile's step time with one more sequence of `prompt_tokens` decoding here: (fixed
+        part, per-token part)."""
+        p = self.profile
+        return (p.decode_base_ms + p.decode_ms_per_seq * (self.decoding() + 1),
+                p.decode_ms_per_1k_context_tokens * (self.context_tokens() + prompt_tokens) / 1000.0)
 
     def row(self) -> Row:
         r, p = self.report, self.profile
         pending_kv = sum(a.kv_tokens for a in self.assignments.values() if a.assigned_at_s > self.last_seen_s)
         tpots = [a.tpot_ms for a in self.assignments.values()]
+        prefill, step = self.prefill_fix.current, self.step_fix.current
         return Row(
             replica_id=r.replica_id, kv_addr=r.kv_addr,
-            step_base_ms=self.step_fix.factor * self.raw_step_ms(0),
-            step_ms_per_token=self.step_fix.factor * p.decode_ms_per_1k_context_tokens / 1000.0,
-            prefill_base_ms=self.prefill_fix.factor * p.prefill_ms(0, self.queued_prefill_tokens()),
-            prefill_ms_per_token=self.prefill_fix.factor * p.prefill_ms_per_token,
-            prefill_fixed_ms=self.prefill_fix.factor * p.prefill_base_ms, last_seen_s=self.last_seen_s,
+            step_base_ms=step.ms(*self.raw_step_ms(0)),
+            step_ms_per_token=step.per_token * p.decode_ms_per_1k_context_tokens / 1000.0,
+            prefill_base_ms=prefill.ms(*self.raw_prefill_ms(0)),
+            prefill_ms_per_token=prefill.per_token * p.prefill_ms_per_token,
+            prefill_fixed_ms=prefill.fixed * p.prefill_base_ms, last_seen_s=self.last_seen_s,
             tpot_floor_ms=min(tpots, default=float("inf")),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
             load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
@@ -257,8 +267,8 @@ class Registry:
             inst.assignments[req.request_id] = Assignment(
                 prompt_tokens=req.prompt_tokens, prefill_tokens=prefill_tokens, kv_tokens=kv_tokens if decodes else 0,
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
-                predicted_prefill_ms=inst.raw_prefill_ms(prefill_tokens) if prefills else 0.0,
-                predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else 0.0,
+                predicted_prefill_ms=inst.raw_prefill_ms(prefill_tokens) if prefills else (0.0, 0.0),
+                predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else (0.0, 0.0),
                 assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id)
             self._refresh(inst)
 
@@ -270,7 +280,7 @@ class Registry:
             a = inst.assignments.get(request_id) if inst else None
             if inst is None or a is None or not a.prefill_pending:
                 continue
-            inst.prefill_fix.observe(a.predicted_prefill_ms, prefill_ms)
+            inst.prefill_fix.observe(*a.predicted_prefill_ms, prefill_ms)
             if a.kv_tokens:  # local prefill: the instance decodes it next
                 a.prefill_pending = False
             else:
@@ -285,8 +295,8 @@ class Registry:
             a = inst.assignments.pop(request_id, None) if inst else None
             if inst is None or a is None:
                 continue
-            if tpot_ms and a.predicted_step_ms:
-                inst.step_fix.observe(a.predicted_step_ms, tpot_ms)
+            if tpot_ms and any(a.predicted_step_ms):
+                inst.step_fix.observe(*a.predicted_step_ms, tpot_ms)
             self._refresh(inst)
 
     def expire(self, now_s: float, every_s: float = 1.0) -> None:

@@ -21,6 +21,7 @@ from pdserve.controller.autoscaling.loop import Autoscaler, RateWindow, describe
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.hot_experts import ExpertWindow, hot_set
 from pdserve.controller.hot_experts import describe as describe_hot
+from pdserve.controller.latency_model import Correction
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.pool_view import PoolView
 from pdserve.controller.registry import Instance, LoadReport, Registry
@@ -295,6 +296,10 @@ def _autoscaler(app_name: str, cfg: AutoscalingConfig, policy: AutoscalingPolicy
     return Autoscaler(policy, actuators)
 
 
+def _factors(c: Correction) -> dict[str, float]:
+    return {"fixed": c.fixed, "per_token": c.per_token}
+
+
 def _describe(i: Instance, now_s: float, ttl_s: float) -> dict:
     r = i.report
     return {
@@ -311,7 +316,7 @@ def _describe(i: Instance, now_s: float, ttl_s: float) -> dict:
         "total_kv_blocks": r.total_kv_blocks,
         "recent_ttft_ms": r.recent_ttft_ms,
         "recent_tpot_ms": r.recent_tpot_ms,
-        "prefill_correction": i.prefill_fix.factor,
-        "step_correction": i.step_fix.factor,
+        "prefill_correction": _factors(i.prefill_fix.current),
+        "step_correction": _factors(i.step_fix.current),
         "live": now_s - i.last_seen_s <= ttl_s,
     }

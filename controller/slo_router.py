@@ -217,8 +217,7 @@ def _chunked_prefill_ms(n: np.ndarray | int, view: PoolView) -> np.ndarray:
 def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     """Whether each instance can prefill `n` prompt tokens (per instance) without pushing the requests decoding
     there past their tightest TPOT objective: each of their steps carries one chunk meanwhile.
-    A chunk's stall is predicted as a prefill of its length, fixed cost included: a profile whose
-    base and slope are off (one correction factor scales both) then errs on the safe side."""
+    A chunk's stall is predicted as a prefill of its length, fixed cost included, on the safe side."""
     chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
     return view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
 

@@ -37,8 +37,8 @@ class IngressMetrics:
         self.queued_prefill_tokens = Gauge("pdserve_queued_prefill_tokens", "Prompt tokens an instance has yet to "
                                            "prefill, as the controller counts them", ["pool", "replica"], registry=r)
         self.latency_correction = Gauge("pdserve_latency_correction", "The controller's observed / predicted latency "
-                                        "factor per instance and phase (prefill, step)", ["pool", "replica", "phase"],
-                                        registry=r)
+                                        "factor per instance, phase (prefill, step) and part of the prediction "
+                                        "(fixed, per_token)", ["pool", "replica", "phase", "part"], registry=r)
         self.live_instances = Gauge("pdserve_live_instances", "Instances reporting to the controller", ["pool"],
                                     registry=r)
         self.kv_bytes = Counter("pdserve_kv_transfer_bytes", "KV bytes moved from prefill to decode", registry=r)
@@ -110,7 +110,8 @@ class IngressMetrics:
             self.queue_depth.labels(inst["pool"], inst["replica_id"]).set(inst["load"])
             self.queued_prefill_tokens.labels(inst["pool"], inst["replica_id"]).set(inst["queued_prefill_tokens"])
             for phase in ("prefill", "step"):
-                self.latency_correction.labels(inst["pool"], inst["replica_id"], phase).set(inst[f"{phase}_correction"])
+                for part, factor in inst[f"{phase}_correction"].items():
+                    self.latency_correction.labels(inst["pool"], inst["replica_id"], phase, part).set(factor)
             live[inst["pool"]] = live.get(inst["pool"], 0) + int(inst["live"])
         for pool, n in live.items():
             self.live_instances.labels(pool).set(n)

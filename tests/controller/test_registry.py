@@ -1,7 +1,6 @@
 import math
 
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import Correction, InstanceCorrection
 from pdserve.controller.registry import LoadReport
 
 from .routing_states import FAST, add, book, registry
@@ -82,8 +81,11 @@ def test_observed_latencies_correct_an_instances_predictions():
         reg.prefill_done(f"r{i}", 2 * FAST.prefill_ms(100, 0))
         reg.release(f"r{i}", tpot_ms=0.5 * reg.instances["d"].profile.step_ms(1, 100))
     view = reg.view("prefill")
-    assert math.isclose(view.prefill_ms_per_token[0], 2 * FAST.prefill_ms_per_token, rel_tol=0.01)
-    assert math.isclose(reg.instances["d"].step_fix.factor, 0.5, rel_tol=0.01)
+    assert math.isclose(view.prefill_base_ms[0] + 100 * view.prefill_ms_per_token[0], 2 * FAST.prefill_ms(100, 0),
+                        rel_tol=0.01)
+    d = reg.instances["d"]
+    step_parts = d.profile.decode_base_ms + d.profile.decode_ms_per_seq, d.profile.decode_ms_per_1k_context_tokens / 10
+    assert math.isclose(d.step_fix.current.ms(*step_parts), 0.5 * d.profile.step_ms(1, 100), rel_tol=0.01)
 
 
 def test_an_instance_without_observations_of_its_own_starts_from_its_types():
@@ -95,42 +97,26 @@ def test_an_instance_without_observations_of_its_own_starts_from_its_types():
         reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
         reg.release(f"r{i}")
     d = reg.instances["d"]  # it never prefilled anything itself: its local prefill leans on p's
-    assert d.prefill_fix.own.observations == 0 and math.isclose(d.prefill_fix.factor, 0.5, rel_tol=0.05)
+    assert d.prefill_fix.own.observations == 0 and d.prefill_fix.current is d.prefill_fix.shared
     add(reg, "p2", "prefill", accelerator="FAST")  # a new replica of the type too
-    assert math.isclose(reg.view("prefill").prefill_ms_per_token[1], 0.5 * FAST.prefill_ms_per_token, rel_tol=0.05)
+    view = reg.view("prefill")
+    assert math.isclose(view.prefill_base_ms[1] + 100 * view.prefill_ms_per_token[1], 0.5 * FAST.prefill_ms(100, 0),
+                        rel_tol=0.05)
     add(reg, "slow", "prefill")  # another type learns nothing from it
-    assert reg.instances["slow"].prefill_fix.factor == 1.0
+    slow = reg.instances["slow"].prefill_fix.current
+    assert (slow.fixed, slow.per_token) == (1.0, 1.0)
 
 
-def test_evidence_of_slowness_fades_so_an_instance_refused_everything_is_tried_again_and_speed_stays():
-    c = Correction(factor=4.0)
-    c.decay_to(0.0)
-    c.decay_to(c.half_life_s)
-    assert math.isclose(c.factor, 2.0)
-    c.decay_to(c.half_life_s)  # the same moment twice decays once
-    assert math.isclose(c.factor, 2.0)
-    fast = Correction(factor=0.25)  # faster than the profile: no reason to become more pessimistic
-    fast.decay_to(0.0)
-    fast.decay_to(10 * fast.half_life_s)
-    assert fast.factor == 0.25
+def test_an_instance_seen_slow_and_refused_everything_since_is_predicted_faster_as_its_reports_come():
     reg = registry()
     add(reg, "p", "prefill")
-    reg.instances["p"].prefill_fix.own.factor = 8.0
-    reg.instances["p"].prefill_fix.own.observations = 5
+    own = reg.instances["p"].prefill_fix.own
+    own.fixed, own.per_token, own.observations = 8.0, 8.0, 5
     for t in range(1, 241):  # two minutes of reports (four half-lives), no request admitted: 8x -> 8 ** (1/16)
         add(reg, "p", "prefill", now_s=t * 0.5)
-    assert math.isclose(reg.instances["p"].prefill_fix.factor, 8 ** (1 / 16), rel_tol=0.01)
-
-
-def test_a_correction_moves_gradually_and_stays_bounded():
-    c = Correction()
-    c.observe(100, 200)
-    assert 1.0 < c.factor < 1.2
-    for _ in range(200):
-        c.observe(100, 100_000)
-    assert math.isclose(c.factor, c.limit)
-    c.observe(0, 50)  # nothing to learn from an empty prediction
-    assert math.isclose(c.factor, c.limit)
+    view = reg.view("prefill")
+    assert math.isclose(view.prefill_ms_per_token[0], 8 ** (1 / 16) * reg.instances["p"].profile.prefill_ms_per_token,
+                        rel_tol=0.01)
 
 
 def test_forgets_instances_gone_for_good():
@@ -217,7 +203,7 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
     add(reg, "p1", "prefill", accelerator="FAST")
     add(reg, "p2", "prefill", accelerator="FAST")
     idle = reg.instances["p2"].prefill_fix
-    idle.own.factor, idle.own.observations = 2.0, 5  # its first prefills were slow (a cold engine)
+    idle.own.fixed, idle.own.per_token, idle.own.observations = 2.0, 2.0, 5  # its first prefills were slow (cold)
     for i in range(20):  # p1 serves everything, at half the profile's time
         book(reg, f"r{i}", 100, prefill="p1", decode=None)
         reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
@@ -225,13 +211,6 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
     for t in range(1, 481):  # four minutes of reports, p2 admitting nothing
         add(reg, "p1", "prefill", accelerator="FAST", now_s=t * 0.5)
         add(reg, "p2", "prefill", accelerator="FAST", now_s=t * 0.5)
-    busy = reg.instances["p1"].prefill_fix.factor
-    assert busy < 0.6 and math.isclose(idle.factor, idle.shared.factor, rel_tol=0.01)
-    assert idle.factor < 0.7  # not the profile's 1.0, at which it would look slower than p1
-
-
-def test_where_the_type_runs_slower_than_its_profile_an_idle_instances_slowness_fades_to_the_profile():
-    c = InstanceCorrection(Correction(factor=1.5), Correction(factor=3.0, observations=5))
-    c.decay_to(0.0)
-    c.decay_to(c.own.half_life_s)
-    assert math.isclose(c.own.factor, 3.0 ** 0.5)  # half of its slowness gone, as toward the profile
+    view = reg.view("prefill")
+    busy_ms, idle_ms = view.prefill_base_ms + 100 * view.prefill_ms_per_token
+    assert busy_ms < 0.6 * FAST.prefill_ms(100, 0) and math.isclose(idle_ms, busy_ms, rel_tol=0.01)

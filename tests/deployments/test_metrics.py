@@ -5,7 +5,8 @@ from pdserve.deployments.metrics import IngressMetrics
 
 def _instance(replica_id: str, pool: str, live: bool = True) -> dict:
     return {"replica_id": replica_id, "pool": pool, "load": 2, "queued_prefill_tokens": 700,
-            "prefill_correction": 2.5, "step_correction": 0.8, "live": live}
+            "prefill_correction": {"fixed": 2.5, "per_token": 1.5}, "step_correction": {"fixed": 0.8, "per_token": 1.0},
+            "live": live}
 
 
 def test_each_instance_exports_its_load_queue_and_latency_corrections_and_gone_ones_are_dropped():
@@ -14,8 +15,9 @@ def test_each_instance_exports_its_load_queue_and_latency_corrections_and_gone_o
     m.observe_instances([_instance("p1", "prefill")])
     text = m.render()[0].decode()
     assert 'pdserve_queued_prefill_tokens{pool="prefill",replica="p1"} 700.0' in text
-    assert 'pdserve_latency_correction{phase="prefill",pool="prefill",replica="p1"} 2.5' in text
-    assert 'pdserve_latency_correction{phase="step",pool="prefill",replica="p1"} 0.8' in text
+    assert 'pdserve_latency_correction{part="fixed",phase="prefill",pool="prefill",replica="p1"} 2.5' in text
+    assert 'pdserve_latency_correction{part="per_token",phase="prefill",pool="prefill",replica="p1"} 1.5' in text
+    assert 'pdserve_latency_correction{part="fixed",phase="step",pool="prefill",replica="p1"} 0.8' in text
     assert 'pdserve_live_instances{pool="prefill"} 1.0' in text
     assert 'replica="d1"' not in text
 
