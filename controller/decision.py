@@ -50,6 +50,8 @@ class Target:
     replica_id: str
     kv_addr: str
     load: int
+    pool: str
+    """Its pool: the Serve deployment the ingress calls it through."""
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,8 @@ import numpy as np
 class Row:
     replica_id: str
     kv_addr: str
+    pool: str
+    """Its pool (Serve deployment): one view may hold several (adaptive mode's pools)."""
     step_base_ms: float
     """Predicted decode step with one more sequence, before that sequence's own context."""
     step_ms_per_token: float
@@ -40,7 +42,7 @@ class Row:
     """Most prompt tokens its engine prefills in one step; 0: a whole prompt in one step."""
 
 
-_COLUMNS = tuple(f.name for f in fields(Row))[2:]
+_COLUMNS = tuple(f.name for f in fields(Row))[3:]
 
 
 class PoolView:
@@ -52,6 +54,7 @@ class PoolView:
         """A view of `rows`, which must be grouped by node."""
         self.replica_ids = [r.replica_id for r in rows]
         self.kv_addrs = [r.kv_addr for r in rows]
+        self.pools = [r.pool for r in rows]
         for name in _COLUMNS:
             dtype = np.int64 if name in ("load", "max_ongoing", "node", "prefill_chunk_tokens") else np.float64
             setattr(self, name, np.array([getattr(r, name) for r in rows], dtype=dtype))
@@ -80,6 +83,7 @@ class PoolView:
 
     def set_row(self, i: int, row: Row) -> None:
         self.kv_addrs[i] = row.kv_addr
+        self.pools[i] = row.pool
         for name in _COLUMNS:
             getattr(self, name)[i] = getattr(row, name)
         is_open = row.load < row.max_ongoing

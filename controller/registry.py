@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from pdserve.config.cluster import pool_role
 from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.hot_experts import ExpertReport
@@ -39,7 +40,7 @@ class LoadReport:
     replica_id: str
     """Ray Serve replica id (unique within the application)."""
     pool: str
-    """"prefill", "decode" or "colocated"."""
+    """Its pool (Serve deployment): "prefill", "decode", "colocated", "adaptive" or "adaptive-<name>"."""
     node_id: str
     accelerator_type: str | None
     kv_addr: str
@@ -118,6 +119,11 @@ class Instance:
         return self.report.replica_id
 
     @property
+    def view_name(self) -> str:
+        """The view it is routed in: its pool's role, so that every adaptive pool is routed as one."""
+        return pool_role(self.report.pool)
+
+    @property
     def load(self) -> int:
         return len(self.assignments) + self.unknown_running
 
@@ -153,7 +159,7 @@ class Instance:
         tpots = [a.tpot_ms for a in self.assignments.values()]
         prefill, step = self.prefill_fix.current, self.step_fix.current
         return Row(
-            replica_id=r.replica_id, kv_addr=r.kv_addr,
+            replica_id=r.replica_id, kv_addr=r.kv_addr, pool=r.pool,
             step_base_ms=step.ms(*self.raw_step_ms(0)),
             step_ms_per_token=step.per_token * p.decode_ms_per_1k_context_tokens / 1000.0,
             prefill_base_ms=prefill.ms(*self.raw_prefill_ms(0)),
@@ -215,7 +221,7 @@ class Registry:
                              unknown_queued_tokens=r.queued_prefill_tokens,
                              prefill_fix=InstanceCorrection(shared[0]), step_fix=InstanceCorrection(shared[1]))
             self.instances[r.replica_id] = fresh
-            self._rebuild(r.pool, replace=inst)
+            self._rebuild(pool_role(r.pool), replace=inst)
             return
         if now_s - inst.last_seen_s > self.ttl_s:
             log.info("instance %s is reporting again after %.1f s", r.replica_id, now_s - inst.last_seen_s)
@@ -238,9 +244,9 @@ class Registry:
         return {pool: by_number[self._row_numbers.get(pool, _NO_ROWS)] for pool in pools}
 
     def placement(self, replica_id: str) -> tuple[str, int]:
-        """The pool and the row of a known instance; ("", -1) for another."""
+        """The view and the row of a known instance; ("", -1) for another."""
         inst = self.instances.get(replica_id)
-        return (inst.report.pool, inst.slot) if inst is not None else ("", -1)
+        return (inst.view_name, inst.slot) if inst is not None else ("", -1)
 
     def view(self, pool: str) -> PoolView:
         view = self._views.get(pool)
@@ -339,7 +345,7 @@ class Registry:
         if inst is None:
             return
         log.info("instance %s removed (%s) with %d requests routed to it", replica_id, why, len(inst.assignments))
-        self._rebuild(inst.report.pool, replace=inst)
+        self._rebuild(inst.view_name, replace=inst)
 
     def _number(self, replica_id: str) -> int:
         """The replica's number in the prefix index: a forgotten replica's, lowest first, else a new one."""
@@ -350,12 +356,12 @@ class Registry:
         return number
 
     def _refresh(self, inst: Instance) -> None:
-        self._views[inst.report.pool].set_row(inst.slot, inst.row())
+        self._views[inst.view_name].set_row(inst.slot, inst.row())
 
     def _rebuild(self, pool: str, replace: Instance | None) -> None:
         members = [i for i in self._pools.get(pool, []) if i is not replace]
         kept = {id(i) for i in members}
-        members += [i for i in self.instances.values() if i.report.pool == pool and id(i) not in kept]
+        members += [i for i in self.instances.values() if i.view_name == pool and id(i) not in kept]
         members.sort(key=lambda i: i.node)  # stable: a pool's rows keep their order within a node
         for slot, i in enumerate(members):
             i.slot = slot

@@ -8,7 +8,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.deployment import Application
 
-from pdserve.config.cluster import ClusterConfig
+from pdserve.config.cluster import ClusterConfig, pool_role
 from pdserve.controller.server import Controller
 from pdserve.decode.adaptive import AdaptiveServer
 from pdserve.decode.colocated import ColocatedServer
@@ -47,9 +47,9 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
            (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None,
            {role: pool.experts.window_s for role, pool in cfg.pools().items() if pool.experts})
     pools = {}
-    for role, pool in cfg.pools().items():
-        pools[role] = serve.deployment(_SERVERS[role]).options(
-            name=role,
+    for name, pool in cfg.pools().items():
+        pools[name] = serve.deployment(_SERVERS[pool_role(name)]).options(
+            name=name,
             num_replicas=pool.replicas,
             max_ongoing_requests=pool.max_ongoing_requests,
             ray_actor_options=pool.ray_actor_options(),

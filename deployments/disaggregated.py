@@ -28,14 +28,15 @@ PREFILL_CHECK_S = 1.0
 async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, decision: Decision, lease_ms: int,
                                background: set[asyncio.Future], on_prefill_done: Callable[[asyncio.Future], None],
                                gone: Callable[[str], bool]) -> AsyncIterator[GenerateChunk]:
-    """The chunks of `req` served by the decided prefill and decode replicas. A prefill still
-    running when the answer is given up is added to `background` and left to finish; `gone`
-    says whether a replica has left the live ones."""
+    """The chunks of `req` served by the decided prefill and decode replicas, each called through
+    its pool's handle in `pools`. A prefill still running when the answer is given up is added to
+    `background` and left to finish; `gone` says whether a replica has left the live ones."""
     assert decision.prefill is not None and decision.decode is not None and req.sampling.max_tokens is not None
     n = len(req.prompt_token_ids)
     dest = decision.decode.kv_addr if req.sampling.max_tokens > 1 else None  # a one-token answer moves no KV
-    task = asyncio.ensure_future(pools["prefill"].prefill.remote(req, dest, lease_ms, decision.decode_cached_tokens,
-                                                                 replica_id=decision.prefill.replica_id))
+    prefill_pool, decode_pool = pools[decision.prefill.pool], pools[decision.decode.pool]
+    task = asyncio.ensure_future(prefill_pool.prefill.remote(req, dest, lease_ms, decision.decode_cached_tokens,
+                                                             replica_id=decision.prefill.replica_id))
     task.add_done_callback(on_prefill_done)
     try:
         first = await _prefill_answer(task, decision.prefill.replica_id, gone)
@@ -51,7 +52,7 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     ended = "stop" if first["finish_reason"] == "stop" else "length" if len(ids) >= req.sampling.max_tokens else None
     if ended is not None:
         if dest is not None:
-            _discard_kv(pools["decode"], req.request_id, decision.decode.replica_id, background)
+            _discard_kv(decode_pool, req.request_id, decision.decode.replica_id, background)
         yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs, cached_tokens=cached)
         return
     # vLLM holds back the text a stop string may start in; the decode engine sees this token as
@@ -60,9 +61,9 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     seam = ResumedText(text[len(text) - hold:], req.sampling.stop)
     yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs, cached_tokens=cached)
     cont = req.continued(ids)
-    stream = pools["decode"].options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
-                                                                  replica_id=decision.decode.replica_id,
-                                                                  skip_tokens=decision.decode_cached_tokens)
+    stream = decode_pool.options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
+                                                              replica_id=decision.decode.replica_id,
+                                                              skip_tokens=decision.decode_cached_tokens)
     async with aclosing(decode_stream(stream, decision)) as chunks:
         async for chunk in chunks:
             chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)

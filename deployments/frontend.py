@@ -120,8 +120,7 @@ class Frontend:
         self.ingress_id = ingress_id
         """This ingress's Serve replica id: the controller drops its bookings once Serve no longer runs it."""
         self.pools = pools
-        self.phase_pools = dict.fromkeys(("prefill", "decode"), pools["adaptive"]) if cfg.mode == "adaptive" else pools
-        """The deployment that serves each phase of a disaggregated answer: in adaptive mode, the one pool."""
+        """Each engine pool's Serve handle, by pool name: a decision's targets name theirs."""
         self.metrics = IngressMetrics()
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
@@ -280,19 +279,17 @@ class Frontend:
         new replica's text to what was sent."""
         assert decision.decode is not None and req.sampling.max_tokens is not None
         lease_ms = self.cfg.kv_transfer.lease_ms
+        local = decision.prefill is None  # colocated, or prefilled where it decodes
         if self.cfg.mode in ("colocated", "adaptive"):  # one pool: its instances' metrics under its name
             pool_name = ttft_pool = self.cfg.mode
-            local = decision.prefill is None
-        elif decision.prefill is None:  # the controller chose to prefill this short prompt on the decode instance
-            pool_name, ttft_pool, local = "decode", "decode", True
         else:
-            pool_name, ttft_pool, local = "decode", "prefill", False
+            pool_name, ttft_pool = "decode", "decode" if local else "prefill"
         if local:
-            stream = self.pools[pool_name].options(stream=True).generate.remote(
+            stream = self.pools[decision.decode.pool].options(stream=True).generate.remote(
                 req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=True)
             answer = decode_stream(stream, decision)
         else:
-            answer = disaggregated_answer(self.phase_pools, req, decision, lease_ms, self._background,
+            answer = disaggregated_answer(self.pools, req, decision, lease_ms, self._background,
                                           lambda task: self._prefill_done(req.request_id, task),
                                           lambda replica_id: self.view.gone(replica_id, time.monotonic()))
         async with aclosing(answer) as chunks:
@@ -369,7 +366,7 @@ class Frontend:
             except Exception as exc:  # the controller is away: the answer says so
                 log.warning("health: controller snapshot failed: %s", exc)
         live = self.view.live if self.view.fresh(time.monotonic()) else None
-        status = "ok" if live and all(live.values()) else "unavailable"
+        status = "ok" if live is not None and self.view.serves() else "unavailable"
         body = {"status": status, "model": self.model_name, "mode": self.cfg.mode, "live_instances": live or {}}
         if live is None:
             body["reason"] = "no recent view of the instances from the controller"

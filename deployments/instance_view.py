@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pdserve.config.cluster import pool_role
+
 STALE_POLLS = 5
 """The view is trusted at most this many poll intervals after its snapshot."""
 
@@ -31,6 +33,16 @@ class InstanceView:
         self.live, self._seen_at_s = live, now_s
         self.live_ids = {inst["replica_id"] for inst in snapshot if inst["live"] and "replica_id" in inst}
         self.seen_live |= self.live_ids
+
+    def serves(self) -> bool:
+        """Whether the last snapshot had a live instance for every role: prefill and decode, one
+        colocated, or one of any adaptive pool (each can prefill and decode)."""
+        if not self.live:
+            return False
+        roles: dict[str, int] = {}
+        for pool, n in self.live.items():
+            roles[pool_role(pool)] = roles.get(pool_role(pool), 0) + n
+        return all(roles.values())
 
     def gone(self, replica_id: str, now_s: float) -> bool:
         """Whether a fresh view says `replica_id`, once seen live, is live no more. A replica this

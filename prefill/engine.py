@@ -47,7 +47,8 @@ def served_model_name(cfg: ClusterConfig, model_path: str) -> str:
 
 
 class EngineServer:
-    """Base of the engine deployments; `role` is the pool name ("prefill", "decode", "colocated", "adaptive")."""
+    """Base of the engine deployments; `role` is what its engine does ("prefill", "decode", "colocated",
+    "adaptive"), and its pool is its Serve deployment (one role may have several pools: `adaptive_pools`)."""
 
     role = ""
 
@@ -57,7 +58,8 @@ class EngineServer:
 
         ctx = serve.get_replica_context()
         self.replica_id = ctx.replica_id.unique_id
-        pool = cfg.pools()[self.role]
+        self.pool_name = ctx.deployment
+        pool = cfg.pools()[self.pool_name]
         telemetry.setup_tracing(cfg.tracing, f"{self.role}:{self.replica_id}")
         telemetry.setup_logging(cfg.log_level)
         cpu_bind = pool.cpu_binds[ctx.rank.local_rank % len(pool.cpu_binds)] if pool.cpu_binds else ""
@@ -99,7 +101,7 @@ class EngineServer:
         self.controller = controller
         node_id = ray.get_runtime_context().get_node_id()
         sched = self.engine.vllm_config.scheduler_config
-        self._report = LoadReport(self.replica_id, self.role, node_id, pool.accelerator_type, kv_listen_addr,
+        self._report = LoadReport(self.replica_id, self.pool_name, node_id, pool.accelerator_type, kv_listen_addr,
                                   pool.max_ongoing_requests, time.time(),
                                   prefill_chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0)
         self._reporter = asyncio.create_task(self._report_loop())

@@ -7,6 +7,7 @@ greater than or equal to 1`) so an operator can fix a file without reading code.
 from __future__ import annotations
 
 import dataclasses
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -194,6 +195,13 @@ _POOL_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+ADAPTIVE_PREFIX = "adaptive-"
+"""Deployment name of an `adaptive_pools` entry: this and its name."""
+POOL_NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,22}[a-z0-9])?$"
+"""An `adaptive_pools` name: lowercase letters, digits and inner hyphens, as Kubernetes and Serve
+accept in a name."""
+
+
 DEFAULT_MODEL_TOOL_PARSER = "xlam"
 """vLLM's tool-call parser for the default model's family (SmolLM2)."""
 
@@ -239,6 +247,12 @@ class ClusterConfig(BaseModel):
     adaptive: PoolConfig = Field(default_factory=lambda: PoolConfig(**_POOL_DEFAULTS["adaptive"]))
     """The engine pool of adaptive mode: chunked prefill (a small chunk keeps the steps of the
     requests decoding there short) and KV both sent and received."""
+    adaptive_pools: dict[str, PoolConfig] = Field(default_factory=dict)
+    """Adaptive mode only: further adaptive pools by name, each on its own hardware, e.g. `{l4:
+    {accelerator_type: L4, replicas: 4, num_gpus: 1}}` beside H100s in `adaptive`. Each is
+    deployed as `adaptive-<name>` (engine_args default to `adaptive`'s chunked prefill); the
+    controller routes over every adaptive engine as one pool, predicting each by its accelerator
+    type's profile, and moves KV between any two of them."""
     kv_transfer: KVTransferSettings = Field(default_factory=KVTransferSettings)
     """KV channel between the pools (secret, chunking, lease). An empty secret makes
     `pdserve serve` generate one for the run; set it (or PDSERVE_KV_SECRET) to share one."""
@@ -287,7 +301,22 @@ class ClusterConfig(BaseModel):
                 if isinstance(given.get("engine_args"), dict):
                     merged["engine_args"] = {**defaults.get("engine_args", {}), **given["engine_args"]}
                 data[role] = merged
+        extra = data.get("adaptive_pools")
+        if isinstance(extra, dict):
+            chunked = _POOL_DEFAULTS["adaptive"]["engine_args"]
+            data["adaptive_pools"] = {
+                name: {**given, "engine_args": {**chunked, **given.get("engine_args", {})}}
+                if isinstance(given, dict) and isinstance(given.get("engine_args", {}), dict) else given
+                for name, given in extra.items()}
         return data
+
+    @field_validator("adaptive_pools")
+    @classmethod
+    def _pool_names(cls, v: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
+        bad = sorted(n for n in v if not re.fullmatch(POOL_NAME_PATTERN, n))
+        if bad:
+            raise ValueError(f"pool names {bad} must be 1-24 lowercase letters, digits and inner hyphens")
+        return v
 
     @model_validator(mode="after")
     def _pools_fit_mode(self) -> "ClusterConfig":
@@ -304,6 +333,8 @@ class ClusterConfig(BaseModel):
         if self.autoscaling is not None and self.external_scaler_enabled is False:
             raise ValueError("autoscaling sets the pools' sizes through Serve's external-scaler API: "
                              "external_scaler_enabled may not be false")
+        if self.adaptive_pools and self.mode != "adaptive":
+            raise ValueError(f"adaptive_pools deploys only in mode adaptive, not {self.mode}")
         if self.autoscaling is not None and self.mode != "disaggregated":
             raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
         return self
@@ -319,8 +350,13 @@ class ClusterConfig(BaseModel):
         if self.mode == "colocated":
             return {"colocated": self.colocated}
         if self.mode == "adaptive":
-            return {"adaptive": self.adaptive}
+            return {"adaptive": self.adaptive, **{ADAPTIVE_PREFIX + n: p for n, p in self.adaptive_pools.items()}}
         return {"prefill": self.prefill, "decode": self.decode}
+
+
+def pool_role(pool_name: str) -> str:
+    """The role of a pool's engines: "adaptive" for every adaptive pool, else the pool's name."""
+    return "adaptive" if pool_name.startswith(ADAPTIVE_PREFIX) else pool_name
 
 
 def resolve_dtype(dtype: str, on_cpu: bool) -> str:

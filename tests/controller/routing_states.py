@@ -31,7 +31,7 @@ def book(reg: Registry, request_id: str, prompt_tokens: int, *, prefill: str | N
     """Book a request the controller routed earlier (its prompt queued on `prefill`, its
     sequence running on `decode`)."""
     def target(rid: str | None) -> Target | None:
-        return Target(rid, reg.instances[rid].report.kv_addr, 0) if rid else None
+        return Target(rid, reg.instances[rid].report.kv_addr, 0, reg.instances[rid].report.pool) if rid else None
 
     req = RouteRequest(request_id, prompt_tokens, 10, SLO(ttft_ms=1e6, tpot_ms=tpot_ms))
     reg.assign(req, Decision(Outcome.ROUTED, target(prefill), target(decode)), now_s=0.0)

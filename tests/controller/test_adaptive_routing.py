@@ -113,3 +113,15 @@ def test_a_slow_network_between_nodes_keeps_the_prefill_on_the_decoding_instance
         d = route(reg, request(1000), cfg, kv_bytes)
         picks[name] = (d.prefill.replica_id, d.decode.replica_id)
     assert picks == {"slow": ("b", "a"), "uniform": ("c", "a")}
+
+
+def test_engines_of_several_adaptive_pools_are_routed_as_one_each_by_its_types_profile_and_called_in_its_pool():
+    reg = registry()
+    engine(reg, "a")
+    add(reg, "b", "adaptive-fast", accelerator="FAST", prefill_chunk_tokens=CHUNK)
+    assert reg.view("adaptive").replica_ids == ["a", "b"] and reg.placement("b") == ("adaptive", 1)
+    book(reg, "running", 100, decode="a", tpot_ms=50)  # a chunk prefilled on a would push it past 50 ms
+    d = route(reg, request(1000))
+    assert (d.prefill.replica_id, d.prefill.pool, d.decode.replica_id, d.decode.pool) == (
+        "b", "adaptive-fast", "a", "adaptive")
+    assert math.isclose(d.predicted_ttft_ms, 20 + 0.5 * 1000)  # FAST's prefill, not the default's 1560 ms

@@ -66,7 +66,7 @@ def test_kv_room_counts_requests_routed_since_the_last_report():
     reg = registry()
     reg.report(_report(), 0.0)  # 100 blocks x 16 tokens
     req = RouteRequest("r", 300, 20, SLO(1e3, 1e3))
-    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0)), now_s=0.1)
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0, "decode")), now_s=0.1)
     assert reg.view("decode").free_kv_tokens[0] == 1600 - 320
     reg.report(_report(running=1, free_kv_blocks=80), 0.2)  # the engine now holds them itself
     assert reg.view("decode").free_kv_tokens[0] == 80 * 16
@@ -147,7 +147,7 @@ def test_a_booking_without_a_release_expires_at_its_requests_deadline():
     add(reg, "p", "prefill")
     add(reg, "d", "decode")
     req = RouteRequest("orphan", 100, 10, SLO(1e3, 1e3), lifetime_s=30.0)
-    reg.assign(req, Decision(Outcome.ROUTED, Target("p", "", 0), Target("d", "a:1", 0)), now_s=0.0)
+    reg.assign(req, Decision(Outcome.ROUTED, Target("p", "", 0, "prefill"), Target("d", "a:1", 0, "decode")), now_s=0.0)
     reg.expire(now_s=29.0)
     assert reg.instances["p"].load == reg.instances["d"].load == 1  # the ingress may still release it
     reg.expire(now_s=31.0)  # its ingress died, or the release was lost: the instances are free again
@@ -162,8 +162,8 @@ def test_a_request_routed_again_under_the_same_id_is_booked_once_on_its_latest_r
     add(reg, "d1", "decode")
     add(reg, "d2", "decode")
     req = RouteRequest("same", 100, 10, SLO(1e3, 1e3))
-    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0)), now_s=0.0)
-    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d2", "a:1", 0)), now_s=0.1)  # the ingress asked again
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d1", "a:1", 0, "decode")), now_s=0.0)
+    reg.assign(req, Decision(Outcome.ROUTED, None, Target("d2", "a:1", 0, "decode")), now_s=0.1)  # the ingress asked again
     assert (reg.instances["d1"].load, reg.instances["d2"].load) == (0, 1)
     reg.release("same")
     assert reg.instances["d2"].load == 0
@@ -186,8 +186,8 @@ def test_the_bookings_of_an_ingress_replica_serve_no_longer_runs_go_and_the_othe
     add(reg, "d", "decode")
     for rid, ingress, at_s in (("a1", "ingress-a", 0.0), ("b1", "ingress-b", 0.0), ("n1", "ingress-new", 5.0)):
         reg.assign(RouteRequest(rid, 100, 10, SLO(1e3, 1e3), lifetime_s=600.0, ingress_id=ingress),
-                   Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)), now_s=at_s)
-    reg.assign(RouteRequest("anon", 100, 10, SLO(1e3, 1e3)), Decision(Outcome.ROUTED, None, Target("d", "a:1", 0)),
+                   Decision(Outcome.ROUTED, None, Target("d", "a:1", 0, "decode")), now_s=at_s)
+    reg.assign(RouteRequest("anon", 100, 10, SLO(1e3, 1e3)), Decision(Outcome.ROUTED, None, Target("d", "a:1", 0, "decode")),
                now_s=0.0)
     # Serve listed ingress-b alone at 4 s: ingress-a died; ingress-new started after that listing
     reg.keep_owners({"ingress-b"}, as_of_s=4.0)

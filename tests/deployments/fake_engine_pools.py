@@ -22,8 +22,8 @@ PROMPT = [100, 101, 102]
 
 
 def routed(prefill: str | None, decode: str) -> Decision:
-    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0) if prefill else None,
-                    decode=Target(decode, f"{decode}:1", 0), reason="fake route")
+    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0, "prefill") if prefill else None,
+                    decode=Target(decode, f"{decode}:1", 0, "decode"), reason="fake route")
 
 
 class FakeController:

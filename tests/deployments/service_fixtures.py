@@ -87,12 +87,14 @@ def _kill_started_since(before: set[int]) -> None:
 
 
 @contextmanager
-def running_service(cfg: ClusterConfig, model_path: str, num_cpus: int) -> Iterator[service.Service]:
-    """`cfg` served on a new local Ray cluster of `num_cpus`; all of it torn down afterwards."""
+def running_service(cfg: ClusterConfig, model_path: str, num_cpus: int,
+                    resources: dict[str, float] | None = None) -> Iterator[service.Service]:
+    """`cfg` served on a new local Ray cluster of `num_cpus` (and custom `resources`); all of it
+    torn down afterwards."""
     import ray
     from ray import serve
 
-    init_ray(num_cpus=num_cpus)
+    init_ray(num_cpus=num_cpus, resources=resources)
     s = None
     try:
         s = service.start(cfg, model_path)

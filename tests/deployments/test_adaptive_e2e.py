@@ -2,7 +2,9 @@
 decoding and moving KV either way), driven through its HTTP API: the controller serves a
 request on one engine when that is soonest, and has another engine prefill it when the
 engine it decodes on is busy with answers that a prefill there would slow past their TPOT;
-the answers are the same either way."""
+the answers are the same either way. The two engines are two pools (`adaptive` and an
+`adaptive_pools` entry) of two accelerator types, which the local Ray node declares as custom
+resources: the controller routes them as one pool and KV moves between the pools."""
 
 from __future__ import annotations
 
@@ -29,8 +31,10 @@ def svc():
     # Cache-blind: the reference answers below must be one engine's alone, which a prompt cached on
     # the other engine (its KV moved there before) would not be (test_prefix_routing_e2e.py).
     cfg = service_config(mode="adaptive", routing={"local_prefill_max_tokens": None, "prefix_aware": False},
-                         log_level="INFO")
-    with running_service(cfg, str(resolve_model(None)), num_cpus=4) as s:
+                         adaptive={"replicas": 1, "cpu_binds": ["0"], "accelerator_type": "CPUA"},
+                         adaptive_pools={"b": {"cpu_binds": ["1"], "accelerator_type": "CPUB"}}, log_level="INFO")
+    types = {"accelerator_type:CPUA": 1, "accelerator_type:CPUB": 1}
+    with running_service(cfg, str(resolve_model(None)), num_cpus=4, resources=types) as s:
         yield s
 
 
@@ -50,11 +54,20 @@ def kv_transfers_done(svc) -> float:
     return sum(float(line.split()[-1]) for line in lines if line.startswith('pdserve_kv_transfers_total{state="DONE"}'))
 
 
+def engines(svc) -> list[dict]:
+    return [i for i in snapshot(svc) if i["pool"] in ("adaptive", "adaptive-b")]
+
+
+def test_the_two_pools_each_run_one_engine_of_their_own_accelerator_type(svc):
+    assert sorted((i["pool"], i["accelerator_type"]) for i in engines(svc)) == [("adaptive", "CPUA"),
+                                                                              ("adaptive-b", "CPUB")]
+
+
 def idle(svc) -> bool:
     """Both engines have nothing running or queued, by their own reports too."""
-    engines = [i for i in snapshot(svc) if i["pool"] == "adaptive"]
-    return len(engines) == 2 and all(i["load"] == 0 and i["running"] == 0 and i["queued_prefill_tokens"] == 0
-                                     for i in engines)
+    engines_now = engines(svc)
+    return len(engines_now) == 2 and all(i["load"] == 0 and i["running"] == 0 and i["queued_prefill_tokens"] == 0
+                                         for i in engines_now)
 
 
 def test_a_prompt_is_prefilled_on_the_other_engine_while_its_decode_engine_serves_a_tight_tpot_and_answers_alike(
@@ -79,7 +92,7 @@ def test_a_prompt_is_prefilled_on_the_other_engine_while_its_decode_engine_serve
     story = threading.Thread(target=stream_story)
     story.start()
     wait_until(lambda: long_answer["chunks"] >= 3, 120, "the story to stream")
-    busy = [i["replica_id"] for i in snapshot(svc) if i["pool"] == "adaptive" and i["load"]]
+    busy = [i["replica_id"] for i in engines(svc) if i["load"]]
     kv_before = kv_transfers_done(svc)
     greedy = client.completions.create(model=model, prompt=REPORT, max_tokens=24, temperature=0, extra_body=LOOSE_TTFT)
     seeded = client.completions.create(model=model, prompt=REPORT, max_tokens=24, temperature=2.0, seed=7,
@@ -92,7 +105,7 @@ def test_a_prompt_is_prefilled_on_the_other_engine_while_its_decode_engine_serve
     assert still_streaming and long_answer["chunks"] >= 100 and busy
     assert "local prefill" in routed[long_answer["id"]] and f"-> {busy[0]}" in routed[long_answer["id"]]
     for r in (greedy, seeded):  # prefilled on the idle engine, decoded on the busy one
-        other = next(i["replica_id"] for i in snapshot(svc) if i["pool"] == "adaptive" and i["replica_id"] != busy[0])
+        other = next(i["replica_id"] for i in engines(svc) if i["replica_id"] != busy[0])
         assert f"routed: prefill {other} " in routed[r.id] and f"-> {busy[0]}" in routed[r.id], routed[r.id]
     assert kv_moved == 2
     assert all("local prefill" in routed[r.id] for r in alone)

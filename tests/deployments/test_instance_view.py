@@ -29,3 +29,17 @@ def test_a_stale_view_says_no_replica_is_gone():
     assert not view.gone("p2", 0.0)  # no snapshot yet
     view.observe(SNAPSHOT, now_s=10.0)
     assert not view.gone("p2", 10.0 + STALE_POLLS * view.poll_interval_s + 0.1)
+
+
+def test_the_service_serves_with_a_live_instance_of_every_role_and_of_any_adaptive_pool():
+    disaggregated = InstanceView(["prefill", "decode"])
+    disaggregated.observe(SNAPSHOT, now_s=10.0)
+    assert disaggregated.serves()
+    disaggregated.observe(SNAPSHOT[:2], now_s=11.0)  # no decode instance
+    assert not disaggregated.serves()
+    adaptive = InstanceView(["adaptive", "adaptive-l4"])
+    assert not adaptive.serves()  # no snapshot yet
+    adaptive.observe([{"pool": "adaptive-l4", "live": True, "replica_id": "a1"}], now_s=10.0)
+    assert adaptive.live == {"adaptive": 0, "adaptive-l4": 1} and adaptive.serves()
+    adaptive.observe([{"pool": "adaptive", "live": False, "replica_id": "a2"}], now_s=11.0)
+    assert not adaptive.serves()

@@ -198,3 +198,16 @@ def test_the_ingress_serves_http_itself_on_its_own_port_by_default_and_every_por
     for clash in ({"direct_http_port": 8000}, {"direct_http_port": 50051}, {"grpc_port": 8000}):
         with pytest.raises(ConfigError, match="must differ"):
             parse_config({"ingress": clash})
+
+
+def test_further_adaptive_pools_deploy_beside_adaptive_with_its_chunked_prefill_and_only_in_adaptive_mode():
+    cfg = parse_config({"mode": "adaptive", "adaptive_pools": {
+        "l4": {"accelerator_type": "L4", "num_gpus": 1, "engine_args": {"max_num_seqs": 8}}}, "dtype": "bfloat16"})
+    assert list(cfg.pools()) == ["adaptive", "adaptive-l4"]
+    l4 = cfg.pools()["adaptive-l4"]
+    assert l4.accelerator_type == "L4" and l4.replicas == 1
+    assert l4.engine_args == {"max_num_batched_tokens": 256, "max_num_seqs": 8}
+    with pytest.raises(ConfigError, match="adaptive_pools deploys only in mode adaptive"):
+        parse_config({"adaptive_pools": {"l4": {}}})
+    with pytest.raises(ConfigError, match=r"pool names \['L4', 'a_b'\]"):
+        parse_config({"mode": "adaptive", "adaptive_pools": {"L4": {}, "a_b": {}, "ok-1": {}}})

@@ -94,8 +94,8 @@ class FakeController:
 
     @staticmethod
     async def _choose(route: RouteRequest, resuming: bool = False) -> Decision:
-        return Decision(Outcome.ROUTED, prefill=Target("prefill-0", "127.0.0.1:1", 0),
-                        decode=Target("decode-0", "127.0.0.1:2", 0), reason="fake")
+        return Decision(Outcome.ROUTED, prefill=Target("prefill-0", "127.0.0.1:1", 0, "prefill"),
+                        decode=Target("decode-0", "127.0.0.1:2", 0, "decode"), reason="fake")
 
     @staticmethod
     async def _snapshot() -> list[dict]:
