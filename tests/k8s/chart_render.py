@@ -39,6 +39,11 @@ VARIANTS = {
     "adaptive": {"mode": "adaptive", "autoscaling": {"enabled": False},
                  "pools": {"adaptive": {"acceleratorType": "H100", "replicasPerPod": 2, "replicas": 4,
                                         "minReplicas": 2, "maxReplicas": 8}}},
+    # Adaptive engines on two GPU types: the L4 pool takes what it does not set from pools.adaptive.
+    "two_adaptive_pools": {"mode": "adaptive", "autoscaling": {"enabled": False},
+                           "pools": {"adaptive": {"acceleratorType": "H100", "replicas": 2, "minReplicas": 1},
+                                     "adaptive-l4": {"acceleratorType": "L4", "replicasPerPod": 3, "replicas": 6,
+                                                     "maxReplicas": 12, "nodeSelector": {"gpu": "l4"}}}},
     # Nothing calls the Kubernetes API; clients only from the gateway namespace, over mutual TLS.
     "static_pools_behind_a_gateway": {
         "enableInTreeAutoscaling": False, "autoscaling": {"enabled": False},
@@ -81,6 +86,9 @@ def _secret_holding(docs: list[dict], key: str) -> dict:
     return secret
 
 
-def kv_roles(values: dict) -> tuple[str, str]:
-    """(the pool whose pods send KV, the pool whose pods receive it) for these values."""
-    return ("adaptive", "adaptive") if values.get("mode") == "adaptive" else ("prefill", "decode")
+def kv_roles(values: dict) -> tuple[list[str], list[str]]:
+    """(the pools whose pods send KV, the pools whose pods receive it) for these values."""
+    if values.get("mode") == "adaptive":
+        adaptive = ["adaptive", *sorted(p for p in values.get("pools", {}) if p.startswith("adaptive-"))]
+        return adaptive, adaptive
+    return ["prefill"], ["decode"]

@@ -177,6 +177,26 @@ def test_adaptive_mode_deploys_one_pool_whose_engines_pdserve_runs_as_adaptive()
     assert "autoscaling.yaml" not in files(docs)
 
 
+def test_further_adaptive_pools_deploy_as_adaptive_pools_on_their_own_worker_groups():
+    docs = render(VARIANTS["two_adaptive_pools"])
+    groups = {g["groupName"]: g for g in only(docs, "RayService")["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    cfg = parse_config(files(docs)["cluster.yaml"])
+    assert list(cfg.pools()) == ["adaptive", "adaptive-l4"] and list(cfg.adaptive_pools) == ["l4"]
+    l4 = cfg.pools()["adaptive-l4"]
+    assert (l4.accelerator_type, l4.replicas, l4.num_cpus) == ("L4", 6, cfg.adaptive.num_cpus)  # cpus: adaptive's
+    assert list(groups) == ["adaptive-h100", "adaptive-l4-l4"]
+    assert [groups["adaptive-l4-l4"][k] for k in ("replicas", "minReplicas", "maxReplicas")] == [2, 1, 4]  # 3 a pod
+    assert _ray_resources(groups["adaptive-l4-l4"])["accelerator_type:L4"] == 1
+    assert all(_ray_resources(groups["adaptive-l4-l4"])[r] == 3 * n for r, n in l4.resources.items())
+    assert groups["adaptive-l4-l4"]["template"]["spec"]["nodeSelector"] == {"gpu": "l4"}
+    assert "nodeSelector" not in groups["adaptive-h100"]["template"]["spec"]
+
+
+def test_an_adaptive_pool_outside_mode_adaptive_refuses_to_render():
+    with pytest.raises(helm_python.HelmRenderError, match="pools.adaptive-l4 is an adaptive pool"):
+        render({"pools": {"adaptive-l4": {"acceleratorType": "L4"}}})
+
+
 def test_adaptive_mode_with_pdserves_autoscaling_refuses_to_render():
     with pytest.raises(helm_python.HelmRenderError, match="mode adaptive needs autoscaling.enabled=false"):
         render({"mode": "adaptive"})
@@ -276,8 +296,11 @@ def test_engine_args_and_config_overrides_reach_cluster_yaml():
     {"networkPolicy": {"clientFrom": [{"podSelectr": {}}]}},
     {"rayAuth": {"secretName": "mine"}},
     {"mode": "colocated"},
+    {"mode": "adaptive", "autoscaling": {"enabled": False}, "pools": {"adaptive-L4": {"acceleratorType": "L4"}}},
+    {"mode": "adaptive", "autoscaling": {"enabled": False}, "pools": {"adaptive-l4": {"acceleratorTpe": "L4"}}},
 ], ids=["wrong_type", "misspelt_key", "bound_in_policy", "secret_not_string", "privileged_kv_port",
-        "network_policy_switch_not_boolean", "misspelt_client_peer", "misspelt_ray_auth_key", "unknown_mode"])
+        "network_policy_switch_not_boolean", "misspelt_client_peer", "misspelt_ray_auth_key", "unknown_mode",
+        "adaptive_pool_name_not_lowercase", "adaptive_pool_misspelt_key"])
 def test_values_schema_refuses_bad_values(values):
     with pytest.raises(helm_python.HelmValuesError):
         render(values)

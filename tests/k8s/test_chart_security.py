@@ -94,7 +94,7 @@ def _kv_ports(docs: list[dict]) -> range:
 
 
 def _groups(docs: list[dict]) -> dict[str, dict]:
-    """Pod templates by role: head, and prefill and decode, or adaptive."""
+    """Pod templates by role: head, and prefill and decode, or the adaptive pools."""
     return {t["metadata"]["labels"]["app.kubernetes.io/component"]: t for t in pods(docs).values()}
 
 
@@ -118,14 +118,15 @@ def test_kv_receiver_ports_admit_only_the_pods_that_send_kv(variant):
     groups = _groups(docs)
     kv = _kv_ports(docs)
     senders, receivers = kv_roles(VARIANTS[variant])
-    sender, head = Source.pod(groups[senders]["metadata"]["labels"]), Source.pod(groups["head"]["metadata"]["labels"])
-    others = [Source.pod(t["metadata"]["labels"]) for role, t in groups.items() if role not in ("head", senders)]
-    for port in kv:
-        assert admits(docs, groups[receivers], sender, port)
-        assert not any(admits(docs, groups[receivers], source, port)
+    head = Source.pod(groups["head"]["metadata"]["labels"])
+    sending = [Source.pod(groups[role]["metadata"]["labels"]) for role in senders]
+    others = [Source.pod(t["metadata"]["labels"]) for role, t in groups.items() if role not in ("head", *senders)]
+    for receiver, port in ((groups[role], port) for role in receivers for port in kv):
+        assert all(admits(docs, receiver, sender, port) for sender in sending)
+        assert not any(admits(docs, receiver, source, port)
                        for source in (head, *others, STRANGER, ELSEWHERE, OUTSIDE, OPERATOR)), port
-    # Only those ports: the ones either side stay open to the whole cluster.
-    assert admits(docs, groups[receivers], head, kv.start - 1) and admits(docs, groups[receivers], head, kv.stop)
+        # Only those ports: the ones either side stay open to the whole cluster.
+        assert admits(docs, receiver, head, kv.start - 1) and admits(docs, receiver, head, kv.stop)
 
 
 @pytest.mark.parametrize("variant", ["defaults", "static_pools_behind_a_gateway"])
@@ -147,17 +148,20 @@ def test_network_policies_can_be_turned_off():
     assert admits(docs, _groups(docs)["decode"], STRANGER, _kv_ports(docs).start)
 
 
-@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types", "adaptive"])
+@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types", "adaptive", "two_adaptive_pools"])
 def test_receiving_pods_declare_the_kv_receiver_ports_pdserve_binds(variant):
     docs = render(VARIANTS[variant])
     groups = _groups(docs)
     _, receivers = kv_roles(VARIANTS[variant])
-    per_pod = (VARIANTS[variant].get("pools", {}).get(receivers, {})).get("replicasPerPod", 1)
+    pools = VARIANTS[variant].get("pools", {})
+    per_pod = max(pools.get(r, {}).get("replicasPerPod", pools.get("adaptive", {}).get("replicasPerPod", 1))
+                  for r in receivers)
     kv = _kv_ports(docs)
-    assert (kv.start, len(kv)) == (5600, per_pod)  # one receiver per receiving replica of a pod
-    ports = groups[receivers]["spec"]["containers"][0]["ports"]
-    assert {p["containerPort"]: p["name"] for p in ports} == {port: "kv" if i == 0 else f"kv-{i}"
-                                                             for i, port in enumerate(kv)}
+    assert (kv.start, len(kv)) == (5600, per_pod)  # one receiver per receiving replica of a pod (of the most)
+    for role in receivers:
+        ports = groups[role]["spec"]["containers"][0]["ports"]
+        assert {p["containerPort"]: p["name"] for p in ports} == {port: "kv" if i == 0 else f"kv-{i}"
+                                                                 for i, port in enumerate(kv)}
     for template in groups.values():
         names = [p["name"] for p in template["spec"]["containers"][0].get("ports", [])]
         assert len(set(names)) == len(names) and all(len(n) <= 15 for n in names)

@@ -32,23 +32,48 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.autoscaling.enabled (not .Values.enableInTreeAutoscaling) }}true{{ end }}
 {{- end }}
 
-{{/* The pools `mode` deploys, as JSON (fromJsonArray): prefill and decode, or one adaptive pool
-     whose engines each prefill, decode and move KV either way. */}}
+{{/* The pools `mode` deploys, as JSON (fromJsonArray): prefill and decode, or the adaptive pools
+     (pools.adaptive, and each pools.adaptive-<name>) whose engines each prefill, decode and move
+     KV either way. */}}
 {{- define "pdserve.roles" -}}
-{{- if eq .Values.mode "adaptive" }}["adaptive"]{{ else }}["prefill", "decode"]{{ end }}
+{{- $v := .Values }}
+{{- $extra := list }}
+{{- range $key := keys $v.pools | sortAlpha }}
+{{- if hasPrefix "adaptive-" $key }}
+{{- if ne $v.mode "adaptive" }}
+{{- fail (printf "pools.%s is an adaptive pool: it deploys only with mode adaptive, not %s" $key $v.mode) }}
+{{- end }}
+{{- $extra = append $extra $key }}
+{{- end }}
+{{- end }}
+{{- if eq $v.mode "adaptive" }}{{ prepend $extra "adaptive" | toJson }}{{ else }}["prefill", "decode"]{{ end }}
 {{- end }}
 
-{{/* The pool whose pods run KV receivers, and the pool whose pods send them KV. */}}
-{{- define "pdserve.kvReceiverRole" -}}
-{{- if eq .Values.mode "adaptive" }}adaptive{{ else }}decode{{ end }}
+{{/* A pool's values, as JSON (fromJson): pools.<role>; a pools.adaptive-<name> pool takes every
+     field it does not set from pools.adaptive. Call with (list $ role). */}}
+{{- define "pdserve.pool" -}}
+{{- $pools := (index . 0).Values.pools }}{{ $role := index . 1 }}
+{{- if hasPrefix "adaptive-" $role }}
+{{- mergeOverwrite (deepCopy $pools.adaptive) (deepCopy (index $pools $role)) | toJson }}
+{{- else }}
+{{- index $pools $role | toJson }}
 {{- end }}
-{{- define "pdserve.kvSenderRole" -}}
-{{- if eq .Values.mode "adaptive" }}adaptive{{ else }}prefill{{ end }}
+{{- end }}
+
+{{/* Whether a pool's pods run KV receivers ("true" or empty): decode's, or every adaptive pool's. */}}
+{{- define "pdserve.receivesKv" -}}
+{{- if or (eq . "decode") (eq . "adaptive") (hasPrefix "adaptive-" .) }}true{{ end }}
+{{- end }}
+
+{{/* Whether a pool's pods send KV ("true" or empty): prefill's, or every adaptive pool's. Such pods
+     carry the label pdserve.io/kv-sender, which the NetworkPolicy of the receivers selects. */}}
+{{- define "pdserve.sendsKv" -}}
+{{- if or (eq . "prefill") (eq . "adaptive") (hasPrefix "adaptive-" .) }}true{{ end }}
 {{- end }}
 
 {{/* Worker group of a pool: "<pool>-<accelerator>", e.g. prefill-h100. Call with (list $ "prefill"). */}}
 {{- define "pdserve.groupName" -}}
-{{- $pool := index (index . 0).Values.pools (index . 1) }}
+{{- $pool := include "pdserve.pool" . | fromJson }}
 {{- printf "%s-%s" (index . 1) (regexReplaceAll "[^a-z0-9]+" (lower $pool.acceleratorType) "-") | trimSuffix "-" }}
 {{- end }}
 
@@ -107,15 +132,21 @@ pdserve_pool:{{ . }}
 {{- $_ := set $cfg.ingress "grpc_tls_client_ca_file" (printf "%s/ca.crt" $dir) }}
 {{- end }}
 {{- end }}
+{{- $receivesKv := list }}
 {{- range $role := include "pdserve.roles" . | fromJsonArray }}
-{{- $p := index $v.pools $role }}
+{{- $p := include "pdserve.pool" (list $ $role) | fromJson }}
+{{- if include "pdserve.receivesKv" $role }}{{ $receivesKv = append $receivesKv (int $p.replicasPerPod) }}{{ end }}
 {{- if or (lt $p.replicas $p.minReplicas) (gt $p.replicas $p.maxReplicas) }}
 {{- fail (printf "pools.%s.replicas (%v) must lie within minReplicas (%v) and maxReplicas (%v)" $role $p.replicas $p.minReplicas $p.maxReplicas) }}
 {{- end }}
 {{- $pool := dict "replicas" $p.replicas "accelerator_type" $p.acceleratorType "num_gpus" $p.gpusPerReplica
       "num_cpus" $p.cpusPerReplica "resources" (dict (include "pdserve.poolResource" $role) 1) }}
 {{- with $p.engineArgs }}{{ $_ := set $pool "engine_args" . }}{{ end }}
+{{- if hasPrefix "adaptive-" $role }}
+{{- $_ := set $cfg "adaptive_pools" (merge (dict (trimPrefix "adaptive-" $role) $pool) ($cfg.adaptive_pools | default dict)) }}
+{{- else }}
 {{- $_ := set $cfg $role $pool }}
+{{- end }}
 {{- end }}
 {{- if and $v.autoscaling.enabled (ne $v.mode "disaggregated") }}
 {{- fail (printf "autoscaling sizes the prefill and decode pools: mode %s needs autoscaling.enabled=false (the adaptive pool stays at pools.adaptive.replicas)" $v.mode) }}
@@ -130,10 +161,12 @@ pdserve_pool:{{ . }}
 {{- end }}
 {{- $_ := set $cfg "autoscaling" $as }}
 {{- end }}
-{{- /* Fixed KV receiver ports, one per receiving replica of a pod: the NetworkPolicy names them. */}}
-{{- $receivers := include "pdserve.kvReceiverRole" . }}
+{{- /* Fixed KV receiver ports, one per receiving replica of a pod (of the pool with the most): the
+       NetworkPolicy names them. */}}
+{{- $receivers := ternary "adaptive*" "decode" (eq $v.mode "adaptive") }}
 {{- $_ := set $cfg "kv_receiver_port" $v.kvTransfer.port }}
-{{- $_ := set $cfg "kv_receiver_port_count" (index $v.pools $receivers).replicasPerPod }}
+{{- $count := 1 }}{{ range $receivesKv }}{{ $count = max $count . }}{{ end }}
+{{- $_ := set $cfg "kv_receiver_port_count" $count }}
 {{- $cfg = mergeOverwrite $cfg (deepCopy $v.clusterConfigOverrides) }}
 {{- $kvFirst := int $cfg.kv_receiver_port }}{{ $kvLast := add $kvFirst (int $cfg.kv_receiver_port_count) -1 }}
 {{- $rayPorts := list 6379 8080 8265 10001 52365 (int $cfg.ingress.http_port) (int $cfg.ingress.grpc_port) }}
