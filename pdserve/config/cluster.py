@@ -327,9 +327,10 @@ class ClusterConfig(BaseModel):
         ports = [self.ingress.http_port, self.ingress.grpc_port, self.ingress.direct_http_port]
         if len(set(ports) - {None}) != len([p for p in ports if p is not None]):
             raise ValueError("ingress.http_port, grpc_port and direct_http_port must differ")
-        if self.mode == "disaggregated" and self.prefill.on_cpu != self.decode.on_cpu and self.dtype == "auto":
-            raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so the "
-                             "prefill and decode engines would hold KV of different dtypes: set dtype explicitly")
+        if self.dtype == "auto" and len({pool.on_cpu for pool in self.pools().values()}) > 1:
+            raise ValueError("dtype auto is float32 on CPU pools and the checkpoint's dtype on GPU pools, so "
+                             "engines that move KV between them would hold it in different dtypes: set dtype "
+                             "explicitly")
         if self.autoscaling is not None and self.external_scaler_enabled is False:
             raise ValueError("autoscaling sets the pools' sizes through Serve's external-scaler API: "
                              "external_scaler_enabled may not be false")

@@ -209,5 +209,7 @@ def test_further_adaptive_pools_deploy_beside_adaptive_with_its_chunked_prefill_
     assert l4.engine_args == {"max_num_batched_tokens": 256, "max_num_seqs": 8}
     with pytest.raises(ConfigError, match="adaptive_pools deploys only in mode adaptive"):
         parse_config({"adaptive_pools": {"l4": {}}})
+    with pytest.raises(ConfigError, match="set dtype explicitly"):  # a GPU pool beside CPU ones, dtype auto
+        parse_config({"mode": "adaptive", "adaptive_pools": {"l4": {"num_gpus": 1}}})
     with pytest.raises(ConfigError, match=r"pool names \['L4', 'a_b'\]"):
         parse_config({"mode": "adaptive", "adaptive_pools": {"L4": {}, "a_b": {}, "ok-1": {}}})
