@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 _REAP_INTERVAL_S = 0.05
 MAX_HANDSHAKE_BYTES = 64 << 10
+"""Largest handshake accepted (a fingerprint and a name: well under a kilobyte)."""
 REFUSAL_DRAIN_S = 0.5
 """How long a refused Push stream is read (and dropped) before its status goes: see `_refuse`."""
-"""Largest handshake accepted (a fingerprint and a name: well under a kilobyte)."""
 
 
 async def _refuse(frames, ctx: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
