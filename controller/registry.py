@@ -143,15 +143,12 @@ class Instance:
     def raw_prefill_ms(self, prompt_tokens: int) -> tuple[float, float]:
         """The profile's prefill time of `prompt_tokens` behind this instance's queue: (fixed part,
         per-token part)."""
-        p = self.profile
-        return p.prefill_base_ms, p.prefill_ms_per_token * (self.queued_prefill_tokens() + prompt_tokens)
+        return self.profile.prefill_parts_ms(prompt_tokens, self.queued_prefill_tokens())
 
     def raw_step_ms(self, prompt_tokens: int) -> tuple[float, float]:
         """The profile's step time with one more sequence of `prompt_tokens` decoding here: (fixed
         part, per-token part)."""
-        p = self.profile
-        return (p.decode_base_ms + p.decode_ms_per_seq * (self.decoding() + 1),
-                p.decode_ms_per_1k_context_tokens * (self.context_tokens() + prompt_tokens) / 1000.0)
+        return self.profile.step_parts_ms(self.decoding() + 1, self.context_tokens() + prompt_tokens)
 
     def row(self) -> Row:
         r, p = self.report, self.profile

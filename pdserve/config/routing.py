@@ -27,12 +27,21 @@ class LatencyProfile(BaseModel):
     decode_ms_per_1k_context_tokens: float = Field(ge=0)
     """Step time added per 1,000 tokens of context held by the batch (attention reads)."""
 
+    def prefill_parts_ms(self, prompt_tokens: int, queued_tokens: int) -> tuple[float, float]:
+        """A prefill's time behind `queued_tokens`: (fixed part, per-token part), which the
+        controller corrects apart."""
+        return self.prefill_base_ms, self.prefill_ms_per_token * (queued_tokens + prompt_tokens)
+
     def prefill_ms(self, prompt_tokens: int, queued_tokens: int) -> float:
-        return self.prefill_base_ms + self.prefill_ms_per_token * (queued_tokens + prompt_tokens)
+        return sum(self.prefill_parts_ms(prompt_tokens, queued_tokens))
+
+    def step_parts_ms(self, batch: int, context_tokens: int) -> tuple[float, float]:
+        """A decode step's time: (fixed part, per-token part: the batch's context)."""
+        return (self.decode_base_ms + self.decode_ms_per_seq * batch,
+                self.decode_ms_per_1k_context_tokens * context_tokens / 1000.0)
 
     def step_ms(self, batch: int, context_tokens: int) -> float:
-        return self.decode_base_ms + self.decode_ms_per_seq * batch + self.decode_ms_per_1k_context_tokens * (
-            context_tokens / 1000.0)
+        return sum(self.step_parts_ms(batch, context_tokens))
 
 
 # From `pdserve bench slo --config bench/cpu_float32.yaml` on the 2-core development machine (no

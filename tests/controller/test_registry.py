@@ -84,8 +84,8 @@ def test_observed_latencies_correct_an_instances_predictions():
     assert math.isclose(view.prefill_base_ms[0] + 100 * view.prefill_ms_per_token[0], 2 * FAST.prefill_ms(100, 0),
                         rel_tol=0.01)
     d = reg.instances["d"]
-    step_parts = d.profile.decode_base_ms + d.profile.decode_ms_per_seq, d.profile.decode_ms_per_1k_context_tokens / 10
-    assert math.isclose(d.step_fix.current.ms(*step_parts), 0.5 * d.profile.step_ms(1, 100), rel_tol=0.01)
+    assert math.isclose(d.step_fix.current.ms(*d.profile.step_parts_ms(1, 100)), 0.5 * d.profile.step_ms(1, 100),
+                        rel_tol=0.01)
 
 
 def test_an_instance_without_observations_of_its_own_starts_from_its_types():
