@@ -103,11 +103,13 @@ class KVReceiver:
     async def _start_server(self) -> None:
         limit = self.settings.max_frame_bytes
         # Calls at once are bounded, and both handlers check the secret before reading a message:
-        # unread, a caller's bytes wait in HTTP/2 flow control, not in this process.
+        # unread, a caller's bytes wait in HTTP/2 flow control, beyond a fixed window, not in this
+        # process. Probing would grow that window per connection to what the link carries.
         self._server = grpc.aio.server(
             # No SO_REUSEPORT: a second receiver on a taken port must fail, not share its connections.
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20),
-                     ("grpc.so_reuseport", 0)],
+                     ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0),
+                     ("grpc.http2.lookahead_bytes", self.settings.receive_window_bytes)],
             maximum_concurrent_rpcs=self.settings.max_concurrent_calls,
         )
         handlers = {

@@ -50,6 +50,12 @@ class KVTransferSettings(BaseModel):
     """gRPC calls a receiver serves at once (a transfer takes `num_streams`); further calls are
     refused (RESOURCE_EXHAUSTED), so callers without the secret cannot hold this process's memory."""
 
+    receive_window_bytes: int = Field(default=8 << 20, ge=64 << 10, le=1 << 30)
+    """HTTP/2 flow-control window of each call to the receiver, fixed instead of grown by gRPC's
+    bandwidth-delay probing (which reaches 32 MiB): it bounds what any caller, with the secret or
+    without, makes the receiver read ahead of its handler, and caps a stream at window / RTT (8 MiB
+    over 1 ms: 8 GB/s per stream, times `num_streams`)."""
+
     connect_timeout_s: float = Field(default=10.0, gt=0)
     """How long a sender waits for the receiver's handshake before failing the transfer."""
 
