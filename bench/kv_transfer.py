@@ -30,6 +30,7 @@ import torch
 
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.receiver import server_options
 
 # A synthetic engine whose KV block is exactly 1 MiB per layer (8 heads x 128
 # tokens x 2 x 128 dims x fp32), one layer, so a payload of N MiB is N blocks.
@@ -75,11 +76,12 @@ def _tcp_server(sock: socket.socket, stop: threading.Event, max_bytes: int) -> N
                 conn.sendall(b"k")
 
 
-def _raw_grpc_server(max_frame_bytes: int) -> tuple[grpc.Server, int]:
+def _raw_grpc_server(settings: KVTransferSettings) -> tuple[grpc.Server, int]:
+    """A sink on the receiver's own transport settings (window, message limit)."""
     def sink(messages, ctx):
         return struct.pack("!Q", sum(len(m) for m in messages))
 
-    server = grpc.server(ThreadPoolExecutor(2), options=[("grpc.max_receive_message_length", max_frame_bytes)])
+    server = grpc.server(ThreadPoolExecutor(2), options=server_options(settings))
     handler = grpc.method_handlers_generic_handler("pdserve.bench.RawSink", {"Push": grpc.stream_unary_rpc_method_handler(sink)})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -97,7 +99,7 @@ def _receiver_main(settings: KVTransferSettings, max_bytes: int, conn) -> None:
     tcp.listen(1)
     stop = threading.Event()
     threading.Thread(target=_tcp_server, args=(tcp, stop, max_bytes), daemon=True).start()
-    raw, raw_port = _raw_grpc_server(settings.max_frame_bytes)
+    raw, raw_port = _raw_grpc_server(settings)
     conn.send((addr, tcp.getsockname()[1], raw_port))
     while True:
         msg = conn.recv()

@@ -48,6 +48,14 @@ async def _refuse(frames, ctx: grpc.aio.ServicerContext, code: grpc.StatusCode, 
     await ctx.abort(code, details)
 
 
+def server_options(settings: KVTransferSettings) -> list[tuple[str, int]]:
+    """The receiver's gRPC transport. Its flow-control window is fixed: unread, a caller's bytes
+    wait in HTTP/2 flow control beyond it, not in this process; probing would grow it per
+    connection to what the link carries, for callers without the secret too."""
+    return [("grpc.max_receive_message_length", settings.max_frame_bytes), ("grpc.max_send_message_length", 1 << 20),
+            ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", settings.receive_window_bytes)]
+
+
 class KVReceiver:
     """Accepts pushed transfers for one engine and stages them until the engine loads them."""
 
@@ -101,15 +109,10 @@ class KVReceiver:
         return self.address
 
     async def _start_server(self) -> None:
-        limit = self.settings.max_frame_bytes
-        # Calls at once are bounded, and both handlers check the secret before reading a message:
-        # unread, a caller's bytes wait in HTTP/2 flow control, beyond a fixed window, not in this
-        # process. Probing would grow that window per connection to what the link carries.
+        # Calls at once are bounded, and both handlers check the secret before reading a message.
         self._server = grpc.aio.server(
             # No SO_REUSEPORT: a second receiver on a taken port must fail, not share its connections.
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", 1 << 20),
-                     ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0),
-                     ("grpc.http2.lookahead_bytes", self.settings.receive_window_bytes)],
+            options=[*server_options(self.settings), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=self.settings.max_concurrent_calls,
         )
         handlers = {
