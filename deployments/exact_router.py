@@ -14,6 +14,11 @@ stop routing there. One never seen may yet appear: the router backs off (Serve's
 would otherwise retry at once, spinning the event loop) and, once the call has waited
 `MISSING_REPLICA_GRACE_S`, fails it too. Either way the ingress routes the request again, to
 another pair, well before the request's own deadline.
+
+A failed call leaves Serve's index of pending calls by request id. Serve gives every call a
+replica makes while serving one request that request's id, so the retry's call on the same
+handle has the failed call's id: left indexed, the failed call would shadow the retry, whose
+replica, once chosen, Serve could hand to no call, and the retry would wait for its deadline.
 """
 
 from __future__ import annotations
@@ -83,14 +88,23 @@ class ExactReplicaRouter(RequestRouter):
             pending_request.routing_context.should_backoff = True
             return [chosen]
         if target in self.departed:
-            if not pending_request.future.done():
-                pending_request.future.set_exception(ReplicaGone(target, 0.0, departed=True))
+            self._fail(pending_request, ReplicaGone(target, 0.0, departed=True))
             return [candidate_replicas]
         if on_missing_replica(pending_request, target, time.time()):
+            self._fail(pending_request, None)
             # Serve's routing loop looks at the call before choosing among candidates: handed some
             # with the call already failed, it ends its work on it (handed none, it would loop on).
             return [candidate_replicas]
         return [[]]
+
+    def _fail(self, pending_request: PendingRequest, error: Exception | None) -> None:
+        """Fail the call with `error` (None: it has failed already) and take it out of Serve's
+        index by request id, where it would shadow the ingress's retry (see the module's doc)."""
+        if error is not None and not pending_request.future.done():
+            pending_request.future.set_exception(error)
+        internal_id = pending_request.metadata.internal_request_id if pending_request.metadata else None
+        if self._pending_requests_by_id.get(internal_id) is pending_request:
+            self._remove_pending_request_from_indices(pending_request)
 
     async def _select_from_candidate_replicas(
         self, candidates: list[RunningReplica], backoff_index: int

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -19,9 +20,16 @@ from pdserve.errors import ReplicaGone, ReplicaLost
 from tests.deployments.service_fixtures import init_ray
 
 
+@dataclass(frozen=True)
+class FakeReplicaID:
+    """Serve's ReplicaID as the router reads it: a hashable key with its unique id."""
+
+    unique_id: str
+
+
 def fake_running_replica(unique_id: str) -> SimpleNamespace:
-    """What the router reads of Serve's RunningReplica: its id."""
-    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
+    """What the router reads of Serve's RunningReplica: its id and how many calls it takes."""
+    return SimpleNamespace(replica_id=FakeReplicaID(unique_id), max_ongoing_requests=2)
 
 
 REPLICAS = [fake_running_replica("a"), fake_running_replica("b")]
@@ -97,6 +105,27 @@ async def test_a_call_for_a_replica_that_left_the_running_ones_fails_at_once_as_
     assert isinstance(lost, ReplicaLost) and lost.departed
     newcomer = pending("c")  # never seen: it may be about to appear, so it gets the grace
     assert await r.choose_replicas(REPLICAS, newcomer) == [[]] and not newcomer.future.done()
+
+
+@pytest.mark.parametrize("first_target", ["old", "never-seen"])
+async def test_a_retry_made_while_serving_the_same_request_reaches_its_replica_after_a_call_failed(first_target):
+    """Serve gives every call a replica makes while serving one request that request's id. The
+    failed call's entry in Serve's index by id shadowed the retry's, so the replica chosen for the
+    retry went to no call, and the retry waited for its deadline (300 s, seen after a scale-down)."""
+    from ray.serve._private.common import RequestMetadata
+
+    r = router(departed=("old",))
+    r._replicas = {rep.replica_id.unique_id: rep for rep in REPLICAS}
+    r._replicas_list = list(REPLICAS)
+    same_request = RequestMetadata(request_id="r", internal_request_id="ingress-request-1")
+
+    def call(target: str, age_s: float) -> PendingRequest:
+        return PendingRequest(args=[], kwargs={"replica_id": target}, metadata=same_request,
+                              created_at=time.time() - age_s)
+
+    with pytest.raises(ReplicaGone):
+        await asyncio.wait_for(r._choose_replica_for_request(call(first_target, MISSING_REPLICA_GRACE_S)), 5)
+    assert await asyncio.wait_for(r._choose_replica_for_request(call("b", 0.0)), 5) is REPLICAS[1]
 
 
 async def test_the_named_replica_gets_the_call_without_a_queue_length_probe_unless_known_full(monkeypatch):
