@@ -43,7 +43,7 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     finally:
         # Left to finish, not cancelled: it is one prompt's work, and cancelling a call Serve already
         # placed stalled this whole replica for seconds when its prefill replica was stopping
-        # (tests/deployments/test_scaling_e2e.py).
+        # (the scale-down test in tests/deployments/test_faults_e2e.py).
         if not task.done():
             background.add(task)
             task.add_done_callback(background.discard)

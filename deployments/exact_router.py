@@ -81,10 +81,11 @@ class ExactReplicaRouter(RequestRouter):
         chosen = [r for r in candidate_replicas if r.replica_id.unique_id == target]
         if chosen:
             # Serve asks again, without sleeping, for a call that picking a replica did not fulfil,
-            # and neither this router nor the fast path below awaits anything: a call Serve can no
-            # longer match (seen after a scale-down) spun the router's event loop, which every
-            # handle in the process shares, and the controller's calls stopped for minutes
-            # (tests/deployments/test_scaling_e2e.py). Asked again, the call backs off instead.
+            # and neither this router nor the fast path below awaits anything: a call Serve could
+            # not match (after a scale-down; a retry shadowed by a failed call, see `_fail`) spun
+            # the router's event loop, which every handle in the process shares, and the
+            # controller's calls stopped for minutes (the scale-down test in
+            # tests/deployments/test_faults_e2e.py). Asked again, the call backs off instead.
             pending_request.routing_context.should_backoff = True
             return [chosen]
         if target in self.departed:

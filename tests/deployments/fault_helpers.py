@@ -1,10 +1,13 @@
 """What the fault and scaling tests on a whole service share: waiting for a condition, the
-controller's view of the instances, killing a replica as a crash would, and checking that every
-engine is idle again."""
+controller's view of the instances, killing a replica as a crash would, checking that every
+engine is idle again, and steady traffic whose every outcome is recorded."""
 
 from __future__ import annotations
 
+import threading
 import time
+
+import openai
 
 
 def wait_until(check, timeout_s: float, what: str) -> None:
@@ -51,3 +54,54 @@ def assert_kv_idle(svc, scenario: str) -> None:
     wait_until(idle, 60, f"free KV blocks back to idle after {scenario}")
     print(f"{scenario}: " + ", ".join(f"{i['pool']} {i['replica_id']}: {i['free_kv_blocks']}/{i['total_kv_blocks']} "
                                       "blocks free" for i in snapshot(svc) if i["live"]))
+
+
+class Traffic:
+    """A steady stream of requests: `clients` threads, each sending the next of `reference`'s prompts
+    as soon as its last answer ends, until stopped; each outcome recorded with its duration."""
+
+    def __init__(self, client, model: str, reference: dict[str, str], max_tokens: int, clients: int = 2):
+        self.client, self.model, self.reference, self.max_tokens = client, model, reference, max_tokens
+        self.outcomes: list[tuple[str, float, str, float]] = []
+        """(kind, seconds, detail, ended at): kind "ok" (the unbroken run's answer), "retriable" (429
+        or 503 with Retry-After, or the connection cut by a dying ingress), "proxy" (Serve's proxy
+        answering 500 without pdserve's error body: its ingress replica died under the request), or
+        "wrong"."""
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(clients)]
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=self.client.timeout + 30)
+
+    def _run(self, i: int) -> None:
+        n = i
+        while not self._stop.is_set():
+            prompt = list(self.reference)[n % len(self.reference)]
+            n += 1
+            start, text, finish = time.monotonic(), "", None
+            try:
+                for event in self.client.completions.create(model=self.model, prompt=prompt, max_tokens=self.max_tokens,
+                                                            temperature=0, stream=True,
+                                                            extra_body={"ignore_eos": True}):
+                    text += event.choices[0].text
+                    finish = event.choices[0].finish_reason or finish
+                kind, detail = ("ok", "") if (text, finish) == (self.reference[prompt], "length") else (
+                    "wrong", f"{finish}: {text!r}")
+            except openai.APIStatusError as err:
+                retriable = err.status_code in (429, 503) and "retry-after" in err.response.headers
+                from_proxy = err.status_code == 500 and not isinstance(err.body, dict)
+                kind = "retriable" if retriable else "proxy" if from_proxy else "wrong"
+                detail = f"{err.status_code}: {err.message}"
+            except openai.APIConnectionError as err:
+                kind, detail = "retriable", f"connection: {err!r}"
+            self.outcomes.append((kind, time.monotonic() - start, detail, time.monotonic()))
+
+    def count(self, kind: str = "ok") -> int:
+        return sum(o[0] == kind for o in self.outcomes)

@@ -1,8 +1,10 @@
 """Faults on a whole service of real engines (two prefill and two decode replicas, float32),
 with requests in flight: a decode replica killed mid-stream, a prefill replica killed with
-prompts queued on it, the controller killed while requests stream and arrive. After each,
-every request is accounted for (completed, token for token what an unbroken run answers, or
-ended with a clear error), no stream hangs, and every engine's KV blocks are free again.
+prompts queued on it, the controller killed while requests stream and arrive, then both pools
+scaled 2 -> 1 -> 2 and the ingress killed under steady traffic. After each, every request is
+accounted for (completed, token for token what an unbroken run answers, or ended with a clear
+error), no stream hangs, and every engine's KV blocks are free again. One service for all: each
+test starts once the one before it is over and every pool is full again.
 
 The service also requires an API key, and the last test reads every log line the cluster
 wrote, the spans and the refusals for the key and the KV channel's secret.
@@ -14,6 +16,7 @@ engine killed mid-transfer, the decode engine recomputing within the lease)."""
 from __future__ import annotations
 
 import threading
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +25,15 @@ import grpc
 import pytest
 
 from pdserve.model_store import resolve_model
-from tests.deployments.fault_helpers import assert_kv_idle, kill_replica, snapshot, wait_for_full_pools, wait_until
+from tests.deployments.fault_helpers import (
+    Traffic,
+    assert_kv_idle,
+    kill_replica,
+    live_replicas,
+    snapshot,
+    wait_for_full_pools,
+    wait_until,
+)
 from tests.deployments.service_fixtures import running_service, service_config
 
 pytestmark = pytest.mark.slow
@@ -33,6 +44,7 @@ API_KEY = "pdserve-test-key-4f1c9a7be2d3"
 KV_SECRET = "kv-secret-0b8e5d2a91c7f364"
 WRONG_KEY = "not-the-key-77d2e91f0a"
 MAX_TOKENS = 40
+REQUEST_TIMEOUT_S = 300
 FULL = {"prefill": 2, "decode": 2}
 PROMPTS = [f"Tell the story of the {animal} who learned to sing." for animal in ("fox", "owl", "bear", "crow")]
 LONG_PROMPTS = [" ".join(f"Line {i} of report {k}: the numbers are steady." for i in range(50)) for k in range(6)]
@@ -43,14 +55,15 @@ def svc():
     cfg = service_config(
         prefill={"replicas": FULL["prefill"]}, decode={"replicas": FULL["decode"]}, log_level="INFO",
         kv_transfer={"secret": KV_SECRET}, slo={"on_unmeetable": "best_effort"},
-        ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": 300})
+        ingress={"api_keys": [API_KEY], "route_wait_s": 30, "request_timeout_s": REQUEST_TIMEOUT_S},
+        external_scaler_enabled=True)
     with running_service(cfg, str(resolve_model(None)), num_cpus=6) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def client(svc):
-    return openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{svc.http_url}/v1", api_key=API_KEY, max_retries=0, timeout=REQUEST_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +234,40 @@ def test_the_controller_killed_while_requests_stream_and_arrive_loses_none(svc, 
     finish(streams, reference, "controller killed")
     assert {i["pool"] for i in snapshot(svc) if i["live"]} == {"prefill", "decode"}
     assert_kv_idle(svc, "controller kill")
+
+
+def test_pools_scaled_down_and_up_and_the_ingress_killed_under_steady_traffic_lose_no_request(
+        svc, client, model, reference):
+    """Each pool goes 2 -> 1 -> 2 through the Serve actuator (the autoscaler's), and the ingress
+    replica is killed once, with requests streaming all along: each one ends with the unbroken
+    run's answer or a retriable error within its deadline (those on the killed ingress get what
+    Serve's proxy says, a 500 or a cut connection), and afterwards every instance's load in the
+    controller's ledger is 0 again."""
+    from pdserve.controller.autoscaling.serve_actuator import ServeActuator
+
+    wait_for_full_pools(svc, FULL)
+    actuator = ServeActuator(svc.cfg.app_name)
+    with Traffic(client, model, {p: reference[p] for p in PROMPTS}, MAX_TOKENS) as traffic:
+        wait_until(lambda: traffic.count() >= 3, 300, "traffic to flow")
+        for step, sizes in enumerate(({"decode": 1}, {"prefill": 1}, FULL)):
+            before = traffic.count()
+            actuator.apply(sizes)
+            for pool, n in sizes.items():
+                wait_until(lambda pool=pool, n=n: live_replicas(svc, pool) == n, 300, f"{pool} at {n} replicas")
+            wait_until(lambda before=before: traffic.count() >= before + 3, 300, f"traffic after step {step}")
+        before, killed_at = traffic.count(), time.monotonic()
+        kill_replica(svc, "ingress")
+        wait_until(lambda: traffic.count() >= before + 6, 300, "answers through the new ingress replica")
+        answered_again_at = time.monotonic()
+    kinds = {k: traffic.count(k) for k in ("ok", "retriable", "proxy", "wrong")}
+    slowest_s = max(o[1] for o in traffic.outcomes)
+    print(f"scale 2->1->2 and an ingress kill: {len(traffic.outcomes)} requests, {kinds}, slowest {slowest_s:.1f} s; "
+          f"retriable: {[o[2] for o in traffic.outcomes if o[0] in ('retriable', 'proxy')]}")
+    assert kinds["wrong"] == 0, [o for o in traffic.outcomes if o[0] == "wrong"]
+    # Serve's proxy answers 500 for requests on the ingress replica it lost, and only then.
+    assert all(killed_at <= o[3] <= answered_again_at for o in traffic.outcomes if o[0] == "proxy")
+    assert slowest_s < REQUEST_TIMEOUT_S + 10  # ended by its deadline at the latest (then with a 503), plus HTTP
+    assert_kv_idle(svc, "scaling and an ingress kill")
 
 
 def test_requests_without_a_valid_key_are_refused_over_http_and_grpc(svc, model):
