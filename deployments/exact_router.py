@@ -15,10 +15,11 @@ would otherwise retry at once, spinning the event loop) and, once the call has w
 `MISSING_REPLICA_GRACE_S`, fails it too. Either way the ingress routes the request again, to
 another pair, well before the request's own deadline.
 
-A failed call leaves Serve's index of pending calls by request id. Serve gives every call a
-replica makes while serving one request that request's id, so the retry's call on the same
-handle has the failed call's id: left indexed, the failed call would shadow the retry, whose
-replica, once chosen, Serve could hand to no call, and the retry would wait for its deadline.
+A call this router fails is taken out of Serve's index of pending calls by request id. Serve
+gives every call a replica makes while serving one request that request's id, so the retry's
+call on the same handle has the failed call's id: left indexed, the failed call would shadow the
+retry, whose replica, once chosen, Serve could hand to no call, and the retry would wait for its
+deadline.
 """
 
 from __future__ import annotations
