@@ -1,4 +1,4 @@
-"""What the fault and scaling tests on a whole service share: waiting for a condition, the
+"""What the e2e tests on a whole service share: waiting for a condition, the
 controller's view of the instances, killing a replica as a crash would, checking that every
 engine is idle again, and steady traffic whose every outcome is recorded."""
 
@@ -62,6 +62,7 @@ class Traffic:
 
     def __init__(self, client, model: str, reference: dict[str, str], max_tokens: int, clients: int = 2):
         self.client, self.model, self.reference, self.max_tokens = client, model, reference, max_tokens
+        self._prompts = list(reference)
         self.outcomes: list[tuple[str, float, str, float]] = []
         """(kind, seconds, detail, ended at): kind "ok" (the unbroken run's answer), "retriable" (429
         or 503 with Retry-After, or the connection cut by a dying ingress), "proxy" (Serve's proxy
@@ -83,7 +84,7 @@ class Traffic:
     def _run(self, i: int) -> None:
         n = i
         while not self._stop.is_set():
-            prompt = list(self.reference)[n % len(self.reference)]
+            prompt = self._prompts[n % len(self._prompts)]
             n += 1
             start, text, finish = time.monotonic(), "", None
             try:
