@@ -145,10 +145,12 @@ def first_turn_lengths(conversations: Sequence[Conversation]) -> list[tuple[int,
 async def run_conversations(base_url: str, model: str, conversations: Sequence[Conversation],
                             arrivals_s: Sequence[float], encode: Callable[[str], list[int]], max_model_len: int,
                             timeout_s: float = 600.0, progress: Callable[[int, int], None] | None = None,
+                            objectives: tuple[float | None, float | None] = (None, None),
                             ) -> list[tuple[RequestSpec, RequestResult]]:
     """Every conversation from its arrival, turn after turn; (spec, result) of every turn sent, by
-    conversation then turn. A conversation ends early when a turn fails (the user leaves) or when the
-    next turn would not fit `max_model_len` (the user starts a new chat, a new conversation)."""
+    conversation then turn, each turn carrying `objectives` (TTFT and TPOT, ms; None: none). A
+    conversation ends early when a turn fails (the user leaves) or when the next turn would not fit
+    `max_model_len` (the user starts a new chat, a new conversation)."""
     url = completions_url(base_url)
     total, done = sum(len(c.messages) for c in conversations), 0
 
@@ -171,8 +173,8 @@ async def run_conversations(base_url: str, model: str, conversations: Sequence[C
                 prompt = history + list(message)
                 if len(prompt) + answer_tokens > max_model_len:
                     break
-                spec = RequestSpec(loop.time() - start, prompt, answer_tokens, "first_turn" if turn == 0 else "later_turn", ignore_eos=True,
-                                   session_id=f"conversation-{index}")
+                spec = RequestSpec(loop.time() - start, prompt, answer_tokens, "first_turn" if turn == 0 else "later_turn",
+                                   *objectives, ignore_eos=True, session_id=f"conversation-{index}")
                 result = await send(client, url, model, spec)
                 sent.append((spec, result))
                 advance(1)

@@ -21,7 +21,7 @@ def attainment_vs_rate(report: dict, path: Path) -> Path:
     target = report["slo"]["target_attainment"]
     for ax, scale in zip(axes.flat, scales, strict=False):
         for name, cfg in report["configs"].items():
-            runs = cfg["runs"]
+            runs = [r for r in cfg["runs"] if scale in r["attainment"]]  # runs that sent other objectives are not judged here
             ax.plot([r["rate_rps"] for r in runs], [r["attainment"][scale] for r in runs], marker="o", label=name)
             goodput = cfg["goodput"][scale]["goodput_rps"]
             if goodput:
@@ -95,7 +95,8 @@ def goodput_by_setting(report: dict, path: Path) -> Path:
 
 
 def latency_cdfs(report: dict, path: Path) -> Path:
-    """TTFT and TPOT distributions of every configuration at the highest rate all of them ran."""
+    """TTFT and TPOT distributions of every configuration at the highest rate all of them ran (the first
+    setting's run there, when each setting sent its objectives)."""
     rate_sets = [{r["rate_rps"] for r in cfg["runs"]} for cfg in report["configs"].values()]
     common = set.intersection(*rate_sets) if rate_sets else set()
     fig, (ax_ttft, ax_tpot) = plt.subplots(1, 2, figsize=(10, 4))
@@ -108,7 +109,8 @@ def latency_cdfs(report: dict, path: Path) -> Path:
             values = np.sort([q[key] for q in run["per_request"] if q[key] is not None])
             if len(values):
                 ax.plot(values, np.arange(1, len(values) + 1) / len(values), drawstyle="steps-post",
-                        label=f"{name} @ {rate:.3g} {report['workload']['rate_unit']}")
+                        label=f"{name} @ {rate:.3g} {report['workload']['rate_unit']}"
+                              + (f", objectives {run['objectives_sent']}" if run.get("objectives_sent") else ""))
     ax_ttft.set_xscale("log")  # queueing stretches TTFT over orders of magnitude; TPOT stays within a few x
     for ax, label in ((ax_ttft, "TTFT (ms)"), (ax_tpot, "TPOT (ms)")):
         ax.set_xlabel(label)

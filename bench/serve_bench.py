@@ -8,7 +8,8 @@ For each configuration, one after the other on the same machine and with the sam
    per-application objectives): the same for every configuration (`serve_settings.judged_objectives`).
 2. runs at rates chosen by the goodput search (`goodput.search_goodput`), one per objective
    setting; a rate is measured once and every setting's attainment is computed from the same
-   requests.
+   requests. With `send_objectives` the requests carry a setting's objectives, so each setting
+   is searched on runs of its own.
    Every rate sends the same lengths at the arrival times of one unit-rate trace divided by
    the rate; prompt contents are fresh per rate (see `Requests`).
 
@@ -109,10 +110,13 @@ def build_requests(workload: AnyWorkload | ConversationWorkload, settings: Serve
 
 
 class Runner:
-    """Measures one target at a rate, once: later asks for the same rate reuse the run."""
+    """Measures one target at a rate, once: later asks for the same rate reuse the run. With
+    `objective`, every request carries that setting's objectives."""
 
-    def __init__(self, target: Target, requests: Requests, settings: ServeBenchSettings, progress: Progress | None):
+    def __init__(self, target: Target, requests: Requests, settings: ServeBenchSettings, progress: Progress | None,
+                 objective: Objective | None = None):
         self.target, self.requests, self.settings, self.progress = target, requests, settings, progress
+        self.objective = objective
         self.runs: dict[float, Run] = {}
 
     def run(self, rate_rps: float) -> Run | None:
@@ -125,20 +129,22 @@ class Runner:
         requests, url, model = self.requests, self.target.http_url, self.target.model
         arrivals_s = [t / rate_rps for t in requests.unit_arrivals_s]
         unit = "req/s" if requests.conversation is None else "conversations/s"
-        label = f"{self.target.name} @ {rate_rps:.3g} {unit}"
+        sent = self.objective
+        label = f"{self.target.name} @ {rate_rps:.3g} {unit}" + (f", objectives {sent.key}" if sent else "")
+        objectives = (sent.ttft_ms, sent.tpot_ms) if sent else (None, None)
         report = (lambda done, total: self.progress(label, done, total)) if self.progress else None
         start = time.perf_counter()
         if requests.conversation is None:
-            specs = [RequestSpec(t, r.prompt_token_ids, r.output_tokens, "load", ignore_eos=True)
+            specs = [RequestSpec(t, r.prompt_token_ids, r.output_tokens, "load", *objectives, ignore_eos=True)
                      for t, r in zip(arrivals_s, requests.load_at(rate_rps), strict=True)]
             results = asyncio.run(run_load(url, model, specs, self.settings.timeout_s, report))
         else:
             assert requests.encode is not None
             turns = asyncio.run(run_conversations(url, model, requests.conversations_at(rate_rps), arrivals_s,
                                                   requests.encode, self.settings.max_model_len,
-                                                  self.settings.timeout_s, report))
+                                                  self.settings.timeout_s, report, objectives))
             specs, results = [spec for spec, _ in turns], [result for _, result in turns]
-        run = Run(rate_rps, time.perf_counter() - start, specs, results)
+        run = Run(rate_rps, time.perf_counter() - start, specs, results, sent)
         self.runs[rate_rps] = run
         failed = sum(r.outcome != "ok" for r in results)
         log.info("%s: %d requests in %.1f s, %d not served", label, len(results), run.duration_s, failed)
@@ -179,12 +185,15 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
     log.info("%s unloaded: %s", target.name, calibration)
     reference = reference or reference_from(calibration, settings, target.name, requests.load_lengths,
                                             requests.turns_per_arrival())
-    runner = Runner(target, requests, settings, progress)
     judged = judged_objectives(settings, reference.objectives)
+    shared = Runner(target, requests, settings, progress)
+    runners = {o.key: Runner(target, requests, settings, progress, o) if settings.send_objectives else shared
+               for o in judged}
     goodput: dict[str, dict] = {}
     if settings.rates_rps:
-        for rate in settings.rates_rps:
-            runner.run(rate)
+        for runner in dict.fromkeys(runners.values()):  # each runner once, in the settings' order
+            for rate in settings.rates_rps:
+                runner.run(rate)
     else:
         start = reference.start_rps
         for objective in judged:
@@ -197,13 +206,14 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
                 continue
 
             def attained(rate: float, objective: Objective = objective) -> float | None:
-                run = runner.run(rate)
+                run = runners[objective.key].run(rate)
                 return None if run is None else attainment(run.results, objective.ttft_ms, objective.tpot_ms)
 
             found = search_goodput(attained, start, target=settings.target_attainment, rel_tol=settings.rel_tol,
                                    min_rps=start / 4, max_probes=settings.max_runs)
             goodput[objective.key] = {**found.as_dict(), "unloaded_attainment": unloaded_attainment}
-    section = serve_report.target_section(target, calibration, runner.runs, judged, settings, goodput)
+    runs = [run for runner in dict.fromkeys(runners.values()) for run in runner.runs.values()]
+    section = serve_report.target_section(target, calibration, runs, judged, settings, goodput)
     return section, reference
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +65,9 @@ def _request_row(spec: RequestSpec, r: RequestResult) -> dict:
 
 
 def run_section(run: Run, judged: list[Objective]) -> dict:
+    """One run's figures, judged at every setting, or at the one whose objectives its requests carried."""
     ok = [r for r in run.results if r.outcome == "ok"]
+    judged = [run.sent] if run.sent else judged
     counts = {o: sum(r.outcome == o for r in run.results) for o in ("ok", "rejected", "error")}
     return {
         "rate_rps": run.rate_rps, "duration_s": run.duration_s, "requests": len(run.results), **counts,
@@ -75,6 +76,7 @@ def run_section(run: Run, judged: list[Objective]) -> dict:
         "ttft_ms": percentiles([r.ttft_ms for r in ok if r.ttft_ms is not None], _QS),
         "tpot_ms": percentiles([r.tpot_ms for r in ok if r.tpot_ms is not None], _QS),
         "e2e_ms": percentiles([r.e2e_ms for r in ok], _QS),
+        "objectives_sent": run.sent.key if run.sent else None,
         "attainment": {o.key: attainment(run.results, o.ttft_ms, o.tpot_ms) for o in judged},
         "kv_transfer": _kv_stats(run.results),
         "cached_prompt_fraction": _cached_fraction(run.results),
@@ -85,7 +87,8 @@ def run_section(run: Run, judged: list[Objective]) -> dict:
 
 
 def _sweep_goodput(runs: list[dict], key: str, target: float) -> dict:
-    """Goodput over fixed rates: the highest rate that passed (no search)."""
+    """Goodput over fixed rates: the highest rate that passed (no search), of the runs judged at `key`."""
+    runs = [r for r in runs if key in r["attainment"]]
     passed = [r["rate_rps"] for r in runs if r["attainment"][key] >= target]
     failed = [r["rate_rps"] for r in runs if r["attainment"][key] < target]
     good = max(passed, default=0.0)
@@ -94,11 +97,13 @@ def _sweep_goodput(runs: list[dict], key: str, target: float) -> dict:
             "probes": [{"rate_rps": r["rate_rps"], "attainment": r["attainment"][key]} for r in runs]}
 
 
-def target_section(target: Target, calibration: dict, runs: Mapping[float, Run], judged: list[Objective],
+def target_section(target: Target, calibration: dict, runs: list[Run], judged: list[Objective],
                    settings: ServeBenchSettings, searched: dict[str, dict]) -> dict:
-    """One configuration: its runs, each judged at every setting, and its goodput per setting (as
-    searched, else the highest fixed rate that passed)."""
-    run_rows = [run_section(runs[rate], judged) for rate in sorted(runs)]
+    """One configuration: its runs by rate (then setting), each judged at every setting or at the
+    one it sent, and its goodput per setting (as searched, else the highest fixed rate that passed)."""
+    order = {o.key: i for i, o in enumerate(judged)}
+    runs = sorted(runs, key=lambda r: (r.rate_rps, order[r.sent.key] if r.sent else -1))
+    run_rows = [run_section(run, judged) for run in runs]
     goodput = {o.key: searched.get(o.key) or _sweep_goodput(run_rows, o.key, settings.target_attainment)
                for o in judged}
     return {"service": target.description, "http_url": target.http_url, "calibration": calibration,
@@ -169,13 +174,15 @@ def cache_goal(configs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
         aware = next((n for n in (f"{mode}/cache-aware", mode) if n in configs), None)
         if aware is None:
             continue
-        runs = {name: {r["rate_rps"]: r for r in configs[name]["runs"]} for name in (aware, blind)}
+        # A run is one rate, and one setting when requests carried their objectives.
+        runs = {name: {(r["rate_rps"], r["objectives_sent"] or ""): r for r in configs[name]["runs"]}
+                for name in (aware, blind)}
         by_rate = {}
-        for rate in sorted(set(runs[aware]) & set(runs[blind])):
-            a, b = runs[aware][rate], runs[blind][rate]
+        for rate, sent in sorted(set(runs[aware]) & set(runs[blind])):
+            a, b = runs[aware][rate, sent], runs[blind][rate, sent]
             p50 = {name: (run["ttft_ms"] or {}).get("p50") for name, run in ((aware, a), (blind, b))}
             ratio = p50[aware] / p50[blind] if p50[aware] is not None and p50[blind] else None
-            by_rate[f"{rate:g}"] = {"ttft_p50_ms": p50, "ttft_p50_ratio": ratio,
+            by_rate[f"{rate:g}" + (f" {sent}" if sent else "")] = {"ttft_p50_ms": p50, "ttft_p50_ratio": ratio,
                                     "met": ratio is not None and ratio <= CACHE_TTFT_GOAL,
                                     "cached_prompt_fraction": {aware: a["cached_prompt_fraction"],
                                                                blind: b["cached_prompt_fraction"]}}

@@ -74,6 +74,11 @@ class ServeBenchSettings(BaseModel):
     """The grid's TPOT multiples (see `ttft_scales`)."""
     objectives_ms: list[AbsoluteObjective] = Field(default_factory=list)
     """Absolute objectives, in the order given: the reference does not scale them."""
+    send_objectives: bool = False
+    """Each request carries the objectives of the setting it is judged at (`ttft_ms`, `tpot_ms`),
+    so the router serves what it is judged by; every setting then has runs of its own (and
+    `max_runs` of them at most). False: requests carry none (the service's defaults route them)
+    and every setting is judged from the same runs."""
     reference_ttft_ms: float | None = Field(None, gt=0)
     """Fix the reference TTFT instead of measuring it."""
     reference_tpot_ms: float | None = Field(None, gt=0)
@@ -83,7 +88,8 @@ class ServeBenchSettings(BaseModel):
     rel_tol: float = Field(0.2, gt=0)
     """The search stops when goodput is known within this factor."""
     max_runs: int = Field(8, ge=1)
-    """Runs per configuration at most (each is `requests_per_rate` requests)."""
+    """Runs per configuration at most (each is `requests_per_rate` requests); per configuration and
+    setting with `send_objectives`."""
     calibration_requests: int = Field(10, ge=1)
     """Unloaded requests before the runs (and as many pairs measuring the latency pdserve adds)."""
     probe_prompt_tokens: int = Field(16, ge=1)
@@ -194,3 +200,4 @@ class Run:
     duration_s: float
     specs: list[RequestSpec]
     results: list[RequestResult]
+    sent: Objective | None = None  # the setting whose objectives the requests carried: judged at it alone

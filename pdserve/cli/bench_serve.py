@@ -59,6 +59,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
             requests_per_rate=args.requests, arrival=args.arrival, burstiness=args.burstiness,
             rates_rps=args.rates or ([args.rate] if args.rate else []), start_rps=args.start_rate,
             reference_ttft_ms=args.ttft_ms, reference_tpot_ms=args.tpot_ms, **objectives,
+            send_objectives=args.send_objectives,
             max_runs=args.max_runs, calibration_requests=args.calibration_requests,
             probe_prompt_tokens=args.probe_prompt_tokens, seed=args.seed)
     except (ValueError, ValidationError) as err:
@@ -138,10 +139,14 @@ def add_bench_serve_parser(bench: Any) -> None:
     sv.add_argument("--objectives", type=_objectives_ms,
                     help="absolute objectives, TTFT_MS:TPOT_MS pairs, each optionally named "
                          "(e.g. summarization=15000:160,code=1000:200)")
+    sv.add_argument("--send-objectives", action="store_true",
+                    help="requests carry the objectives of the setting they are judged at, so the router serves "
+                         "what it is judged by: a search (or the --rates) per setting")
     sv.add_argument("--ttft-ms", type=float, help="reference TTFT objective (scale 1) instead of the measured one")
     sv.add_argument("--tpot-ms", type=float, help="reference TPOT objective (scale 1) instead of the measured one")
     sv.add_argument("--requests", type=int, default=40, help="requests (or conversations) per rate")
-    sv.add_argument("--max-runs", type=int, default=8, help="runs per configuration at most")
+    sv.add_argument("--max-runs", type=int, default=8,
+                    help="runs per configuration at most (per configuration and setting with --send-objectives)")
     sv.add_argument("--calibration-requests", type=int, default=10, help="unloaded requests, and as many pairs")
     sv.add_argument("--probe-prompt-tokens", type=int, default=16, help="prompt length of the added-latency pairs")
     sv.add_argument("--seed", type=int, default=0)

@@ -73,11 +73,11 @@ def _encode(text: str) -> list[int]:
     return [{"a": 1, "b": 2}[w] for w in text.split()]
 
 
-def _play(workload: ConversationWorkload, conversations, max_model_len: int = 1000):
+def _play(workload: ConversationWorkload, conversations, max_model_len: int = 1000, objectives=(None, None)):
     async def go():
         async with FakeChatService() as service:
             turns = await run_conversations(service.base_url, "m", conversations, [0.0] * len(conversations),
-                                            _encode, max_model_len, timeout_s=5.0)
+                                            _encode, max_model_len, timeout_s=5.0, objectives=objectives)
             return service.bodies, turns
 
     return asyncio.run(go())
@@ -97,6 +97,13 @@ def test_each_turn_sends_the_whole_history_with_the_answers_and_names_its_conver
     assert [(r.outcome, r.cached_tokens, r.prompt_tokens) for _, r in turns] == [("ok", 4, 3), ("ok", 4, 8),
                                                                                   ("ok", 4, 13)]
     assert turns[1][0].arrival_s >= turns[0][0].arrival_s + turns[0][1].e2e_ms / 1e3  # after the answer
+    assert not any("ttft_ms" in b or "tpot_ms" in b for b in bodies)  # no objectives: the service's defaults
+
+
+def test_every_turn_carries_the_objectives_it_is_judged_by():
+    [conv] = [c for c in make_conversations(TINY, 50, VOCAB, 0, 0) if len(c.messages) == 3][:1]
+    bodies, _ = _play(TINY, [conv], objectives=(1500.0, 80.0))
+    assert [(b["ttft_ms"], b["tpot_ms"]) for b in bodies] == [(1500.0, 80.0)] * 3
 
 
 def test_a_conversation_ends_at_a_failed_turn_or_a_full_context():

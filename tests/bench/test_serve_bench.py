@@ -1,6 +1,6 @@
 """What `pdserve bench serve` sends: the same lengths and arrivals at every rate, fresh prompt
 contents per rate (so no run is prefilled from an earlier run's prefix cache); and how it searches
-every objective setting on one set of runs."""
+every objective setting on one set of runs, or, sending each setting's objectives, on runs of its own."""
 
 from transformers import AutoTokenizer
 
@@ -44,6 +44,18 @@ def test_every_rate_gets_the_same_conversations_in_words_no_other_run_has_sent()
     assert requests.turns_per_arrival() == sum(len(c.messages) for c in slow) / 12
 
 
+def _requests() -> serve_bench.Requests:
+    lengths = [(4, 4)] * 4
+    vocab = list(range(100, 200))
+    return serve_bench.Requests(lengths, [0.0, 1.0, 2.0, 3.0], vocab, 0, make_requests(lengths, vocab, 1), [],
+                                make_requests(lengths[:1], vocab, 2)[0])
+
+
+async def _calibrate(*args, **kwargs):
+    unloaded = [_result(50.0, 10.0) for _ in range(4)]
+    return {"ttft_ms": {"p50": 50.0, "p90": 50.0}, "tpot_ms": {"p50": 10.0, "p90": 10.0}}, unloaded
+
+
 def test_every_setting_is_searched_on_runs_measured_once_and_judged_from_the_same_requests(monkeypatch):
     """At rate r every request has TTFT 100 x r ms and TPOT 10 ms (a fake service): goodput is 10 req/s
     where TTFT may be 1000 ms, and the looser settings find every rate they probe already run."""
@@ -52,18 +64,12 @@ def test_every_setting_is_searched_on_runs_measured_once_and_judged_from_the_sam
     async def load(url, model, specs, timeout_s, progress=None):
         rate = 1.0 / specs[1].arrival_s  # the unit-rate trace below has its second request at 1 s
         served.append(rate)
+        assert all(s.ttft_ms is None and s.tpot_ms is None for s in specs)  # the service's defaults route them
         return [_result(100.0 * rate, 10.0) for _ in specs]
 
-    async def calibrate(*args, **kwargs):
-        unloaded = [_result(50.0, 10.0) for _ in range(4)]
-        return {"ttft_ms": {"p50": 50.0, "p90": 50.0}, "tpot_ms": {"p50": 10.0, "p90": 10.0}}, unloaded
-
     monkeypatch.setattr(serve_bench, "run_load", load)
-    monkeypatch.setattr(engine_probe, "calibrate", calibrate)
-    lengths = [(4, 4)] * 4
-    vocab = list(range(100, 200))
-    requests = serve_bench.Requests(lengths, [0.0, 1.0, 2.0, 3.0], vocab, 0, make_requests(lengths, vocab, 1), [],
-                                    make_requests(lengths[:1], vocab, 2)[0])
+    monkeypatch.setattr(engine_probe, "calibrate", _calibrate)
+    requests = _requests()
     settings = ServeBenchSettings(requests_per_rate=4, start_rps=1.0, max_runs=8, ttft_scales=[20, 2000],
                                   tpot_scales=[0.5, 2],
                                   objectives_ms=[{"name": "interactive", "ttft_ms": 1000, "tpot_ms": 20}])
@@ -84,3 +90,61 @@ def test_every_setting_is_searched_on_runs_measured_once_and_judged_from_the_sam
         met = run["rate_rps"] * 100.0 <= 1000.0
         assert run["attainment"] == {"ttft20x/tpot0.5x": 0.0, "ttft20x/tpot2x": float(met),
                                      "ttft2000x/tpot0.5x": 0.0, "ttft2000x/tpot2x": 1.0, "interactive": float(met)}
+    assert all(run["objectives_sent"] is None for run in section["runs"])
+
+
+class FakeTradingService:
+    """At rate r, a request whose TPOT objective is at most 15 ms gets TPOT 10 ms and TTFT 200 x r ms
+    (its prompt waits for a core without answers decoding); any other, TPOT 30 ms and TTFT 100 x r ms."""
+
+    def __init__(self):
+        self.runs: list[tuple[float, list]] = []
+
+    async def load(self, url, model, specs, timeout_s, progress=None):
+        rate = 1.0 / specs[1].arrival_s  # the unit-rate trace has its second request at 1 s
+        self.runs.append((rate, specs))
+        return [_result(200.0 * rate, 10.0) if s.tpot_ms is not None and s.tpot_ms <= 15 else _result(100.0 * rate, 30.0)
+                for s in specs]
+
+
+TIGHT = {"name": "tight", "ttft_ms": 1000, "tpot_ms": 15}
+LOOSE = {"name": "loose", "ttft_ms": 1000, "tpot_ms": 40}
+
+
+def test_sent_objectives_give_every_setting_runs_of_its_own_judged_at_it_alone(monkeypatch):
+    service = FakeTradingService()
+    monkeypatch.setattr(serve_bench, "run_load", service.load)
+    monkeypatch.setattr(engine_probe, "calibrate", _calibrate)
+    settings = ServeBenchSettings(requests_per_rate=4, start_rps=1.0, max_runs=8, objectives_ms=[TIGHT, LOOSE],
+                                  send_objectives=True)
+    section, _ = serve_bench.measure(Target("service", "http://fake", "m", None), _requests(), settings, None, None)
+
+    goodput = section["goodput"]
+    assert 5.0 / 1.2 <= goodput["tight"]["goodput_rps"] <= 5.0 < goodput["tight"]["upper_rps"]  # TTFT 200 x r
+    assert 10.0 / 1.2 <= goodput["loose"]["goodput_rps"] <= 10.0 < goodput["loose"]["upper_rps"]  # TTFT 100 x r
+    for key, objectives in (("tight", (1000, 15)), ("loose", (1000, 40))):
+        runs = [run for run in section["runs"] if run["objectives_sent"] == key]
+        assert 0 < len(runs) <= settings.max_runs  # the budget is per setting
+        assert all(list(run["attainment"]) == [key] for run in runs)
+        assert {round(p["rate_rps"], 6) for p in goodput[key]["probes"]} == {run["rate_rps"] for run in runs}
+    assert len(service.runs) == len(section["runs"])
+    sent = {(round(rate, 6), s.ttft_ms, s.tpot_ms) for rate, specs in service.runs for s in specs}
+    assert {(run["rate_rps"], *{"tight": (1000, 15), "loose": (1000, 40)}[run["objectives_sent"]])
+            for run in section["runs"]} == sent
+    assert section["runs"] == sorted(section["runs"], key=lambda r: (r["rate_rps"], r["objectives_sent"] == "loose"))
+
+
+def test_fixed_rates_run_once_per_setting_when_objectives_are_sent(monkeypatch):
+    service = FakeTradingService()
+    monkeypatch.setattr(serve_bench, "run_load", service.load)
+    monkeypatch.setattr(engine_probe, "calibrate", _calibrate)
+    settings = ServeBenchSettings(requests_per_rate=4, rates_rps=[2.0, 8.0], objectives_ms=[TIGHT, LOOSE],
+                                  send_objectives=True)
+    section, _ = serve_bench.measure(Target("service", "http://fake", "m", None), _requests(), settings, None, None)
+
+    assert [(r["rate_rps"], r["objectives_sent"], r["attainment"]) for r in section["runs"]] == [
+        (2.0, "tight", {"tight": 1.0}), (2.0, "loose", {"loose": 1.0}),
+        (8.0, "tight", {"tight": 0.0}), (8.0, "loose", {"loose": 1.0})]
+    assert section["goodput"]["tight"] == {"goodput_rps": 2.0, "upper_rps": 8.0, "probes": [
+        {"rate_rps": 2.0, "attainment": 1.0}, {"rate_rps": 8.0, "attainment": 0.0}]}
+    assert section["goodput"]["loose"]["goodput_rps"] == 8.0

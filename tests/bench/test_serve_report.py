@@ -190,7 +190,7 @@ def test_a_report_of_absolute_objectives_keys_goodput_by_them_and_plots_bars(tmp
     judged = judged_objectives(settings, REFERENCE)
     configs = {}
     for name, ttft_ms_per_rps in (("colocated", 800.0), ("disaggregated", 400.0)):
-        runs = {r: _run([_result(ttft_ms_per_rps * r, 50.0)] * 4, r) for r in (1.0, 2.0)}
+        runs = [_run([_result(ttft_ms_per_rps * r, 50.0)] * 4, r) for r in (1.0, 2.0)]
         configs[name] = target_section(Target(name, "http://fake", "m", None, {"mode": name}), {}, runs, judged,
                                        settings, {})
     assert configs["colocated"]["goodput"]["code"]["goodput_rps"] == 1.0
@@ -220,7 +220,7 @@ def test_cache_aware_routing_is_judged_against_cache_blind_on_the_same_conversat
     for name, hits in (("colocated", [True, True]), ("colocated/cache-blind", [True, False])):
         turns = [_turn("first_turn", 400.0, 0)] * 2 + [_turn("later_turn", 100.0 if h else 400.0, 256 if h else 0)
                                                         for h in hits] * 3
-        runs = {r: _run(turns, r) for r in (0.1, 0.2)}
+        runs = [_run(turns, r) for r in (0.1, 0.2)]
         configs[name] = target_section(Target(name, "http://fake", "m", None, {}), {}, runs, judged, settings, {})
     report = assemble(settings, conversations.BUILT_IN["multi-turn"], configs, REFERENCE, 0.1, "model", "colocated")
     assert report["workload"]["rate_unit"] == "conversations/s" and report["workload"]["turns_mean"] == 2.0
