@@ -122,7 +122,7 @@ def test_sent_objectives_give_every_setting_runs_of_its_own_judged_at_it_alone(m
     goodput = section["goodput"]
     assert 5.0 / 1.2 <= goodput["tight"]["goodput_rps"] <= 5.0 < goodput["tight"]["upper_rps"]  # TTFT 200 x r
     assert 10.0 / 1.2 <= goodput["loose"]["goodput_rps"] <= 10.0 < goodput["loose"]["upper_rps"]  # TTFT 100 x r
-    for key, objectives in (("tight", (1000, 15)), ("loose", (1000, 40))):
+    for key in ("tight", "loose"):
         runs = [run for run in section["runs"] if run["objectives_sent"] == key]
         assert 0 < len(runs) <= settings.max_runs  # the budget is per setting
         assert all(list(run["attainment"]) == [key] for run in runs)
