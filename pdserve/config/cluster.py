@@ -24,6 +24,8 @@ from pdserve.config.routing import RoutingConfig
 # Engine arguments pdserve sets itself; a pool may not override them.
 _RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name",
                          "worker_extension_cls"}
+_SPLIT_ENGINE_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
+"""Engine arguments that split one engine over several workers, each with its own part of the KV cache."""
 
 
 @cache
@@ -338,6 +340,14 @@ class ClusterConfig(BaseModel):
             raise ValueError(f"adaptive_pools deploys only in mode adaptive, not {self.mode}")
         if self.autoscaling is not None and self.mode != "disaggregated":
             raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
+        if self.mode != "colocated":
+            for name, pool in self.pools().items():
+                if split := {a: n for a in _SPLIT_ENGINE_ARGS if (n := pool.engine_args.get(a, 1)) != 1}:
+                    raise ValueError(
+                        f"{name}.engine_args {split}: in mode {self.mode} engines move KV, and the KV connector "
+                        "moves one worker's whole cache; the workers of a split engine would each bind the same "
+                        "receiver port and send their part as the whole (issue 23). Run such engines in mode "
+                        "colocated, and scale a pool with `replicas`")
         return self
 
     @property

@@ -213,3 +213,15 @@ def test_further_adaptive_pools_deploy_beside_adaptive_with_its_chunked_prefill_
         parse_config({"mode": "adaptive", "adaptive_pools": {"l4": {"num_gpus": 1}}})
     with pytest.raises(ConfigError, match=r"pool names \['L4', 'a_b'\]"):
         parse_config({"mode": "adaptive", "adaptive_pools": {"L4": {}, "a_b": {}, "ok-1": {}}})
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "adaptive"])
+@pytest.mark.parametrize("split", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
+                                   {"data_parallel_size": 4}])
+def test_engines_split_over_workers_are_refused_where_they_would_move_kv(mode, split):
+    pool = "decode" if mode == "disaggregated" else "adaptive"
+    with pytest.raises(ConfigError, match=rf"{pool}.engine_args .*{next(iter(split))}.*one worker's whole cache"):
+        parse_config({"mode": mode, pool: {"engine_args": split}})
+    colocated = parse_config({"mode": "colocated", "colocated": {"engine_args": split}})
+    assert colocated.colocated.engine_args[next(iter(split))] == next(iter(split.values()))
+    assert parse_config({"mode": mode, pool: {"engine_args": {"tensor_parallel_size": 1}}}).mode == mode
