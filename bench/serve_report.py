@@ -182,10 +182,11 @@ def cache_goal(configs: dict[str, dict], rows: list[dict]) -> dict[str, dict]:
             a, b = runs[aware][rate, sent], runs[blind][rate, sent]
             p50 = {name: (run["ttft_ms"] or {}).get("p50") for name, run in ((aware, a), (blind, b))}
             ratio = p50[aware] / p50[blind] if p50[aware] is not None and p50[blind] else None
-            by_rate[f"{rate:g}" + (f" {sent}" if sent else "")] = {"ttft_p50_ms": p50, "ttft_p50_ratio": ratio,
-                                    "met": ratio is not None and ratio <= CACHE_TTFT_GOAL,
-                                    "cached_prompt_fraction": {aware: a["cached_prompt_fraction"],
-                                                               blind: b["cached_prompt_fraction"]}}
+            label = f"{rate:g}" + (f" {sent}" if sent else "")
+            by_rate[label] = {"ttft_p50_ms": p50, "ttft_p50_ratio": ratio,
+                              "met": ratio is not None and ratio <= CACHE_TTFT_GOAL,
+                              "cached_prompt_fraction": {aware: a["cached_prompt_fraction"],
+                                                         blind: b["cached_prompt_fraction"]}}
         by_setting = {}
         for row in rows:
             g_aware, g_blind = row["goodput_rps"][aware], row["goodput_rps"][blind]
