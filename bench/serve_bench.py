@@ -56,9 +56,10 @@ log = logging.getLogger("pdserve.bench.serve")
 class Requests:
     """The same request lengths and arrival pattern for every configuration and rate.
 
-    Prompt contents change from one rate to the next (and are the same for every configuration
-    at a rate): engines keep what earlier runs computed in their prefix caches, and prompts seen
-    before would be prefilled from there, cheaper than the workload says.
+    Prompt contents change from one rate to the next, and from one setting's runs to the next's
+    when requests carry their setting's objectives (and are the same for every configuration at a
+    rate and setting): engines keep what earlier runs computed in their prefix caches, and prompts
+    seen before would be prefilled from there, cheaper than the workload says.
     With a conversation workload each arrival is a conversation, whose turns follow its answers.
     """
 
@@ -72,13 +73,14 @@ class Requests:
     conversation: ConversationWorkload | None = None  # each arrival is a conversation of this workload
     encode: Callable[[str], list[int]] | None = None  # an answer's text as the next turn sends it
 
-    def load_at(self, rate_rps: float) -> list[SampledRequest]:
-        return make_requests(self.load_lengths, self.vocabulary, self._content_seed(rate_rps))
+    def load_at(self, rate_rps: float, setting: int = 0) -> list[SampledRequest]:
+        """The requests at a rate; `setting` > 0 numbers the setting whose objectives they carry."""
+        return make_requests(self.load_lengths, self.vocabulary, self._content_seed(rate_rps, setting))
 
-    def conversations_at(self, rate_rps: float) -> list[Conversation]:
+    def conversations_at(self, rate_rps: float, setting: int = 0) -> list[Conversation]:
         assert self.conversation is not None
         return make_conversations(self.conversation, len(self.unit_arrivals_s), self.vocabulary, self.seed,
-                                  self._content_seed(rate_rps))
+                                  self._content_seed(rate_rps, setting))
 
     def turns_per_arrival(self) -> float:
         """Requests each arrival makes: 1, or a conversation's turns on average (before any end early)."""
@@ -86,8 +88,8 @@ class Requests:
             return 1.0
         return float(np.mean([len(c.messages) for c in self.conversations_at(1.0)]))
 
-    def _content_seed(self, rate_rps: float) -> list[int]:
-        return [self.seed, 1, round(rate_rps * 1e6)]
+    def _content_seed(self, rate_rps: float, setting: int) -> list[int]:
+        return [self.seed, 1, round(rate_rps * 1e6), *([setting] if setting else [])]
 
 
 def build_requests(workload: AnyWorkload | ConversationWorkload, settings: ServeBenchSettings, tokenizer) -> Requests:
@@ -111,12 +113,13 @@ def build_requests(workload: AnyWorkload | ConversationWorkload, settings: Serve
 
 class Runner:
     """Measures one target at a rate, once: later asks for the same rate reuse the run. With
-    `objective`, every request carries that setting's objectives."""
+    `objective`, every request carries that setting's objectives, and prompts of their own
+    (`setting`, the setting's number from 1)."""
 
     def __init__(self, target: Target, requests: Requests, settings: ServeBenchSettings, progress: Progress | None,
-                 objective: Objective | None = None):
+                 objective: Objective | None = None, setting: int = 0):
         self.target, self.requests, self.settings, self.progress = target, requests, settings, progress
-        self.objective = objective
+        self.objective, self.setting = objective, setting
         self.runs: dict[float, Run] = {}
 
     def run(self, rate_rps: float) -> Run | None:
@@ -136,12 +139,12 @@ class Runner:
         start = time.perf_counter()
         if requests.conversation is None:
             specs = [RequestSpec(t, r.prompt_token_ids, r.output_tokens, "load", *objectives, ignore_eos=True)
-                     for t, r in zip(arrivals_s, requests.load_at(rate_rps), strict=True)]
+                     for t, r in zip(arrivals_s, requests.load_at(rate_rps, self.setting), strict=True)]
             results = asyncio.run(run_load(url, model, specs, self.settings.timeout_s, report))
         else:
             assert requests.encode is not None
-            turns = asyncio.run(run_conversations(url, model, requests.conversations_at(rate_rps), arrivals_s,
-                                                  requests.encode, self.settings.max_model_len,
+            turns = asyncio.run(run_conversations(url, model, requests.conversations_at(rate_rps, self.setting),
+                                                  arrivals_s, requests.encode, self.settings.max_model_len,
                                                   self.settings.timeout_s, report, objectives))
             specs, results = [spec for spec, _ in turns], [result for _, result in turns]
         run = Run(rate_rps, time.perf_counter() - start, specs, results, sent)
@@ -187,8 +190,8 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
                                             requests.turns_per_arrival())
     judged = judged_objectives(settings, reference.objectives)
     shared = Runner(target, requests, settings, progress)
-    runners = {o.key: Runner(target, requests, settings, progress, o) if settings.send_objectives else shared
-               for o in judged}
+    runners = {o.key: Runner(target, requests, settings, progress, o, i) if settings.send_objectives else shared
+               for i, o in enumerate(judged, start=1)}
     goodput: dict[str, dict] = {}
     if settings.rates_rps:
         for runner in dict.fromkeys(runners.values()):  # each runner once, in the settings' order

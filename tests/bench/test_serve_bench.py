@@ -30,6 +30,13 @@ def test_every_rate_gets_the_same_lengths_with_prompts_no_other_run_has_sent():
     assert len(set(first_blocks)) == len(first_blocks)  # no two prompts share a prefix-cache block
     assert {len(r.prompt_token_ids) for r in pairs} == {settings.probe_prompt_tokens}
     assert build_requests(BUILT_IN["chat"], settings, tokenizer).load_at(0.25) == fast
+    # Runs that carry a setting's objectives are one per setting at a rate: each sends prompts of its own.
+    settings_at_slow = [requests.load_at(0.125, setting) for setting in (1, 2)]
+    for other in settings_at_slow:
+        assert [(len(r.prompt_token_ids), r.output_tokens) for r in other] == requests.load_lengths
+        assert not {tuple(r.prompt_token_ids[:16]) for r in other} & set(first_blocks)
+    assert not {tuple(r.prompt_token_ids[:16]) for r in settings_at_slow[0]} & {
+        tuple(r.prompt_token_ids[:16]) for r in settings_at_slow[1]}
 
 
 def test_every_rate_gets_the_same_conversations_in_words_no_other_run_has_sent():
@@ -38,8 +45,10 @@ def test_every_rate_gets_the_same_conversations_in_words_no_other_run_has_sent()
     requests = build_requests(conversations.BUILT_IN["multi-turn"], settings, tokenizer)
     slow, fast = requests.conversations_at(0.125), requests.conversations_at(0.25)
     assert [[len(m) for m in c.messages] for c in slow] == [[len(m) for m in c.messages] for c in fast]
+    other = requests.conversations_at(0.125, 1)  # the runs of one setting that sends its objectives
+    assert [[len(m) for m in c.messages] for c in slow] == [[len(m) for m in c.messages] for c in other]
     assert requests.load_lengths == [(len(c.messages[0]), c.answer_tokens[0]) for c in slow]
-    firsts = [c.messages[0][:16] for c in [*slow, *fast]]
+    firsts = [c.messages[0][:16] for c in [*slow, *fast, *other]]
     assert len(set(firsts)) == len(firsts)
     assert requests.turns_per_arrival() == sum(len(c.messages) for c in slow) / 12
 
@@ -132,6 +141,8 @@ def test_sent_objectives_give_every_setting_runs_of_its_own_judged_at_it_alone(m
     assert {(run["rate_rps"], *{"tight": (1000, 15), "loose": (1000, 40)}[run["objectives_sent"]])
             for run in section["runs"]} == sent
     assert section["runs"] == sorted(section["runs"], key=lambda r: (r["rate_rps"], r["objectives_sent"] == "loose"))
+    prompts = [{tuple(s.prompt) for s in specs} for _, specs in service.runs]
+    assert sum(map(len, prompts)) == len(set().union(*prompts))  # no run repeats a prompt of another
 
 
 def test_fixed_rates_run_once_per_setting_when_objectives_are_sent(monkeypatch):
