@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class Correction:
@@ -107,3 +109,11 @@ class InstanceCorrection:
         the profile, as any slowness does."""
         self.shared.decay_to(now_s)
         self.own.decay_to(now_s, toward=(min(self.shared.fixed, 1.0), min(self.shared.per_token, 1.0)))
+
+
+def prefill_stall_ms(tokens, chunk_tokens, fixed_ms, per_token_ms):
+    """What prefilling `tokens` prompt tokens adds, in all, to the steps of the answers decoding on the
+    same instance: each chunk (`chunk_tokens`, 0: the whole prompt in one step) rides on one of their
+    steps and costs a prefill of its length, fixed part included. Scalars or per-instance arrays."""
+    chunk = np.where(np.asarray(chunk_tokens) > 0, np.minimum(chunk_tokens, tokens), tokens)
+    return -(-np.asarray(tokens) // np.maximum(chunk, 1)) * fixed_ms + per_token_ms * tokens

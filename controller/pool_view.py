@@ -33,6 +33,9 @@ class Row:
     """When the instance last reported (the controller's monotonic clock)."""
     tpot_floor_ms: float
     """Tightest TPOT objective among the requests running there (inf: none)."""
+    tpot_slack_ms: float
+    """Least stall any of the answers decoding there can still absorb within its TPOT objective,
+    over its tokens (inf: none decoding; at most 0: none)."""
     free_kv_tokens: float
     load: int
     max_ongoing: int
@@ -75,6 +78,7 @@ class PoolView:
     prefill_fixed_ms: np.ndarray
     last_seen_s: np.ndarray
     tpot_floor_ms: np.ndarray
+    tpot_slack_ms: np.ndarray
     free_kv_tokens: np.ndarray
     load: np.ndarray
     max_ongoing: np.ndarray

@@ -22,7 +22,7 @@ from pdserve.config.cluster import pool_role
 from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.hot_experts import ExpertReport
-from pdserve.controller.latency_model import Correction, InstanceCorrection
+from pdserve.controller.latency_model import Correction, InstanceCorrection, prefill_stall_ms
 from pdserve.controller.pool_view import PoolView, Row
 from pdserve.controller.prefix_index import CacheEvents, PrefixIndex
 
@@ -97,6 +97,16 @@ class Assignment:
     a release lost on the way)."""
     owner: str = ""
     """The ingress replica that routed it: once Serve no longer runs it, the booking goes ("": none)."""
+    answer_tokens: int = 0
+    """Output tokens its TPOT objective spreads a stall over: its max_tokens, at most the
+    registry's `tpot_amortize_max_tokens` (0 where it does not decode)."""
+    absorbed_ms: float = 0.0
+    """Stall booked on it since it was routed: the predicted chunks of prompts prefilled next to it."""
+
+    def tpot_slack_ms(self, step_ms: float) -> float:
+        """Stall it can still absorb and keep its mean time per token within its objective, at
+        steps of `step_ms`."""
+        return (self.tpot_ms - step_ms) * (self.answer_tokens - 1) - self.absorbed_ms
 
 
 @dataclass(eq=False)
@@ -150,19 +160,29 @@ class Instance:
         part, per-token part)."""
         return self.profile.step_parts_ms(self.decoding() + 1, self.context_tokens() + prompt_tokens)
 
+    def prefill_stall_ms(self, tokens: int) -> float:
+        """What prefilling `tokens` here adds to the steps of the answers decoding here, corrected."""
+        prefill = self.prefill_fix.current
+        return float(prefill_stall_ms(tokens, self.report.prefill_chunk_tokens,
+                                      prefill.fixed * self.profile.prefill_base_ms,
+                                      prefill.per_token * self.profile.prefill_ms_per_token))
+
     def row(self) -> Row:
         r, p = self.report, self.profile
         pending_kv = sum(a.kv_tokens for a in self.assignments.values() if a.assigned_at_s > self.last_seen_s)
         tpots = [a.tpot_ms for a in self.assignments.values()]
         prefill, step = self.prefill_fix.current, self.step_fix.current
+        step_base_ms = step.ms(*self.raw_step_ms(0))
         return Row(
             replica_id=r.replica_id, kv_addr=r.kv_addr, pool=r.pool,
-            step_base_ms=step.ms(*self.raw_step_ms(0)),
+            step_base_ms=step_base_ms,
             step_ms_per_token=step.per_token * p.decode_ms_per_1k_context_tokens / 1000.0,
             prefill_base_ms=prefill.ms(*self.raw_prefill_ms(0)),
             prefill_ms_per_token=prefill.per_token * p.prefill_ms_per_token,
             prefill_fixed_ms=prefill.fixed * p.prefill_base_ms, last_seen_s=self.last_seen_s,
             tpot_floor_ms=min(tpots, default=float("inf")),
+            tpot_slack_ms=min((a.tpot_slack_ms(step_base_ms) for a in self.assignments.values() if a.kv_tokens),
+                              default=float("inf")),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
             load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
         )
@@ -176,6 +196,8 @@ class Registry:
     """Missed-report time after which an instance stops receiving requests."""
     kv_reserve_tokens: int = 256
     """Output tokens of KV room reserved per routed request (at most its max_tokens)."""
+    tpot_amortize_max_tokens: int = 256
+    """Most output tokens an answer's TPOT objective spreads a stall over (`RoutingConfig`)."""
     instances: dict[str, Instance] = field(default_factory=dict)
     _departed: dict[str, float] = field(default_factory=dict)
     """Replicas that left for good (dead, or draining before Serve stops them), when: a draining
@@ -272,7 +294,13 @@ class Registry:
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
                 predicted_prefill_ms=inst.raw_prefill_ms(prefill_tokens) if prefills else (0.0, 0.0),
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else (0.0, 0.0),
-                assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id)
+                assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id,
+                answer_tokens=min(req.max_tokens, self.tpot_amortize_max_tokens) if decodes else 0)
+            if prefills:  # its chunks stretch the steps of every answer decoding there
+                stall_ms = inst.prefill_stall_ms(prefill_tokens)
+                for rid, a in inst.assignments.items():
+                    if a.kv_tokens and rid != req.request_id:
+                        a.absorbed_ms += stall_ms
             self._refresh(inst)
 
     def prefill_done(self, request_id: str, prefill_ms: float) -> None:

@@ -51,7 +51,8 @@ class Controller:
         self.routing = routing
         self.kv_bytes_per_token = kv_bytes_per_token
         self.best_effort = best_effort
-        self.registry = Registry(routing.profiles, ttl_s=routing.ttl_s, kv_reserve_tokens=routing.kv_reserve_tokens)
+        self.registry = Registry(routing.profiles, ttl_s=routing.ttl_s, kv_reserve_tokens=routing.kv_reserve_tokens,
+                                 tpot_amortize_max_tokens=routing.tpot_amortize_max_tokens)
         log.info("controller: %s routing, %s when objectives cannot be met, %d KV bytes per token",
                  routing.policy, "best effort" if best_effort else "reject", kv_bytes_per_token)
         self.window = RateWindow(autoscaling[1].window_s, time.monotonic()) if autoscaling else None

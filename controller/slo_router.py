@@ -29,6 +29,7 @@ import numpy as np
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
+from pdserve.controller.latency_model import prefill_stall_ms
 from pdserve.controller.pool_view import PoolView
 
 DISAGGREGATED_LOCAL_MAX_TOKENS = 64
@@ -216,10 +217,14 @@ def _chunked_prefill_ms(n: np.ndarray | int, view: PoolView) -> np.ndarray:
 
 def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     """Whether each instance can prefill `n` prompt tokens (per instance) without pushing the requests decoding
-    there past their tightest TPOT objective: each of their steps carries one chunk meanwhile.
-    A chunk's stall is predicted as a prefill of its length, fixed cost included, on the safe side."""
+    there past their TPOT objectives: each of their steps carries one chunk meanwhile. It can when
+    every such step stays within the tightest objective, or when every answer's objective, a mean
+    over its tokens, absorbs all the chunks' stall on top of what is booked there already (a
+    chunk's stall is predicted as a prefill of its length, fixed cost included, on the safe side)."""
     chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
-    return view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
+    each_step = view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
+    stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
+    return each_step | (stall <= view.tpot_slack_ms)
 
 
 def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,

@@ -97,6 +97,11 @@ class RoutingConfig(BaseModel):
     kv_reserve_tokens: int = Field(256, ge=0)
     """Output tokens of KV room a decode instance must have free for a new request (at most
     its max_tokens), beyond its prompt."""
+    tpot_amortize_max_tokens: int = Field(256, ge=0)
+    """Adaptive mode: an instance with answers decoding may prefill a prompt whose chunks stretch
+    their steps past a TPOT objective, when each answer's TPOT (a mean over its tokens) still
+    meets it with every stall booked there spread over its tokens: its max_tokens, at most this
+    many (an answer may stop early, and then absorbs less). 0: every step within the objective."""
     ttl_s: float = Field(3.0, gt=0)
     """An instance silent this long gets no new requests until it reports again."""
     prefix_aware: bool = True

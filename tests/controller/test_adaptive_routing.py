@@ -4,7 +4,7 @@ router choosing per request where its prompt is prefilled and where it decodes."
 import math
 
 from pdserve.config.routing import RoutingConfig
-from pdserve.controller.decision import Outcome
+from pdserve.controller.decision import Outcome, RouteRequest
 from pdserve.controller.slo_router import choose_slo
 
 from .routing_states import add, book, registry, request
@@ -63,6 +63,37 @@ def test_loose_objectives_let_an_instance_prefill_while_it_decodes():
     assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
     # 60 + 1500 + 16 chunk steps of a's batch (24.5 ms each), then the first step with it (29.5 ms)
     assert math.isclose(d.predicted_ttft_ms, 60 + 1500 + 16 * 24.5 + 29.5)
+
+
+def test_an_answer_long_enough_to_absorb_a_prompts_chunks_within_its_tpot_lets_its_instance_prefill_it():
+    outcomes = {}
+    for amortize_tokens in (256, 0):  # 0: every step within the objective (the rule before amortizing)
+        reg = registry()
+        reg.tpot_amortize_max_tokens = amortize_tokens
+        engine(reg, "a")
+        engine(reg, "b")
+        # Each step with a 64-token chunk, 24.5 + 60 + 96 ms, is past 150 ms on both. The whole prompt
+        # stalls the answers decoding there by 16 x 60 + 1500 = 2460 ms: a's answer spreads that over
+        # 199 steps, (150 - 24.5) x 199 = 24974 ms of room; b's over 9, 1129 ms.
+        book(reg, "long", 100, decode="a", tpot_ms=150, max_tokens=200)
+        book(reg, "short", 100, decode="b", tpot_ms=150, max_tokens=10)
+        d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=5000))
+        outcomes[amortize_tokens] = d.outcome, (d.prefill or d.decode).replica_id if d.decode else None
+    assert outcomes == {256: (Outcome.ROUTED, "a"), 0: (Outcome.REJECTED, None)}  # prefilled on a
+
+
+def test_the_stall_booked_next_to_an_answer_uses_up_what_it_can_absorb():
+    reg = registry()
+    engine(reg, "a")
+    book(reg, "running", 100, decode="a", tpot_ms=150, max_tokens=30)  # (150 - 24.5) x 29 = 3640 ms of room
+    first = request(1000, ttft_ms=10_000, tpot_ms=5000)
+    d = route(reg, first)
+    assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"  # 2460 ms: within
+    reg.assign(first, d, now_s=0.0)
+    assert reg.instances["a"].assignments["running"].absorbed_ms == 2460.0
+    assert reg.instances["a"].assignments["r"].absorbed_ms == 0.0  # its own prefill does not slow its answer
+    second = RouteRequest("r2", 1000, 50, first.slo)
+    assert route(reg, second).outcome is Outcome.REJECTED  # 1180 ms of room left: not another 2460
 
 
 def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_naming_the_pool():
