@@ -111,7 +111,8 @@ class InstanceCorrection:
         self.own.decay_to(now_s, toward=(min(self.shared.fixed, 1.0), min(self.shared.per_token, 1.0)))
 
 
-def prefill_stall_ms(tokens, chunk_tokens, fixed_ms, per_token_ms):
+def prefill_stall_ms(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int, fixed_ms: np.ndarray | float,
+                     per_token_ms: np.ndarray | float) -> np.ndarray:
     """What prefilling `tokens` prompt tokens adds, in all, to the steps of the answers decoding on the
     same instance: each chunk (`chunk_tokens`, 0: the whole prompt in one step) rides on one of their
     steps and costs a prefill of its length, fixed part included. Scalars or per-instance arrays."""

@@ -135,6 +135,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     where += f", {held} held by the decode instance are not moved" if held else ""
     reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
+    if adaptive:
+        reason += _stall_note(decode, p if p is not None else d, n - cached)
     return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached,
                     decode_cached_tokens=held)
 
@@ -225,6 +227,15 @@ def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     each_step = view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
     stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
     return each_step | (stall <= view.tpot_slack_ms)
+
+
+def _stall_note(view: PoolView, i: int, tokens: int) -> str:
+    """The chunks' stall on the answers decoding where a prompt is prefilled, against the least room
+    those answers have for it ("" where none decode)."""
+    if not np.isfinite(view.tpot_slack_ms[i]):
+        return ""
+    stall = prefill_stall_ms(tokens, view.prefill_chunk_tokens[i], view.prefill_fixed_ms[i], view.prefill_ms_per_token[i])
+    return f"; its chunks stall the answers decoding there {float(stall):.0f} ms, room {view.tpot_slack_ms[i]:.0f} ms"
 
 
 def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,

@@ -79,6 +79,8 @@ def test_an_answer_long_enough_to_absorb_a_prompts_chunks_within_its_tpot_lets_i
         book(reg, "short", 100, decode="b", tpot_ms=150, max_tokens=10)
         d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=5000))
         outcomes[amortize_tokens] = d.outcome, (d.prefill or d.decode).replica_id if d.decode else None
+        if d.outcome is Outcome.ROUTED:  # the log says what the answers there absorb
+            assert d.reason.endswith("its chunks stall the answers decoding there 2460 ms, room 24974 ms")
     assert outcomes == {256: (Outcome.ROUTED, "a"), 0: (Outcome.REJECTED, None)}  # prefilled on a
 
 
