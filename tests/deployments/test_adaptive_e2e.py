@@ -30,7 +30,11 @@ LOOSE_TTFT = {"ttft_ms": 120_000}
 def svc():
     # Cache-blind: the reference answers below must be one engine's alone, which a prompt cached on
     # the other engine (its KV moved there before) would not be (test_prefix_routing_e2e.py).
-    cfg = service_config(mode="adaptive", routing={"local_prefill_max_tokens": None, "prefix_aware": False},
+    # Each step within the objective (no amortized room): the story's 160 tokens would absorb the
+    # report's chunks, and the report would then be served whole on the idle engine, moving no KV
+    # (the amortized rule is test_adaptive_routing.py's subject).
+    cfg = service_config(mode="adaptive", routing={"local_prefill_max_tokens": None, "prefix_aware": False,
+                                                   "tpot_amortize_max_tokens": 0},
                          adaptive={"replicas": 1, "cpu_binds": ["0"], "accelerator_type": "CPUA"},
                          adaptive_pools={"b": {"cpu_binds": ["1"], "accelerator_type": "CPUB"}}, log_level="INFO")
     types = {"accelerator_type:CPUA": 1, "accelerator_type:CPUB": 1}
