@@ -95,7 +95,7 @@ def test_the_stall_booked_next_to_an_answer_uses_up_what_it_can_absorb():
     assert reg.instances["a"].assignments["running"].absorbed_ms == 2460.0
     assert reg.instances["a"].assignments["r"].absorbed_ms == 0.0  # its own prefill does not slow its answer
     second = RouteRequest("r2", 1000, 50, first.slo)
-    assert route(reg, second).outcome is Outcome.REJECTED  # 1180 ms of room left: not another 2460
+    assert route(reg, second).outcome is Outcome.REJECTED  # under 1180 ms of room left: not another 2460
 
 
 def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_naming_the_pool():
