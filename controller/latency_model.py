@@ -116,5 +116,11 @@ def prefill_stall_ms(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int, f
     """What prefilling `tokens` prompt tokens adds, in all, to the steps of the answers decoding on the
     same instance: each chunk (`chunk_tokens`, 0: the whole prompt in one step) rides on one of their
     steps and costs a prefill of its length, fixed part included. Scalars or per-instance arrays."""
-    chunk = np.where(np.asarray(chunk_tokens) > 0, np.minimum(chunk_tokens, tokens), tokens)
+    chunk = chunk_of(tokens, chunk_tokens)
     return -(-np.asarray(tokens) // np.maximum(chunk, 1)) * fixed_ms + per_token_ms * tokens
+
+
+def chunk_of(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int) -> np.ndarray:
+    """The prompt tokens one step prefills of a `tokens`-token prompt, in chunks of `chunk_tokens`
+    (0: the whole prompt in one step)."""
+    return np.where(np.asarray(chunk_tokens) > 0, np.minimum(chunk_tokens, tokens), tokens)

@@ -160,26 +160,28 @@ class Instance:
         part, per-token part)."""
         return self.profile.step_parts_ms(self.decoding() + 1, self.context_tokens() + prompt_tokens)
 
+    def prefill_parts_ms(self) -> tuple[float, float]:
+        """One prefill's fixed cost and its time per token, corrected by what this instance did."""
+        prefill = self.prefill_fix.current
+        return prefill.fixed * self.profile.prefill_base_ms, prefill.per_token * self.profile.prefill_ms_per_token
+
     def prefill_stall_ms(self, tokens: int) -> float:
         """What prefilling `tokens` here adds to the steps of the answers decoding here, corrected."""
-        prefill = self.prefill_fix.current
-        return float(prefill_stall_ms(tokens, self.report.prefill_chunk_tokens,
-                                      prefill.fixed * self.profile.prefill_base_ms,
-                                      prefill.per_token * self.profile.prefill_ms_per_token))
+        return float(prefill_stall_ms(tokens, self.report.prefill_chunk_tokens, *self.prefill_parts_ms()))
 
     def row(self) -> Row:
         r, p = self.report, self.profile
         pending_kv = sum(a.kv_tokens for a in self.assignments.values() if a.assigned_at_s > self.last_seen_s)
         tpots = [a.tpot_ms for a in self.assignments.values()]
         prefill, step = self.prefill_fix.current, self.step_fix.current
+        prefill_fixed_ms, prefill_ms_per_token = self.prefill_parts_ms()
         step_base_ms = step.ms(*self.raw_step_ms(0))
         return Row(
             replica_id=r.replica_id, kv_addr=r.kv_addr, pool=r.pool,
             step_base_ms=step_base_ms,
             step_ms_per_token=step.per_token * p.decode_ms_per_1k_context_tokens / 1000.0,
             prefill_base_ms=prefill.ms(*self.raw_prefill_ms(0)),
-            prefill_ms_per_token=prefill.per_token * p.prefill_ms_per_token,
-            prefill_fixed_ms=prefill.fixed * p.prefill_base_ms, last_seen_s=self.last_seen_s,
+            prefill_ms_per_token=prefill_ms_per_token, prefill_fixed_ms=prefill_fixed_ms, last_seen_s=self.last_seen_s,
             tpot_floor_ms=min(tpots, default=float("inf")),
             tpot_slack_ms=min((a.tpot_slack_ms(step_base_ms) for a in self.assignments.values() if a.kv_tokens),
                               default=float("inf")),

@@ -29,7 +29,7 @@ import numpy as np
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import prefill_stall_ms
+from pdserve.controller.latency_model import chunk_of, prefill_stall_ms
 from pdserve.controller.pool_view import PoolView
 
 DISAGGREGATED_LOCAL_MAX_TOKENS = 64
@@ -211,7 +211,7 @@ def _kv_arrival(moved: np.ndarray | int, new: np.ndarray | int, prefill: PoolVie
 def _chunked_prefill_ms(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     """When each instance would have `n` prompt tokens (per instance) prefilled, behind its queue: chunk
     by chunk, each chunk in a step with the requests decoding there (none: the chunk alone)."""
-    chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
+    chunk = chunk_of(n, view.prefill_chunk_tokens)
     steps = -(-n // chunk)
     decoding = np.isfinite(view.tpot_floor_ms)
     return view.prefill_base_ms + view.prefill_ms_per_token * n + np.where(decoding, steps * view.step_base_ms, 0.0)
@@ -223,7 +223,7 @@ def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     every such step stays within the tightest objective, or when every answer's objective, a mean
     over its tokens, absorbs all the chunks' stall on top of what is booked there already (a
     chunk's stall is predicted as a prefill of its length, fixed cost included, on the safe side)."""
-    chunk = np.where(view.prefill_chunk_tokens > 0, np.minimum(view.prefill_chunk_tokens, n), n)
+    chunk = chunk_of(n, view.prefill_chunk_tokens)
     each_step = view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
     stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
     return each_step | (stall <= view.tpot_slack_ms)
