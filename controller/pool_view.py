@@ -36,6 +36,9 @@ class Row:
     tpot_slack_ms: float
     """Least stall any of the answers decoding there can still absorb within its TPOT objective,
     over its tokens (inf: none decoding; at most 0: none)."""
+    queued_stall_ms: float
+    """What the prompts queued there (not yet prefilled) add, in all, to the steps of an answer that
+    decodes there meanwhile: their chunks ride on its steps (0: none queued)."""
     free_kv_tokens: float
     load: int
     max_ongoing: int
@@ -79,6 +82,7 @@ class PoolView:
     last_seen_s: np.ndarray
     tpot_floor_ms: np.ndarray
     tpot_slack_ms: np.ndarray
+    queued_stall_ms: np.ndarray
     free_kv_tokens: np.ndarray
     load: np.ndarray
     max_ongoing: np.ndarray

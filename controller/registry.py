@@ -169,6 +169,12 @@ class Instance:
         """What prefilling `tokens` here adds to the steps of the answers decoding here, corrected."""
         return float(prefill_stall_ms(tokens, self.report.prefill_chunk_tokens, *self.prefill_parts_ms()))
 
+    def queued_stall_ms(self) -> float:
+        """What the prompts queued here add to the steps of an answer decoding here meanwhile, corrected."""
+        pending = [a.prefill_tokens for a in self.assignments.values() if a.prefill_pending]
+        pending += [self.unknown_queued_tokens] if self.unknown_queued_tokens else []
+        return sum(self.prefill_stall_ms(tokens) for tokens in pending)
+
     def row(self) -> Row:
         r, p = self.report, self.profile
         pending_kv = sum(a.kv_tokens for a in self.assignments.values() if a.assigned_at_s > self.last_seen_s)
@@ -185,6 +191,7 @@ class Instance:
             tpot_floor_ms=min(tpots, default=float("inf")),
             tpot_slack_ms=min((a.tpot_slack_ms(step_base_ms) for a in self.assignments.values() if a.kv_tokens),
                               default=float("inf")),
+            queued_stall_ms=self.queued_stall_ms(),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
             load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
         )

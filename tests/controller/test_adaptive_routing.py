@@ -55,6 +55,34 @@ def test_an_instance_whose_decodes_a_chunk_would_push_past_their_tpot_gets_its_p
     assert math.isclose(d.predicted_ttft_ms, 1560)
 
 
+def test_on_a_tie_an_answer_stays_whole_on_an_idle_instance_rather_than_moving_where_prompts_are_queued():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    book(reg, "running", 100, decode="a", tpot_ms=1000, max_tokens=200)
+    book(reg, "queued", 1000, prefill="a")  # a decodes and prefills: its steps carry chunks for a while
+    assert list(reg.view("adaptive").queued_stall_ms) == [2460.0, 0.0]  # 16 chunks x 60 ms + 1000 x 1.5 ms
+    d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=1000))
+    # b gives the first token in 1560 ms either way; decoding on a, the answer would wait for a's chunk steps
+    assert d.prefill is None and d.decode.replica_id == "b" and math.isclose(d.predicted_ttft_ms, 1560)
+
+
+def test_an_answer_moves_onto_an_instance_with_prompts_queued_only_if_it_absorbs_their_chunks_within_its_tpot():
+    placed = {}
+    for max_tokens in (200, 10):
+        reg = registry()
+        engine(reg, "a")
+        engine(reg, "b")
+        book(reg, "running", 100, decode="a", tpot_ms=1000, max_tokens=200)
+        book(reg, "queued", 1000, prefill="a")  # 2460 ms of chunks still to ride on a's steps
+        # With the answer, a's step is 29.5 ms, 185.5 ms with a 64-token chunk: past 100 ms. Over 199
+        # steps the answer has (100 - 29.5) x 199 = 14030 ms of room for the queued chunks; over 9, 634.5.
+        d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=100, max_tokens=max_tokens),
+                  RoutingConfig(local_prefill_max_tokens=0))  # every prompt prefilled on the other instance
+        placed[max_tokens] = d.prefill.replica_id, d.decode.replica_id
+    assert placed == {200: ("b", "a"), 10: ("a", "b")}  # the short answer waits for a's queue instead
+
+
 def test_loose_objectives_let_an_instance_prefill_while_it_decodes():
     reg = registry()
     engine(reg, "a")
