@@ -116,8 +116,12 @@ def prefill_stall_ms(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int, f
     """What prefilling `tokens` prompt tokens adds, in all, to the steps of the answers decoding on the
     same instance: each chunk (`chunk_tokens`, 0: the whole prompt in one step) rides on one of their
     steps and costs a prefill of its length, fixed part included. Scalars or per-instance arrays."""
-    chunk = chunk_of(tokens, chunk_tokens)
-    return -(-np.asarray(tokens) // np.maximum(chunk, 1)) * fixed_ms + per_token_ms * tokens
+    return chunks_of(tokens, chunk_tokens) * fixed_ms + per_token_ms * tokens
+
+
+def chunks_of(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int) -> np.ndarray:
+    """The steps that prefill a `tokens`-token prompt, one chunk each (`chunk_tokens`, 0: one step)."""
+    return -(-np.asarray(tokens) // np.maximum(chunk_of(tokens, chunk_tokens), 1))
 
 
 def chunk_of(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int) -> np.ndarray:

@@ -39,6 +39,9 @@ class Row:
     queued_stall_ms: float
     """What the prompts queued there (not yet prefilled) add, in all, to the steps of an answer that
     decodes there meanwhile: their chunks ride on its steps (0: none queued)."""
+    absorbable_chunks: float
+    """Most chunks of a prompt routed now that the answers decoding there take within their TPOT
+    objectives, each as many as its room holds or as its steps left (inf: any number)."""
     free_kv_tokens: float
     load: int
     max_ongoing: int
@@ -83,6 +86,7 @@ class PoolView:
     tpot_floor_ms: np.ndarray
     tpot_slack_ms: np.ndarray
     queued_stall_ms: np.ndarray
+    absorbable_chunks: np.ndarray
     free_kv_tokens: np.ndarray
     load: np.ndarray
     max_ongoing: np.ndarray

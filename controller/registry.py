@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -22,7 +23,7 @@ from pdserve.config.cluster import pool_role
 from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.hot_experts import ExpertReport
-from pdserve.controller.latency_model import Correction, InstanceCorrection, prefill_stall_ms
+from pdserve.controller.latency_model import Correction, InstanceCorrection, chunks_of, prefill_stall_ms
 from pdserve.controller.pool_view import PoolView, Row
 from pdserve.controller.prefix_index import CacheEvents, PrefixIndex
 
@@ -102,11 +103,21 @@ class Assignment:
     registry's `tpot_amortize_max_tokens` (0 where it does not decode)."""
     absorbed_ms: float = 0.0
     """Stall booked on it since it was routed: the predicted chunks of prompts prefilled next to it."""
+    max_tokens: int = 0
+    """Output tokens it may make (0 where it does not decode): the most steps a stall can ride."""
+    decoding_since_s: float | None = None
+    """When its first token came (its prompt prefilled, here or elsewhere); None before."""
 
     def tpot_slack_ms(self, step_ms: float) -> float:
         """Stall it can still absorb and keep its mean time per token within its objective, at
         steps of `step_ms`."""
         return (self.tpot_ms - step_ms) * (self.answer_tokens - 1) - self.absorbed_ms
+
+    def steps_left(self, now_s: float) -> int:
+        """Its steps still to come, at most: its max_tokens less those made since its first token at
+        its objective's pace (an answer slower than that is missing its objective already)."""
+        made = 0 if self.decoding_since_s is None else int(max(0.0, now_s - self.decoding_since_s) * 1000.0 / self.tpot_ms)
+        return max(0, self.max_tokens - 1 - made)
 
 
 @dataclass(eq=False)
@@ -142,7 +153,12 @@ class Instance:
         return self.load >= self.report.max_ongoing
 
     def queued_prefill_tokens(self) -> int:
-        return self.unknown_queued_tokens + sum(a.prefill_tokens for a in self.assignments.values() if a.prefill_pending)
+        return sum(self._queued_prompts())
+
+    def _queued_prompts(self) -> list[int]:
+        """The uncomputed tokens of each prompt queued here (those it reported and the ledger does not know as one)."""
+        queued = [a.prefill_tokens for a in self.assignments.values() if a.prefill_pending]
+        return queued + [self.unknown_queued_tokens] if self.unknown_queued_tokens else queued
 
     def decoding(self) -> int:
         return self.unknown_running + sum(1 for a in self.assignments.values() if not a.prefill_pending)
@@ -171,9 +187,39 @@ class Instance:
 
     def queued_stall_ms(self) -> float:
         """What the prompts queued here add to the steps of an answer decoding here meanwhile, corrected."""
-        pending = [a.prefill_tokens for a in self.assignments.values() if a.prefill_pending]
-        pending += [self.unknown_queued_tokens] if self.unknown_queued_tokens else []
-        return sum(self.prefill_stall_ms(tokens) for tokens in pending)
+        return sum(self.prefill_stall_ms(tokens) for tokens in self._queued_prompts())
+
+    def chunk_stall_ms(self) -> float:
+        """What one whole chunk adds to a step of the answers decoding here (chunked prefill), corrected."""
+        fixed_ms, per_token_ms = self.prefill_parts_ms()
+        return fixed_ms + per_token_ms * self.report.prefill_chunk_tokens
+
+    def queued_chunks(self) -> int:
+        """Steps that carry the chunks of the prompts queued here, before a prompt routed now."""
+        return sum(int(chunks_of(tokens, self.report.prefill_chunk_tokens)) for tokens in self._queued_prompts())
+
+    def exposed_steps(self, a: Assignment, queued_chunks: int) -> int:
+        """Steps of answer `a` that a prompt queued here now would ride: those left after the queued
+        chunks' (all of them while its first token has not come: it may start behind them)."""
+        left = a.steps_left(self.last_seen_s)
+        return left if a.decoding_since_s is None else max(0, left - queued_chunks)
+
+    def stall_on_ms(self, a: Assignment, tokens: int, queued_chunks: int) -> float:
+        """What prefilling `tokens` here adds to answer `a`'s steps: each of its chunks rides one
+        of them, as long as the answer has steps left to ride."""
+        exposed, chunks = self.exposed_steps(a, queued_chunks), int(chunks_of(tokens, self.report.prefill_chunk_tokens))
+        return self.prefill_stall_ms(tokens) if exposed >= chunks else exposed * self.chunk_stall_ms()
+
+    def absorbable_chunks(self, step_ms: float) -> float:
+        """Most chunks of a prompt routed now that the answers decoding here take within their TPOT
+        objectives at steps of `step_ms`: an answer takes as many as its room holds, or any number
+        when fewer of its steps are left (inf: no answer limits it)."""
+        if not self.report.prefill_chunk_tokens:
+            return float("inf")
+        queued, chunk_ms = self.queued_chunks(), self.chunk_stall_ms()
+        holds = [(a.tpot_slack_ms(step_ms) / chunk_ms, self.exposed_steps(a, queued))
+                 for a in self.assignments.values() if a.kv_tokens]
+        return min((math.floor(k) for k, exposed in holds if exposed > max(k, 0)), default=float("inf"))
 
     def row(self) -> Row:
         r, p = self.report, self.profile
@@ -191,7 +237,7 @@ class Instance:
             tpot_floor_ms=min(tpots, default=float("inf")),
             tpot_slack_ms=min((a.tpot_slack_ms(step_base_ms) for a in self.assignments.values() if a.kv_tokens),
                               default=float("inf")),
-            queued_stall_ms=self.queued_stall_ms(),
+            queued_stall_ms=self.queued_stall_ms(), absorbable_chunks=self.absorbable_chunks(step_base_ms),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
             load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
         )
@@ -298,27 +344,34 @@ class Registry:
                 continue
             prefills = t is decision.prefill or decision.prefill is None
             decodes = t is decision.decode
+            if prefills:  # its chunks stretch the steps of the answers decoding there that are left
+                queued = inst.queued_chunks()
+                for a in inst.assignments.values():
+                    if a.kv_tokens:
+                        a.absorbed_ms += inst.stall_on_ms(a, prefill_tokens, queued)
             inst.assignments[req.request_id] = Assignment(
                 prompt_tokens=req.prompt_tokens, prefill_tokens=prefill_tokens, kv_tokens=kv_tokens if decodes else 0,
                 tpot_ms=req.slo.tpot_ms if decodes else float("inf"), prefill_pending=prefills,
                 predicted_prefill_ms=inst.raw_prefill_ms(prefill_tokens) if prefills else (0.0, 0.0),
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else (0.0, 0.0),
                 assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id,
-                answer_tokens=min(req.max_tokens, self.tpot_amortize_max_tokens) if decodes else 0)
-            if prefills:  # its chunks stretch the steps of every answer decoding there
-                stall_ms = inst.prefill_stall_ms(prefill_tokens)
-                for rid, a in inst.assignments.items():
-                    if a.kv_tokens and rid != req.request_id:
-                        a.absorbed_ms += stall_ms
+                answer_tokens=min(req.max_tokens, self.tpot_amortize_max_tokens) if decodes else 0,
+                max_tokens=req.max_tokens if decodes else 0)
             self._refresh(inst)
 
-    def prefill_done(self, request_id: str, prefill_ms: float) -> None:
-        """The request's prompt is prefilled (it took `prefill_ms` on its instance): that
-        instance's queue shrinks and its prefill prediction is corrected."""
+    def prefill_done(self, request_id: str, prefill_ms: float, now_s: float) -> None:
+        """The request's prompt is prefilled (it took `prefill_ms` on its instance) and its first token
+        came at `now_s`: that instance's queue shrinks and its prefill prediction is corrected; its
+        answer is decoding."""
         for rid in self._routes.get(request_id, []):
             inst = self.instances.get(rid)
             a = inst.assignments.get(request_id) if inst else None
-            if inst is None or a is None or not a.prefill_pending:
+            if inst is None or a is None:
+                continue
+            if a.kv_tokens:
+                a.decoding_since_s = now_s
+            if not a.prefill_pending:
+                self._refresh(inst)
                 continue
             inst.prefill_fix.observe(*a.predicted_prefill_ms, prefill_ms)
             if a.kv_tokens:  # local prefill: the instance decodes it next

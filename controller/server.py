@@ -250,7 +250,7 @@ class Controller:
         return {pool: {**w.figures(now), "hot": self.hot.get(pool, [])} for pool, w in self.experts.items()}
 
     async def prefill_done(self, request_id: str, prefill_ms: float) -> None:
-        self.registry.prefill_done(request_id, prefill_ms)
+        self.registry.prefill_done(request_id, prefill_ms, time.monotonic())
 
     async def release(self, request_id: str, tpot_ms: float | None = None, output_tokens: int = 0) -> None:
         self.registry.release(request_id, tpot_ms)

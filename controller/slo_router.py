@@ -31,7 +31,7 @@ import numpy as np
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import chunk_of, prefill_stall_ms
+from pdserve.controller.latency_model import chunk_of, chunks_of, prefill_stall_ms
 from pdserve.controller.pool_view import PoolView
 
 DISAGGREGATED_LOCAL_MAX_TOKENS = 64
@@ -229,12 +229,15 @@ def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     """Whether each instance can prefill `n` prompt tokens (per instance) without pushing the requests decoding
     there past their TPOT objectives: each of their steps carries one chunk meanwhile. It can when
     every such step stays within the tightest objective, or when every answer's objective, a mean
-    over its tokens, absorbs all the chunks' stall on top of what is booked there already (a
-    chunk's stall is predicted as a prefill of its length, fixed cost included, on the safe side)."""
+    over its tokens, absorbs the stall of the chunks that ride its steps left on top of what is
+    booked there already (a chunk's stall is predicted as a prefill of its length, fixed cost
+    included, on the safe side; unchunked, the whole prompt's on every answer)."""
     chunk = chunk_of(n, view.prefill_chunk_tokens)
     each_step = view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
     stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
-    return each_step | (stall <= view.tpot_slack_ms)
+    absorbed = np.where(view.prefill_chunk_tokens > 0, chunks_of(n, view.prefill_chunk_tokens) <= view.absorbable_chunks,
+                        stall <= view.tpot_slack_ms)
+    return each_step | absorbed
 
 
 def _onto_prefilling(req: RouteRequest, view: PoolView, step: np.ndarray, headroom: float, cfg: RoutingConfig
@@ -244,9 +247,10 @@ def _onto_prefilling(req: RouteRequest, view: PoolView, step: np.ndarray, headro
     as `_prefill_fits`, and when its second token comes after its KV lands. The KV lands during a
     step and the answer's first step is the next one; on an instance that prefills, each carries a
     chunk (a 1.7 s median wait measured on the project's CPU engines at 0.8 s chunk steps)."""
-    queued = view.queued_stall_ms
     chunked = view.prefill_chunk_tokens > 0  # else a queued prompt takes one step, whole
-    one_chunk = np.where(chunked, view.prefill_fixed_ms + view.prefill_ms_per_token * view.prefill_chunk_tokens, queued)
+    one_chunk = np.where(chunked, view.prefill_fixed_ms + view.prefill_ms_per_token * view.prefill_chunk_tokens,
+                         view.queued_stall_ms)
+    queued = np.minimum(view.queued_stall_ms, one_chunk * max(req.max_tokens - 1, 0))  # a chunk per step it has
     stretched = step + np.minimum(queued, one_chunk)
     limit = req.slo.tpot_ms * headroom
     answer_tokens = min(req.max_tokens, cfg.tpot_amortize_max_tokens)
@@ -256,11 +260,14 @@ def _onto_prefilling(req: RouteRequest, view: PoolView, step: np.ndarray, headro
 
 def _stall_note(view: PoolView, i: int, tokens: int) -> str:
     """The chunks' stall on the answers decoding where a prompt is prefilled, against the least room
-    those answers have for it ("" where none decode)."""
+    those answers have for it, and the chunks they take ("" where none decode)."""
     if not np.isfinite(view.tpot_slack_ms[i]):
         return ""
     stall = prefill_stall_ms(tokens, view.prefill_chunk_tokens[i], view.prefill_fixed_ms[i], view.prefill_ms_per_token[i])
-    return f"; its chunks stall the answers decoding there {float(stall):.0f} ms, room {view.tpot_slack_ms[i]:.0f} ms"
+    note = f"; its chunks stall the answers decoding there {float(stall):.0f} ms, room {view.tpot_slack_ms[i]:.0f} ms"
+    if view.prefill_chunk_tokens[i] > 0 and np.isfinite(view.absorbable_chunks[i]):
+        note += f", {int(chunks_of(tokens, view.prefill_chunk_tokens[i]))} chunks where they take {view.absorbable_chunks[i]:.0f}"
+    return note
 
 
 def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,

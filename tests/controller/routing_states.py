@@ -36,7 +36,7 @@ def book(reg: Registry, request_id: str, prompt_tokens: int, *, prefill: str | N
     req = RouteRequest(request_id, prompt_tokens, max_tokens, SLO(ttft_ms=1e6, tpot_ms=tpot_ms))
     reg.assign(req, Decision(Outcome.ROUTED, target(prefill), target(decode)), now_s=0.0)
     if prefill is None and decode is not None:  # already prefilled there, as predicted: now decoding
-        reg.prefill_done(request_id, sum(reg.instances[decode].assignments[request_id].predicted_prefill_ms))
+        reg.prefill_done(request_id, sum(reg.instances[decode].assignments[request_id].predicted_prefill_ms), now_s=0.0)
 
 
 def request(prompt_tokens: int, ttft_ms: float = 5000, tpot_ms: float = 100, priority: int = 0,

@@ -108,7 +108,8 @@ def test_an_answer_long_enough_to_absorb_a_prompts_chunks_within_its_tpot_lets_i
         d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=5000))
         outcomes[amortize_tokens] = d.outcome, (d.prefill or d.decode).replica_id if d.decode else None
         if d.outcome is Outcome.ROUTED:  # the log says what the answers there absorb
-            assert d.reason.endswith("its chunks stall the answers decoding there 2460 ms, room 24974 ms")
+            assert d.reason.endswith("its chunks stall the answers decoding there 2460 ms, room 24974 ms, "
+                                     "16 chunks where they take 160")  # 156 ms each
     assert outcomes == {256: (Outcome.ROUTED, "a"), 0: (Outcome.REJECTED, None)}  # prefilled on a
 
 
@@ -124,6 +125,26 @@ def test_the_stall_booked_next_to_an_answer_uses_up_what_it_can_absorb():
     assert reg.instances["a"].assignments["r"].absorbed_ms == 0.0  # its own prefill does not slow its answer
     second = RouteRequest("r2", 1000, 50, first.slo)
     assert route(reg, second).outcome is Outcome.REJECTED  # under 1180 ms of room left: not another 2460
+
+
+def test_an_answer_takes_only_the_chunks_its_steps_left_carry_so_a_prompt_refused_at_its_start_fits_later():
+    booked = {}
+    for now_s in (0.0, 1.5, 2.0):
+        reg = registry()
+        engine(reg, "a")
+        book(reg, "running", 100, decode="a", tpot_ms=150, max_tokens=30)  # 3640 ms of room, first token at 0 s
+        first = request(1000, ttft_ms=10_000, tpot_ms=5000)
+        reg.assign(first, route(reg, first), now_s=0.0)  # its 16 chunks ride 16 of the answer's 29 steps: 2460 ms
+        engine(reg, "a", now_s=now_s)  # a reports: the answer has made at least now_s / 150 ms tokens
+        second = RouteRequest("r2", 1000, 50, first.slo)
+        d = route(reg, second)
+        if d.outcome is Outcome.ROUTED:
+            reg.assign(second, d, now_s=now_s)
+        booked[now_s] = d.outcome, reg.instances["a"].assignments["running"].absorbed_ms
+    # At 0 s the second prompt's chunks would ride 13 steps (156 ms each), past the 1180 ms left; at
+    # 1.5 s 10 tokens are made, 3 steps are left past the first prompt's chunks (468 ms); at 2 s none.
+    assert booked == {0.0: (Outcome.REJECTED, 2460.0), 1.5: (Outcome.ROUTED, 2460.0 + 3 * 156.0),
+                      2.0: (Outcome.ROUTED, 2460.0)}
 
 
 def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_naming_the_pool():

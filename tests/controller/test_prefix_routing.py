@@ -145,7 +145,7 @@ def test_a_sessions_next_turn_follows_its_kv_before_any_cache_event_says_where_i
     add(c.registry, "d", "decode", now_s=now)
     first = dataclasses.replace(asking(PROMPT), request_id="turn-1", session_id="trip")
     assert asyncio.run(c.choose(first)).prefill.replica_id == "p2"  # p1 has a queue
-    c.registry.prefill_done("turn-1", 1560.0)
+    c.registry.prefill_done("turn-1", 1560.0, now_s=0.0)
     c.registry.release("turn-1")
     book(c.registry, "busy", 400, prefill="p2")  # now p2 has the longer queue
     later = PROMPT + list(range(200))

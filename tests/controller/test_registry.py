@@ -29,8 +29,10 @@ def test_a_route_books_the_prompt_on_its_prefill_instance_until_prefilled_and_th
     p, d = reg.instances["p"], reg.instances["d"]
     assert (p.load, p.queued_prefill_tokens(), d.load) == (1, 400, 1)
     assert reg.view("prefill").prefill_base_ms[0] == FAST.prefill_ms(0, 400)
-    reg.prefill_done("r1", prefill_ms=FAST.prefill_ms(400, 0))
+    assert d.assignments["r1"].decoding_since_s is None
+    reg.prefill_done("r1", prefill_ms=FAST.prefill_ms(400, 0), now_s=2.5)
     assert (p.load, p.queued_prefill_tokens(), d.load) == (0, 0, 1)
+    assert d.assignments["r1"].decoding_since_s == 2.5  # the first token came: its answer decodes from then
     reg.release("r1", tpot_ms=None)
     assert d.load == 0 and reg.view("decode").load[0] == 0
     reg.release("r1")  # a second release of the same request changes nothing
@@ -78,7 +80,7 @@ def test_observed_latencies_correct_an_instances_predictions():
     add(reg, "d", "decode")
     for i in range(40):  # this instance prefills twice as slowly as its profile says
         book(reg, f"r{i}", 100, prefill="p", decode="d")
-        reg.prefill_done(f"r{i}", 2 * FAST.prefill_ms(100, 0))
+        reg.prefill_done(f"r{i}", 2 * FAST.prefill_ms(100, 0), now_s=0.0)
         reg.release(f"r{i}", tpot_ms=0.5 * reg.instances["d"].profile.step_ms(1, 100))
     view = reg.view("prefill")
     assert math.isclose(view.prefill_base_ms[0] + 100 * view.prefill_ms_per_token[0], 2 * FAST.prefill_ms(100, 0),
@@ -94,7 +96,7 @@ def test_an_instance_without_observations_of_its_own_starts_from_its_types():
     add(reg, "d", "decode", accelerator="FAST")
     for i in range(20):  # prefill instances of this type run at half the profile's time
         book(reg, f"r{i}", 100, prefill="p", decode="d")
-        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
+        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0), now_s=0.0)
         reg.release(f"r{i}")
     d = reg.instances["d"]  # it never prefilled anything itself: its local prefill leans on p's
     assert d.prefill_fix.own.observations == 0 and d.prefill_fix.current is d.prefill_fix.shared
@@ -206,7 +208,7 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
     idle.own.fixed, idle.own.per_token, idle.own.observations = 2.0, 2.0, 5  # its first prefills were slow (cold)
     for i in range(20):  # p1 serves everything, at half the profile's time
         book(reg, f"r{i}", 100, prefill="p1", decode=None)
-        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0))
+        reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0), now_s=0.0)
         reg.release(f"r{i}")
     for t in range(1, 481):  # four minutes of reports, p2 admitting nothing
         add(reg, "p1", "prefill", accelerator="FAST", now_s=t * 0.5)
