@@ -16,9 +16,10 @@ For a request of P prompt tokens with objectives (TTFT, TPOT):
 Adaptive mode passes one view as both pools: every instance prefills and decodes, with chunked
 prefill. A prompt is prefilled where it decodes (any length), or on another instance with its KV
 moved; either way its chunks stretch each step of the requests decoding on the instance that
-prefills it by one chunk's compute, which must keep them within their TPOT objectives. So under
-TPOT-tight load an instance with decodes running prefills nothing and the pool splits into
-prefilling and decoding instances by itself; under loose objectives it serves as colocated. An
+prefills it by one chunk's compute, which must keep them within their TPOT objectives (each step,
+or each answer's mean over the steps it has left). So under TPOT-tight load an instance with
+decodes running prefills little and the pool splits into prefilling and decoding instances by
+itself; under loose objectives it serves as colocated. An
 answer whose KV moves onto an instance that has prompts queued decodes next to their chunks, so it
 must absorb them within its own TPOT objective, and it goes there only when that is soonest.
 """
