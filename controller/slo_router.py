@@ -20,8 +20,8 @@ prefills it by one chunk's compute, which must keep them within their TPOT objec
 or each answer's mean over the steps it has left). So under TPOT-tight load an instance with
 decodes running prefills little and the pool splits into prefilling and decoding instances by
 itself; under loose objectives it serves as colocated. An
-answer whose KV moves onto an instance that has prompts queued decodes next to their chunks, so it
-must absorb them within its own TPOT objective, and it goes there only when that is soonest.
+answer whose KV moves onto an instance that has prompts queued starts after them, so it goes there
+only if its TPOT objective absorbs that wait, and only when that is soonest.
 """
 
 from __future__ import annotations
@@ -101,10 +101,10 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         remote_ttft = first + np.zeros_like(step)  # per decode instance, whether `first` is one figure or not
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
         if adaptive:
-            absorbs, going = _onto_prefilling(req, decode, step, headroom, cfg)
+            absorbs, wait = _behind_queue(req, decode, arrival, step, headroom, cfg)
             if spare_decoding:
                 remote_ttft = np.where(absorbs, remote_ttft, np.inf)
-            remote_going = np.where(np.isfinite(remote_ttft), arrival + going, np.inf)
+            remote_going = np.where(np.isfinite(remote_ttft), remote_going + wait, np.inf)
     if local_ttft is None:
         ttft, local = remote_ttft, np.zeros(len(decode), bool)
     elif remote_ttft is None:
@@ -241,22 +241,20 @@ def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
     return each_step | absorbed
 
 
-def _onto_prefilling(req: RouteRequest, view: PoolView, step: np.ndarray, headroom: float, cfg: RoutingConfig
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """For an answer whose KV moves onto each instance: whether it absorbs the stall of the prompts
-    queued there (their chunks ride on its steps) within its TPOT objective, by the same two rules
-    as `_prefill_fits`, and when its second token comes after its KV lands. The KV lands during a
-    step and the answer's first step is the next one; on an instance that prefills, each carries a
-    chunk (a 1.7 s median wait measured on the project's CPU engines at 0.8 s chunk steps)."""
-    chunked = view.prefill_chunk_tokens > 0  # else a queued prompt takes one step, whole
-    one_chunk = np.where(chunked, view.prefill_fixed_ms + view.prefill_ms_per_token * view.prefill_chunk_tokens,
-                         view.queued_stall_ms)
-    queued = np.minimum(view.queued_stall_ms, one_chunk * max(req.max_tokens - 1, 0))  # a chunk per step it has
-    stretched = step + np.minimum(queued, one_chunk)
+def _behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float, step: np.ndarray, headroom: float,
+                  cfg: RoutingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """For an answer whose KV moves onto each instance (landing `arrival` ms from now): how long it waits
+    there for its first step, and whether its TPOT objective absorbs that wait, by the same two rules
+    as `_prefill_fits`. A moved answer joins the engine's waiting queue behind the prompts queued
+    there, and the engine admits waiting requests first come first served within a step's token
+    budget, which a prompt's chunk fills: it starts when they are prefilled (answers moved onto an
+    engine with a long queue waited 7-19 s on the project's CPU engines). The queue drains in about
+    its chunks' compute (the decode part of those steps left out)."""
+    wait = np.maximum(view.queued_stall_ms - arrival, 0.0)
     limit = req.slo.tpot_ms * headroom
     answer_tokens = min(req.max_tokens, cfg.tpot_amortize_max_tokens)
-    absorbs = (stretched <= limit) | (queued <= (limit - step) * max(answer_tokens - 1, 0))
-    return absorbs, np.where(queued > 0, 2 * stretched, step)
+    absorbs = (wait + step <= limit) | (wait <= (limit - step) * max(answer_tokens - 1, 0))
+    return absorbs, wait
 
 
 def _stall_note(view: PoolView, i: int, tokens: int) -> str:

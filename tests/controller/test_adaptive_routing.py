@@ -67,20 +67,22 @@ def test_on_a_tie_an_answer_stays_whole_on_an_idle_instance_rather_than_moving_w
     assert d.prefill is None and d.decode.replica_id == "b" and math.isclose(d.predicted_ttft_ms, 1560)
 
 
-def test_an_answer_moves_onto_an_instance_with_prompts_queued_only_if_it_absorbs_their_chunks_within_its_tpot():
+def test_an_answer_moves_onto_an_instance_with_prompts_queued_only_if_its_tpot_absorbs_the_wait_behind_them():
     placed = {}
-    for max_tokens in (200, 10):
+    for queued_tokens, max_tokens in ((1000, 200), (1000, 10), (600, 10)):
         reg = registry()
         engine(reg, "a")
         engine(reg, "b")
         book(reg, "running", 100, decode="a", tpot_ms=1000, max_tokens=200)
-        book(reg, "queued", 1000, prefill="a")  # 2460 ms of chunks still to ride on a's steps
-        # With the answer, a's step is 29.5 ms, 185.5 ms with a 64-token chunk: past 100 ms. Over 199
-        # steps the answer has (100 - 29.5) x 199 = 14030 ms of room for the queued chunks; over 9, 634.5.
+        book(reg, "queued", queued_tokens, prefill="a")  # a's queue drains in 2460 ms (1000 tokens), 1500 ms (600)
+        # Prefilled on b, the answer's KV reaches a at 1560.8 ms and waits there for the 1000-token queue,
+        # 899.2 ms (the 600-token one is done). With the answer a's step is 29.5 ms: over 199 steps it has
+        # (100 - 29.5) x 199 = 14030 ms of room for the wait; over 9, 634.5 ms.
         d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=100, max_tokens=max_tokens),
                   RoutingConfig(local_prefill_max_tokens=0))  # every prompt prefilled on the other instance
-        placed[max_tokens] = d.prefill.replica_id, d.decode.replica_id
-    assert placed == {200: ("b", "a"), 10: ("a", "b")}  # the short answer waits for a's queue instead
+        placed[queued_tokens, max_tokens] = d.prefill.replica_id, d.decode.replica_id
+    # the short answer waits for a's long queue instead, its prompt prefilled behind it
+    assert placed == {(1000, 200): ("b", "a"), (1000, 10): ("a", "b"), (600, 10): ("b", "a")}
 
 
 def test_loose_objectives_let_an_instance_prefill_while_it_decodes():
