@@ -245,11 +245,12 @@ def _behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float
                   cfg: RoutingConfig) -> tuple[np.ndarray, np.ndarray]:
     """For an answer whose KV moves onto each instance (landing `arrival` ms from now): how long it waits
     there for its first step, and whether its TPOT objective absorbs that wait, by the same two rules
-    as `_prefill_fits`. A moved answer joins the engine's waiting queue behind the prompts queued
-    there, and the engine admits waiting requests first come first served within a step's token
-    budget, which a prompt's chunk fills: it starts when they are prefilled (answers moved onto an
-    engine with a long queue waited 7-19 s on the project's CPU engines). The queue drains in about
-    its chunks' compute (the decode part of those steps left out)."""
+    as `_prefill_fits`. A moved answer reaches its engine once its prompt is prefilled elsewhere and
+    joins the waiting queue behind the prompts queued there; vLLM admits waiting requests first come
+    first served, and each admitted prompt's chunks fill the steps' token budget, so it starts when
+    they are prefilled (answers moved onto an engine with a long queue waited 7-19 s on the project's
+    CPU engines). The queue drains in about its chunks' compute (the decode part of those steps left
+    out)."""
     wait = np.maximum(view.queued_stall_ms - arrival, 0.0)
     limit = req.slo.tpot_ms * headroom
     answer_tokens = min(req.max_tokens, cfg.tpot_amortize_max_tokens)
