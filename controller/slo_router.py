@@ -101,9 +101,10 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         remote_ttft = first + np.zeros_like(step)  # per decode instance, whether `first` is one figure or not
         remote_going = arrival + step  # the decode instance has the request running: the answer goes on at its pace
         if adaptive:
+            # Its own answer, spared even in best effort (which spares no neighbour): moved behind a
+            # long queue it would miss its TPOT by seconds however soon its first token.
             absorbs, wait = _behind_queue(req, decode, arrival, step, headroom, cfg)
-            if spare_decoding:
-                remote_ttft = np.where(absorbs, remote_ttft, np.inf)
+            remote_ttft = np.where(absorbs, remote_ttft, np.inf)
             remote_going = np.where(np.isfinite(remote_ttft), remote_going + wait, np.inf)
     if local_ttft is None:
         ttft, local = remote_ttft, np.zeros(len(decode), bool)

@@ -176,6 +176,24 @@ def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbo
     assert d.reason.startswith("best effort, decoding answers not spared: prefill b")
 
 
+def test_best_effort_does_not_move_an_answer_behind_a_queue_its_tpot_cannot_absorb():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    # Neither can prefill sparing its answer: a chunk makes a step 180.5 ms, and b's answer, with room
+    # for (50 - 24.5) x 199 = 5074.5 ms of stall, has the queued prompt's 4920 ms booked on it.
+    book(reg, "ra", 100, decode="a", tpot_ms=50)
+    book(reg, "rb", 100, decode="b", tpot_ms=50, max_tokens=200)
+    book(reg, "queued", 2000, prefill="b")  # b's queue drains in 4920 ms
+    view = reg.view("adaptive")
+    d = choose_slo(request(1000, max_tokens=10), view, view, -reg.ttl_s, CFG, KV_BYTES, best_effort=True)
+    # Prefilled on a, the first token comes at 1952 ms, sooner than a's own answer-first local prefill
+    # (1981.5 ms); moved to b, the 10-token answer would wait about 2968 ms for b's queue, past its
+    # (100 - 29.5) x 9 = 634.5 ms of room. So it stays whole on a.
+    assert d.outcome is Outcome.ROUTED and d.prefill is None and d.decode.replica_id == "a"
+    assert d.reason.startswith("best effort, decoding answers not spared: local prefill")
+
+
 def test_an_instance_is_never_paired_with_itself():
     reg = registry()
     engine(reg, "a")
