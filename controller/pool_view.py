@@ -37,8 +37,9 @@ class Row:
     """Least stall any of the answers decoding there can still absorb within its TPOT objective,
     over its tokens (inf: none decoding; at most 0: none)."""
     queued_stall_ms: float
-    """What the prompts queued there (not yet prefilled) add, in all, to the steps of an answer that
-    decodes there meanwhile: their chunks ride on its steps (0: none queued)."""
+    """The compute of the prompts queued there (not yet prefilled): what their chunks add, in all, to
+    the steps of the answers decoding there, and about how long they hold off an answer that arrives
+    there now (0: none queued)."""
     absorbable_chunks: float
     """Most chunks of a prompt routed now that the answers decoding there take within their TPOT
     objectives, each as many as its room holds or as its steps left (inf: any number)."""

@@ -344,7 +344,7 @@ class Registry:
                 continue
             prefills = t is decision.prefill or decision.prefill is None
             decodes = t is decision.decode
-            if prefills:  # its chunks stretch the steps of the answers decoding there that are left
+            if prefills:  # its chunks stretch the steps the answers decoding there have left
                 queued = inst.queued_chunks()
                 for a in inst.assignments.values():
                     if a.kv_tokens:

@@ -19,9 +19,9 @@ moved; either way its chunks stretch each step of the requests decoding on the i
 prefills it by one chunk's compute, which must keep them within their TPOT objectives (each step,
 or each answer's mean over the steps it has left). So under TPOT-tight load an instance with
 decodes running prefills little and the pool splits into prefilling and decoding instances by
-itself; under loose objectives it serves as colocated. An
-answer whose KV moves onto an instance that has prompts queued starts after them, so it goes there
-only if its TPOT objective absorbs that wait, and only when that is soonest.
+itself; under loose objectives it serves as colocated. An answer whose KV moves onto an instance
+that has prompts queued starts after them, so it goes there only if its TPOT objective absorbs that
+wait, and only when that is soonest.
 """
 
 from __future__ import annotations
