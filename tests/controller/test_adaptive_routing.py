@@ -63,7 +63,7 @@ def test_on_a_tie_an_answer_stays_whole_on_an_idle_instance_rather_than_moving_w
     book(reg, "queued", 1000, prefill="a")  # a decodes and prefills: its steps carry chunks for a while
     assert list(reg.view("adaptive").queued_stall_ms) == [2460.0, 0.0]  # 16 chunks x 60 ms + 1000 x 1.5 ms
     d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=1000))
-    # b gives the first token in 1560 ms either way; decoding on a, the answer would wait for a's chunk steps
+    # b gives the first token in 1560 ms either way; moved to a, the answer would wait there for a's queue
     assert d.prefill is None and d.decode.replica_id == "b" and math.isclose(d.predicted_ttft_ms, 1560)
 
 
