@@ -23,9 +23,10 @@ import psutil
 
 from pdserve.config.routing import CPU_PROFILE, RoutingConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest
+from pdserve.controller.instance import LoadReport
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.prefix_index import GRAIN_TOKENS, CacheEvents, Stored, block_hashes
-from pdserve.controller.registry import LoadReport, Registry
+from pdserve.controller.registry import Registry
 from pdserve.controller.slo_router import choose_slo
 
 KV_BYTES_PER_TOKEN = 23_040  # SmolLM2-135M in bfloat16: 2 x 30 layers x 3 KV heads x 64 x 2 bytes

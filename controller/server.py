@@ -21,10 +21,11 @@ from pdserve.controller.autoscaling.loop import Autoscaler, RateWindow, describe
 from pdserve.controller.decision import Decision, Outcome, RouteRequest
 from pdserve.controller.hot_experts import ExpertWindow, hot_set
 from pdserve.controller.hot_experts import describe as describe_hot
+from pdserve.controller.instance import Instance, LoadReport
 from pdserve.controller.latency_model import Correction
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.pool_view import PoolView
-from pdserve.controller.registry import Instance, LoadReport, Registry
+from pdserve.controller.registry import Registry
 from pdserve.controller.sessions import Sessions
 from pdserve.controller.slo_router import choose_slo, priority_headroom
 

@@ -24,7 +24,7 @@ from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
 from pdserve.config.experts import CONFIG_ENV
 from pdserve.controller.hot_experts import ExpertReport
-from pdserve.controller.registry import LoadReport
+from pdserve.controller.instance import LoadReport
 from pdserve.kvtransfer.vllm_config import kv_transfer_config
 from pdserve.prefill.engine_load import EngineLoad, RequestProgress
 from pdserve.prefill.engine_watchdog import WATCHDOG_ENV

@@ -13,7 +13,7 @@ from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
 
-from pdserve.controller.registry import LoadReport
+from pdserve.controller.instance import LoadReport
 
 EWMA_ALPHA = 0.2
 """Weight of the newest request in the recent TTFT/TPOT averages."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from pdserve.config.routing import LatencyProfile
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
-from pdserve.controller.registry import LoadReport, Registry
+from pdserve.controller.instance import LoadReport
+from pdserve.controller.registry import Registry
 
 # FAST prefills 3x faster than the default (SLOW) accelerator type.
 FAST = LatencyProfile(prefill_base_ms=20, prefill_ms_per_token=0.5, decode_base_ms=20, decode_ms_per_seq=2,

@@ -5,7 +5,7 @@ import asyncio
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.hot_experts import ExpertReport, ExpertWindow, describe, hot_set
-from pdserve.controller.registry import LoadReport
+from pdserve.controller.instance import LoadReport
 from pdserve.controller.server import Controller
 
 

@@ -10,8 +10,9 @@ import time
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import RouteRequest
+from pdserve.controller.instance import LoadReport
 from pdserve.controller.prefix_index import CacheEvents, Removed, Stored, block_hashes
-from pdserve.controller.registry import LoadReport, Registry
+from pdserve.controller.registry import Registry
 from pdserve.controller.server import Controller
 from pdserve.controller.slo_router import choose_slo
 

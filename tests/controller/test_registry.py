@@ -1,7 +1,7 @@
 import math
 
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
-from pdserve.controller.registry import LoadReport
+from pdserve.controller.instance import LoadReport
 
 from .routing_states import FAST, add, book, registry
 

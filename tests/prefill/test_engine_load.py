@@ -1,6 +1,6 @@
 from types import SimpleNamespace
 
-from pdserve.controller.registry import LoadReport
+from pdserve.controller.instance import LoadReport
 from pdserve.prefill.engine_load import EngineLoad
 
 BASE = LoadReport("r1", "decode", "node", None, "a:1", 8, 1.0)
