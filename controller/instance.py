@@ -3,7 +3,7 @@ controller routed to it (its ledger), and the predictions made from both, which 
 as the instance's row of its pool's view (`pool_view.py`).
 
 Load comes from the ledger, exact at once, where a reported count lags by up to a report
-interval. What an instance reports at first sight and the ledger does not know (requests
+interval (an idle instance would look busy, a busy one idle). What an instance reports at first sight and the ledger does not know (requests
 routed before a controller restart) is carried beside it and only shrinks, as they finish.
 """
 

@@ -2,12 +2,8 @@
 view per pool for routing, with the prefix index and the corrections instances of a type share.
 
 Each engine replica reports every `report_interval_s`; an instance that misses reports
-for `ttl_s` is taken out of routing and comes back with its next report. Load is the
-controller's own ledger of the requests it routed to an instance and has not seen
-released: exact at once, where a reported count lags by up to a report interval (an
-idle instance would look busy, a busy one idle). An instance first heard of (a new
-replica, or every replica after a controller restart) also carries the requests it
-reports and the ledger does not know; that remainder only shrinks, as they finish.
+for `ttl_s` is taken out of routing and comes back with its next report. Routing books each
+request on the instances it picked (their ledgers) until it is released.
 """
 
 from __future__ import annotations
