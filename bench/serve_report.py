@@ -147,13 +147,16 @@ FIXED_MODES = ("colocated", "disaggregated")
 
 
 def adaptive_goal(rows: list[dict]) -> dict[str, dict]:
-    """The issue's goal for adaptive mode, per setting: its goodput at least the better fixed mode's."""
+    """The issue's goal for adaptive mode, per setting: its goodput at least the better fixed mode's.
+    Where no mode met the setting's objectives at any rate tried, goodput is 0 for all and says
+    nothing of which is better: `met` is None (not judged), not a pass."""
     out = {}
     for row in rows:
         goodput = row["goodput_rps"]
         best = max((m for m in FIXED_MODES if m in goodput), key=lambda m: goodput[m])
+        judged = goodput["adaptive"] > 0 or goodput[best] > 0
         out[row["key"]] = {"adaptive_rps": goodput["adaptive"], "best_fixed": best, "best_fixed_rps": goodput[best],
-                           "met": goodput["adaptive"] >= goodput[best]}
+                           "met": goodput["adaptive"] >= goodput[best] if judged else None}
     return out
 
 
@@ -230,7 +233,7 @@ def summary(report: dict) -> list[str]:
         lines += [f"goal at {key}: disaggregated/colocated {s['ratio']} (target >= {g['goal_ratio']}) -> "
                   f"{'met' if s['met'] else 'not met'}" for key, s in g["by_setting"].items()]
     lines += [f"adaptive goal at {key}: adaptive {a['adaptive_rps']:.3f} req/s against {a['best_fixed']} "
-              f"{a['best_fixed_rps']:.3f} (target: at least the better fixed mode) -> {'met' if a['met'] else 'not met'}"
+              f"{a['best_fixed_rps']:.3f} (target: at least the better fixed mode) -> {_verdict(a['met'])}"
               for key, a in report.get("adaptive_goal", {}).items()]
     for mode, c in report.get("cache_goal", {}).items():
         aware, blind = c["cache_aware"], c["cache_blind"]
@@ -251,6 +254,12 @@ def _ms(value: float | None) -> str:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
+
+
+def _verdict(met: bool | None) -> str:
+    if met is None:
+        return "not judged: no mode met these objectives at any rate tried (attainment per run in the report)"
+    return "met" if met else "not met"
 
 
 def _pct(value: float | None) -> str:

@@ -49,8 +49,9 @@ def _rows(name: str, report: dict, baseline: str | None) -> list[dict]:
             row["ratio_bounds"] = {mode: list(ratio_bounds(b, bracket[baseline])) for mode, b in bracket.items()}
         fixed = [m for m in FIXED_MODES if m in bracket]
         if "adaptive" in bracket and fixed:
-            best = max(fixed, key=lambda m: bracket[m][0])
-            row["adaptive_at_least_best_fixed"] = bracket["adaptive"][0] >= bracket[best][0]
+            best = max(fixed, key=lambda m: bracket[m][0])  # None where no mode passed at any rate: not judged
+            judged = bracket["adaptive"][0] > 0 or bracket[best][0] > 0
+            row["adaptive_at_least_best_fixed"] = bracket["adaptive"][0] >= bracket[best][0] if judged else None
         rows.append(row)
     return rows
 
@@ -64,10 +65,13 @@ def assemble(reports: dict[str, dict], baseline: str | None) -> dict:
         "baseline": baseline, "requests_per_rate": n, "attainment_step": 1 / n,
         "attainment_step_ok": 1 / n <= MAX_ATTAINMENT_STEP, "rows": rows,
     }
-    judged = [r for r in rows if "adaptive_at_least_best_fixed" in r]
-    if judged:
+    compared = [r for r in rows if "adaptive_at_least_best_fixed" in r]
+    if compared:
+        judged = [r for r in compared if r["adaptive_at_least_best_fixed"] is not None]
         missed = [f"{r['workload']}/{r['key']}" for r in judged if not r["adaptive_at_least_best_fixed"]]
-        sweep["adaptive_goal"] = {"met": len(judged) - len(missed), "of": len(judged), "missed": missed}
+        unjudged = [f"{r['workload']}/{r['key']}" for r in compared if r["adaptive_at_least_best_fixed"] is None]
+        sweep["adaptive_goal"] = {"met": len(judged) - len(missed), "of": len(judged), "missed": missed,
+                                  "not_judged": unjudged}
     return {"tool": "pdserve bench serve", "created_unix_s": time.time(), "command": sys.argv,
             "hardware": hardware(), "model": first["model"], "sweep": sweep, "workloads": reports}
 
@@ -91,7 +95,9 @@ def summary(report: dict) -> list[str]:
         lines.append(f"  {row['workload']} {row['key']}: " + "; ".join(cells))
     if goal := sweep.get("adaptive_goal"):
         lines.append(f"adaptive >= the better fixed mode: {goal['met']} of {goal['of']} settings"
-                     + (f" (missed: {', '.join(goal['missed'])})" if goal["missed"] else ""))
+                     + (f" (missed: {', '.join(goal['missed'])})" if goal["missed"] else "")
+                     + (f"; not judged, no mode passed at any rate tried: {', '.join(goal['not_judged'])}"
+                        if goal["not_judged"] else ""))
     return lines
 
 

@@ -152,19 +152,23 @@ def test_headline_gives_the_ratio_at_every_grid_and_absolute_setting():
     assert only_absolute["by_setting"] == {"summarization": {"ratio": 2.5, "met": True}}
 
 
-def test_adaptive_is_judged_against_the_better_fixed_mode_at_every_setting():
-    configs = _configs({"1": 0.0, "2": 0.5, "3": 1.0}, {"1": 0.2, "2": 0.25, "3": 1.0})
+def test_adaptive_is_judged_against_the_better_fixed_mode_at_every_setting_where_any_mode_passed():
+    configs = _configs({"1": 0.0, "2": 0.5, "3": 1.0, "0.5": 0.0}, {"1": 0.2, "2": 0.25, "3": 1.0, "0.5": 0.0})
     configs["adaptive"] = {"goodput": {"1": {"goodput_rps": 0.4}, "2": {"goodput_rps": 0.25},
-                                       "3": {"goodput_rps": 1.0}}}
-    rows = comparison(configs, _judged(slo_scales=[1.0, 2.0, 3.0]), "colocated")
+                                       "3": {"goodput_rps": 1.0}, "0.5": {"goodput_rps": 0.0}}}
+    rows = comparison(configs, _judged(slo_scales=[0.5, 1.0, 2.0, 3.0]), "colocated")
     goal = adaptive_goal(rows)
     assert goal["1"] == {"adaptive_rps": 0.4, "best_fixed": "disaggregated", "best_fixed_rps": 0.2, "met": True}
     assert goal["2"] == {"adaptive_rps": 0.25, "best_fixed": "colocated", "best_fixed_rps": 0.5, "met": False}
     assert goal["3"]["met"] is True  # a tie meets it
+    assert goal["0.5"]["met"] is None  # a tie at 0 does not: no mode passed at any rate tried
     report = {"slo": {"reference": REFERENCE}, "comparison": rows, "adaptive_goal": goal,
               "configs": {name: {"calibration": {}, "runs": []} for name in configs}}
     assert ("adaptive goal at 2: adaptive 0.250 req/s against colocated 0.500 (target: at least the better fixed "
             "mode) -> not met") in summary(report)
+    assert ("adaptive goal at 0.5: adaptive 0.000 req/s against colocated 0.000 (target: at least the better fixed "
+            "mode) -> not judged: no mode met these objectives at any rate tried (attainment per run in the report)"
+            ) in summary(report)
 
 
 def test_summary_prints_one_line_per_setting():

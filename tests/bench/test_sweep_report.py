@@ -34,23 +34,26 @@ def test_the_sweep_table_has_a_row_per_workload_and_setting_and_names_where_adap
     reports = {
         "chat": _workload_report(40, {"colocated": (1.0, 1.2), "disaggregated": (0.5, 0.6), "adaptive": (1.0, 1.2)}),
         "code": _workload_report(20, {"colocated": (0.4, 0.5), "disaggregated": (0.8, 1.0), "adaptive": (0.6, 0.8)}),
+        "azure": _workload_report(20, {"colocated": (0.0, 0.2), "disaggregated": (0.0, 0.2), "adaptive": (0.0, 0.2)}),
     }
     report = sweep_report.assemble(reports, "colocated")
     sweep = report["sweep"]
-    assert [(r["workload"], r["key"]) for r in sweep["rows"]] == [("chat", "app"), ("code", "app")]
+    assert [(r["workload"], r["key"]) for r in sweep["rows"]] == [("chat", "app"), ("code", "app"), ("azure", "app")]
     code = sweep["rows"][1]
     assert code["goodput_rps"] == {"colocated": 0.4, "disaggregated": 0.8, "adaptive": 0.6}
     assert code["ratio_to_baseline"]["disaggregated"] == pytest.approx(2.0)
     assert code["ratio_bounds"]["disaggregated"] == pytest.approx([0.8 / 0.5, 1.0 / 0.4])
-    assert [r["adaptive_at_least_best_fixed"] for r in sweep["rows"]] == [True, False]
-    assert sweep["adaptive_goal"] == {"met": 1, "of": 2, "missed": ["code/app"]}
+    # azure: no mode passed at any rate tried, so a tie at 0 says nothing: not judged, not met.
+    assert [r["adaptive_at_least_best_fixed"] for r in sweep["rows"]] == [True, False, None]
+    assert sweep["adaptive_goal"] == {"met": 1, "of": 2, "missed": ["code/app"], "not_judged": ["azure/app"]}
     # The coarser workload sets the step: 20 requests, one of them 0.05 of attainment.
     assert (sweep["requests_per_rate"], sweep["attainment_step"], sweep["attainment_step_ok"]) == (20, 0.05, True)
     assert report["workloads"] is reports
     lines = sweep_report.summary(report)
     assert "code app: colocated [0.4, 0.5); disaggregated [0.8, 1); adaptive [0.6, 0.8)" in lines[2]
     assert "disaggregated/colocated 2.00 (bounds 1.60-2.50)" in lines[2]
-    assert lines[-1] == "adaptive >= the better fixed mode: 1 of 2 settings (missed: code/app)"
+    assert lines[-1] == ("adaptive >= the better fixed mode: 1 of 2 settings (missed: code/app); not judged, "
+                         "no mode passed at any rate tried: azure/app")
 
 
 def test_without_a_colocated_baseline_the_sweep_gives_goodput_but_no_ratios():
