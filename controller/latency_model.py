@@ -48,7 +48,14 @@ class Correction:
     observed again), gets requests again and is re-measured. Evidence of speed does not fade: on a
     profile slower than the hardware, fading would make predictions ever more pessimistic with
     nothing admitted to disprove them."""
+    fade_after_s: float = 30.0
+    """Slowness fades only once nothing has been observed for this long: a fade between
+    observations pulls a correction that is still being measured back toward the profile, and
+    held an engine twice as slow as its profile at about 1.4x (a queue behind it predicted at
+    1.7 ms per prompt token, served at 3)."""
     decayed_at_s: float | None = None
+    quiet_since_s: float | None = None
+    """Since when nothing was observed (as of the last `decay_to`); None: observed since then."""
 
     def ms(self, fixed_ms: float, token_ms: float) -> float:
         """The corrected prediction of a profile's `fixed_ms` + `token_ms`."""
@@ -60,6 +67,7 @@ class Correction:
         if predicted_ms <= 0 or observed_ms <= 0:
             return
         self.observations += 1
+        self.quiet_since_s = None
         fixed_share = self.fixed * fixed_ms / predicted_ms
         step = self.alpha * math.log(observed_ms / predicted_ms) / (fixed_share**2 + (1.0 - fixed_share) ** 2)
         self.fixed = self._bounded(math.log(self.fixed) + step * fixed_share)
@@ -67,11 +75,16 @@ class Correction:
 
     def decay_to(self, now_s: float, toward: tuple[float, float] = (1.0, 1.0)) -> None:
         """Let the evidence of slowness beyond `toward` (fixed, per-token) fade for the time since
-        the last call (idempotent for a given `now_s`)."""
-        if self.decayed_at_s is not None and now_s > self.decayed_at_s:
-            fade = 0.5 ** ((now_s - self.decayed_at_s) / self.half_life_s)
-            self.fixed = _faded(self.fixed, toward[0], fade)
-            self.per_token = _faded(self.per_token, toward[1], fade)
+        the last call that lies `fade_after_s` or more after the last observation (idempotent for a
+        given `now_s`)."""
+        if self.quiet_since_s is None:
+            self.quiet_since_s = now_s
+        if self.decayed_at_s is not None:
+            fading_s = now_s - max(self.decayed_at_s, self.quiet_since_s + self.fade_after_s)
+            if fading_s > 0:
+                fade = 0.5 ** (fading_s / self.half_life_s)
+                self.fixed = _faded(self.fixed, toward[0], fade)
+                self.per_token = _faded(self.per_token, toward[1], fade)
         self.decayed_at_s = now_s if self.decayed_at_s is None else max(self.decayed_at_s, now_s)
 
     def _bounded(self, log_factor: float) -> float:

@@ -58,20 +58,35 @@ def test_a_correction_moves_gradually_and_stays_bounded():
     assert math.isclose(c.fixed, c.limit) and c.observations == 201
 
 
-def test_evidence_of_slowness_fades_and_evidence_of_speed_stays():
+def test_evidence_of_slowness_fades_once_nothing_is_observed_and_evidence_of_speed_stays():
     c = Correction(fixed=4.0, per_token=0.25)
     c.decay_to(0.0)
-    c.decay_to(c.half_life_s)
+    c.decay_to(c.fade_after_s)
+    assert c.fixed == 4.0  # not observed for a while yet
+    c.decay_to(c.fade_after_s + c.half_life_s)
     assert math.isclose(c.fixed, 2.0) and c.per_token == 0.25
-    c.decay_to(c.half_life_s)  # the same moment twice decays once
+    c.decay_to(c.fade_after_s + c.half_life_s)  # the same moment twice decays once
     assert math.isclose(c.fixed, 2.0)
     c.decay_to(10 * c.half_life_s)
     assert c.per_token == 0.25  # faster than the profile: no reason to become more pessimistic
 
 
+def test_an_engine_measured_steadily_is_predicted_at_its_measured_pace_between_observations():
+    """An engine twice as slow as its profile, observed every 10 s and looked at every second: the
+    correction reaches 2x and stays there. Fading between observations held it near 1.4x."""
+    c = Correction()
+    for second in range(600):
+        if second % 10 == 0:
+            c.observe(*profile_parts(1000), 2.0 * sum(profile_parts(1000)))
+        c.decay_to(float(second))
+    assert math.isclose(c.ms(*profile_parts(1000)), 2.0 * sum(profile_parts(1000)), rel_tol=0.02)
+    c.decay_to(590.0 + c.fade_after_s)  # nothing since the last one, at 590 s, for a while: still 2x
+    assert math.isclose(c.ms(*profile_parts(1000)), 2.0 * sum(profile_parts(1000)), rel_tol=0.02)
+
+
 def test_where_the_type_runs_slower_than_its_profile_an_idle_instances_slowness_fades_to_the_profile():
     c = InstanceCorrection(Correction(fixed=1.5, per_token=0.5), Correction(fixed=3.0, per_token=3.0, observations=5))
     c.decay_to(0.0)
-    c.decay_to(c.own.half_life_s)
+    c.decay_to(c.own.fade_after_s + c.own.half_life_s)
     assert math.isclose(c.own.fixed, 3.0 ** 0.5)  # half of its slowness gone, as toward the profile
     assert math.isclose(c.own.per_token, 0.5 * 6.0 ** 0.5)  # half gone toward its type's speed

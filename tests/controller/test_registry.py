@@ -114,7 +114,7 @@ def test_an_instance_seen_slow_and_refused_everything_since_is_predicted_faster_
     add(reg, "p", "prefill")
     own = reg.instances["p"].prefill_fix.own
     own.fixed, own.per_token, own.observations = 8.0, 8.0, 5
-    for t in range(1, 241):  # two minutes of reports (four half-lives), no request admitted: 8x -> 8 ** (1/16)
+    for t in range(1, 302):  # 150 s of reports, no request admitted: 30 s quiet, then four half-lives: 8x -> 8 ** (1/16)
         add(reg, "p", "prefill", now_s=t * 0.5)
     view = reg.view("prefill")
     assert math.isclose(view.prefill_ms_per_token[0], 8 ** (1 / 16) * reg.instances["p"].profile.prefill_ms_per_token,
@@ -210,7 +210,7 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
         book(reg, f"r{i}", 100, prefill="p1", decode=None)
         reg.prefill_done(f"r{i}", 0.5 * FAST.prefill_ms(100, 0), now_s=0.0)
         reg.release(f"r{i}")
-    for t in range(1, 481):  # four minutes of reports, p2 admitting nothing
+    for t in range(1, 541):  # four and a half minutes of reports, p2 admitting nothing
         add(reg, "p1", "prefill", accelerator="FAST", now_s=t * 0.5)
         add(reg, "p2", "prefill", accelerator="FAST", now_s=t * 0.5)
     view = reg.view("prefill")
