@@ -43,6 +43,7 @@ class EngineSpec:
     expert_buffers: str | None = None  # ExpertBufferConfig JSON: run the MoE layers buffered
     connector: Literal["pdserve", "nixl"] = "pdserve"  # nixl: vLLM's NixlConnector, for `bench kv`'s side by side
     nixl_side_channel_port: int | None = None  # the NIXL handshake port a producer listens on
+    tensor_parallel_size: int = 1  # ranks in worker processes; cpu_bind gives each its cores ("0|1")
 
 
 def cpu_list(bind: str) -> set[int]:
@@ -84,6 +85,8 @@ def _engine_main(spec: EngineSpec, conn) -> None:  # runs in the child process
         extra["max_num_batched_tokens"] = spec.max_num_batched_tokens
     if spec.block_size:
         extra["block_size"] = spec.block_size
+    if spec.tensor_parallel_size > 1:
+        extra["tensor_parallel_size"] = spec.tensor_parallel_size
     from pdserve.config.experts import CONFIG_ENV
     from pdserve.prefill.worker_extension import EXTENSION
 

@@ -110,7 +110,7 @@ def _push(sender, stager, dest: str, shape: Shape, layouts: list[BlockLayout], x
         x = _forward_layer(x, w)
         save = time.perf_counter()
         for b in range(0, len(ids), per_chunk):
-            stager.send(t, layer, b, lay, ids[b : b + per_chunk])
+            stager.send([t], layer, b, lay, ids[b : b + per_chunk])
         held.append(time.perf_counter() - save)
     _sync(device)
     forward_s = time.perf_counter() - start

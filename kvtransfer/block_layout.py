@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
+
+from pdserve.kvtransfer.tp_shards import HeadSlice
 
 
 def contiguous_runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -41,6 +44,8 @@ class BlockLayout:
         self.kv = kv_layer
         self.on_cpu = kv_layer.device.type == "cpu"
         self.block_shape = kv_layer.shape[self.block_dim + 1 :]
+        self.heads_dim = 0 if self.block_dim == 0 else len(self.block_shape) - 2
+        """The KV heads' dimension within a block (CPU: first; GPU: before the head size)."""
         self.block_bytes = kv_layer[0].numel() * kv_layer.element_size() if self.block_dim == 0 else (
             2 * kv_layer[0, 0].numel() * kv_layer.element_size()
         )
@@ -61,27 +66,58 @@ class BlockLayout:
             raise ValueError(f"read() views a CPU cache in place; a {self.kv.device} cache is read by LayerStager")
         return host_views(self.slices(block_ids))
 
-    def write(self, block_ids: Sequence[int | None], payload: memoryview) -> int:
+    @property
+    def num_heads(self) -> int:
+        return int(self.block_shape[self.heads_dim])
+
+    def write(self, block_ids: Sequence[int | None], payload: memoryview, heads: HeadSlice | None = None,
+              src_heads: int = 0) -> int:
         """Copy a payload made by the peer's `read` of len(block_ids) blocks into
         `block_ids` (None: skip that block, e.g. it is already cached here).
+        With `heads`, the peer's blocks hold `src_heads` KV heads (another tensor-parallel
+        share) and only `heads` of them are copied, to their place here.
         Returns the bytes copied."""
         n = len(block_ids)
-        if payload.nbytes != n * self.block_bytes:
-            raise ValueError(f"payload has {payload.nbytes} B, {n} blocks hold {n * self.block_bytes} B")
+        block_bytes = self.block_bytes if heads is None else self.block_bytes // self.num_heads * src_heads
+        if payload.nbytes != n * block_bytes:
+            raise ValueError(f"payload has {payload.nbytes} B, {n} blocks hold {n * block_bytes} B")
         with warnings.catch_warnings():
             # gRPC hands us read-only bytes; this tensor is only ever read.
             warnings.simplefilter("ignore", UserWarning)
             src = torch.frombuffer(payload, dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
         halves = [src] if self.block_dim == 0 else [src[: src.numel() // 2], src[src.numel() // 2 :]]
-        per_block = self.block_bytes // len(halves)
+        per_block = block_bytes // len(halves)
         copied = 0
         for pos, first, count in _positioned_runs(block_ids):
             for h, half in enumerate(halves):
                 dst = self.kv[first : first + count] if self.block_dim == 0 else self.kv[h, first : first + count]
-                piece = half[pos * per_block : (pos + count) * per_block]
-                dst.copy_(piece.view(dst.dtype).view(dst.shape), non_blocking=not self.on_cpu)
-                copied += piece.numel()
+                piece = half[pos * per_block : (pos + count) * per_block].view(dst.dtype)
+                if heads is None:
+                    dst.copy_(piece.view(dst.shape), non_blocking=not self.on_cpu)
+                    copied += piece.numel() * piece.element_size()
+                    continue
+                dim = 1 + self.heads_dim
+                shape = (*dst.shape[:dim], src_heads, *dst.shape[dim + 1 :])
+                part = piece.view(shape).narrow(dim, heads.src_first, heads.count)
+                dst.narrow(dim, heads.dst_first, heads.count).copy_(part, non_blocking=not self.on_cpu)
+                copied += part.numel() * part.element_size()
         return copied
+
+
+class LoadPiece(NamedTuple):
+    """A received payload (one chunk: one layer's run of blocks) and where it lands in the cache."""
+
+    layout: BlockLayout
+    block_ids: Sequence[int | None]
+    """Physical blocks, one per block of the payload (None: held here already, skipped)."""
+    payload: memoryview
+    heads: HeadSlice | None = None
+    """Where the payload holds another tensor-parallel share of the heads: which of them land here."""
+    src_heads: int = 0
+    """The payload's heads per block, with `heads`."""
+
+    def write(self) -> int:
+        return self.layout.write(self.block_ids, self.payload, self.heads, self.src_heads)
 
 
 def host_views(tensors: Sequence[torch.Tensor]) -> list[memoryview]:

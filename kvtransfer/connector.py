@@ -8,7 +8,8 @@ Enable it on an engine with::
                      kv_connector_extra_config={...KVTransferSettings fields...})
 
 and route a request by putting `params.for_prefill(...)` / `params.for_decode(...)`
-in `SamplingParams.extra_args["kv_transfer_params"]`.
+in `SamplingParams.extra_args["kv_transfer_params"]`. With tensor parallelism each rank's
+worker moves its own share of the KV heads (`tp_shards.py`); the two engines may differ in TP size.
 
 vLLM creates one instance per role: SCHEDULER (in the engine core; plans which
 blocks move) and WORKER (next to the KV cache; moves the bytes). Each method
@@ -26,12 +27,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
     KVConnectorTransferResults,
 )
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, GrpcWorkerMetadata
 from pdserve.kvtransfer.connector_scheduler import SchedulerSide
 from pdserve.kvtransfer.connector_worker import WorkerSide
+from pdserve.kvtransfer.tp_shards import check_shardable
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -62,6 +65,9 @@ class GrpcKVConnector(KVConnectorBase_V1):
         else:
             mc = vllm_config.model_config
             model_id = self.settings.model_id or mc.served_model_name or os.path.basename(mc.model.rstrip("/"))
+            tp_size = vllm_config.parallel_config.tensor_parallel_size
+            if tp_size > 1:  # each rank moves its share of the heads; replicated heads are refused
+                check_shardable(mc.get_total_num_kv_heads(), tp_size)
             self._worker = WorkerSide(
                 self.settings,
                 model_id=str(model_id),
@@ -71,6 +77,8 @@ class GrpcKVConnector(KVConnectorBase_V1):
                 num_blocks=kv_cache_config.num_blocks,
                 produce=ktc.is_kv_producer,
                 consume=ktc.is_kv_consumer,
+                tp_rank=get_tensor_model_parallel_rank() if tp_size > 1 else 0,
+                tp_size=tp_size,
             )
 
     @property

@@ -24,6 +24,7 @@ class SendJob:
     block_ids: list[int]
     is_last: bool  # this step computes the prompt's last token: send the end marker
     trace_parent: str = ""
+    dest_tp: int = 1  # the decode engine's tensor-parallel ranks (`tp_shards`)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class LoadJob:
     num_tokens: int
     first_block: int
     block_ids: list[int]
+    src_tp: int = 1  # the prefill engine's tensor-parallel ranks: a part of the transfer from each
 
 
 @dataclass
@@ -65,6 +67,20 @@ class TransferReport:
     start_unix_ns: int = 0  # prefill forward start: the push overlaps it from here
     ready_unix_ns: int = 0  # KV in the decode cache
 
+    def merge(self, other: TransferReport) -> TransferReport:
+        """One request's report from two tensor-parallel ranks: failed if either failed, the bytes
+        of both, ready when the later one was."""
+        failed = self if self.state == "FAILED" else other if other.state == "FAILED" else None
+        return TransferReport(
+            transfer_id=self.transfer_id, state=failed.state if failed else self.state,
+            tokens=0 if failed else self.tokens, bytes=self.bytes + other.bytes,
+            error=failed.error if failed else "",
+            prefill_compute_ms=max(self.prefill_compute_ms, other.prefill_compute_ms),
+            exposed_ms=max(self.exposed_ms, other.exposed_ms), load_ms=max(self.load_ms, other.load_ms),
+            trace_parent=self.trace_parent or other.trace_parent,
+            start_unix_ns=min((t for t in (self.start_unix_ns, other.start_unix_ns) if t), default=0),
+            ready_unix_ns=max(self.ready_unix_ns, other.ready_unix_ns))
+
 
 @dataclass
 class GrpcWorkerMetadata(KVConnectorWorkerMetadata):
@@ -72,4 +88,7 @@ class GrpcWorkerMetadata(KVConnectorWorkerMetadata):
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, GrpcWorkerMetadata)
-        return GrpcWorkerMetadata({**self.reports, **other.reports})
+        reports = dict(self.reports)
+        for req_id, r in other.reports.items():
+            reports[req_id] = reports[req_id].merge(r) if req_id in reports else r
+        return GrpcWorkerMetadata(reports)

@@ -14,6 +14,7 @@ from pdserve.kvtransfer.connector_meta import (
     SendJob,
     TransferReport,
 )
+from pdserve.kvtransfer.tp_shards import part_id
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -83,7 +84,7 @@ class SchedulerSide:
             # Routing expected this engine to hold more than it does (evicted since, or a lost
             # cache event): the transfer lacks blocks this request needs, so it computes its prompt.
             self._load_decided.add(request.request_id)
-            self._cancel(p.transfer_id, f"the transfer leaves out {held} tokens, the prefix cache holds "
+            self._cancel(p, f"the transfer leaves out {held} tokens, the prefix cache holds "
                                         f"{num_computed_tokens}: computing the prompt here")
             return 0, False
         return (remote, True) if remote > 0 else (0, False)
@@ -97,12 +98,13 @@ class SchedulerSide:
             return
         self._load_decided.add(request.request_id)
         if num_external_tokens == 0:
-            self._cancel(p.transfer_id, "decode had the whole prompt cached")
+            self._cancel(p, "decode had the whole prompt cached")
             return
         n = self._kv_tokens(request, p)
         first = (n - num_external_tokens) // self.block_size
         (block_ids,) = blocks.get_block_ids()
-        job = LoadJob(request.request_id, p.transfer_id, p.lease_ms, n, first, list(block_ids[first : self._blocks(n)]))
+        job = LoadJob(request.request_id, p.transfer_id, p.lease_ms, n, first, list(block_ids[first : self._blocks(n)]),
+                      p.src_tp)
         log.debug("load plan %s: transfer %s blocks %d..%d", job.req_id, job.transfer_id, first, self._blocks(n))
         self._loads.append(job)
 
@@ -131,14 +133,17 @@ class SchedulerSide:
             (block_ids,) = self.kv_cache_manager.get_block_ids(req_id)
             jobs.append(
                 SendJob(req_id, p.transfer_id, p.dest, p.lease_ms, n, first, list(block_ids[first:last]), end == n,
-                        p.trace_parent)
+                        p.trace_parent, p.dest_tp)
             )
             self._next_block[req_id] = last
         return jobs
 
-    def _cancel(self, transfer_id: str, reason: str) -> None:
-        log.info("KV transfer %s not needed: %s", transfer_id, reason)
-        self._cancels[transfer_id] = reason
+    def _cancel(self, p: kvparams.RecvParams, reason: str) -> None:
+        """Every part of the transfer (one per prefill TP rank); each decode rank refuses those it
+        would have taken."""
+        log.info("KV transfer %s not needed: %s", p.transfer_id, reason)
+        for rank in range(p.src_tp):
+            self._cancels[part_id(p.transfer_id, rank, p.src_tp)] = reason
 
     def build_connector_meta(self, out: SchedulerOutput) -> GrpcConnectorMetadata:
         meta = GrpcConnectorMetadata(sends=self._send_jobs(out), loads=self._loads, cancels=self._cancels)
@@ -160,7 +165,7 @@ class SchedulerSide:
         p = self._params(request)
         self._malformed.discard(req_id)
         if isinstance(p, kvparams.RecvParams) and req_id not in self._load_decided:
-            self._cancel(p.transfer_id, "the decode request ended before it was scheduled")
+            self._cancel(p, "the decode request ended before it was scheduled")
         self._load_decided.discard(req_id)
         if p is None:
             return False, None

@@ -6,6 +6,9 @@ place; a GPU cache's blocks leave through a `LayerStager`, so the forward never 
 Consumer: received transfers are staged by the receiver; between steps,
 `get_transfer_results` copies finished ones into the blocks vLLM allocated (into a GPU cache
 through the `LayerStager`, reported finished once the copies have landed).
+Tensor parallelism: one WorkerSide per rank, each moving its own share of the KV heads
+(`tp_shards`): a prefill rank pushes a part to each decode rank its heads overlap, and a decode
+rank's load is done when every part it needs has landed.
 """
 
 from __future__ import annotations
@@ -19,11 +22,13 @@ import torch
 from pdserve.config.kvtransfer import KVTransferSettings
 from pdserve.kvtransfer.block_layout import BlockLayout
 from pdserve.kvtransfer.connector_meta import GrpcConnectorMetadata, LoadJob, SendJob, TransferReport
-from pdserve.kvtransfer.fingerprint import KVFingerprint
+from pdserve.kvtransfer.fingerprint import KVFingerprint, layout_name
 from pdserve.kvtransfer.incoming import IncomingTransfer, TransferState
 from pdserve.kvtransfer.layer_stager import LayerStager, PendingLoad
+from pdserve.kvtransfer.load_plan import load_pieces, load_report, parts_error
 from pdserve.kvtransfer.receiver import KVReceiver
 from pdserve.kvtransfer.sender import KVSender, OutgoingTransfer
+from pdserve.kvtransfer.tp_shards import check_shardable, destinations, part_id, rank_addr, sources
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +47,8 @@ class WorkerSide:
         num_blocks: int,
         produce: bool,
         consume: bool,
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ):
         self.settings = settings
         self.model_id = model_id
@@ -50,6 +57,8 @@ class WorkerSide:
         self.head_size = head_size
         self.num_blocks = num_blocks
         self.produce, self.consume = produce, consume
+        self.tp_rank, self.tp_size = tp_rank, tp_size
+        self.total_kv_heads = num_kv_heads * tp_size
         self.layers: list[BlockLayout] = []
         self.layer_index: dict[str, int] = {}
         self.fingerprint: KVFingerprint | None = None
@@ -57,11 +66,12 @@ class WorkerSide:
         self.receiver: KVReceiver | None = None
         self.stager: LayerStager | None = None
         self._meta = GrpcConnectorMetadata()
-        self._outgoing: dict[str, OutgoingTransfer] = {}
+        self._outgoing: dict[str, list[OutgoingTransfer]] = {}  # one part per receiving rank
         self._compute_start_ns: dict[str, int] = {}
         self._finished_by_scheduler: set[str] = set()
         self._loads: dict[str, LoadJob] = {}
-        self._landing: dict[str, tuple[IncomingTransfer, PendingLoad, float]] = {}  # device loads in flight
+        self._parts: dict[str, dict[int, IncomingTransfer]] = {}  # per load, the parts taken so far, by sending rank
+        self._landing: dict[str, tuple[list[IncomingTransfer], PendingLoad, float]] = {}  # device loads in flight
         self._invalid_blocks: set[int] = set()
         self._reports: dict[str, TransferReport] = {}
         # Payload bytes against bytes pdserve copied on each side: one copy per byte is the design
@@ -88,18 +98,22 @@ class WorkerSide:
             model=self.model_id,
             dtype=str(first.dtype).removeprefix("torch."),
             block_size=self.block_size,
-            kv_layout=f"{first.device.type}:block_dim={lay.block_dim}:block_shape={tuple(lay.block_shape)}",
+            kv_layout=layout_name(first.device.type, lay.block_dim, tuple(lay.block_shape), lay.heads_dim),
             num_layers=len(names),
             num_kv_heads=self.num_kv_heads,
             head_size=self.head_size,
+            tp_size=self.tp_size,
         )
+        if lay.num_heads != self.num_kv_heads:
+            raise ValueError(f"KV cache holds {lay.num_heads} heads per block, the model {self.num_kv_heads} per rank: "
+                             f"unsupported KV layout {tuple(first.shape)}")
         if self.fingerprint.block_bytes_per_layer != lay.block_bytes:
             raise ValueError(
                 f"KV block is {lay.block_bytes} B but the fingerprint implies "
                 f"{self.fingerprint.block_bytes_per_layer} B: unsupported KV layout {tuple(first.shape)}"
             )
         if self.consume:
-            self.receiver = KVReceiver(self.settings, self.fingerprint)
+            self.receiver = KVReceiver(self._rank_settings(), self.fingerprint)
             self.receiver.start()
         if self.produce:
             self.sender = KVSender(self.settings, self.fingerprint)
@@ -107,9 +121,19 @@ class WorkerSide:
             self.stager = LayerStager(first.device)
         log.info("GrpcKVConnector worker ready: %s", self.fingerprint)
 
+    def _rank_settings(self) -> KVTransferSettings:
+        """This rank's receiver listens at the engine's address plus its rank (`tp_shards.rank_addr`)."""
+        if self.tp_size == 1:
+            return self.settings
+        if self.settings.listen_addr.endswith(":0"):
+            raise ValueError(f"with tensor parallelism ({self.tp_size} ranks) the KV receiver's listen_addr must name "
+                             f"a port (rank r listens at port + r), not {self.settings.listen_addr!r}")
+        return self.settings.model_copy(update={"listen_addr": rank_addr(self.settings.listen_addr, self.tp_rank)})
+
     def shutdown(self) -> None:
-        for t in self._outgoing.values():
-            t.abort("engine shutting down")
+        for parts in self._outgoing.values():
+            for t in parts:
+                t.abort("engine shutting down")
         if self.stager is not None:
             self.stager.close()
         if self.sender is not None:
@@ -132,19 +156,39 @@ class WorkerSide:
         now_ns = time.time_ns()
         for job in meta.sends:
             if job.req_id not in self._outgoing:
-                assert self.sender is not None, "send job on an engine without the producer role"
-                # A request's first job starts where the transfer does (`SchedulerSide._send_jobs`).
-                self._outgoing[job.req_id] = self.sender.open(
-                    job.transfer_id, job.dest, job.num_tokens, job.lease_ms, job.trace_parent, job.first_block
-                )
+                self._outgoing[job.req_id] = self._open_parts(job)
                 self._compute_start_ns[job.req_id] = now_ns
         for transfer_id, reason in meta.cancels.items():
             assert self.receiver is not None, "cancel on an engine without the consumer role"
             self.receiver.cancel(transfer_id, reason)
         for job in meta.loads:
             assert self.receiver is not None, "load job on an engine without the consumer role"
-            self.receiver.expect(job.transfer_id, job.lease_ms)
+            for pid in self._part_ids(job).values():
+                self.receiver.expect(pid, job.lease_ms)
             self._loads[job.req_id] = job
+
+    def _open_parts(self, job: SendJob) -> list[OutgoingTransfer]:
+        """This rank's part of the transfer, opened to each decode rank its heads overlap. A request's
+        first job starts where the transfer does (`SchedulerSide._send_jobs`)."""
+        assert self.sender is not None, "send job on an engine without the producer role"
+        pid = part_id(job.transfer_id, self.tp_rank, self.tp_size)
+        try:
+            check_shardable(self.total_kv_heads, job.dest_tp)
+        except ValueError as exc:  # no rank of that engine could take these heads
+            t = self.sender.open(pid, job.dest, job.num_tokens, job.lease_ms, job.trace_parent, job.first_block)
+            t.abort(f"decode TP size {job.dest_tp}: {exc}")
+            return [t]
+        return [self.sender.open(pid, rank_addr(job.dest, d), job.num_tokens, job.lease_ms, job.trace_parent,
+                                 job.first_block)
+                for d in destinations(self.tp_rank, self.tp_size, job.dest_tp, self.total_kv_heads)]
+
+    def _part_ids(self, job: LoadJob) -> dict[int, str]:
+        """The parts this rank takes for `job`, by sending rank (none where the prefill's TP size
+        does not split the heads: the load fails)."""
+        if self.total_kv_heads % job.src_tp:
+            return {}
+        return {s: part_id(job.transfer_id, s, job.src_tp)
+                for s in sources(self.tp_rank, self.tp_size, job.src_tp, self.total_kv_heads)}
 
     def _chunks(self, job: SendJob) -> Iterator[tuple[int, list[int]]]:
         per_chunk = max(1, self.settings.chunk_bytes // self.layers[0].block_bytes)
@@ -157,22 +201,25 @@ class WorkerSide:
         idx = self.layer_index[layer_name]
         layout = self.layers[idx]
         for job in self._meta.sends:
-            t = self._outgoing[job.req_id]
+            parts = self._outgoing[job.req_id]
             for block_start, ids in self._chunks(job):
                 if self.stager is not None:
-                    self.stager.send(t, idx, block_start, layout, ids)
-                else:
-                    self._counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), layout.read(ids))
+                    self.stager.send(parts, idx, block_start, layout, ids)
+                    continue
+                views = layout.read(ids)
+                for t in parts:
+                    self._counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), views)
 
     def wait_for_save(self) -> None:
         end_ns = time.time_ns()
         for job in self._meta.sends:
             if job.is_last:
-                t, start_ns = self._outgoing[job.req_id], self._compute_start_ns.get(job.req_id, 0)
-                if self.stager is not None:
-                    self.stager.finish(t, start_ns, end_ns)
-                else:
-                    t.finish(start_ns, end_ns)
+                start_ns = self._compute_start_ns.get(job.req_id, 0)
+                for t in self._outgoing[job.req_id]:
+                    if self.stager is not None:
+                        self.stager.finish(t, start_ns, end_ns)
+                    else:
+                        t.finish(start_ns, end_ns)
 
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) for vLLM; also fills load errors and reports."""
@@ -182,20 +229,22 @@ class WorkerSide:
         self._finished_by_scheduler |= finished_req_ids & self._outgoing.keys()
         done = set()
         for req_id in list(self._finished_by_scheduler):
-            t = self._outgoing[req_id]
-            if not t.result.done() and not t.finished_marked:
-                t.abort("request finished before its prompt was fully computed")
-            if not t.result.done():
+            parts = self._outgoing[req_id]
+            for t in parts:
+                if not t.result.done() and not t.finished_marked:
+                    t.abort("request finished before its prompt was fully computed")
+            if not all(t.result.done() for t in parts):
                 continue
-            res = t.result.result()
-            ok = res.state is TransferState.DONE
+            results = [t.result.result() for t in parts]
+            ok = all(res.state is TransferState.DONE for res in results)
             self._counters["sends_done" if ok else "sends_failed"] += 1
-            self._counters["sent_bytes"] += res.bytes
-            log.info(
-                "KV push %s for %s: %s, %d chunks, %.1f MiB in %.1f ms%s",
-                res.transfer_id, req_id, res.state.name, res.chunks, res.bytes / 2**20,
-                res.elapsed_s * 1e3, f" ({res.error})" if res.error else "",
-            )
+            for res in results:
+                self._counters["sent_bytes"] += res.bytes
+                log.info(
+                    "KV push %s for %s: %s, %d chunks, %.1f MiB in %.1f ms%s",
+                    res.transfer_id, req_id, res.state.name, res.chunks, res.bytes / 2**20,
+                    res.elapsed_s * 1e3, f" ({res.error})" if res.error else "",
+                )
             del self._outgoing[req_id]
             self._compute_start_ns.pop(req_id, None)
             self._finished_by_scheduler.discard(req_id)
@@ -208,67 +257,55 @@ class WorkerSide:
         done = set()
         for req_id, job in list(self._loads.items()):
             if req_id in self._landing:  # its copies write into its blocks until they land
-                t, pending, start = self._landing[req_id]
+                parts, pending, start = self._landing[req_id]
                 if not pending.done():
                     continue
                 del self._landing[req_id]
-                self._report_load(job, t, "", pending.written_bytes, pending.written_bytes + pending.host_bytes,
+                self._report_load(job, parts, "", pending.written_bytes, pending.written_bytes + pending.host_bytes,
                                   (time.perf_counter() - start) * 1e3)
             elif req_id in finished_req_ids:  # aborted while waiting: free its staging too
-                self.receiver.discard(job.transfer_id)
+                for t in self._parts.pop(req_id, {}).values():
+                    t.release()
+                for pid in self._part_ids(job).values():
+                    self.receiver.discard(pid)
+            elif not (wanted := self._part_ids(job)):
+                self._report_load(job, [], f"prefill TP size {job.src_tp} does not split the model's "
+                                           f"{self.total_kv_heads} KV heads", 0, 0, 0.0)
             else:
-                t = self.receiver.take(job.transfer_id)
-                if t is None:
+                taken = self._parts.setdefault(req_id, {})
+                for rank, pid in wanted.items():
+                    if rank not in taken and (t := self.receiver.take(pid)) is not None:
+                        taken[rank] = t
+                if len(taken) < len(wanted):
                     continue
-                if not self._load(job, t):
+                del self._parts[req_id]
+                if not self._load(job, taken):
                     continue
             del self._loads[req_id]
             done.add(req_id)
         return done
 
-    def _load(self, job: LoadJob, t: IncomingTransfer) -> bool:
-        """Copy a finished transfer into the job's blocks; False while a device load is landing."""
-        error = t.error
-        if t.state is TransferState.DONE and t.num_tokens != job.num_tokens:
-            error = f"prefill sent {t.num_tokens} prompt tokens, decode expects {job.num_tokens}"
-        if error:
-            self._report_load(job, t, error, 0, 0, 0.0)
+    def _load(self, job: LoadJob, parts: dict[int, IncomingTransfer]) -> bool:
+        """Copy a finished transfer's parts into the job's blocks (of each part the heads this rank
+        holds); False while a device load is landing."""
+        if error := parts_error(job, parts):
+            self._report_load(job, list(parts.values()), error, 0, 0, 0.0)
             return True
         start = time.perf_counter()
-        last = job.first_block + len(job.block_ids)
-        pieces = []
-        for chunk in t.chunks.values():
-            lo, hi = chunk.block_start, chunk.block_start + chunk.num_blocks
-            if hi <= job.first_block or lo >= last:
-                continue
-            ids = [job.block_ids[b - job.first_block] if job.first_block <= b < last else None for b in range(lo, hi)]
-            pieces.append((self.layers[chunk.layer], ids, chunk.payload))
+        pieces = load_pieces(job, parts, self.layers, self.tp_rank, self.tp_size, self.total_kv_heads)
         if self.stager is not None:
-            self._landing[job.req_id] = (t, self.stager.load(pieces), start)
+            self._landing[job.req_id] = (list(parts.values()), self.stager.load(pieces), start)
             return False
-        copied = sum(layout.write(ids, payload) for layout, ids, payload in pieces)
-        self._report_load(job, t, "", copied, copied, (time.perf_counter() - start) * 1e3)
+        copied = sum(piece.write() for piece in pieces)
+        self._report_load(job, list(parts.values()), "", copied, copied, (time.perf_counter() - start) * 1e3)
         return True
 
-    def _report_load(self, job: LoadJob, t: IncomingTransfer, error: str, written: int, copied: int,
+    def _report_load(self, job: LoadJob, parts: list[IncomingTransfer], error: str, written: int, copied: int,
                      load_ms: float) -> None:
         """Free the transfer's staging and record how its load went, for vLLM and the answer."""
-        t.release()
-        ready_ns = time.time_ns()
-        c_start, c_end = t.compute_ns
-        report = TransferReport(
-            transfer_id=job.transfer_id,
-            state="FAILED" if error else "DONE",
-            tokens=0 if error else job.num_tokens,
-            bytes=written,
-            error=error,
-            prefill_compute_ms=(c_end - c_start) / 1e6 if c_end else 0.0,
-            exposed_ms=(ready_ns - c_end) / 1e6 if c_end and not error else 0.0,
-            load_ms=load_ms,
-            trace_parent=t.trace_parent,
-            start_unix_ns=c_start,
-            ready_unix_ns=ready_ns,
-        )
+        for t in parts:
+            t.release()
+        report = load_report(job, parts, error, written, load_ms, time.time_ns())
         self._reports[job.req_id] = report
         if error:
             self._invalid_blocks.update(job.block_ids)
@@ -276,7 +313,7 @@ class WorkerSide:
             log.warning("KV load for %s failed (%s): %d blocks reported invalid", job.req_id, error, len(job.block_ids))
         else:
             self._counters["loads_done"] += 1
-            self._counters["received_bytes"] += t.bytes_received
+            self._counters["received_bytes"] += sum(t.bytes_received for t in parts)
             self._counters["load_copies_bytes"] += copied
             log.info(
                 "KV load %s for %s: %d tokens, %.1f MiB copied in %.1f ms, exposed %.1f ms of %.1f ms prefill",

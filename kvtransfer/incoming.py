@@ -61,6 +61,7 @@ class IncomingTransfer:
     num_tokens: int = 0
     num_blocks: int = 0
     first_block: int = 0  # blocks before it are not carried (the receiver's engine holds them)
+    block_bytes: int = 0  # payload bytes of one block of one layer: the sending rank's KV heads
     state: TransferState = TransferState.WAITING
     error: str = ""
     chunks: dict[tuple[int, int], StagedChunk] = field(default_factory=dict)
@@ -75,9 +76,9 @@ class IncomingTransfer:
     same_node: bool = False  # payloads are in a memory file the sender handed over, not in frames
     segment: MappedSegment | None = None  # that file, mapped once a stream claimed it
 
-    def segment_bytes(self, block_bytes: int, num_layers: int) -> int:
+    def segment_bytes(self, num_layers: int) -> int:
         """Size of a same-node transfer's memory file: every carried block of every layer."""
-        return (self.num_blocks - self.first_block) * block_bytes * num_layers
+        return (self.num_blocks - self.first_block) * self.block_bytes * num_layers
 
     def release(self) -> None:
         """Drop the staged payloads: what the engine loaded, or a failed transfer's."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.kvtransfer.block_layout import BlockLayout, host_views
+from pdserve.kvtransfer.block_layout import BlockLayout, LoadPiece, host_views
 from pdserve.kvtransfer.sender import OutgoingTransfer
 
 log = logging.getLogger(__name__)
@@ -72,9 +72,10 @@ class LayerStager:
         self._thread = threading.Thread(target=self._run, name="kv-layer-stager", daemon=True)
         self._thread.start()
 
-    def send(self, transfer: OutgoingTransfer, layer: int, block_start: int, layout: BlockLayout,
+    def send(self, transfers: Sequence[OutgoingTransfer], layer: int, block_start: int, layout: BlockLayout,
              block_ids: Sequence[int]) -> None:
-        """Queue the copy of `block_ids` of `layer` and its send; returns without waiting."""
+        """Queue the copy of `block_ids` of `layer` and its send to each of `transfers` (the
+        receiving ranks of a tensor-parallel peer); returns without waiting."""
         hosts: list[torch.Tensor] = []
         done = None
         if self._stream is not None:
@@ -88,7 +89,7 @@ class LayerStager:
                 done = torch.cuda.Event()
                 done.record(self._stream)
                 self._last = done
-        self._jobs.put((transfer, layer, block_start, len(block_ids), hosts, done))
+        self._jobs.put((list(transfers), layer, block_start, len(block_ids), hosts, done))
 
     def finish(self, transfer: OutgoingTransfer, compute_start_ns: int, compute_end_ns: int) -> None:
         """End `transfer` once its queued chunks are sent. It counts as finished from now on, so
@@ -96,24 +97,24 @@ class LayerStager:
         transfer.finished_marked = True
         self._jobs.put((transfer, compute_start_ns, compute_end_ns))
 
-    def load(self, pieces: Sequence[tuple[BlockLayout, Sequence[int | None], memoryview]]) -> PendingLoad:
-        """Queue each (layout, block ids, payload made by a peer's read) into the cache; returns
-        once the payloads are in page-locked memory, before they reach the device."""
+    def load(self, pieces: Sequence[LoadPiece]) -> PendingLoad:
+        """Queue each piece (a payload made by a peer's read) into the cache; returns once the
+        payloads are in page-locked memory, before they reach the device."""
         hosts: list[torch.Tensor] = []
         written = host_bytes = 0
         event = None
         if self._stream is not None:
             self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream) if self._stream is not None else contextlib.nullcontext():
-            for layout, block_ids, payload in pieces:
-                if all(b is None for b in block_ids):  # every block of it is cached here already
+            for piece in pieces:
+                if all(b is None for b in piece.block_ids):  # every block of it is cached here already
                     continue
-                host = torch.empty(payload.nbytes, dtype=torch.uint8, pin_memory=self.on_cuda)
+                host = torch.empty(piece.payload.nbytes, dtype=torch.uint8, pin_memory=self.on_cuda)
                 with warnings.catch_warnings():  # a read-only source, only read
                     warnings.simplefilter("ignore", UserWarning)
-                    host.copy_(torch.frombuffer(payload, dtype=torch.uint8))
-                host_bytes += payload.nbytes
-                written += layout.write(block_ids, host_views([host])[0])
+                    host.copy_(torch.frombuffer(piece.payload, dtype=torch.uint8))
+                host_bytes += piece.payload.nbytes
+                written += piece._replace(payload=host_views([host])[0]).write()
                 hosts.append(host)
             if self._stream is not None:
                 event = torch.cuda.Event()
@@ -134,18 +135,21 @@ class LayerStager:
         while (job := self._jobs.get()) is not None:
             try:
                 self._do(job)
-            except Exception as exc:  # a failure ends that transfer only, never the thread
-                log.exception("KV layer stager: %s failed", job[0].transfer_id)
-                job[0].abort(f"staging off the device failed: {exc}")
+            except Exception as exc:  # a failure ends those transfers only, never the thread
+                for transfer in job[0] if isinstance(job[0], list) else [job[0]]:
+                    log.exception("KV layer stager: %s failed", transfer.transfer_id)
+                    transfer.abort(f"staging off the device failed: {exc}")
 
     def _do(self, job: tuple) -> None:
         if len(job) == 3:
             transfer, start_ns, end_ns = job
             transfer.finish(start_ns, end_ns)
             return
-        transfer, layer, block_start, num_blocks, hosts, done = job
+        transfers, layer, block_start, num_blocks, hosts, done = job
         if done is not None:
             done.synchronize()  # this thread waits for the copy; the forward never does
         self.counters["d2h_bytes"] += sum(h.numel() * h.element_size() for h in hosts)
-        self.counters["frame_bytes"] += transfer.send_chunk(layer, block_start, num_blocks, host_views(hosts))
+        views = host_views(hosts)
+        for transfer in transfers:
+            self.counters["frame_bytes"] += transfer.send_chunk(layer, block_start, num_blocks, views)
         self.counters["chunks"] += 1

@@ -23,6 +23,8 @@ class SendParams:
     skip_tokens: int = 0
     """Leading prompt tokens the decode engine is expected to hold in its prefix cache: the whole
     blocks among them are not sent (at most all blocks but the last)."""
+    dest_tp: int = 1
+    """Tensor-parallel ranks of the decode engine: rank d listens at `dest`'s port + d."""
 
 
 @dataclass(frozen=True)
@@ -38,26 +40,43 @@ class RecvParams:
     skip_tokens: int = 0
     """What the prefill side was told this engine holds (`SendParams.skip_tokens`): when its prefix
     cache holds less, the transfer lacks blocks this request needs, and the prompt is computed here."""
+    src_tp: int = 1
+    """Tensor-parallel ranks of the prefill engine: each sends its share of the KV heads."""
+
+
+MAX_TP = 64
+"""Largest tensor-parallel size a peer may name."""
 
 
 def for_prefill(transfer_id: str, dest: str, lease_ms: int = 30_000, trace_parent: str = "",
-                skip_tokens: int = 0) -> dict[str, Any]:
+                skip_tokens: int = 0, dest_tp: int = 1) -> dict[str, Any]:
     p: dict[str, Any] = {"op": "send", "transfer_id": transfer_id, "dest": dest, "lease_ms": lease_ms}
     if trace_parent:
         p["trace_parent"] = trace_parent
     if skip_tokens:
         p["skip_tokens"] = skip_tokens
+    if dest_tp != 1:
+        p["dest_tp"] = dest_tp
     return {KEY: p}
 
 
 def for_decode(transfer_id: str, lease_ms: int = 30_000, kv_tokens: int | None = None,
-               skip_tokens: int = 0) -> dict[str, Any]:
+               skip_tokens: int = 0, src_tp: int = 1) -> dict[str, Any]:
     p: dict[str, Any] = {"op": "recv", "transfer_id": transfer_id, "lease_ms": lease_ms}
     if kv_tokens is not None:
         p["kv_tokens"] = kv_tokens
     if skip_tokens:
         p["skip_tokens"] = skip_tokens
+    if src_tp != 1:
+        p["src_tp"] = src_tp
     return {KEY: p}
+
+
+def _tp(p: dict[str, Any], name: str) -> int:
+    tp = p.get(name, 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= MAX_TP:
+        raise ValueError(f"{KEY}.{name} must be a tensor-parallel size in [1, {MAX_TP}], got {tp!r}")
+    return tp
 
 
 def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams | None:
@@ -83,10 +102,10 @@ def parse(kv_transfer_params: dict[str, Any] | None) -> SendParams | RecvParams 
         trace_parent = p.get("trace_parent", "")
         if not isinstance(trace_parent, str) or len(trace_parent) > 256:
             raise ValueError(f"{KEY}.trace_parent must be a W3C traceparent string")
-        return SendParams(tid, dest, lease, trace_parent, skip_tokens)
+        return SendParams(tid, dest, lease, trace_parent, skip_tokens, _tp(p, "dest_tp"))
     if op == "recv":
         kv_tokens = p.get("kv_tokens")
         if kv_tokens is not None and (isinstance(kv_tokens, bool) or not isinstance(kv_tokens, int) or kv_tokens <= 0):
             raise ValueError(f"{KEY}.kv_tokens must be a positive integer, got {kv_tokens!r}")
-        return RecvParams(tid, lease, kv_tokens, skip_tokens)
+        return RecvParams(tid, lease, kv_tokens, skip_tokens, _tp(p, "src_tp"))
     raise ValueError(f"{KEY}.op must be 'send' or 'recv', got {op!r}")

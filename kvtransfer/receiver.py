@@ -292,8 +292,7 @@ class KVReceiver:
                 raise TransferRefused("FAILED_PRECONDITION", "this receiver does not take same-node transfers")
             claim = self._claims.get(tid)
             if claim is None:
-                fp = self.fingerprint
-                nbytes = transfer.segment_bytes(fp.block_bytes_per_layer, fp.num_layers)
+                nbytes = transfer.segment_bytes(self.fingerprint.num_layers)
                 claim = self._claims[tid] = asyncio.ensure_future(self._handoffs.claim(tid, nbytes))
             segment = await asyncio.shield(claim)
         except TransferRefused as exc:

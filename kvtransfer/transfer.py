@@ -48,7 +48,8 @@ class TransferTable:
         """Create the transfer, or join it from another stream; reserve its staging bytes: every
         block of every layer once, with the most its chunk frames may hold beyond the payload."""
         check_transfer_id(msg.transfer_id)
-        block_bytes = self.fingerprint.block_bytes_per_layer + CHUNK_OVERHEAD_BYTES
+        payload_block_bytes = self._sender_block_bytes(msg)
+        block_bytes = payload_block_bytes + CHUNK_OVERHEAD_BYTES
         bs = self.fingerprint.block_size
         if msg.num_tokens <= 0 or msg.num_blocks != -(-msg.num_tokens // bs):
             raise TransferRefused(
@@ -66,8 +67,8 @@ class TransferTable:
             if t is not None and t.state.terminal:  # e.g. a late sender after the lease expired
                 raise TransferRefused("FAILED_PRECONDITION", f"transfer already {t.state.name}: {t.error}")
             if t is not None and t.opened:
-                if (t.num_tokens, t.num_blocks, t.first_block, t.same_node) != (
-                        msg.num_tokens, msg.num_blocks, msg.first_block, msg.same_node):
+                if (t.num_tokens, t.num_blocks, t.first_block, t.same_node, t.block_bytes) != (
+                        msg.num_tokens, msg.num_blocks, msg.first_block, msg.same_node, payload_block_bytes):
                     raise TransferRefused("INVALID_ARGUMENT", "stream disagrees with the transfer's size")
                 return t
             if self.reserved_bytes + need > self.max_staging_bytes:
@@ -84,9 +85,17 @@ class TransferTable:
             t.opened, t.num_tokens, t.num_blocks, t.first_block = True, msg.num_tokens, msg.num_blocks, msg.first_block
             t.staged_blocks = [bytearray(msg.num_blocks) for _ in range(self.fingerprint.num_layers)]
             t.reserved_bytes, t.trace_parent, t.same_node = need, msg.trace_parent, msg.same_node
+            t.block_bytes = payload_block_bytes
             self.reserved_bytes += need
             self.counters["opened"] += 1
             return t
+
+    def _sender_block_bytes(self, msg: pb.TransferOpen) -> int:
+        """Bytes of one block of one layer as the sender holds it: its rank's share of the KV heads
+        (the receiver checked that share against its own fingerprint)."""
+        if not msg.HasField("fingerprint"):
+            return self.fingerprint.block_bytes_per_layer
+        return KVFingerprint.from_proto(msg.fingerprint).block_bytes_per_layer
 
     def add_chunk(self, t: IncomingTransfer, hdr: pb.ChunkHeader, payload: memoryview, frame_bytes: int) -> bool:
         """Verify and stage one chunk, which holds its whole frame of `frame_bytes`; a bad chunk
@@ -103,9 +112,9 @@ class TransferTable:
             old = t.chunks.get(key)
             problem = range_problem(t, hdr, fp.num_layers)
             if not problem and t.same_node:
-                problem, payload = segment_payload(t, hdr, payload, fp.block_bytes_per_layer)
+                problem, payload = segment_payload(t, hdr, payload, t.block_bytes)
                 frame_bytes += payload.nbytes
-            problem = problem or payload_problem(hdr, payload, frame_bytes, fp.block_bytes_per_layer)
+            problem = problem or payload_problem(hdr, payload, frame_bytes, t.block_bytes)
             if not problem and old is not None and old.num_blocks == hdr.num_blocks and old.payload == payload:
                 self.counters["duplicate_chunks"] += 1
                 return False

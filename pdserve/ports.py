@@ -11,21 +11,28 @@ PICK_FROM = 20000
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
     """A port that was free a moment ago on `host` (for a KV receiver's or a server's address),
     below the kernel's ephemeral range where it can: a port from that range may be handed to any
     process's port-0 socket (Ray's workers bind theirs so) between this pick and the server's bind,
-    or while a server restarts on it, and the server then cannot bind it."""
+    or while a server restarts on it, and the server then cannot bind it. With `count`, the
+    `count` ports from it were all free (one per tensor-parallel rank of a KV receiver)."""
     low = _ephemeral_low()
     for _ in range(64):
-        port = random.randrange(PICK_FROM, low) if low > PICK_FROM else 0
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise OSError(f"no free port on {host}")
+        port = random.randrange(PICK_FROM, low - count + 1) if low - count + 1 > PICK_FROM else 0
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            socks[0].bind((host, port))
+            port = socks[0].getsockname()[1]
+            for i, s in enumerate(socks[1:], start=1):
+                s.bind((host, port + i))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        return port
+    raise OSError(f"no {count} free ports in a row on {host}")
 
 
 def _ephemeral_low() -> int:

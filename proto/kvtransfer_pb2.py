@@ -24,31 +24,31 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10kvtransfer.proto\x12\x15pdserve.kvtransfer.v1\"\x91\x01\n\rKVFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x11\n\thead_size\x18\x07 \x01(\x05\"`\n\x10HandshakeRequest\x12\x39\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32$.pdserve.kvtransfer.v1.KVFingerprint\x12\x11\n\tsender_id\x18\x02 \x01(\t\"g\n\x0eHandshakeReply\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\x03\x12\x18\n\x10same_node_socket\x18\x04 \x01(\t\"\xe5\x01\n\x0cTransferOpen\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x39\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32$.pdserve.kvtransfer.v1.KVFingerprint\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x10\n\x08lease_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctrace_parent\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x08 \x01(\x05\x12\x11\n\tsame_node\x18\t \x01(\x08\"j\n\x0b\x43hunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\"\x87\x01\n\x0bTransferEnd\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15\x63ompute_start_unix_ns\x18\x04 \x01(\x03\x12\x1b\n\x13\x63ompute_end_unix_ns\x18\x05 \x01(\x03\"\xbf\x01\n\x07KVFrame\x12\x33\n\x04open\x18\x01 \x01(\x0b\x32#.pdserve.kvtransfer.v1.TransferOpenH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".pdserve.kvtransfer.v1.ChunkHeaderH\x00\x12\x31\n\x03\x65nd\x18\x03 \x01(\x0b\x32\".pdserve.kvtransfer.v1.TransferEndH\x00\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x06\n\x04kind\"\x93\x01\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.pdserve.kvtransfer.v1.TransferState\x12\x17\n\x0f\x63hunks_received\x18\x03 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t*d\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WAITING\x10\x01\x12\x10\n\x0cTRANSFERRING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\xb3\x01\n\nKVTransfer\x12[\n\tHandshake\x12\'.pdserve.kvtransfer.v1.HandshakeRequest\x1a%.pdserve.kvtransfer.v1.HandshakeReply\x12H\n\x04Push\x12\x1e.pdserve.kvtransfer.v1.KVFrame\x1a\x1e.pdserve.kvtransfer.v1.PushAck(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10kvtransfer.proto\x12\x15pdserve.kvtransfer.v1\"\xa2\x01\n\rKVFingerprint\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x05\x12\x11\n\tkv_layout\x18\x04 \x01(\t\x12\x12\n\nnum_layers\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x11\n\thead_size\x18\x07 \x01(\x05\x12\x0f\n\x07tp_size\x18\x08 \x01(\x05\"`\n\x10HandshakeRequest\x12\x39\n\x0b\x66ingerprint\x18\x01 \x01(\x0b\x32$.pdserve.kvtransfer.v1.KVFingerprint\x12\x11\n\tsender_id\x18\x02 \x01(\t\"g\n\x0eHandshakeReply\x12\x13\n\x0breceiver_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\t\x12\x17\n\x0fmax_frame_bytes\x18\x03 \x01(\x03\x12\x18\n\x10same_node_socket\x18\x04 \x01(\t\"\xe5\x01\n\x0cTransferOpen\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x39\n\x0b\x66ingerprint\x18\x02 \x01(\x0b\x32$.pdserve.kvtransfer.v1.KVFingerprint\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x10\n\x08lease_ms\x18\x05 \x01(\x03\x12\x14\n\x0ctrace_parent\x18\x06 \x01(\t\x12\r\n\x05\x65poch\x18\x07 \x01(\t\x12\x13\n\x0b\x66irst_block\x18\x08 \x01(\x05\x12\x11\n\tsame_node\x18\t \x01(\x08\"j\n\x0b\x43hunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\x13\n\x0b\x62lock_start\x18\x03 \x01(\x05\x12\x12\n\nnum_blocks\x18\x04 \x01(\x05\x12\x0e\n\x06\x63rc32c\x18\x05 \x01(\x07\"\x87\x01\n\x0bTransferEnd\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x12\n\nnum_chunks\x18\x02 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x03\x12\x1d\n\x15\x63ompute_start_unix_ns\x18\x04 \x01(\x03\x12\x1b\n\x13\x63ompute_end_unix_ns\x18\x05 \x01(\x03\"\xbf\x01\n\x07KVFrame\x12\x33\n\x04open\x18\x01 \x01(\x0b\x32#.pdserve.kvtransfer.v1.TransferOpenH\x00\x12\x33\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\".pdserve.kvtransfer.v1.ChunkHeaderH\x00\x12\x31\n\x03\x65nd\x18\x03 \x01(\x0b\x32\".pdserve.kvtransfer.v1.TransferEndH\x00\x12\x0f\n\x07payload\x18\x0f \x01(\x0c\x42\x06\n\x04kind\"\x93\x01\n\x07PushAck\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\x33\n\x05state\x18\x02 \x01(\x0e\x32$.pdserve.kvtransfer.v1.TransferState\x12\x17\n\x0f\x63hunks_received\x18\x03 \x01(\x03\x12\x16\n\x0e\x62ytes_received\x18\x04 \x01(\x03\x12\r\n\x05\x65rror\x18\x05 \x01(\t*d\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07WAITING\x10\x01\x12\x10\n\x0cTRANSFERRING\x10\x02\x12\x08\n\x04\x44ONE\x10\x03\x12\n\n\x06\x46\x41ILED\x10\x04\x32\xb3\x01\n\nKVTransfer\x12[\n\tHandshake\x12\'.pdserve.kvtransfer.v1.HandshakeRequest\x1a%.pdserve.kvtransfer.v1.HandshakeReply\x12H\n\x04Push\x12\x1e.pdserve.kvtransfer.v1.KVFrame\x1a\x1e.pdserve.kvtransfer.v1.PushAck(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'kvtransfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRANSFERSTATE']._serialized_start=1216
-  _globals['_TRANSFERSTATE']._serialized_end=1316
+  _globals['_TRANSFERSTATE']._serialized_start=1233
+  _globals['_TRANSFERSTATE']._serialized_end=1333
   _globals['_KVFINGERPRINT']._serialized_start=44
-  _globals['_KVFINGERPRINT']._serialized_end=189
-  _globals['_HANDSHAKEREQUEST']._serialized_start=191
-  _globals['_HANDSHAKEREQUEST']._serialized_end=287
-  _globals['_HANDSHAKEREPLY']._serialized_start=289
-  _globals['_HANDSHAKEREPLY']._serialized_end=392
-  _globals['_TRANSFEROPEN']._serialized_start=395
-  _globals['_TRANSFEROPEN']._serialized_end=624
-  _globals['_CHUNKHEADER']._serialized_start=626
-  _globals['_CHUNKHEADER']._serialized_end=732
-  _globals['_TRANSFEREND']._serialized_start=735
-  _globals['_TRANSFEREND']._serialized_end=870
-  _globals['_KVFRAME']._serialized_start=873
-  _globals['_KVFRAME']._serialized_end=1064
-  _globals['_PUSHACK']._serialized_start=1067
-  _globals['_PUSHACK']._serialized_end=1214
-  _globals['_KVTRANSFER']._serialized_start=1319
-  _globals['_KVTRANSFER']._serialized_end=1498
+  _globals['_KVFINGERPRINT']._serialized_end=206
+  _globals['_HANDSHAKEREQUEST']._serialized_start=208
+  _globals['_HANDSHAKEREQUEST']._serialized_end=304
+  _globals['_HANDSHAKEREPLY']._serialized_start=306
+  _globals['_HANDSHAKEREPLY']._serialized_end=409
+  _globals['_TRANSFEROPEN']._serialized_start=412
+  _globals['_TRANSFEROPEN']._serialized_end=641
+  _globals['_CHUNKHEADER']._serialized_start=643
+  _globals['_CHUNKHEADER']._serialized_end=749
+  _globals['_TRANSFEREND']._serialized_start=752
+  _globals['_TRANSFEREND']._serialized_end=887
+  _globals['_KVFRAME']._serialized_start=890
+  _globals['_KVFRAME']._serialized_end=1081
+  _globals['_PUSHACK']._serialized_start=1084
+  _globals['_PUSHACK']._serialized_end=1231
+  _globals['_KVTRANSFER']._serialized_start=1336
+  _globals['_KVTRANSFER']._serialized_end=1515
 # @@protoc_insertion_point(module_scope)

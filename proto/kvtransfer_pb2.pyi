@@ -20,7 +20,7 @@ DONE: TransferState
 FAILED: TransferState
 
 class KVFingerprint(_message.Message):
-    __slots__ = ("model", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_size")
+    __slots__ = ("model", "dtype", "block_size", "kv_layout", "num_layers", "num_kv_heads", "head_size", "tp_size")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,7 @@ class KVFingerprint(_message.Message):
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     HEAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TP_SIZE_FIELD_NUMBER: _ClassVar[int]
     model: str
     dtype: str
     block_size: int
@@ -35,7 +36,8 @@ class KVFingerprint(_message.Message):
     num_layers: int
     num_kv_heads: int
     head_size: int
-    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_size: _Optional[int] = ...) -> None: ...
+    tp_size: int
+    def __init__(self, model: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., kv_layout: _Optional[str] = ..., num_layers: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_size: _Optional[int] = ..., tp_size: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("fingerprint", "sender_id")

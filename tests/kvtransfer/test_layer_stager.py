@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kvtransfer.block_layout import BlockLayout
+from pdserve.kvtransfer.block_layout import BlockLayout, LoadPiece
 from pdserve.kvtransfer.incoming import TransferState
 from pdserve.kvtransfer.layer_stager import LayerStager
 from tests.kvtransfer import test_transport
@@ -30,7 +30,7 @@ def stage_all(stager: LayerStager, t, src: list[torch.Tensor], ids: list[int], p
     for layer, kv in enumerate(src):
         lay = BlockLayout(kv, kv.shape[0])
         for i in range(0, len(ids), per_chunk):
-            stager.send(t, layer, i, lay, ids[i : i + per_chunk])
+            stager.send([t], layer, i, lay, ids[i : i + per_chunk])
     stager.finish(t, 1, 2)
 
 
@@ -76,7 +76,7 @@ def test_a_load_lands_each_payload_in_its_blocks_and_counts_both_copies_it_makes
         src_lay, dst_lay = BlockLayout(src[layer], 6), BlockLayout(dst[layer], 6)
         pieces.append((dst_lay, [4, None], b"".join(src_lay.read([1, 2]))))  # block 2 is cached here
         pieces.append((dst_lay, [None], b"".join(src_lay.read([3]))))  # nothing to copy: skipped
-    pieces = [(lay, ids, memoryview(payload)) for lay, ids, payload in pieces]
+    pieces = [LoadPiece(lay, ids, memoryview(payload)) for lay, ids, payload in pieces]
     with CopyCounter() as copies:
         pending = stager.load(pieces)
     assert pending.done()

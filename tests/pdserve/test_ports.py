@@ -33,3 +33,16 @@ def test_free_ports_lie_below_the_ephemeral_range_where_port_0_sockets_land():
     assert all(20000 <= p < low for p in ports)
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[0]))  # and free
+
+
+def test_free_port_with_a_count_gives_that_many_free_ports_in_a_row():
+    import socket
+
+    first = free_port(count=3)
+    socks = [socket.socket() for _ in range(3)]
+    try:
+        for i, s in enumerate(socks):
+            s.bind(("127.0.0.1", first + i))  # each rank of a 3-rank receiver can listen
+    finally:
+        for s in socks:
+            s.close()
