@@ -93,6 +93,9 @@ class Assignment:
     """Output tokens it may make (0 where it does not decode): the most steps a stall can ride."""
     decoding_since_s: float | None = None
     """When its first token came (its prompt prefilled, here or elsewhere); None before."""
+    arrives_at_s: float | None = None
+    """For an answer whose prompt is prefilled elsewhere: when its first token was predicted to come
+    (its KV lands about then); None for one prefilled here."""
 
     def tpot_slack_ms(self, step_ms: float) -> float:
         """Stall it can still absorb and keep its mean time per token within its objective, at
@@ -190,22 +193,34 @@ class Instance:
         left = a.steps_left(self.last_seen_s)
         return left if a.decoding_since_s is None else max(0, left - queued_chunks)
 
+    def lead_chunks(self, a: Assignment, queued_chunks: int) -> int:
+        """Chunks of a prompt routed now that are prefilled before answer `a` lands here (its prompt
+        prefilled elsewhere, predicted to finish later), and so do not slow it: those that fit
+        after the queued chunks and before its predicted first token."""
+        if a.decoding_since_s is not None or a.arrives_at_s is None:
+            return 0
+        ahead_ms = (a.arrives_at_s - self.last_seen_s) * 1e3
+        return max(0, int(ahead_ms // max(self.chunk_stall_ms(), 1e-9)) - queued_chunks)
+
     def stall_on_ms(self, a: Assignment, tokens: int, queued_chunks: int) -> float:
         """What prefilling `tokens` here adds to answer `a`'s steps: each of its chunks rides one
-        of them, as long as the answer has steps left to ride."""
-        exposed, chunks = self.exposed_steps(a, queued_chunks), int(chunks_of(tokens, self.report.prefill_chunk_tokens))
-        return self.prefill_stall_ms(tokens) if exposed >= chunks else exposed * self.chunk_stall_ms()
+        of them, as long as the answer is here and has steps left to ride."""
+        chunks = int(chunks_of(tokens, self.report.prefill_chunk_tokens))
+        riding = min(max(0, chunks - self.lead_chunks(a, queued_chunks)), self.exposed_steps(a, queued_chunks))
+        return self.prefill_stall_ms(tokens) if riding >= chunks else riding * self.chunk_stall_ms()
 
     def absorbable_chunks(self, step_ms: float) -> float:
         """Most chunks of a prompt routed now that the answers decoding here take within their TPOT
         objectives at steps of `step_ms`: an answer takes as many as its room holds, or any number
-        when fewer of its steps are left (inf: no answer limits it)."""
+        when fewer of its steps are left, and the chunks prefilled before it lands besides (inf: no
+        answer limits it)."""
         if not self.report.prefill_chunk_tokens:
             return float("inf")
         queued, chunk_ms = self.queued_chunks(), self.chunk_stall_ms()
-        holds = [(a.tpot_slack_ms(step_ms) / chunk_ms, self.exposed_steps(a, queued))
+        holds = [(a.tpot_slack_ms(step_ms) / chunk_ms, self.exposed_steps(a, queued), self.lead_chunks(a, queued))
                  for a in self.assignments.values() if a.kv_tokens]
-        return min((math.floor(k) for k, exposed in holds if exposed > max(k, 0)), default=float("inf"))
+        return min((max(math.floor(k), 0) + lead for k, exposed, lead in holds if exposed > max(k, 0)),
+                   default=float("inf"))
 
     def row(self) -> Row:
         r, p = self.report, self.profile

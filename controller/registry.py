@@ -142,7 +142,8 @@ class Registry:
                 predicted_step_ms=inst.raw_step_ms(req.prompt_tokens) if decodes else (0.0, 0.0),
                 assigned_at_s=now_s, expires_at_s=now_s + req.lifetime_s, owner=req.ingress_id,
                 answer_tokens=min(req.max_tokens, self.tpot_amortize_max_tokens) if decodes else 0,
-                max_tokens=req.max_tokens if decodes else 0)
+                max_tokens=req.max_tokens if decodes else 0,
+                arrives_at_s=now_s + decision.predicted_ttft_ms / 1e3 if decodes and not prefills else None)
             self._refresh(inst)
 
     def prefill_done(self, request_id: str, prefill_ms: float, now_s: float) -> None:

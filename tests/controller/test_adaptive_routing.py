@@ -4,7 +4,7 @@ router choosing per request where its prompt is prefilled and where it decodes."
 import math
 
 from pdserve.config.routing import RoutingConfig
-from pdserve.controller.decision import Outcome, RouteRequest
+from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
 from pdserve.controller.slo_router import choose_slo
 
 from .routing_states import add, book, registry, request
@@ -147,6 +147,28 @@ def test_an_answer_takes_only_the_chunks_its_steps_left_carry_so_a_prompt_refuse
     # 1.5 s 10 tokens are made, 3 steps are left past the first prompt's chunks (468 ms); at 2 s none.
     assert booked == {0.0: (Outcome.REJECTED, 2460.0), 1.5: (Outcome.ROUTED, 2460.0 + 3 * 156.0),
                       2.0: (Outcome.ROUTED, 2460.0)}
+
+
+def test_a_prompt_prefilled_before_a_moved_answer_lands_there_does_not_count_against_that_answer():
+    """An answer whose prompt waits in another instance's queue decodes nowhere yet: the chunks an
+    instance prefills before it lands do not slow it (seen: an engine holding only such answers
+    refused every prompt, while the other engine's queue grew to 20 s)."""
+    placed = {}
+    for lands_in_ms in (10_000.0, 1_000.0):
+        reg = registry()
+        engine(reg, "a")
+        engine(reg, "b")
+        a, b = (Target(rid, reg.instances[rid].report.kv_addr, 0, "adaptive") for rid in ("a", "b"))
+        # Prefilled on b, decoding on a from its first token: 9 steps with room for 7 chunks of 156 ms.
+        moved = RouteRequest("moved", 1000, 10, SLO(ttft_ms=1e6, tpot_ms=150))
+        reg.assign(moved, Decision(Outcome.ROUTED, b, a, predicted_ttft_ms=lands_in_ms), now_s=0.0)
+        new = request(1000, ttft_ms=10_000, tpot_ms=5000)  # 16 chunks of 156 ms: 2.5 s
+        d = route(reg, new)
+        reg.assign(new, d, now_s=0.0)
+        placed[lands_in_ms] = (d.prefill or d.decode).replica_id, reg.instances["a"].assignments["moved"].absorbed_ms
+    # Landing in 10 s, the prompt is prefilled on a long before: at once, nothing booked on the answer.
+    # Landing in 1 s, 6 of its chunks come first and 10 would ride 9 steps: too many; b prefills it.
+    assert placed == {10_000.0: ("a", 0.0), 1_000.0: ("b", 0.0)}
 
 
 def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_naming_the_pool():
