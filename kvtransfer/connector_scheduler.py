@@ -156,7 +156,9 @@ class SchedulerSide:
             return
         for req_id, report in worker_meta.reports.items():
             if req_id in self._load_decided:  # ignore requests that already went away
-                self._reports[req_id] = report
+                # Tensor-parallel ranks may finish a load in different steps: one report of all.
+                earlier = self._reports.get(req_id)
+                self._reports[req_id] = earlier.merge(report) if earlier is not None else report
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         req_id = request.request_id

@@ -165,3 +165,25 @@ def test_decode_outcome_reaches_the_request_output_and_late_reports_are_dropped(
     hold, out = side.request_finished(req, [2])
     assert not hold and out[params.KEY]["state"] == "DONE" and out[params.KEY]["tokens"] == 10
     assert "gone" not in side._reports
+
+
+def test_a_tensor_parallel_load_reports_once_for_every_rank_even_when_they_finish_in_different_steps():
+    side = _side()
+    req = _request("r1", 129, params.for_decode("t1", src_tp=2))
+    side.get_num_new_matched_tokens(req, 0)
+    side.update_state_after_alloc(req, _blocks([7, 3]), 129)
+    (job,) = side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads
+    assert job.src_tp == 2
+    rank0 = TransferReport("t1", "DONE", tokens=129, bytes=100, exposed_ms=4.0, ready_unix_ns=10)
+    rank1 = TransferReport("t1", "DONE", tokens=129, bytes=100, exposed_ms=7.0, ready_unix_ns=20)
+    side.update_connector_output(GrpcWorkerMetadata({"r1": rank0}))
+    side.update_connector_output(GrpcWorkerMetadata({"r1": rank1}))  # the other rank, a step later
+    _, out = side.request_finished(req, [7, 3])
+    report = out[params.KEY]
+    assert (report["state"], report["bytes"], report["exposed_ms"], report["ready_unix_ns"]) == ("DONE", 200, 7.0, 20)
+
+
+def test_a_cancelled_tensor_parallel_transfer_cancels_every_rank_part():
+    side = _side()
+    side.request_finished(_request("r1", 50, params.for_decode("t1", src_tp=2)), [])
+    assert side.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).cancels.keys() == {"t1/tp0", "t1/tp1"}
