@@ -288,7 +288,8 @@ class WorkerSide:
     def _load(self, job: LoadJob, parts: dict[int, IncomingTransfer]) -> bool:
         """Copy a finished transfer's parts into the job's blocks (of each part the heads this rank
         holds); False while a device load is landing."""
-        if error := parts_error(job, parts):
+        part_block_bytes = self.layers[0].block_bytes // self.num_kv_heads * (self.total_kv_heads // job.src_tp)
+        if error := parts_error(job, parts, part_block_bytes):
             self._report_load(job, list(parts.values()), error, 0, 0, 0.0)
             return True
         start = time.perf_counter()

@@ -120,3 +120,23 @@ def test_a_load_waiting_for_a_part_that_never_comes_fails_and_reports_its_blocks
     finally:
         for w in prefill + [decode]:
             w.shutdown()
+
+
+def test_a_part_of_another_share_of_heads_than_the_decode_was_told_fails_the_load_not_the_engine():
+    """A sender whose fingerprint claims half the heads (a TP 2 rank) pushes to a decode request told
+    its prefill runs on one worker: the fingerprints agree on the model, so the transfer is taken, but
+    its blocks are half the size the load expects. The load fails and the blocks are recomputed."""
+    src, dst = model_cache(5), model_cache(6)
+    (decode,) = ranks([dst], produce=False)
+    prefill = ranks(shards(src, 2), produce=True)
+    try:
+        decode.bind(GrpcConnectorMetadata(loads=[LoadJob("r-decode", "t1/tp0", 10_000, 3 * BS, 0, DST_IDS)]))
+        push(prefill[:1], [shard(src, 0, 2)], decode.receiver.address, 1)
+        wait_loaded([decode])
+        (report,) = decode.take_reports().values()
+        assert report.state == "FAILED" and "a prefill of TP size 1 sends" in report.error, report
+        assert decode.take_invalid_blocks() == set(DST_IDS)
+        assert torch.equal(dst["layers.0.attn"], model_cache(6)["layers.0.attn"])  # nothing written
+    finally:
+        for w in prefill + [decode]:
+            w.shutdown()
