@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
-
-from pdserve.model_store import build_checkpoint, prepare_default_model
+from pdserve.model_store import (
+    build_checkpoint,
+    generated_is_complete,
+    mark_generated,
+    prepare_default_model,
+)
 
 DENSE_MODEL_NAME = "pdserve-tiny-llama-4kv"
 GENERATOR_VERSION = 1
@@ -22,26 +25,13 @@ WEIGHT_STD = 0.08
 """Wider than transformers' 0.02 default, so that greedy answers vary with the prompt (a narrow
 random model repeats one token), and their logits are far apart, so the order of a TP all-reduce's
 float32 sums does not flip a greedy token."""
-MARKER_FILE = ".pdserve-complete.json"
-
-
-class DenseMarker(BaseModel):
-    generator_version: int
-    seed: int
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    try:
-        marker = DenseMarker.model_validate_json((checkpoint / MARKER_FILE).read_text())
-    except (OSError, ValidationError):
-        return False
-    return marker.generator_version == GENERATOR_VERSION and (checkpoint / "model.safetensors").is_file()
 
 
 def prepare_dense_model(force: bool = False) -> Path:
     """The test checkpoint's directory, generated on first use (a few seconds, about 60 MB)."""
     tokenizer_dir = prepare_default_model(progress=False)
-    return build_checkpoint(DENSE_MODEL_NAME, _is_complete, lambda work: _generate(work, tokenizer_dir), force)
+    return build_checkpoint(DENSE_MODEL_NAME, lambda path: generated_is_complete(path, GENERATOR_VERSION, SEED),
+                            lambda work: _generate(work, tokenizer_dir), force)
 
 
 def _generate(out_dir: Path, tokenizer_dir: Path) -> None:
@@ -60,4 +50,4 @@ def _generate(out_dir: Path, tokenizer_dir: Path) -> None:
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / MARKER_FILE).write_text(DenseMarker(generator_version=GENERATOR_VERSION, seed=SEED).model_dump_json())
+    mark_generated(out_dir, GENERATOR_VERSION, SEED)

@@ -215,6 +215,29 @@ def _convert(out_dir: Path, progress: bool) -> None:
         (out_dir / MARKER_FILE).write_text(marker.model_dump_json(indent=2))  # it means "complete"
 
 
+class GeneratedMarker(BaseModel):
+    """The marker of a generated test checkpoint (random weights): which generator made it, from
+    which seed; another version or seed is generated anew."""
+
+    generator_version: int
+    seed: int
+
+
+def generated_is_complete(checkpoint: Path, generator_version: int, seed: int) -> bool:
+    """A generated checkpoint is there: its marker names this generator and seed, and its weights exist."""
+    try:
+        marker = GeneratedMarker.model_validate_json((checkpoint / MARKER_FILE).read_text())
+    except (OSError, ValidationError):
+        return False
+    return (marker.generator_version, marker.seed) == (generator_version, seed) and (
+        checkpoint / "model.safetensors").is_file()
+
+
+def mark_generated(out_dir: Path, generator_version: int, seed: int) -> None:
+    """Write a generated checkpoint's marker, last: it means "complete"."""
+    (out_dir / MARKER_FILE).write_text(GeneratedMarker(generator_version=generator_version, seed=seed).model_dump_json())
+
+
 def build_checkpoint(name: str, is_complete: Callable[[Path], bool], build: Callable[[Path], None],
                      force: bool = False) -> Path:
     """`model_cache_dir() / name`, built by `build(directory)` unless `is_complete` says it is there.

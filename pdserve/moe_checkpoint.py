@@ -23,9 +23,12 @@ import json
 import logging
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
-
-from pdserve.model_store import build_checkpoint, prepare_default_model
+from pdserve.model_store import (
+    build_checkpoint,
+    generated_is_complete,
+    mark_generated,
+    prepare_default_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +42,6 @@ ROUTER_SKEW = 1.5
 WEIGHT_STD = 0.08
 """Wider than transformers' 0.02 default: with 0.02 a random model repeats one token forever,
 which would exercise few routing patterns."""
-MARKER_FILE = ".pdserve-complete.json"
 SAMPLE_TEXT = (
     "The capital of France is Paris, known for its museums and cafes.",
     "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
@@ -50,23 +52,11 @@ SAMPLE_TEXT = (
 )
 
 
-class MoEMarker(BaseModel):
-    generator_version: int
-    seed: int
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    try:
-        marker = MoEMarker.model_validate_json((checkpoint / MARKER_FILE).read_text())
-    except (OSError, ValidationError):
-        return False
-    return marker.generator_version == GENERATOR_VERSION and (checkpoint / "model.safetensors").is_file()
-
-
 def prepare_moe_model(force: bool = False) -> Path:
     """The test MoE checkpoint's directory, generated on first use (about 10 s, 0.5 GB)."""
     tokenizer_dir = prepare_default_model(progress=False)
-    return build_checkpoint(MOE_MODEL_NAME, _is_complete, lambda work: _generate(work, tokenizer_dir), force)
+    return build_checkpoint(MOE_MODEL_NAME, lambda path: generated_is_complete(path, GENERATOR_VERSION, SEED),
+                            lambda work: _generate(work, tokenizer_dir), force)
 
 
 def routing_shares(checkpoint: Path) -> list[dict[str, float]]:
@@ -107,7 +97,7 @@ def _generate(out_dir: Path, tokenizer_dir: Path) -> None:
     for i, s in enumerate(shares):
         logger.info("%s layer %d: top quarter of experts get %.0f%% of tokens, top half %.0f%%", MOE_MODEL_NAME, i,
                     100 * s["top_25"], 100 * s["top_50"])
-    (out_dir / MARKER_FILE).write_text(MoEMarker(generator_version=GENERATOR_VERSION, seed=SEED).model_dump_json())
+    mark_generated(out_dir, GENERATOR_VERSION, SEED)
 
 
 def _router_input_channel0(model, sample) -> list[float]:

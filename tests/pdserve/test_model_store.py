@@ -237,3 +237,14 @@ def test_converted_model_answers_paris_through_chat_template(checkpoint: Path) -
         output = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(output[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer
+
+
+def test_a_generated_checkpoint_counts_as_there_only_for_its_generator_and_seed_and_with_its_weights(tmp_path):
+    model_store.mark_generated(tmp_path, generator_version=2, seed=7)
+    assert not model_store.generated_is_complete(tmp_path, 2, 7)  # marked, but no weights yet
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    assert model_store.generated_is_complete(tmp_path, 2, 7)
+    assert not model_store.generated_is_complete(tmp_path, 3, 7)  # a newer generator: made anew
+    assert not model_store.generated_is_complete(tmp_path, 2, 8)  # another seed: made anew
+    (tmp_path / MARKER_FILE).write_text("{not json")
+    assert not model_store.generated_is_complete(tmp_path, 2, 7)
