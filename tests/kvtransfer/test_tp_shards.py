@@ -10,6 +10,7 @@ from pdserve.kvtransfer import params
 from pdserve.kvtransfer.block_layout import BlockLayout, LoadPiece
 from pdserve.kvtransfer.connector_meta import GrpcWorkerMetadata, TransferReport
 from pdserve.kvtransfer.fingerprint import KVFingerprint, layout_name, mismatches
+from pdserve.kvtransfer.incoming import CHUNK_OVERHEAD_BYTES, TransferRefused, TransferState
 from pdserve.kvtransfer.tp_shards import (
     HeadSlice,
     check_shardable,
@@ -18,6 +19,7 @@ from pdserve.kvtransfer.tp_shards import (
     rank_addr,
     sources,
 )
+from tests.kvtransfer.test_transfer_table import BB, BLOCKS, chunk, make_table, open_msg
 
 HEADS, BLOCK_SIZE, HEAD = 4, 4, 8
 PAIRS = [(1, 1), (2, 1), (1, 2), (2, 2), (2, 4), (4, 2), (4, 1), (1, 4)]
@@ -125,3 +127,23 @@ def test_one_requests_reports_from_two_ranks_merge_into_one_that_failed_if_eithe
     assert merged.reports["q"] == ok
     failed = ok.merge(bad)
     assert (failed.state, failed.tokens, failed.error) == ("FAILED", 0, "checksum")
+
+
+def test_a_transfer_takes_chunks_sized_for_the_senders_share_of_heads_and_no_other():
+    """A sender of another TP size holds fewer heads per block: its chunks are sized by the
+    fingerprint it opened with, and a second stream opening the transfer with another share is refused."""
+    table = make_table()
+    half = KVFingerprint("m", "float32", block_size=4, kv_layout="cpu", num_layers=2, num_kv_heads=1, head_size=4,
+                         tp_size=2)
+    msg = open_msg()
+    msg.fingerprint.CopyFrom(half.to_proto())
+    t = table.open(msg, now_s=0.0)
+    assert t.block_bytes == BB // 2 and table.reserved_bytes == BLOCKS * (BB // 2 + CHUNK_OVERHEAD_BYTES) * 2
+    with pytest.raises(TransferRefused, match="disagrees"):
+        table.open(open_msg(), now_s=0.1)  # another stream, claiming whole blocks
+    hdr, payload, nbytes = chunk(0, 0, 1, size=BB // 2)
+    assert table.add_chunk(t, hdr, payload, nbytes)
+    hdr, payload, nbytes = chunk(0, 1, 1)  # a whole block's bytes: not this transfer's size
+    with pytest.raises(TransferRefused, match="payload"):
+        table.add_chunk(t, hdr, payload, nbytes)
+    assert t.state is TransferState.FAILED

@@ -382,22 +382,3 @@ def test_cancel_before_the_transfer_arrives_refuses_it_without_reserving_and_is_
     table.expire(1.0 + 61.0)
     assert table.state_of("t") is None
 
-
-def test_a_transfer_takes_chunks_sized_for_the_senders_share_of_heads_and_no_other():
-    """A sender of another TP size holds fewer heads per block: its chunks are sized by the
-    fingerprint it opened with, and a second stream opening the transfer with another share is refused."""
-    table = make_table()
-    half = KVFingerprint("m", "float32", block_size=4, kv_layout="cpu", num_layers=2, num_kv_heads=1, head_size=4,
-                         tp_size=2)
-    msg = open_msg()
-    msg.fingerprint.CopyFrom(half.to_proto())
-    t = table.open(msg, now_s=0.0)
-    assert t.block_bytes == BB // 2 and table.reserved_bytes == BLOCKS * (BB // 2 + CHUNK_OVERHEAD_BYTES) * 2
-    with pytest.raises(TransferRefused, match="disagrees"):
-        table.open(open_msg(), now_s=0.1)  # another stream, claiming whole blocks
-    hdr, payload, nbytes = chunk(0, 0, 1, size=BB // 2)
-    assert table.add_chunk(t, hdr, payload, nbytes)
-    hdr, payload, nbytes = chunk(0, 1, 1)  # a whole block's bytes: not this transfer's size
-    with pytest.raises(TransferRefused, match="payload"):
-        table.add_chunk(t, hdr, payload, nbytes)
-    assert t.state is TransferState.FAILED
