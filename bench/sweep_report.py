@@ -49,8 +49,8 @@ def _rows(name: str, report: dict, baseline: str | None) -> list[dict]:
             row["ratio_bounds"] = {mode: list(ratio_bounds(b, bracket[baseline])) for mode, b in bracket.items()}
         fixed = [m for m in FIXED_MODES if m in bracket]
         if "adaptive" in bracket and fixed:
-            best = max(fixed, key=lambda m: bracket[m][0])  # None where no mode passed at any rate: not judged
-            judged = bracket["adaptive"][0] > 0 or bracket[best][0] > 0
+            best = max(fixed, key=lambda m: bracket[m][0])
+            judged = bracket["adaptive"][0] > 0 or bracket[best][0] > 0  # else no mode passed at any rate: None
             row["adaptive_at_least_best_fixed"] = bracket["adaptive"][0] >= bracket[best][0] if judged else None
         rows.append(row)
     return rows

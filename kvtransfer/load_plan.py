@@ -16,12 +16,18 @@ def parts_error(job: LoadJob, parts: dict[int, IncomingTransfer], part_block_byt
     """Why the parts cannot be loaded ("": they can): a part failed, carries another prompt length,
     or blocks of another share of the heads than a prefill of the job's TP size sends
     (`part_block_bytes` per block of a layer)."""
-    errors = [t.error or (f"prefill sent {t.num_tokens} prompt tokens, decode expects {job.num_tokens}"
-                          if t.num_tokens != job.num_tokens else
-                          f"part {t.transfer_id} carries {t.block_bytes} B blocks, a prefill of TP size {job.src_tp} "
-                          f"sends {part_block_bytes} B" if t.block_bytes != part_block_bytes else "")
-              for t in parts.values()]
-    return "; ".join(e for e in errors if e)
+    return "; ".join(e for t in parts.values() if (e := _part_error(job, t, part_block_bytes)))
+
+
+def _part_error(job: LoadJob, t: IncomingTransfer, part_block_bytes: int) -> str:
+    if t.error:
+        return t.error
+    if t.num_tokens != job.num_tokens:
+        return f"prefill sent {t.num_tokens} prompt tokens, decode expects {job.num_tokens}"
+    if t.block_bytes != part_block_bytes:
+        return (f"part {t.transfer_id} carries {t.block_bytes} B blocks, a prefill of TP size {job.src_tp} "
+                f"sends {part_block_bytes} B")
+    return ""
 
 
 def load_pieces(job: LoadJob, parts: dict[int, IncomingTransfer], layers: Sequence[BlockLayout], tp_rank: int,
