@@ -52,6 +52,8 @@ class Target:
     load: int
     pool: str
     """Its pool: the Serve deployment the ingress calls it through."""
+    tp_size: int = 1
+    """Tensor-parallel ranks of its engine: a KV transfer to or from it moves a part per rank."""
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,9 @@ class LoadReport:
     """Recent prefill time of its requests (moving average; 0 before the first)."""
     recent_tpot_ms: float = 0.0
     """Recent time per output token of its requests (moving average; 0 before the first)."""
+    tp_size: int = 1
+    """Tensor-parallel ranks of its engine: a transfer to or from it has a part per rank, and rank r's
+    KV receiver listens at `kv_addr`'s port + r (`kvtransfer/tp_shards.py`)."""
     experts: ExpertReport | None = None
     """Its expert buffers' counters; None when its MoE layers (if any) keep every expert resident."""
     cache: CacheEvents | None = None
@@ -241,4 +244,5 @@ class Instance:
             queued_stall_ms=self.queued_stall_ms(), absorbable_chunks=self.absorbable_chunks(step_base_ms),
             free_kv_tokens=float(r.free_kv_blocks * r.block_size - pending_kv),
             load=self.load, max_ongoing=r.max_ongoing, node=self.node, prefill_chunk_tokens=r.prefill_chunk_tokens,
+            tp_size=r.tp_size,
         )

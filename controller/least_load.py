@@ -20,7 +20,8 @@ def _least_loaded(pool: str, view: PoolView, live_after_s: float) -> Target | De
         return Decision(Outcome.OVERLOADED, reason=f"every {pool} instance is full ({loads})")
     share = np.where(open_, view.load / view.max_ongoing, np.inf)
     best = int(np.argmin(share))
-    return Target(view.replica_ids[best], view.kv_addrs[best], int(view.load[best]), view.pools[best])
+    return Target(view.replica_ids[best], view.kv_addrs[best], int(view.load[best]), view.pools[best],
+                  int(view.tp_size[best]))
 
 
 def choose_least_load(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float) -> Decision:

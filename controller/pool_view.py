@@ -50,6 +50,8 @@ class Row:
     """The instance's node, as a small integer shared by all pools."""
     prefill_chunk_tokens: int
     """Most prompt tokens its engine prefills in one step; 0: a whole prompt in one step."""
+    tp_size: int = 1
+    """Tensor-parallel ranks of its engine (a KV transfer's parts)."""
 
 
 _COLUMNS = tuple(f.name for f in fields(Row))[3:]
@@ -66,7 +68,7 @@ class PoolView:
         self.kv_addrs = [r.kv_addr for r in rows]
         self.pools = [r.pool for r in rows]
         for name in _COLUMNS:
-            dtype = np.int64 if name in ("load", "max_ongoing", "node", "prefill_chunk_tokens") else np.float64
+            dtype = np.int64 if name in ("load", "max_ongoing", "node", "prefill_chunk_tokens", "tp_size") else np.float64
             setattr(self, name, np.array([getattr(r, name) for r in rows], dtype=dtype))
         self.open = self.load < self.max_ongoing
         self.open_prefill_base_ms = np.where(self.open, self.prefill_base_ms, np.inf)
@@ -93,6 +95,7 @@ class PoolView:
     max_ongoing: np.ndarray
     node: np.ndarray
     prefill_chunk_tokens: np.ndarray
+    tp_size: np.ndarray
 
     def set_row(self, i: int, row: Row) -> None:
         self.kv_addrs[i] = row.kv_addr

@@ -72,8 +72,8 @@ class Registry:
             self.prefixes.apply(self._number(r.replica_id), r.cache)
             r = replace(r, cache=None)  # the instance keeps its report: not the events' tokens
         if inst is None or inst.report.started_at_s != r.started_at_s:
-            log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s)",
-                     r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-")
+            log.info("instance %s joined pool %s (node %s, accelerator %s, kv %s, TP %d)",
+                     r.replica_id, r.pool, r.node_id[:8], r.accelerator_type, r.kv_addr or "-", r.tp_size)
             kind = r.accelerator_type if r.accelerator_type in self.profiles else "default"
             node = self._nodes.setdefault(r.node_id, len(self._nodes))
             shared = self._shared_fixes.setdefault(kind, (Correction(), Correction()))

@@ -312,7 +312,7 @@ def _pool_name(prefill: PoolView | None, decode: PoolView) -> str:
 
 
 def _target(view: PoolView, i: int) -> Target:
-    return Target(view.replica_ids[i], view.kv_addrs[i], int(view.load[i]), view.pools[i])
+    return Target(view.replica_ids[i], view.kv_addrs[i], int(view.load[i]), view.pools[i], int(view.tp_size[i]))
 
 
 def _refused(req: RouteRequest, roomy: np.ndarray, ttft: np.ndarray, step: np.ndarray, headroom: float,

@@ -36,6 +36,7 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     dest = decision.decode.kv_addr if req.sampling.max_tokens > 1 else None  # a one-token answer moves no KV
     prefill_pool, decode_pool = pools[decision.prefill.pool], pools[decision.decode.pool]
     task = asyncio.ensure_future(prefill_pool.prefill.remote(req, dest, lease_ms, decision.decode_cached_tokens,
+                                                             decision.decode.tp_size,
                                                              replica_id=decision.prefill.replica_id))
     task.add_done_callback(on_prefill_done)
     try:
@@ -52,7 +53,7 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     ended = "stop" if first["finish_reason"] == "stop" else "length" if len(ids) >= req.sampling.max_tokens else None
     if ended is not None:
         if dest is not None:
-            _discard_kv(decode_pool, req.request_id, decision.decode.replica_id, background)
+            _discard_kv(decode_pool, req.request_id, decision.prefill.tp_size, decision.decode.replica_id, background)
         yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs, cached_tokens=cached)
         return
     # vLLM holds back the text a stop string may start in; the decode engine sees this token as
@@ -63,7 +64,8 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     cont = req.continued(ids)
     stream = decode_pool.options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
                                                               replica_id=decision.decode.replica_id,
-                                                              skip_tokens=decision.decode_cached_tokens)
+                                                              skip_tokens=decision.decode_cached_tokens,
+                                                              src_tp=decision.prefill.tp_size)
     async with aclosing(decode_stream(stream, decision)) as chunks:
         async for chunk in chunks:
             chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)
@@ -88,10 +90,11 @@ async def _prefill_answer(task: asyncio.Future, replica_id: str, gone: Callable[
             raise ReplicaLost("prefill", replica_id, departed=False)
 
 
-def _discard_kv(decode_pool: Any, transfer_id: str, replica_id: str, background: set[asyncio.Future]) -> None:
-    """Free, on the decode replica, the KV of an answer that ended at its first token (else it
-    waits out its lease there)."""
-    call = asyncio.ensure_future(decode_pool.discard_kv.remote(transfer_id, replica_id=replica_id))
+def _discard_kv(decode_pool: Any, transfer_id: str, src_tp: int, replica_id: str,
+                background: set[asyncio.Future]) -> None:
+    """Free, on the decode replica, the KV of an answer that ended at its first token (each of the
+    `src_tp` parts; else they wait out their lease there)."""
+    call = asyncio.ensure_future(decode_pool.discard_kv.remote(transfer_id, src_tp, replica_id=replica_id))
     background.add(call)
 
     def done(f: asyncio.Future) -> None:

@@ -136,10 +136,10 @@ class GrpcKVConnector(KVConnectorBase_V1):
         reports = self.worker.take_reports()
         return GrpcWorkerMetadata(reports) if reports else None
 
-    def discard_transfer(self, transfer_id: str) -> bool:
-        """Worker, called by pdserve (not vLLM): free a transfer no request will load; False on
-        an engine that receives none."""
-        return self.worker.discard(transfer_id)
+    def discard_transfer(self, transfer_id: str, src_tp: int = 1) -> bool:
+        """Worker, called by pdserve (not vLLM): free a transfer no request will load (this rank's
+        parts of it, from a prefill engine of `src_tp` ranks); False on an engine that receives none."""
+        return self.worker.discard(transfer_id, src_tp)
 
     def shutdown(self) -> None:
         """Worker or scheduler, at engine shutdown: stop servers and streams."""

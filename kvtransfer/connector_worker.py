@@ -141,11 +141,12 @@ class WorkerSide:
         if self.receiver is not None:
             self.receiver.stop()
 
-    def discard(self, transfer_id: str) -> bool:
+    def discard(self, transfer_id: str, src_tp: int = 1) -> bool:
         """Free a transfer no request will load (see GrpcKVConnector.discard_transfer)."""
         if self.receiver is None:
             return False
-        self.receiver.discard(transfer_id)
+        for pid in self._part_ids(transfer_id, src_tp).values():
+            self.receiver.discard(pid)
         return True
 
     # --- per step -------------------------------------------------------------
@@ -163,7 +164,7 @@ class WorkerSide:
             self.receiver.cancel(transfer_id, reason)
         for job in meta.loads:
             assert self.receiver is not None, "load job on an engine without the consumer role"
-            for pid in self._part_ids(job).values():
+            for pid in self._part_ids(job.transfer_id, job.src_tp).values():
                 self.receiver.expect(pid, job.lease_ms)
             self._loads[job.req_id] = job
 
@@ -182,13 +183,13 @@ class WorkerSide:
                                  job.first_block)
                 for d in destinations(self.tp_rank, self.tp_size, job.dest_tp, self.total_kv_heads)]
 
-    def _part_ids(self, job: LoadJob) -> dict[int, str]:
-        """The parts this rank takes for `job`, by sending rank (none where the prefill's TP size
-        does not split the heads: the load fails)."""
-        if self.total_kv_heads % job.src_tp:
+    def _part_ids(self, transfer_id: str, src_tp: int) -> dict[int, str]:
+        """The parts this rank takes of a transfer from a prefill engine of `src_tp` ranks, by
+        sending rank (none where that TP size does not split the heads: a load fails)."""
+        if self.total_kv_heads % src_tp:
             return {}
-        return {s: part_id(job.transfer_id, s, job.src_tp)
-                for s in sources(self.tp_rank, self.tp_size, job.src_tp, self.total_kv_heads)}
+        return {s: part_id(transfer_id, s, src_tp) for s in sources(self.tp_rank, self.tp_size, src_tp,
+                                                                     self.total_kv_heads)}
 
     def _chunks(self, job: SendJob) -> Iterator[tuple[int, list[int]]]:
         per_chunk = max(1, self.settings.chunk_bytes // self.layers[0].block_bytes)
@@ -266,9 +267,9 @@ class WorkerSide:
             elif req_id in finished_req_ids:  # aborted while waiting: free its staging too
                 for t in self._parts.pop(req_id, {}).values():
                     t.release()
-                for pid in self._part_ids(job).values():
+                for pid in self._part_ids(job.transfer_id, job.src_tp).values():
                     self.receiver.discard(pid)
-            elif not (wanted := self._part_ids(job)):
+            elif not (wanted := self._part_ids(job.transfer_id, job.src_tp)):
                 self._report_load(job, [], f"prefill TP size {job.src_tp} does not split the model's "
                                            f"{self.total_kv_heads} KV heads", 0, 0, 0.0)
             else:

@@ -19,20 +19,27 @@ def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
     `count` ports from it were all free (one per tensor-parallel rank of a KV receiver)."""
     low = _ephemeral_low()
     for _ in range(64):
-        port = random.randrange(PICK_FROM, low - count + 1) if low - count + 1 > PICK_FROM else 0
-        socks = [socket.socket() for _ in range(count)]
-        try:
-            socks[0].bind((host, port))
-            port = socks[0].getsockname()[1]
-            for i, s in enumerate(socks[1:], start=1):
-                s.bind((host, port + i))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return port
+        pick = random.randrange(PICK_FROM, low - count + 1) if low - count + 1 > PICK_FROM else 0
+        if (port := _bound_run(host, pick, count)) is not None:
+            return port
     raise OSError(f"no {count} free ports in a row on {host}")
+
+
+def _bound_run(host: str, first: int, count: int) -> int | None:
+    """`first` (or, for 0, the port the kernel picks) when it and the `count` - 1 ports after it
+    could all be bound on `host` just now; None when one could not."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        socks[0].bind((host, first))
+        first = socks[0].getsockname()[1]
+        for i, s in enumerate(socks[1:], start=1):
+            s.bind((host, first + i))
+    except OSError:
+        return None
+    finally:
+        for s in socks:
+            s.close()
+    return first
 
 
 def _ephemeral_low() -> int:
@@ -43,15 +50,12 @@ def _ephemeral_low() -> int:
         return 32768
 
 
-def first_free_port(host: str, first: int, count: int) -> int:
-    """The lowest port in [first, first + count) that `host` can bind now, for servers that must
-    listen on ports named in advance (a NetworkPolicy's). Probed without SO_REUSEPORT, as the
-    servers bind, so a port another server holds counts as taken."""
-    for port in range(first, first + count):
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
+def first_free_port(host: str, first: int, count: int, ranks: int = 1) -> int:
+    """The lowest port p in [first, first + count) such that `host` can bind now p and the
+    `ranks` - 1 ports after it, all in that range (one per tensor-parallel rank of a KV receiver),
+    for servers that must listen on ports named in advance (a NetworkPolicy's). Probed without
+    SO_REUSEPORT, as the servers bind, so a port another server holds counts as taken."""
+    for port in range(first, first + count - ranks + 1):
+        if _bound_run(host, port, ranks) is not None:
             return port
-    raise OSError(f"no free port in {first}..{first + count - 1} on {host}")
+    raise OSError(f"no {ranks} free ports in a row in {first}..{first + count - 1} on {host}")

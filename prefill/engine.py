@@ -103,7 +103,8 @@ class EngineServer:
         sched = self.engine.vllm_config.scheduler_config
         self._report = LoadReport(self.replica_id, self.pool_name, node_id, pool.accelerator_type, kv_listen_addr,
                                   pool.max_ongoing_requests, time.time(),
-                                  prefill_chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0)
+                                  prefill_chunk_tokens=sched.max_num_batched_tokens if sched.enable_chunked_prefill else 0,
+                                  tp_size=self.engine.vllm_config.parallel_config.tensor_parallel_size)
         self._reporter = asyncio.create_task(self._report_loop())
         log.info("%s replica %s ready (cores %s, node %s, kv %s)", self.role, self.replica_id, cpu_bind or "any",
                  node_id[:8], kv_listen_addr or "-")

@@ -17,17 +17,18 @@ from pdserve.prefill.requests import GenerateRequest
 class PrefillServer(EngineServer):
     role = "prefill"
 
-    async def prefill(self, req: GenerateRequest, dest: str | None, lease_ms: int, skip_tokens: int = 0, *,
-                      replica_id: str) -> dict:
+    async def prefill(self, req: GenerateRequest, dest: str | None, lease_ms: int, skip_tokens: int = 0,
+                      dest_tp: int = 1, *, replica_id: str) -> dict:
         """Compute the prompt's KV, push it to `dest` (None: no engine goes on from here, the
-        answer is one token long) but for the whole blocks of the first `skip_tokens`, which `dest`
+        answer is one token long; with `dest_tp` ranks there, each rank's share of the heads to the
+        rank's receiver) but for the whole blocks of the first `skip_tokens`, which `dest`
         is expected to hold in its prefix cache, and sample the first token. Returns its `token_ids` and `text`,
         vLLM's `finish_reason` ("stop": the answer ended there; "length": it may go on), and the
         prefill's timings (and the first token's `logprobs` when asked for). `replica_id` is read by the router (see exact_router) and names this replica."""
         attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest or ""}
         with self.serving("prefill", req, attrs, prefills=True) as (span, progress):
             kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", ""),
-                                    skip_tokens) if dest else None
+                                    skip_tokens, dest_tp) if dest else None
             sp = self.sampling_params(req.sampling, 1, kv, req.sampled_tokens)
             start = time.perf_counter()
             final, token_ids, text, logprobs = None, [], "", []

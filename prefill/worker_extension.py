@@ -151,9 +151,10 @@ class EngineWorkerExtension(ExpertBufferExtension):
 
         return isinstance(self.model_runner, GPUModelRunner)
 
-    def pdserve_discard_kv_transfer(self, transfer_id: str) -> bool:
+    def pdserve_discard_kv_transfer(self, transfer_id: str, src_tp: int = 1) -> bool:
         """Free a prompt's KV that arrived (or is arriving) for an answer that ended at its first
-        token: no request will load it. False on an engine without pdserve's connector."""
+        token, this rank's parts of it from a prefill engine of `src_tp` ranks: no request will load
+        it. False on an engine without pdserve's connector."""
         from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
         from pdserve.kvtransfer.connector import GrpcKVConnector
@@ -161,4 +162,4 @@ class EngineWorkerExtension(ExpertBufferExtension):
         connector = get_kv_transfer_group() if has_kv_transfer_group() else None
         if not isinstance(connector, GrpcKVConnector):
             return False
-        return connector.discard_transfer(transfer_id)
+        return connector.discard_transfer(transfer_id, src_tp)

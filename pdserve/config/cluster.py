@@ -16,7 +16,7 @@ from pdserve.config.autoscaling import AutoscalingConfig
 from pdserve.config.autoscaling_policy import PolicyError
 from pdserve.config.files import describe, read_mapping
 from pdserve.config.kvtransfer import KVTransferSettings
-from pdserve.config.pool import SPLIT_ENGINE_ARGS, PoolConfig
+from pdserve.config.pool import UNSPLIT_ENGINE_ARGS, PoolConfig
 from pdserve.config.routing import RoutingConfig
 
 
@@ -183,7 +183,8 @@ class ClusterConfig(BaseModel):
     port. Fixed ports let a Kubernetes NetworkPolicy name them."""
     kv_receiver_port_count: int = Field(1, ge=1, le=256)
     """With a fixed `kv_receiver_port`: how many consecutive ports from it the decode replicas of
-    one node (pod) may take, one each; a replica that finds none free fails to start."""
+    one node (pod) may take, one per tensor-parallel rank each; a replica that finds no run of its
+    ranks' ports free fails to start."""
     slo: SLOConfig = Field(default_factory=SLOConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     """How the controller routes requests and predicts their latencies."""
@@ -262,12 +263,16 @@ class ClusterConfig(BaseModel):
             raise ValueError("autoscaling sizes the prefill and decode pools: it needs mode disaggregated")
         if self.mode != "colocated":
             for name, pool in self.pools().items():
-                if split := {a: n for a in SPLIT_ENGINE_ARGS if (n := pool.engine_args.get(a, 1)) != 1}:
+                if split := {a: n for a in UNSPLIT_ENGINE_ARGS if (n := pool.engine_args.get(a, 1)) != 1}:
                     raise ValueError(
                         f"{name}.engine_args {split}: in mode {self.mode} engines move KV, and the KV connector "
-                        "moves one worker's whole cache; the workers of a split engine would each bind the same "
-                        "receiver port and send their part as the whole (issue 23). Run such engines in mode "
-                        "colocated, and scale a pool with `replicas`")
+                        "moves each tensor-parallel rank's share of it, not a pipeline stage's or a data-parallel "
+                        "rank's. Run such engines in mode colocated, and scale a pool with `replicas`")
+        receivers = {n: p.tp_size for n, p in self.pools().items() if pool_role(n) in ("decode", "adaptive")}
+        if self.kv_receiver_port and (short := {n: tp for n, tp in receivers.items()
+                                                if tp > self.kv_receiver_port_count}):
+            raise ValueError(f"pools {short} run that many tensor-parallel ranks, each with its own KV receiver port, "
+                             f"but kv_receiver_port_count is {self.kv_receiver_port_count}")
         return self
 
     @property

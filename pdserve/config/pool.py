@@ -7,15 +7,16 @@ import dataclasses
 from functools import cache
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pdserve.config.experts import ExpertPoolConfig
 
 # Engine arguments pdserve sets itself; a pool may not override them.
 _RESERVED_ENGINE_ARGS = {"model", "dtype", "max_model_len", "kv_transfer_config", "served_model_name",
                          "worker_extension_cls"}
-SPLIT_ENGINE_ARGS = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size")
-"""Engine arguments that split one engine over several workers, each with its own part of the KV cache."""
+UNSPLIT_ENGINE_ARGS = ("pipeline_parallel_size", "data_parallel_size")
+"""Engine arguments that split one engine over workers whose KV the connector cannot move as parts of
+one transfer (tensor parallelism it can: each rank moves its share of the heads)."""
 
 
 @cache
@@ -75,6 +76,18 @@ class PoolConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown vLLM engine arguments {unknown}")
         return v
+
+    @model_validator(mode="after")
+    def _a_gpu_per_rank(self) -> "PoolConfig":
+        if self.tp_size > 1 and self.num_gpus and self.num_gpus < self.tp_size:  # (fractions share a GPU at TP 1)
+            raise ValueError(f"tensor_parallel_size {self.tp_size} runs a rank on each of {self.tp_size} GPUs, "
+                             f"but num_gpus is {self.num_gpus}")
+        return self
+
+    @property
+    def tp_size(self) -> int:
+        """Tensor-parallel ranks of each replica's engine."""
+        return int(self.engine_args.get("tensor_parallel_size", 1))
 
     @property
     def on_cpu(self) -> bool:

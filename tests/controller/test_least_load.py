@@ -19,7 +19,9 @@ def test_picks_the_least_loaded_instance_of_each_pool():
     d = route(reg)
     assert d.outcome is Outcome.ROUTED
     assert (d.prefill.replica_id, d.decode.replica_id) == ("p2", "d2")
-    assert d.decode.kv_addr.startswith("10.0.0.1:")
+    assert d.decode.kv_addr.startswith("10.0.0.1:") and (d.prefill.tp_size, d.decode.tp_size) == (1, 1)
+    add(reg, "d2", "decode", tp_size=2)
+    assert route(reg).decode.tp_size == 2
 
 
 def test_load_is_relative_to_each_instance_capacity():

@@ -29,6 +29,14 @@ def test_picks_the_prefill_type_three_times_faster_when_both_are_idle():
     assert "ttft 520/5000 ms, tpot 27/100 ms" in d.reason
 
 
+def test_a_decision_names_each_targets_tensor_parallel_size_as_it_reported():
+    reg = registry()
+    add(reg, "p", "prefill", tp_size=4)
+    add(reg, "d", "decode", tp_size=2)
+    d = route(reg, request(1000))
+    assert (d.prefill.tp_size, d.decode.tp_size) == (4, 2)  # the ingress tells each the other's
+
+
 def test_a_queue_on_the_fast_type_sends_the_prompt_to_the_slow_one():
     reg = registry()
     add(reg, "slow", "prefill")

@@ -21,9 +21,9 @@ from tests.deployments.fake_serve_handles import FakeEngineStream, FakeRemoteMet
 PROMPT = [100, 101, 102]
 
 
-def routed(prefill: str | None, decode: str) -> Decision:
-    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0, "prefill") if prefill else None,
-                    decode=Target(decode, f"{decode}:1", 0, "decode"), reason="fake route")
+def routed(prefill: str | None, decode: str, prefill_tp: int = 1, decode_tp: int = 1) -> Decision:
+    return Decision(Outcome.ROUTED, prefill=Target(prefill, "", 0, "prefill", prefill_tp) if prefill else None,
+                    decode=Target(decode, f"{decode}:1", 0, "decode", decode_tp), reason="fake route")
 
 
 class FakeController:
@@ -75,6 +75,9 @@ class FakePools:
         """(replica, KV destination) of every prefill call."""
         self.discarded: list[tuple[str, str]] = []
         """(transfer id, replica) of every discard_kv call."""
+        self.tp_sizes: list[tuple[str, str, int]] = []
+        """(call, replica, the other side's TP size) of every call that moves KV: a prefill's
+        decode TP size, a generate's or a discard's prefill TP size."""
         self.streams: list[FakeEngineStream] = []
         self.generate = FakeRemoteMethod(self._generate)
         self.prefill = FakeRemoteMethod(self._prefill)
@@ -88,9 +91,11 @@ class FakePools:
         return self
 
     def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
-                  local_prefill: bool = False, skip_tokens: int = 0) -> FakeEngineStream:
+                  local_prefill: bool = False, skip_tokens: int = 0, src_tp: int = 1) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
         self.sampled.append(req.sampled_tokens)
+        if not local_prefill:
+            self.tp_sizes.append(("generate", replica_id, src_tp))
         dies_after = self.decode_dies_after.pop(replica_id, None)
         if replica_id in self.departed:
             gone = ReplicaGone(replica_id, 0.0, departed=True)
@@ -119,8 +124,10 @@ class FakePools:
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
-    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, *, replica_id: str) -> dict:
+    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, dest_tp: int = 1, *,
+                       replica_id: str) -> dict:
         self.prefills.append((replica_id, dest))
+        self.tp_sizes.append(("prefill", replica_id, dest_tp))
         if replica_id in self.dead_prefills:
             raise ActorDiedError()
         if replica_id in self.hung_prefills:
@@ -130,8 +137,9 @@ class FakePools:
         return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [first], "text": f" t{first}",
                 "finish_reason": "length"}
 
-    async def _discard_kv(self, transfer_id: str, *, replica_id: str) -> None:
+    async def _discard_kv(self, transfer_id: str, src_tp: int = 1, *, replica_id: str) -> None:
         self.discarded.append((transfer_id, replica_id))
+        self.tp_sizes.append(("discard", replica_id, src_tp))
 
 
 def frontend(model_path: str, controller: FakeController, pools: FakePools, **ingress: Any) -> Frontend:
@@ -176,8 +184,10 @@ class FakeTextPools(FakePools):
         self.answer_ids: list[int] = tokenizer.encode(ANSWER, add_special_tokens=False)
 
     def _generate(self, req, max_tokens: int, lease_ms: int, *, replica_id: str,
-                  local_prefill: bool = False, skip_tokens: int = 0) -> FakeEngineStream:
+                  local_prefill: bool = False, skip_tokens: int = 0, src_tp: int = 1) -> FakeEngineStream:
         self.served.append((replica_id, req.request_id, len(req.prompt_token_ids)))
+        if not local_prefill:
+            self.tp_sizes.append(("generate", replica_id, src_tp))
         dies_after = self.decode_dies_after.pop(replica_id, None)
         start = len(req.prompt_token_ids) - len(PROMPT)
         ids = self.answer_ids[start:start + max_tokens]
@@ -202,8 +212,9 @@ class FakeTextPools(FakePools):
         self.streams.append(FakeEngineStream(chunks()))
         return self.streams[-1]
 
-    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, *, replica_id: str) -> dict:
-        out = await super()._prefill(req, dest, lease_ms, replica_id=replica_id)
+    async def _prefill(self, req, dest: str | None, lease_ms: int, skip_tokens: int = 0, dest_tp: int = 1, *,
+                       replica_id: str) -> dict:
+        out = await super()._prefill(req, dest, lease_ms, skip_tokens, dest_tp, replica_id=replica_id)
         token = self.answer_ids[len(req.prompt_token_ids) - len(PROMPT)]
         text = self.tokenizer.decode(req.prompt_token_ids + [token])[len(self.tokenizer.decode(req.prompt_token_ids)):]
         hits = [at for s in req.sampling.stop if (at := text.find(s)) >= 0]

@@ -81,6 +81,20 @@ def test_an_answer_ending_at_the_prefills_first_token_frees_its_kv_on_the_decode
     assert pools.served == [] and [replica for _, replica in pools.discarded] == ["d1"]
 
 
+def test_each_replica_of_the_pair_is_told_the_other_ones_tensor_parallel_size(model_path, tokenizer):
+    pools = FakeTextPools(tokenizer)
+    chunks, error = collect(frontend(model_path, FakeController(routed("p1", "d1", prefill_tp=2, decode_tp=4)), pools),
+                            12)
+    assert error is None and chunks[-1].completion_tokens == 12
+    # The prefill replica's ranks push to the decode replica's 4; the decode replica waits for 2 parts.
+    assert pools.tp_sizes == [("prefill", "p1", 4), ("generate", "d1", 2)]
+    first = tokenizer.decode(tokenizer.encode(ANSWER, add_special_tokens=False)[:1])
+    pools = FakeTextPools(tokenizer)
+    collect(frontend(model_path, FakeController(routed("p1", "d1", prefill_tp=2, decode_tp=4)), pools), 12,
+            [first[2:]])
+    assert pools.tp_sizes == [("prefill", "p1", 4), ("discard", "d1", 2)]  # both parts of an unused KV freed
+
+
 def test_a_one_token_answer_is_the_prefill_replicas_alone_and_moves_no_kv(model_path, tokenizer):
     pools = FakeTextPools(tokenizer)
     chunks, error = collect(frontend(model_path, FakeController(routed("p1", "d1")), pools), 1)

@@ -39,6 +39,11 @@ VARIANTS = {
     "adaptive": {"mode": "adaptive", "autoscaling": {"enabled": False},
                  "pools": {"adaptive": {"acceleratorType": "H100", "replicasPerPod": 2, "replicas": 4,
                                         "minReplicas": 2, "maxReplicas": 8}}},
+    # Tensor-parallel engines on both sides (each rank moves its share of the KV heads): a decode
+    # pod's two replicas take two KV receiver ports each.
+    "tensor_parallel": {"pools": {"prefill": {"gpusPerReplica": 4, "engineArgs": {"tensor_parallel_size": 4}},
+                                  "decode": {"gpusPerReplica": 2, "replicasPerPod": 2, "replicas": 2,
+                                             "engineArgs": {"tensor_parallel_size": 2}}}},
     # Adaptive engines on two GPU types: the L4 pool takes what it does not set from pools.adaptive.
     "two_adaptive_pools": {"mode": "adaptive", "autoscaling": {"enabled": False},
                            "pools": {"adaptive": {"acceleratorType": "H100", "replicas": 2, "minReplicas": 1},

@@ -148,16 +148,20 @@ def test_network_policies_can_be_turned_off():
     assert admits(docs, _groups(docs)["decode"], STRANGER, _kv_ports(docs).start)
 
 
-@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types", "adaptive", "two_adaptive_pools"])
+@pytest.mark.parametrize("variant", ["defaults", "two_gpu_types", "adaptive", "two_adaptive_pools", "tensor_parallel"])
 def test_receiving_pods_declare_the_kv_receiver_ports_pdserve_binds(variant):
     docs = render(VARIANTS[variant])
     groups = _groups(docs)
     _, receivers = kv_roles(VARIANTS[variant])
     pools = VARIANTS[variant].get("pools", {})
-    per_pod = max(pools.get(r, {}).get("replicasPerPod", pools.get("adaptive", {}).get("replicasPerPod", 1))
-                  for r in receivers)
+
+    def ports_per_pod(role: str) -> int:
+        pool = {**pools.get("adaptive", {}), **pools.get(role, {})}
+        return pool.get("replicasPerPod", 1) * pool.get("engineArgs", {}).get("tensor_parallel_size", 1)
+
     kv = _kv_ports(docs)
-    assert (kv.start, len(kv)) == (5600, per_pod)  # one receiver per receiving replica of a pod (of the most)
+    # One receiver per TP rank of each receiving replica of a pod (of the most).
+    assert (kv.start, len(kv)) == (5600, max(ports_per_pod(r) for r in receivers))
     for role in receivers:
         ports = groups[role]["spec"]["containers"][0]["ports"]
         assert {p["containerPort"]: p["name"] for p in ports} == {port: "kv" if i == 0 else f"kv-{i}"

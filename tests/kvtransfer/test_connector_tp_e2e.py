@@ -54,8 +54,8 @@ def reference(model_dir, prompts) -> dict[int, list[int]]:
         plain.stop()
 
 
-@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)], ids=["tp2-to-tp1", "tp1-to-tp2",
-                                                                                     "tp2-to-tp2"])
+# TP 2 -> TP 2 runs through a whole service: tests/deployments/test_tensor_parallel_e2e.py.
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2)], ids=["tp2-to-tp1", "tp1-to-tp2"])
 def test_kv_moved_between_tensor_parallel_sizes_gives_the_plain_engines_answer(model_dir, prompts, reference,
                                                                               prefill_tp, decode_tp):
     addr = f"127.0.0.1:{free_port(count=decode_tp)}"  # decode rank r listens at port + r

@@ -140,3 +140,26 @@ def test_a_part_of_another_share_of_heads_than_the_decode_was_told_fails_the_loa
     finally:
         for w in prefill + [decode]:
             w.shutdown()
+
+
+def test_discarding_a_transfer_from_a_tp_2_prefill_frees_the_part_that_came_and_refuses_the_one_to_come():
+    """An answer that ended at its first token: the ingress discards its KV on the decode engine,
+    naming the prefill's TP size, so each of its parts goes (not the plain transfer id, which no part has)."""
+    src, dst = model_cache(7), model_cache(8)
+    (decode,) = ranks([dst], produce=False)
+    prefill = ranks(shards(src, 2), produce=True)
+    try:
+        push(prefill[:1], [shard(src, 0, 2)], decode.receiver.address, 1)
+        deadline = time.monotonic() + 10
+        while decode.receiver.stats()["reserved_bytes"] == 0:
+            assert time.monotonic() < deadline, "rank 0's part never came"
+            time.sleep(0.02)
+        assert decode.discard("t1", src_tp=2)
+        assert decode.receiver.stats()["reserved_bytes"] == 0
+        push(prefill[1:], [shard(src, 1, 2)], decode.receiver.address, 1)
+        late = decode.receiver.take("t1/tp1")
+        assert late.state.name == "FAILED" and "discarded" in late.error and late.staged_bytes == 0
+        assert decode.receiver.stats()["reserved_bytes"] == 0
+    finally:
+        for w in prefill + [decode]:
+            w.shutdown()

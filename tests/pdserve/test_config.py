@@ -216,12 +216,33 @@ def test_further_adaptive_pools_deploy_beside_adaptive_with_its_chunked_prefill_
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "adaptive"])
-@pytest.mark.parametrize("split", [{"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2},
-                                   {"data_parallel_size": 4}])
-def test_engines_split_over_workers_are_refused_where_they_would_move_kv(mode, split):
+@pytest.mark.parametrize("split", [{"pipeline_parallel_size": 2}, {"data_parallel_size": 4}])
+def test_engines_split_into_stages_or_data_ranks_are_refused_where_they_would_move_kv(mode, split):
     pool = "decode" if mode == "disaggregated" else "adaptive"
-    with pytest.raises(ConfigError, match=rf"{pool}.engine_args .*{next(iter(split))}.*one worker's whole cache"):
+    with pytest.raises(ConfigError, match=rf"{pool}.engine_args .*{next(iter(split))}.*each tensor-parallel rank"):
         parse_config({"mode": mode, pool: {"engine_args": split}})
     colocated = parse_config({"mode": "colocated", "colocated": {"engine_args": split}})
     assert colocated.colocated.engine_args[next(iter(split))] == next(iter(split.values()))
-    assert parse_config({"mode": mode, pool: {"engine_args": {"tensor_parallel_size": 1}}}).mode == mode
+
+
+@pytest.mark.parametrize("mode", ["disaggregated", "adaptive"])
+def test_tensor_parallel_engines_move_kv_in_every_mode(mode):
+    pools = ({"prefill": {"engine_args": {"tensor_parallel_size": 2}}, "decode": {"engine_args": {
+        "tensor_parallel_size": 4}}} if mode == "disaggregated" else {"adaptive": {"engine_args": {
+            "tensor_parallel_size": 2}}, "adaptive_pools": {"wide": {"engine_args": {"tensor_parallel_size": 4}}}})
+    cfg = parse_config({"mode": mode, **pools})
+    assert sorted(p.tp_size for p in cfg.pools().values()) == [2, 4]
+
+
+def test_fixed_kv_receiver_ports_must_hold_every_rank_of_a_receiving_replica():
+    tp4 = {"engine_args": {"tensor_parallel_size": 4}}
+    with pytest.raises(ConfigError, match=r"pools \{'decode': 4\} .*kv_receiver_port_count is 2"):
+        parse_config({"kv_receiver_port": 5600, "kv_receiver_port_count": 2, "decode": tp4})
+    assert parse_config({"kv_receiver_port": 5600, "kv_receiver_port_count": 2, "prefill": tp4}).prefill.tp_size == 4
+    assert parse_config({"kv_receiver_port": 5600, "kv_receiver_port_count": 4, "decode": tp4}).decode.tp_size == 4
+
+
+def test_a_gpu_pool_needs_a_gpu_per_tensor_parallel_rank():
+    with pytest.raises(ConfigError, match="tensor_parallel_size 2 runs a rank on each of 2 GPUs, but num_gpus is 1"):
+        parse_config({"mode": "colocated", "colocated": {"num_gpus": 1, "engine_args": {"tensor_parallel_size": 2}}})
+    assert parse_config({"mode": "colocated", "colocated": {"num_gpus": 0.5}}).colocated.num_gpus == 0.5

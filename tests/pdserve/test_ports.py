@@ -27,6 +27,16 @@ def test_first_free_port_fails_naming_the_range_when_every_port_is_held():
             first_free_port("127.0.0.1", first, 1)
 
 
+def test_first_free_port_for_several_ranks_takes_the_first_run_of_free_ports_inside_the_range():
+    first = free_port(count=4)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", first + 1))
+        held.listen()
+        assert first_free_port("127.0.0.1", first, 4, ranks=2) == first + 2  # first, first + 1 is broken
+        with pytest.raises(OSError, match="no 3 free ports in a row"):
+            first_free_port("127.0.0.1", first, 4, ranks=3)  # first + 2..first + 4 would run past the range
+
+
 def test_free_ports_lie_below_the_ephemeral_range_where_port_0_sockets_land():
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     ports = [free_port() for _ in range(50)]
@@ -36,8 +46,6 @@ def test_free_ports_lie_below_the_ephemeral_range_where_port_0_sockets_land():
 
 
 def test_free_port_with_a_count_gives_that_many_free_ports_in_a_row():
-    import socket
-
     first = free_port(count=3)
     socks = [socket.socket() for _ in range(3)]
     try:

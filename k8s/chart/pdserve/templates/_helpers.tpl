@@ -135,7 +135,8 @@ pdserve_pool:{{ . }}
 {{- $receivesKv := list }}
 {{- range $role := include "pdserve.roles" . | fromJsonArray }}
 {{- $p := include "pdserve.pool" (list $ $role) | fromJson }}
-{{- if include "pdserve.receivesKv" $role }}{{ $receivesKv = append $receivesKv (int $p.replicasPerPod) }}{{ end }}
+{{- $ranks := int (get ($p.engineArgs | default dict) "tensor_parallel_size" | default 1) }}
+{{- if include "pdserve.receivesKv" $role }}{{ $receivesKv = append $receivesKv (mul (int $p.replicasPerPod) $ranks) }}{{ end }}
 {{- if or (lt $p.replicas $p.minReplicas) (gt $p.replicas $p.maxReplicas) }}
 {{- fail (printf "pools.%s.replicas (%v) must lie within minReplicas (%v) and maxReplicas (%v)" $role $p.replicas $p.minReplicas $p.maxReplicas) }}
 {{- end }}
@@ -161,8 +162,8 @@ pdserve_pool:{{ . }}
 {{- end }}
 {{- $_ := set $cfg "autoscaling" $as }}
 {{- end }}
-{{- /* Fixed KV receiver ports, one per receiving replica of a pod (of the pool with the most): the
-       NetworkPolicy names them. */}}
+{{- /* Fixed KV receiver ports, one per tensor-parallel rank of each receiving replica of a pod (of
+       the pool with the most): the NetworkPolicy names them. */}}
 {{- $receivers := ternary "adaptive*" "decode" (eq $v.mode "adaptive") }}
 {{- $_ := set $cfg "kv_receiver_port" $v.kvTransfer.port }}
 {{- $count := 1 }}{{ range $receivesKv }}{{ $count = max $count . }}{{ end }}
@@ -173,14 +174,14 @@ pdserve_pool:{{ . }}
 {{- with $cfg.ingress.direct_http_port }}{{ $rayPorts = append $rayPorts (int .) }}{{ end }}
 {{- range $port := $rayPorts }}
 {{- if and (le $kvFirst $port) (ge $kvLast $port) }}
-{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $receivers $port) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod x TP size) include %d, a port Ray or the ingress uses" $kvFirst $kvLast $receivers $port) }}
 {{- end }}
 {{- end }}
 {{- if and $v.networkPolicy.enabled (lt $kvFirst 1024) }}
 {{- fail "the NetworkPolicy names the KV receiver ports: kv_receiver_port must be a fixed port from 1024 (kvTransfer.port)" }}
 {{- end }}
 {{- if and (le $kvFirst 19999) (ge $kvLast 10002) }}
-{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod) overlap Ray's worker ports 10002-19999" $kvFirst $kvLast $receivers) }}
+{{- fail (printf "the KV receiver ports %d-%d (kvTransfer.port, pools.%s.replicasPerPod x TP size) overlap Ray's worker ports 10002-19999" $kvFirst $kvLast $receivers) }}
 {{- end }}
 {{- toYaml $cfg }}
 {{- end }}
