@@ -26,6 +26,7 @@ from pdserve.controller.latency_model import Correction
 from pdserve.controller.least_load import choose_least_load
 from pdserve.controller.pool_view import PoolView
 from pdserve.controller.registry import Registry
+from pdserve.controller.route_server import RouteServer
 from pdserve.controller.sessions import Sessions
 from pdserve.controller.slo_router import choose_slo, priority_headroom
 
@@ -40,13 +41,14 @@ stale predictions can explain; one further off (a 0.01 ms TPOT) is out of reach 
 
 
 class Controller:
-    """Its methods are coroutines without awaits: Serve runs them one at a time on the replica's
-    event loop, so the registry needs no lock (sync methods would run in a thread pool)."""
+    """Its methods that touch the registry are coroutines without awaits: Serve runs them one at a
+    time on the replica's event loop, and so does the routing channel (`route_server.py`), so the
+    registry needs no lock (sync methods would run in a thread pool)."""
 
     def __init__(self, mode: str, routing: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
                  log_level: str = "INFO", app_name: str = "pdserve",
                  autoscaling: tuple[AutoscalingConfig, AutoscalingPolicy] | None = None,
-                 expert_windows_s: dict[str, float] | None = None):
+                 expert_windows_s: dict[str, float] | None = None, route_secret: str = ""):
         telemetry.setup_logging(log_level)
         self.mode = mode
         self.routing = routing
@@ -78,6 +80,9 @@ class Controller:
         """How long each prompt-length kind has gone refused with none admitted."""
         self._room_kept: tuple[str, str, bool] | None = None
         """The last room logged (kind, instance, unmeetable): the log says when it changes."""
+        self._route_secret = route_secret
+        self._route_server: asyncio.Task | None = None
+        """The routing channel's start (`route_server.py`), begun on the first ask for its address."""
 
     def _start_autoscaling(self) -> None:
         """On the replica's event loop, which the first call runs on (the constructor may not);
@@ -105,6 +110,23 @@ class Controller:
                 log.warning("could not list the ingress replicas: %r", exc)
                 continue
             self.registry.keep_owners({r["replica_id"] for r in replicas if r["state"] != "STOPPED"}, as_of)
+
+    async def route_address(self) -> str:
+        """Where the routing channel listens, for the ingresses ("" when it is off or could not
+        start: they route through Serve's handle). Started on the first ask, on the replica's event loop."""
+        if not self._route_secret:
+            return ""
+        if self._route_server is None:
+            import ray
+
+            server = RouteServer(self.choose, self._route_secret)
+            self._route_server = asyncio.ensure_future(server.start(ray.util.get_node_ip_address()))
+        try:
+            return await asyncio.shield(self._route_server)
+        except OSError as exc:
+            log.warning("routing channel could not start: %r", exc)
+            self._route_server = None
+            return ""
 
     async def report(self, r: LoadReport) -> list[list[int]] | None:
         """Takes a replica's load; answers a buffered replica with its pool's hot set (experts

@@ -15,6 +15,7 @@ from pdserve.decode.colocated import ColocatedServer
 from pdserve.decode.server import DecodeServer
 from pdserve.deployments.exact_router import ExactReplicaRouter
 from pdserve.deployments.ingress import Ingress
+from pdserve.deployments.route_channel import route_channel_secret
 from pdserve.prefill.server import PrefillServer
 
 _SERVERS = {"prefill": PrefillServer, "decode": DecodeServer, "colocated": ColocatedServer, "adaptive": AdaptiveServer}
@@ -45,7 +46,8 @@ def build_app(cfg: ClusterConfig, model_path: str) -> Application:
     ).bind(cfg.mode, cfg.routing, kv_bytes_per_token(model_path, cfg.engine_dtype), cfg.slo.on_unmeetable == "best_effort",
            cfg.log_level, cfg.app_name,
            (cfg.autoscaling, cfg.autoscaling.policy()) if cfg.autoscaling else None,
-           {role: pool.experts.window_s for role, pool in cfg.pools().items() if pool.experts})
+           {role: pool.experts.window_s for role, pool in cfg.pools().items() if pool.experts},
+           route_channel_secret(cfg))
     pools = {}
     for name, pool in cfg.pools().items():
         pools[name] = serve.deployment(_SERVERS[pool_role(name)]).options(

@@ -29,6 +29,7 @@ from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, 
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
 from pdserve.deployments.request_builder import RequestBuilder
+from pdserve.deployments.route_channel import RouteChannel, route_channel_secret
 from pdserve.deployments.tool_parsing import ToolParsing
 from pdserve.errors import (
     InvalidRequest,
@@ -122,6 +123,9 @@ class Frontend:
         self.pools = pools
         """Each engine pool's Serve handle, by pool name: a decision's targets name theirs."""
         self.metrics = IngressMetrics()
+        self.routes = RouteChannel(controller, route_channel_secret(cfg),
+                                   lambda path: self.metrics.route_calls.labels(path).inc())
+        """Route calls to the controller, over its routing channel when it has one."""
         self.api_keys = ApiKeys.from_sources((k.get_secret_value() for k in cfg.ingress.api_keys),
                                              os.environ.get(ENV_VAR, ""))
         self._poller: asyncio.Task | None = None
@@ -249,7 +253,7 @@ class Frontend:
         give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
         while True:
             try:
-                decision = await asyncio.wait_for(self.controller.choose.remote(route, resuming),
+                decision = await asyncio.wait_for(self.routes.choose(route, resuming),
                                                   max(give_up_s - time.monotonic(), ROUTE_POLL_S))
             except (TimeoutError, RayActorError) as exc:
                 decision = Decision(Outcome.UNAVAILABLE, reason=f"the controller did not answer ({type(exc).__name__})")

@@ -63,5 +63,6 @@ class Ingress:
         if self.http is not None:
             await self.http.stop()
         await self.grpc.stop(grace=5)
+        await self.frontend.routes.close()
         telemetry.shutdown_tracing()
         await super().__del__()

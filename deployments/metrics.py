@@ -30,6 +30,8 @@ class IngressMetrics:
         self.e2e_s = Histogram("pdserve_e2e_latency_seconds", "Request latency, first byte in to last token out",
                                ["pool"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.requests = Counter("pdserve_requests", "Requests by outcome", ["outcome"], registry=r)
+        self.route_calls = Counter("pdserve_route_calls", "Route calls to the controller, by path: its routing "
+                                   "channel (socket) or Serve's handle", ["path"], registry=r)
         self.replica_losses = Counter("pdserve_replica_losses", "Requests whose replica died, by phase and what followed",
                                       ["phase", "result"], registry=r)
         self.queue_depth = Gauge("pdserve_queue_depth", "Requests routed to an instance and not finished",

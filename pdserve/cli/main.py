@@ -93,6 +93,22 @@ def _cmd_bench_route(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_route_call(args: argparse.Namespace) -> int:
+    from pdserve.bench import route_call_bench
+
+    report = {"hardware": hardware(), **route_call_bench.run(args.calls, args.rounds, args.instances)}
+    if not args.json:
+        print(f"route calls to the controller ({args.instances} instances), {args.calls} per path in each of "
+              f"{args.rounds} rounds, the two paths alternating:")
+        for path in ("serve_handle", "socket"):
+            r = report[path]
+            print(f"  {path:12s} p50 {r['p50_ms']:6.2f} ms   p90 {r['p90_ms']:6.2f} ms   p99 {r['p99_ms']:6.2f} ms   "
+                  f"p50 by round {r['p50_ms_by_round']}")
+        print(f"  the routing channel saves {report['p50_saved_ms']:.2f} ms at the median")
+    print(json.dumps(report))
+    return 0
+
+
 def _cmd_bench_slo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -195,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--seed", type=int, default=0)
     route.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
     route.set_defaults(func=_cmd_bench_route)
+    route_call = bench.add_parser("route-call", help="a route call's round trip to the controller: Serve's handle "
+                                  "against the routing channel")
+    route_call.add_argument("--calls", type=int, default=300, help="timed calls per path in each round")
+    route_call.add_argument("--rounds", type=int, default=3)
+    route_call.add_argument("--instances", type=int, default=16, help="instances reporting to the controller")
+    route_call.add_argument("--json", action="store_true", help="print only the JSON report (one line)")
+    route_call.set_defaults(func=_cmd_bench_route_call)
     slo = bench.add_parser("slo", help="SLO-aware routing vs least-load on a real service, then 3x overload")
     slo.add_argument("--config", help="cluster YAML (default: the built-in config for one machine)")
     slo.add_argument("--requests", type=int, default=60, help="requests in each policy's trace")
