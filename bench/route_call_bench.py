@@ -55,6 +55,8 @@ async def _measure(calls: int, rounds: int, n_instances: int) -> dict:
     rng = np.random.default_rng(0)
     try:
         await asyncio.sleep(REPORT_EVERY_S)
+        if not await channel.open():
+            raise RuntimeError("the controller's routing channel did not open")
         by_path: dict[str, list[list[float]]] = {"serve_handle": [], "socket": []}
         routed = 0
         for r in range(rounds):

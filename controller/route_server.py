@@ -23,6 +23,8 @@ log = logging.getLogger("pdserve.controller")
 
 AUTH_TIMEOUT_S = 5.0
 """How long a new connection may take to send its secret; a silent one is closed."""
+HELLO_MAX_BYTES = 1024
+"""Largest first frame (the secret): a peer without the secret gets no larger buffer than this."""
 
 
 class RouteServer:
@@ -53,7 +55,7 @@ class RouteServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(read_frame(reader), AUTH_TIMEOUT_S)
+            hello = await asyncio.wait_for(read_frame(reader, HELLO_MAX_BYTES), AUTH_TIMEOUT_S)
             secret = hello.get("secret")
             if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(), self._secret):
                 log.warning("routing channel: a connection from %s without the cluster secret, closed", peer)

@@ -26,12 +26,12 @@ def frame(obj: dict[str, Any]) -> bytes:
     return len(body).to_bytes(4, "big") + body
 
 
-async def read_frame(reader: asyncio.StreamReader) -> dict[str, Any]:
-    """The next frame's object. IncompleteReadError at the end of the stream; WireError for an
-    oversized or malformed frame (its bytes are not read)."""
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BYTES) -> dict[str, Any]:
+    """The next frame's object. IncompleteReadError at the end of the stream; WireError for a
+    frame over `max_bytes` (its body is not read) or a malformed one."""
     size = int.from_bytes(await reader.readexactly(4), "big")
-    if size > MAX_FRAME_BYTES:
-        raise WireError(f"a frame of {size} B is over {MAX_FRAME_BYTES} B")
+    if size > max_bytes:
+        raise WireError(f"a frame of {size} B is over {max_bytes} B")
     try:
         obj = json.loads(await reader.readexactly(size))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -41,6 +41,7 @@ class Ingress:
         self.frontend = Frontend(cfg, model_path, controller, pools, serve.get_replica_context().replica_id.unique_id)
         load_validators()
         await self.frontend.start_polling()
+        self.frontend.routes.open_soon()
         _frontend = self.frontend
         self.grpc_health = GrpcHealth()
         tls = server_credentials(cfg.ingress)

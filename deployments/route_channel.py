@@ -1,8 +1,10 @@
 """The ingress's side of the controller's routing channel (`controller/route_server.py`): route
 requests over one authenticated socket to the controller, many in flight at once, matched to
 their answers by id. Whenever the channel is off, not yet open or broken (the controller
-restarting), calls go through Serve's handle as before; a broken channel is tried again after
-`RECONNECT_S`, its address asked anew (a restarted controller listens elsewhere)."""
+restarting), calls go through Serve's handle as before. It is opened in the background, so no
+call waits for it (a network that drops the connection attempt would hold each opening for
+`CONNECT_TIMEOUT_S`); one that failed or broke is tried again after `RECONNECT_S`, its address
+asked anew (a restarted controller listens elsewhere)."""
 
 from __future__ import annotations
 
@@ -44,11 +46,11 @@ class RouteChannel:
         self._secret = secret
         self._counted = counted
         self._conn: _Connection | None = None
-        self._opening = asyncio.Lock()
+        self._opening: asyncio.Task | None = None
         self._retry_at_s = 0.0
 
     async def choose(self, route: RouteRequest, resuming: bool) -> Decision:
-        conn = await self._connection()
+        conn = self._connection()
         if conn is not None:
             try:
                 decision = await conn.call(route, resuming)
@@ -61,7 +63,24 @@ class RouteChannel:
         self._counted("serve_handle")
         return decision
 
+    def open_soon(self) -> None:
+        """Start opening the channel (when it is on, not open and due), without waiting for it."""
+        if self._conn is not None and not self._conn.closed:
+            return
+        if not self._secret or self._opening is not None or time.monotonic() < self._retry_at_s:
+            return
+        self._opening = asyncio.get_running_loop().create_task(self._open_in_background())
+
+    async def open(self) -> bool:
+        """Open the channel now (when it is on and due) and say whether it is open."""
+        self.open_soon()
+        if self._opening is not None:
+            await asyncio.shield(self._opening)
+        return self._conn is not None and not self._conn.closed
+
     async def close(self) -> None:
+        if self._opening is not None:
+            self._opening.cancel()
         if self._conn is not None:
             await self._conn.close()
 
@@ -70,22 +89,22 @@ class RouteChannel:
             self._conn = None
             self._retry_at_s = time.monotonic() + RECONNECT_S
 
-    async def _connection(self) -> _Connection | None:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
-        if self._conn is not None:
+    def _connection(self) -> _Connection | None:
+        """The open channel; None (and an opening started, when due) without one."""
+        if self._conn is not None and self._conn.closed:
             self._broken(self._conn)
-        if not self._secret or time.monotonic() < self._retry_at_s:
-            return None
-        async with self._opening:  # one opening at a time; the others take what it opened
-            if self._conn is None and time.monotonic() >= self._retry_at_s:
-                try:
-                    self._conn = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT_S)
-                except Exception as exc:  # unreachable, refused or off: Serve's handle meanwhile
-                    log.warning("routing channel not open (%r): routing through Serve's handle for %.0f s", exc,
-                                RECONNECT_S)
-                    self._retry_at_s = time.monotonic() + RECONNECT_S
+        if self._conn is None:
+            self.open_soon()
         return self._conn
+
+    async def _open_in_background(self) -> None:
+        try:
+            self._conn = await asyncio.wait_for(self._open(), CONNECT_TIMEOUT_S)
+        except Exception as exc:  # unreachable, refused or off: Serve's handle meanwhile
+            log.warning("routing channel not open (%r): routing through Serve's handle for %.0f s", exc, RECONNECT_S)
+            self._retry_at_s = time.monotonic() + RECONNECT_S
+        finally:
+            self._opening = None
 
     async def _open(self) -> _Connection:
         addr = await self.controller.route_address.remote()
@@ -144,7 +163,7 @@ class _Connection:
                     answer.set_exception(RouteCallError(str(msg["error"])))
                 else:
                     answer.set_result(decision_from_wire(msg.get("decision")))
-        except (asyncio.IncompleteReadError, ConnectionError, OSError, WireError) as exc:
+        except Exception as exc:  # the stream ended, or the peer sent what no controller would
             why = ConnectionError(f"{type(exc).__name__}: {exc}")
         finally:
             self.closed = True

@@ -58,6 +58,12 @@ async def test_calls_after_the_secret_are_answered_in_order_with_their_ids(serve
     writer.close()
 
 
+async def test_a_first_frame_larger_than_a_secret_closes_the_connection_unread(server):
+    reader, writer = await _connect(server, secret=None)
+    writer.write((64 * 1024).to_bytes(4, "big") + b"x" * 1000)
+    assert await _closed(reader)
+
+
 async def test_a_wrong_secret_closes_the_connection_and_others_are_still_served(server):
     bad_reader, bad_writer = await _connect(server, "guess")
     bad_writer.write(frame({"id": 1, "req": request_to_wire(REQ)}))

@@ -63,9 +63,12 @@ async def test_concurrent_calls_share_one_connection_each_answered_with_its_own_
     server = RouteServer(Controller().choose, SECRET)
     handle = FakeControllerHandle(await server.start("127.0.0.1"))
     channel, paths = _channel(handle)
+    # Calls made before the channel is open go through the handle: none waits for the opening.
+    assert (await channel.choose(_req("first"), False)).reason == "first via handle"
+    assert await channel.open()
     decisions = await asyncio.gather(*(channel.choose(_req(f"r{i}"), False) for i in range(50)))
     assert [d.reason for d in decisions] == [f"r{i} via socket" for i in range(50)]
-    assert paths == ["socket"] * 50 and handle.asked_address == 1
+    assert paths == ["serve_handle"] + ["socket"] * 50 and handle.asked_address == 1
     await channel.close()
     await server.close()
 
@@ -76,6 +79,7 @@ async def test_without_a_secret_or_a_channel_every_call_goes_through_serves_hand
     assert (await channel.choose(_req("r1"), False)).reason == "r1 via handle"
     assert handle.asked_address == 0 and paths == ["serve_handle"]
     channel, paths = _channel(handle)  # the controller runs none ("" address)
+    assert not await channel.open()
     assert (await channel.choose(_req("r2"), False)).reason == "r2 via handle"
     assert (await channel.choose(_req("r3"), False)).reason == "r3 via handle"
     assert handle.asked_address == 1 and paths == ["serve_handle"] * 2  # not asked again at once
@@ -87,6 +91,7 @@ async def test_a_channel_broken_mid_call_serves_that_call_through_the_handle_the
     first = RouteServer(controller.choose, SECRET)
     handle = FakeControllerHandle(await first.start("127.0.0.1"))
     channel, paths = _channel(handle)
+    assert await channel.open()
     assert (await channel.choose(_req("r1"), False)).reason == "r1 via socket"
     held = asyncio.ensure_future(channel.choose(_req("hold"), False))
     await asyncio.sleep(0.1)
@@ -96,6 +101,7 @@ async def test_a_channel_broken_mid_call_serves_that_call_through_the_handle_the
     second = RouteServer(controller.choose, SECRET)
     handle.addr = await second.start("127.0.0.1")  # the restarted controller listens elsewhere
     await asyncio.sleep(1.1)
+    assert await channel.open()
     assert (await channel.choose(_req("r3"), False)).reason == "r3 via socket"
     assert paths == ["socket", "serve_handle", "serve_handle", "socket"] and handle.asked_address == 2
     await channel.close()
@@ -106,6 +112,7 @@ async def test_a_routing_error_is_the_callers_and_the_channel_stays_open():
     server = RouteServer(Controller().choose, SECRET)
     handle = FakeControllerHandle(await server.start("127.0.0.1"))
     channel, paths = _channel(handle)
+    assert await channel.open()
     with pytest.raises(RouteCallError, match="ValueError: no such pool"):
         await channel.choose(_req("boom"), False)
     assert (await channel.choose(_req("r1"), False)).reason == "r1 via socket" and handle.asked_address == 1
@@ -115,19 +122,21 @@ async def test_a_routing_error_is_the_callers_and_the_channel_stays_open():
 
 @pytest.mark.parametrize("answer", [
     {"ok": False},  # refuses the secret
-    "garbage",  # answers a call with what is no decision
-], ids=["refused", "no_decision"])
+    {"decision": {"outcome": "routed", "prefill": "p"}},  # answers the call with what is no decision
+    {"id": [0], "decision": {}},  # with an id that is no id
+], ids=["refused", "no_decision", "unhashable_id"])
 async def test_a_peer_answering_what_no_controller_would_sends_routing_through_the_handle(answer):
     async def fake_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_frame(reader)
-        writer.write(frame(answer if isinstance(answer, dict) else {"ok": True}))
+        writer.write(frame({"ok": answer.get("ok", True)}))
         call = await read_frame(reader)
-        writer.write(frame({"id": call["id"], "decision": {"outcome": "routed", "prefill": "p"}}))
+        writer.write(frame({"id": call["id"], **answer}))
         await asyncio.sleep(5)
 
     peer = await asyncio.start_server(fake_peer, "127.0.0.1", 0)
     handle = FakeControllerHandle(f"127.0.0.1:{peer.sockets[0].getsockname()[1]}")
     channel, paths = _channel(handle)
+    await channel.open()
     assert (await asyncio.wait_for(channel.choose(_req("r1"), False), 5)).reason == "r1 via handle"
     assert paths == ["serve_handle"]
     await channel.close()
