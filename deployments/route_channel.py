@@ -18,7 +18,7 @@ from typing import Any
 
 from pdserve.config.cluster import ClusterConfig
 from pdserve.controller.decision import Decision, RouteRequest
-from pdserve.controller.route_wire import WireError, decision_from_wire, frame, read_frame, request_to_wire
+from pdserve.controller.route_wire import decision_from_wire, frame, read_frame, request_to_wire
 
 log = logging.getLogger("pdserve.ingress")
 
