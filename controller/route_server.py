@@ -25,6 +25,9 @@ AUTH_TIMEOUT_S = 5.0
 """How long a new connection may take to send its secret; a silent one is closed."""
 HELLO_MAX_BYTES = 1024
 """Largest first frame (the secret): a peer without the secret gets no larger buffer than this."""
+MAX_UNAUTHENTICATED = 64
+"""Connections that have not yet sent their secret, at most; one beyond is closed at once, so peers
+without the secret cannot hold more of the controller than this (ingresses open one each)."""
 
 
 class RouteServer:
@@ -35,6 +38,7 @@ class RouteServer:
         self._secret = secret.encode()
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task] = set()
+        self._unauthenticated = 0
 
     async def start(self, host: str) -> str:
         """Listen on `host` (a port the kernel picks); returns the address the ingresses connect to."""
@@ -55,7 +59,15 @@ class RouteServer:
         self._connections.add(task)
         peer = writer.get_extra_info("peername")
         try:
-            hello = await asyncio.wait_for(read_frame(reader, HELLO_MAX_BYTES), AUTH_TIMEOUT_S)
+            if self._unauthenticated >= MAX_UNAUTHENTICATED:
+                log.warning("routing channel: %d connections have not sent a secret yet; closing %s's",
+                            self._unauthenticated, peer)
+                return
+            self._unauthenticated += 1
+            try:
+                hello = await asyncio.wait_for(read_frame(reader, HELLO_MAX_BYTES), AUTH_TIMEOUT_S)
+            finally:
+                self._unauthenticated -= 1
             secret = hello.get("secret")
             if not isinstance(secret, str) or not hmac.compare_digest(secret.encode(), self._secret):
                 log.warning("routing channel: a connection from %s without the cluster secret, closed", peer)

@@ -58,6 +58,22 @@ async def test_calls_after_the_secret_are_answered_in_order_with_their_ids(serve
     writer.close()
 
 
+async def test_connections_beyond_the_unauthenticated_limit_are_closed_at_once_and_ingresses_still_get_in(
+        monkeypatch):
+    monkeypatch.setattr(route_server, "MAX_UNAUTHENTICATED", 2)
+    s = RouteServer(_choose, SECRET)
+    addr = await s.start("127.0.0.1")
+    silent = [await _connect(addr, secret=None) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    one_more, _ = await _connect(addr, secret=None)
+    assert await _closed(one_more)
+    silent[0][1].write(frame({"secret": SECRET}))  # one of them turns out to be an ingress
+    assert await read_frame(silent[0][0]) == {"ok": True}
+    reader, writer = await _connect(addr)  # room again for one still to authenticate
+    assert await read_frame(reader) == {"ok": True} and "decision" in await _call(reader, writer, 1)
+    await s.close()
+
+
 async def test_a_first_frame_larger_than_a_secret_closes_the_connection_unread(server):
     reader, writer = await _connect(server, secret=None)
     writer.write((64 * 1024).to_bytes(4, "big") + b"x" * 1000)
