@@ -128,13 +128,13 @@ class FakeEnginePool:
 
     @staticmethod
     async def _prefill(req: GenerateRequest, kv_addr: str | None, lease_ms: int, skip_tokens: int = 0,
-                       **_: Any) -> dict:
+                       dest_tp: int = 1, **_: Any) -> dict:
         seed_as_vllm_does(req.sampling)
         return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [99], "text": " first",
                 "finish_reason": "length"}
 
     @staticmethod
-    async def _discard_kv(transfer_id: str, **_: Any) -> None:
+    async def _discard_kv(transfer_id: str, src_tp: int = 1, **_: Any) -> None:
         return None
 
     @classmethod
