@@ -27,9 +27,13 @@ _SECRET = secrets.token_hex(16)
 
 
 def _reports(n_instances: int) -> list[LoadReport]:
-    return [LoadReport(f"{pool}-{i}", pool, f"node-{i // 8}", None, f"127.0.0.1:{7000 + i}" if pool == "decode" else "",
-                       max_ongoing=64, started_at_s=1.0, running=i % 5, free_kv_blocks=4000, total_kv_blocks=4000)
-            for i in range(n_instances) for pool in ("prefill" if i % 2 == 0 else "decode",)]
+    """Half prefill, half decode instances (the decode ones with a KV address), lightly loaded."""
+    reports = []
+    for i in range(n_instances):
+        pool, kv_addr = ("prefill", "") if i % 2 == 0 else ("decode", f"127.0.0.1:{7000 + i}")
+        reports.append(LoadReport(f"{pool}-{i}", pool, f"node-{i // 8}", None, kv_addr, max_ongoing=64,
+                                  started_at_s=1.0, running=i % 5, free_kv_blocks=4000, total_kv_blocks=4000))
+    return reports
 
 
 def _stats(samples_ms: list[float]) -> dict:
