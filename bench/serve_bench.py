@@ -68,7 +68,7 @@ class Requests:
     vocabulary: list[int]
     seed: int
     calibration: list[SampledRequest]  # the workload's lengths, sent unloaded
-    probes: list[tuple[SampledRequest, ...]]  # (through the service, straight to an engine, through Serve's proxy)
+    probes: list[tuple[SampledRequest, ...]]  # (through the service, through Serve's proxy, straight to each of two engines)
     warmup: SampledRequest
     conversation: ConversationWorkload | None = None  # each arrival is a conversation of this workload
     encode: Callable[[str], list[int]] | None = None  # an answer's text as the next turn sends it
@@ -103,8 +103,8 @@ def build_requests(workload: AnyWorkload | ConversationWorkload, settings: Serve
         lengths = sample_lengths(workload, n, s, settings.max_model_len)
         cal_lengths = sample_lengths(workload, k, s + 1, settings.max_model_len)
     probe = [(settings.probe_prompt_tokens, 2)] * k
-    probes = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 4]),
-                      make_requests(probe, vocab, [s, 6]), strict=True))
+    probes = list(zip(make_requests(probe, vocab, [s, 3]), make_requests(probe, vocab, [s, 6]),
+                      make_requests(probe, vocab, [s, 4]), make_requests(probe, vocab, [s, 7]), strict=True))
     conversation = workload if isinstance(workload, ConversationWorkload) else None
     return Requests(lengths, gamma_arrivals(1.0, n, burstiness, s), vocab, s, make_requests(cal_lengths, vocab, [s, 2]),
                     probes, make_requests(cal_lengths[:1], vocab, [s, 5])[0], conversation,
@@ -182,7 +182,7 @@ def measure(target: Target, requests: Requests, settings: ServeBenchSettings, re
     """Calibrate and run one target. Returns (its report section, the reference it was judged by)."""
     label = f"{target.name} calibration"
     calibration, unloaded = asyncio.run(engine_probe.calibrate(
-        target.http_url, target.model, target.engine, requests.calibration, requests.probes, requests.warmup,
+        target.http_url, target.model, target.engines, requests.calibration, requests.probes, requests.warmup,
         settings.calibration_max_tokens, (lambda done, total: progress(label, done, total)) if progress else None,
         target.proxy_url))
     log.info("%s unloaded: %s", target.name, calibration)
@@ -258,10 +258,10 @@ def bench_configs(cfg, model_path: str, modes: list[str], workloads: list[AnyWor
                 svc.delete()
                 svc = service.deploy(mode_cfg, model_path, svc.started_ray)
             log.info("benchmarking %s at %s", name, svc.fastest_http_url)
-            engine = asyncio.run(engine_probe.find_engine(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
+            engines = asyncio.run(engine_probe.find_engines(mode_cfg.app_name, mode, mode_cfg.kv_transfer.lease_ms))
             for w in workloads:
                 label = name if len(workloads) == 1 else f"{name} {w.name}"
-                target = Target(label, svc.fastest_http_url, served_model_name(mode_cfg, model_path), engine,
+                target = Target(label, svc.fastest_http_url, served_model_name(mode_cfg, model_path), engines,
                                 _describe_cluster(mode_cfg, model_path),
                                 svc.http_url if svc.direct_http_url else None)
                 configs[w.name][name], reference[w.name] = measure(target, requests[w.name], own[w.name],
@@ -292,7 +292,7 @@ def bench_url(http_url: str, tokenizer_path: str, workload: AnyWorkload | Conver
     if not models:
         raise RuntimeError(f"{http_url} serves no model")
     requests = build_requests(workload, settings, AutoTokenizer.from_pretrained(tokenizer_path))
-    target = Target("service", http_url, models[0]["id"], None, {"http_url": http_url})
+    target = Target("service", http_url, models[0]["id"], [], {"http_url": http_url})
     section, reference = measure(target, requests, settings, None, progress)
     return serve_report.assemble(settings, workload, {"service": section}, reference.objectives, reference.start_rps,
                                  tokenizer_path, None)

@@ -189,7 +189,7 @@ class Target:
     name: str
     http_url: str
     model: str
-    engine: engine_probe.EngineTarget | None  # None: the added latency cannot be measured (no Ray handle)
+    engines: list[engine_probe.EngineTarget]  # those a first token comes from; none: the added latency cannot be measured (no Ray handle)
     description: dict = field(default_factory=dict)
     proxy_url: str | None = None  # Serve's proxy, where `http_url` is the ingress's own server: the baseline
 

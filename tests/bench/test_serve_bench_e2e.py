@@ -77,6 +77,10 @@ def test_every_configuration_serves_every_request_and_reports_goodput(report):
         assert all(r["output_tokens"] == r["requested_output_tokens"] and r["ttft_ms"] > 0 for r in run["per_request"])
         added = cfg["calibration"]["added_latency"]
         assert added["pairs"] == 2 and added["path"] == "ingress"  # with Serve's proxy measured alongside
+        # Each answer is set against the engine its first token came from: a disaggregated answer
+        # whose KV moved against the prefill engine's own.
+        assert sum(added["first_token_from"].values()) == 2
+        assert len(added["engines"]) == (2 if cfg is rep["configs"]["disaggregated"] else 1)
         assert added["via_proxy"]["service_ttft_ms"]["p50"] > 0 and added["via_proxy"]["http_ms"]["p50"] is not None
         # At 50x the unloaded latencies every request of a 1 req/s trickle meets its objectives.
         assert cfg["goodput"]["50"]["goodput_rps"] == cfg["goodput"]["ttft50x/tpot50x"]["goodput_rps"] == 1.0
