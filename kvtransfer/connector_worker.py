@@ -208,19 +208,21 @@ class WorkerSide:
                     self.stager.send(parts, idx, block_start, layout, ids)
                     continue
                 views = layout.read(ids)
-                for t in parts:
-                    self._counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), views)
+                for t in parts:  # held to the step's end: see OutgoingTransfer.send_chunk
+                    self._counters["send_copies_bytes"] += t.send_chunk(idx, block_start, len(ids), views, hold=True)
 
     def wait_for_save(self) -> None:
         end_ns = time.time_ns()
         for job in self._meta.sends:
-            if job.is_last:
-                start_ns = self._compute_start_ns.get(job.req_id, 0)
-                for t in self._outgoing[job.req_id]:
-                    if self.stager is not None:
-                        self.stager.finish(t, start_ns, end_ns)
-                    else:
-                        t.finish(start_ns, end_ns)
+            start_ns = self._compute_start_ns.get(job.req_id, 0)
+            for t in self._outgoing[job.req_id]:
+                if not job.is_last:
+                    if self.stager is None:
+                        t.flush()
+                elif self.stager is not None:
+                    self.stager.finish(t, start_ns, end_ns)
+                else:
+                    t.finish(start_ns, end_ns)
 
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) for vLLM; also fills load errors and reports."""

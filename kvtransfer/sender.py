@@ -2,8 +2,10 @@
 
 The engine thread calls `send_chunk` as each layer is computed; the call
 copies the blocks into a frame (the one copy on this side) and returns. A
-background event loop owns the channels and streams, so sending overlaps the
-rest of the forward pass.
+background event loop owns the channels and streams. The forward's frames are
+handed to it at the step's end (or once they reach a chunk's bytes), one
+wake-up per step: waking it per layer let its thread take the GIL from the
+forward at every layer. Sending then overlaps the engine's next step.
 """
 
 from __future__ import annotations
@@ -112,26 +114,24 @@ class OutgoingTransfer:
         self.finished_marked = False
         self.started_s = time.monotonic()
         self.result: concurrent.futures.Future[SendResult] = concurrent.futures.Future()
-        # Loop-thread state, created on the loop.
+        # Frames the engine thread holds back (`send_chunk(hold=True)`), and their payload bytes.
+        self._held: list[tuple[int, bytes]] = []
+        self._held_bytes = 0
+        # Loop-thread state, created on the loop with the first frames handed over.
         self._queues: list[asyncio.Queue] = []
         self._tasks: dict[int, asyncio.Task] = {}
         self._peer: asyncio.Future | None = None
         self._closed: asyncio.Event | None = None
-        ready = concurrent.futures.Future()
-        self._loop.call_soon_threadsafe(self._setup, ready)
-        ready.result()
-
-    def _setup(self, ready: concurrent.futures.Future) -> None:
-        self._queues = [asyncio.Queue() for _ in range(self._num_streams)]
-        self._peer = self._loop.create_future()
-        self._closed = asyncio.Event()
-        asyncio.ensure_future(self._run())
-        ready.set_result(None)
 
     # --- engine thread ----------------------------------------------------
-    def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview]) -> int:
+    def send_chunk(self, layer: int, block_start: int, num_blocks: int, parts: Sequence[memoryview],
+                   hold: bool = False) -> int:
         """Frame and enqueue `num_blocks` blocks of `layer`; `parts` are views of the KV cache.
-        Returns the bytes copied into the frame (0 once the transfer has failed)."""
+        With `hold`, the frame stays here until `flush` or `finish` (or until the held payloads
+        reach a chunk's bytes): each hand-over wakes the sender loop, whose thread then takes the
+        GIL from the forward at its next operation; woken at every layer, it made a 16-token
+        prompt's prefill up to 1.7x a plain engine's on 2 cores. Returns the bytes copied into
+        the frame (0 once the transfer has failed)."""
         if self.failed:
             return 0
         hdr = pb.KVFrame(
@@ -157,11 +157,20 @@ class OutgoingTransfer:
         self.bytes_sent += payload_bytes
         stream = self._next % self._num_streams
         self._next += 1
-        self._loop.call_soon_threadsafe(self._put, stream, frame)
+        self._held.append((stream, frame))
+        self._held_bytes += payload_bytes
+        if not hold or self._held_bytes >= self._sender.settings.chunk_bytes:
+            self.flush()
         return copied
 
+    def flush(self) -> None:
+        """Hand the held frames to the sender loop, with one wake-up."""
+        if self._held:
+            self._loop.call_soon_threadsafe(self._deliver, self._held, False)
+            self._held, self._held_bytes = [], 0
+
     def finish(self, compute_start_ns: int = 0, compute_end_ns: int = 0) -> None:
-        """All chunks are enqueued: send the end marker with the totals."""
+        """All chunks are enqueued: send them and the end marker with the totals."""
         self.finished_marked = True
         end = pb.TransferEnd(
             transfer_id=self.transfer_id,
@@ -170,15 +179,30 @@ class OutgoingTransfer:
             compute_start_unix_ns=compute_start_ns,
             compute_end_unix_ns=compute_end_ns,
         )
-        self._loop.call_soon_threadsafe(self._put, 0, framing.encode(pb.KVFrame(end=end)))
-        self._loop.call_soon_threadsafe(self._close)
+        frames = [*self._held, (0, framing.encode(pb.KVFrame(end=end)))]
+        self._held, self._held_bytes = [], 0
+        self._loop.call_soon_threadsafe(self._deliver, frames, True)
 
     def abort(self, reason: str) -> None:
         """Stop sending (the request went away); the receiver's lease cleans up its side."""
         self.failed = self.failed or reason
-        self._loop.call_soon_threadsafe(self._close)
+        self._held, self._held_bytes = [], 0
+        self._loop.call_soon_threadsafe(self._deliver, [], True)
 
     # --- sender loop ------------------------------------------------------
+    def _deliver(self, frames: list[tuple[int, bytes]], close: bool) -> None:
+        """Frames handed over by the engine thread, in order; the first hand-over starts the
+        transfer here (its peer's handshake), the last (`close`) ends it."""
+        if self._closed is None:
+            self._queues = [asyncio.Queue() for _ in range(self._num_streams)]
+            self._peer = self._loop.create_future()
+            self._closed = asyncio.Event()
+            asyncio.ensure_future(self._run())
+        for stream, frame in frames:
+            self._put(stream, frame)
+        if close and not self._closed.is_set():
+            self._close()
+
     def _put(self, stream: int, frame: bytes) -> None:
         if self.failed or self._closed.is_set():
             return

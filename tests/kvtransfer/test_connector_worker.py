@@ -68,3 +68,39 @@ def test_a_prompts_blocks_move_between_workers_and_each_path_counts_its_copies(s
     finally:
         prefill.shutdown()
         decode.shutdown()
+
+
+def test_a_steps_chunks_wait_for_its_forward_to_end_and_then_go_without_waiting_for_the_prompts_end():
+    """Chunked prefill over two steps: what a step computed goes when its forward ends (one
+    wake-up of the sender per step, not one per layer), before the prompt's last step."""
+    roomy = SETTINGS.model_copy(update={"chunk_bytes": 16 * 2 * BS * HEADS * HEAD * 4})
+    src, dst = caches(60), caches(61)
+    prefill = WorkerSide(roomy, model_id="tiny", block_size=BS, num_kv_heads=HEADS, head_size=HEAD, num_blocks=BLOCKS,
+                         produce=True, consume=False)
+    prefill.register_kv_caches(src)
+    decode = worker(dst, produce=False, staged=False)
+    try:
+        src_ids, dst_ids = [7, 2, 3, 9], [0, 5, 6, 1]
+        decode.bind(GrpcConnectorMetadata(loads=[LoadJob("r-decode", "t2", 10_000, 4 * BS, 0, dst_ids)]))
+        for first, is_last in ((0, False), (2, True)):
+            prefill.bind(GrpcConnectorMetadata(sends=[SendJob("r-prefill", "t2", decode.receiver.address, 10_000,
+                                                              4 * BS, first, src_ids[first:first + 2], is_last)]))
+            for name, kv in src.items():
+                prefill.save_kv_layer(name, kv)
+            time.sleep(0.2)
+            assert decode.receiver.stats()["chunks"] == first // 2 * LAYERS  # this step's are held
+            prefill.wait_for_save()
+            deadline = time.monotonic() + 10
+            while decode.receiver.stats()["chunks"] < (first // 2 + 1) * LAYERS:
+                assert time.monotonic() < deadline, f"the chunks of the step from block {first} never arrived"
+                time.sleep(0.01)
+        while not decode.transfer_results(set())[1]:
+            assert time.monotonic() < deadline, "the load was never reported"
+            time.sleep(0.01)
+        (report,) = decode.take_reports().values()
+        assert report.state == "DONE", report.error
+        for name in src:
+            assert torch.equal(dst[name][:, dst_ids], src[name][:, src_ids])
+    finally:
+        prefill.shutdown()
+        decode.shutdown()

@@ -123,6 +123,46 @@ def test_multi_stream_transfer_arrives_done_with_identical_bytes(make_receiver, 
     assert rx.stats()["reserved_bytes"] == 0
 
 
+def test_held_frames_reach_the_receiver_only_when_handed_over_and_arrive_whole(make_receiver, make_sender):
+    rx, tx = make_receiver(), make_sender(chunk_bytes=8 * BB)
+    src, ids = caches(8, seed=2), [5, 1, 2, 6]
+    t = tx.open("held", rx.address, num_tokens=len(ids) * BS, lease_ms=10_000)
+    t.send_chunk(0, 0, len(ids), BlockLayout(src[0], 8).read(ids), hold=True)
+    time.sleep(0.3)
+    assert rx.stats()["opened"] == 0  # held on the engine thread: not even opened there yet
+    t.flush()
+    wait_for(lambda: rx.stats()["chunks"] == 1)
+    t.send_chunk(1, 0, len(ids), BlockLayout(src[1], 8).read(ids), hold=True)
+    t.finish()  # hands over the held frame with the end marker
+    res = t.result.result(WAIT_S)
+    assert res.state is TransferState.DONE and res.chunks == 2, res.error
+    assert_arrived(rx, "held", src, ids)
+
+
+def test_held_frames_go_by_themselves_once_they_reach_a_chunks_bytes(make_receiver, make_sender):
+    rx, tx = make_receiver(), make_sender(chunk_bytes=4 * BB)
+    src, ids = caches(8, seed=3), [0, 1, 2, 3]
+    t = tx.open("full", rx.address, num_tokens=len(ids) * BS, lease_ms=10_000)
+    t.send_chunk(0, 0, 2, BlockLayout(src[0], 8).read(ids[:2]), hold=True)
+    time.sleep(0.3)
+    assert rx.stats()["chunks"] == 0
+    t.send_chunk(0, 2, 2, BlockLayout(src[0], 8).read(ids[2:]), hold=True)  # 4 blocks held: a chunk's bytes
+    wait_for(lambda: rx.stats()["chunks"] == 2)
+    t.abort("the request went away")
+    assert t.result.result(WAIT_S).state is TransferState.FAILED
+
+
+def test_an_abort_drops_held_frames(make_receiver, make_sender):
+    rx, tx = make_receiver(), make_sender(chunk_bytes=8 * BB)
+    src, ids = caches(8, seed=4), [0, 1]
+    t = tx.open("dropped", rx.address, num_tokens=len(ids) * BS, lease_ms=10_000)
+    t.send_chunk(0, 0, 2, BlockLayout(src[0], 8).read(ids), hold=True)
+    t.abort("the request went away")
+    res = t.result.result(WAIT_S)
+    assert res.state is TransferState.FAILED and "went away" in res.error
+    assert rx.stats()["chunks"] == 0
+
+
 def test_handshake_returns_the_epoch_and_a_restarted_receiver_has_a_new_one(make_receiver, make_sender):
     rx = make_receiver()
     assert make_sender().handshake(rx.address) == rx.epoch
