@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing, contextmanager
 from typing import Any
 
 from pdserve.controller.decision import Decision
@@ -38,7 +38,6 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
     task = asyncio.ensure_future(prefill_pool.prefill.remote(req, dest, lease_ms, decision.decode_cached_tokens,
                                                              decision.decode.tp_size,
                                                              replica_id=decision.prefill.replica_id))
-    task.add_done_callback(on_prefill_done)
     try:
         first = await _prefill_answer(task, decision.prefill.replica_id, gone)
     finally:
@@ -48,19 +47,22 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
         if not task.done():
             background.add(task)
             task.add_done_callback(background.discard)
+            task.add_done_callback(on_prefill_done)
     ids, text, logprobs = list(first["token_ids"]), str(first["text"]), first.get("logprobs")
     cached = first.get("cached_tokens")
     ended = "stop" if first["finish_reason"] == "stop" else "length" if len(ids) >= req.sampling.max_tokens else None
     if ended is not None:
         if dest is not None:
             _discard_kv(decode_pool, req.request_id, decision.prefill.tp_size, decision.decode.replica_id, background)
-        yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs, cached_tokens=cached)
+        with _then(on_prefill_done, task):
+            yield GenerateChunk(text, ids, n, len(ids), ended, logprobs=logprobs, cached_tokens=cached)
         return
     # vLLM holds back the text a stop string may start in; the decode engine sees this token as
     # prompt, where it looks for none, so the stop strings are looked for across the seam here.
     hold = min(len(text), max((len(s) for s in req.sampling.stop), default=1) - 1)
     seam = ResumedText(text[len(text) - hold:], req.sampling.stop)
-    yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs, cached_tokens=cached)
+    with _then(on_prefill_done, task):
+        yield GenerateChunk(text[:len(text) - hold], ids, n, len(ids), logprobs=logprobs, cached_tokens=cached)
     cont = req.continued(ids)
     stream = decode_pool.options(stream=True).generate.remote(cont, cont.sampling.max_tokens, lease_ms,
                                                               replica_id=decision.decode.replica_id,
@@ -73,6 +75,16 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
             yield chunk
             if stopped:  # closing the stream stops the decode engine's generation
                 return
+
+
+@contextmanager
+def _then(on_prefill_done: Callable[[asyncio.Future], None], task: asyncio.Future) -> Iterator[None]:
+    """Report the prefill once its first token is on its way to the client (or the client left):
+    a call to the controller made before then delays that token."""
+    try:
+        yield
+    finally:
+        on_prefill_done(task)
 
 
 async def _prefill_answer(task: asyncio.Future, replica_id: str, gone: Callable[[str], bool]) -> dict:

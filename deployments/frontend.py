@@ -298,17 +298,20 @@ class Frontend:
                                           lambda replica_id: self.view.gone(replica_id, time.monotonic()))
         async with aclosing(answer) as chunks:
             async for chunk in chunks:
-                stopped = False
+                stopped, first = False, False
                 if seam is not None:
                     chunk.text, stopped = seam.feed(chunk.text, last=chunk.finish_reason is not None)
                     chunk.finish_reason = "stop" if stopped else chunk.finish_reason
                 if chunk.token_ids and run.tokens_arrived(chunk.token_ids):
                     self.metrics.ttft_s.labels(ttft_pool).observe(run.ttft_ms() / 1e3)
-                    if local:
-                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
+                    first = local
                 if chunk.kv_transfer:
                     self.metrics.observe_kv(chunk.kv_transfer)
-                yield self._to_client(chunk, req, run, client_prompt_tokens)
+                try:
+                    yield self._to_client(chunk, req, run, client_prompt_tokens)
+                finally:  # told once the first token is on its way (disaggregated_answer tells its own)
+                    if first:
+                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
                 if stopped:  # closing the stream stops the new replica's generation
                     break
         if (tpot := run.tpot_ms()) is not None:

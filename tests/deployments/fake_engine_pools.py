@@ -39,7 +39,9 @@ class FakeController:
         self.choose = FakeRemoteMethod(self._choose)
         self.replica_lost = FakeRemoteMethod(self._replica_lost)
         self.release = FakeRemoteMethod(lambda request_id, tpot_ms, tokens: self.released.append((request_id, tokens)))
-        self.prefill_done = FakeRemoteMethod(lambda *args: None)
+        self.told: list[tuple[str, float]] = []
+        """(request id, prefill ms) of every prefill_done call."""
+        self.prefill_done = FakeRemoteMethod(lambda request_id, ms: self.told.append((request_id, ms)))
 
     async def _choose(self, route, resuming: bool) -> Decision:
         self.routes.append((route.prompt_tokens, route.max_tokens, resuming))

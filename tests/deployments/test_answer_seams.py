@@ -61,6 +61,24 @@ def test_the_first_token_comes_from_the_prefill_replica_before_the_decode_replic
     assert [(r, n) for r, _, n in pools.served] == [("d1", len(PROMPT) + 1)]
 
 
+@pytest.mark.parametrize("prefill", ["p1", None], ids=["kv_moved", "prefilled_where_it_decodes"])
+def test_the_controller_learns_the_prefills_time_only_once_the_first_token_is_on_its_way(model_path, tokenizer,
+                                                                                       prefill):
+    controller = FakeController(routed(prefill, "d1"))
+    fe = frontend(model_path, controller, FakeTextPools(tokenizer))
+    told_at_first: list[list] = []
+
+    async def go() -> None:
+        async for _ in fe.stream(await fe.completion_request(PROMPT, Sampling(max_tokens=6))):
+            if not told_at_first:
+                told_at_first.append(list(controller.told))
+
+    asyncio.run(go())
+    assert told_at_first == [[]]  # the client had its first token before the controller was called
+    ((_, ms),) = controller.told
+    assert ms == 1.0 if prefill else ms > 0  # the prefill replica's own time, or the local TTFT
+
+
 def test_a_stop_string_spanning_the_prefills_token_and_the_decode_replicas_ends_the_answer_as_unbroken(
         model_path, tokenizer):
     first = tokenizer.decode(tokenizer.encode(ANSWER, add_special_tokens=False)[:1])
