@@ -216,13 +216,13 @@ class WorkerSide:
         for job in self._meta.sends:
             start_ns = self._compute_start_ns.get(job.req_id, 0)
             for t in self._outgoing[job.req_id]:
-                if not job.is_last:
-                    if self.stager is None:
-                        t.flush()
-                elif self.stager is not None:
-                    self.stager.finish(t, start_ns, end_ns)
-                else:
+                if self.stager is not None:  # its thread hands each chunk over as it copies it
+                    if job.is_last:
+                        self.stager.finish(t, start_ns, end_ns)
+                elif job.is_last:
                     t.finish(start_ns, end_ns)
+                else:
+                    t.flush()
 
     def transfer_results(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """(finished_sending, finished_recving) for vLLM; also fills load errors and reports."""
