@@ -147,9 +147,9 @@ class Registry:
             self._refresh(inst)
 
     def prefill_done(self, request_id: str, prefill_ms: float, now_s: float) -> None:
-        """The request's prompt is prefilled (it took `prefill_ms` on its instance) and its first token
-        came at `now_s`: that instance's queue shrinks and its prefill prediction is corrected; its
-        answer is decoding."""
+        """The request's prompt is prefilled (`prefill_ms`: from the engine call's dispatch to its first
+        token, as the ingress saw it, on either path) and its first token came at `now_s`: that
+        instance's queue shrinks and its prefill prediction is corrected; its answer is decoding."""
         for rid in self._routes.get(request_id, []):
             inst = self.instances.get(rid)
             a = inst.assignments.get(request_id) if inst else None

@@ -288,6 +288,7 @@ class Frontend:
             pool_name = ttft_pool = self.cfg.mode
         else:
             pool_name, ttft_pool = "decode", "decode" if local else "prefill"
+        dispatched_s = time.perf_counter()  # a prefill's time is learned from here: see disaggregated._timed
         if local:
             stream = self.pools[decision.decode.pool].options(stream=True).generate.remote(
                 req, req.sampling.max_tokens, lease_ms, replica_id=decision.decode.replica_id, local_prefill=True)
@@ -311,7 +312,7 @@ class Frontend:
                     yield self._to_client(chunk, req, run, client_prompt_tokens)
                 finally:  # told once the first token is on its way (disaggregated_answer tells its own)
                     if first:
-                        self.controller.prefill_done.remote(req.request_id, run.ttft_ms())
+                        self.controller.prefill_done.remote(req.request_id, (run.first_s - dispatched_s) * 1e3)
                 if stopped:  # closing the stream stops the new replica's generation
                     break
         if (tpot := run.tpot_ms()) is not None:
@@ -335,13 +336,14 @@ class Frontend:
         return chunk
 
     def _prefill_done(self, request_id: str, task: asyncio.Future) -> None:
-        """Tell the controller how long the prefill took, so its model of that instance learns."""
+        """Tell the controller how long the prefill took at the ingress, so its model of that
+        instance learns."""
         if task.cancelled():
             return
         if task.exception() is not None:
             log.warning("prefill of %s failed: %s", request_id, task.exception())
             return
-        self.controller.prefill_done.remote(request_id, float(task.result()["prefill_ms"]))
+        self.controller.prefill_done.remote(request_id, float(task.result()["call_ms"]))
 
     # --- health and metrics --------------------------------------------------
     async def start_polling(self, interval_s: float = 1.0) -> None:

@@ -30,8 +30,10 @@ class FakeController:
     """The controller replica as the ingress calls it: `choose` answers from `decisions` in
     turn (the last one repeats; an exception instance is raised, as a dead actor's call is)."""
 
-    def __init__(self, *decisions: Decision | Exception):
+    def __init__(self, *decisions: Decision | Exception, route_s: float = 0.0):
         self.decisions = list(decisions)
+        self.route_s = route_s
+        """How long each choose call takes."""
         self.routes: list[tuple[int, int, bool]] = []
         """(prompt tokens, max tokens, resuming) of every choose call."""
         self.lost: list[str] = []
@@ -45,6 +47,7 @@ class FakeController:
 
     async def _choose(self, route, resuming: bool) -> Decision:
         self.routes.append((route.prompt_tokens, route.max_tokens, resuming))
+        await asyncio.sleep(self.route_s)
         answer = self.decisions.pop(0) if len(self.decisions) > 1 else self.decisions[0]
         if isinstance(answer, Exception):
             raise answer
@@ -62,8 +65,11 @@ class FakePools:
     asked to prefill, so its KV never comes."""
 
     def __init__(self, decode_dies_after: dict[str, int] | None = None, dead_prefills: tuple[str, ...] = (),
-                 departed: tuple[str, ...] = (), hung_prefills: tuple[str, ...] = ()):
+                 departed: tuple[str, ...] = (), hung_prefills: tuple[str, ...] = (), first_token_s: float = 0.0):
         self.decode_dies_after = decode_dies_after or {}
+        self.first_token_s = first_token_s
+        """How long a replica takes to a prompt's first token: a prefill call's answer, a local prefill's
+        first chunk."""
         self.departed = departed
         """Decode replicas the router saw leave (drained after a scale-down): calls fail at routing."""
         self.dead_prefills = dead_prefills
@@ -112,6 +118,8 @@ class FakePools:
         async def chunks():
             if not local_prefill:
                 await self._kv.setdefault(req.request_id, asyncio.Event()).wait()
+            else:
+                await asyncio.sleep(self.first_token_s)
             last = req.prompt_token_ids[-1]
             for i in range(max_tokens):
                 if i == dies_after:
@@ -134,6 +142,7 @@ class FakePools:
             raise ActorDiedError()
         if replica_id in self.hung_prefills:
             await asyncio.Event().wait()
+        await asyncio.sleep(self.first_token_s)
         self._kv.setdefault(req.request_id, asyncio.Event()).set()
         first = req.prompt_token_ids[-1] + 1  # the answer's first token, as the decode replicas count
         return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [first], "text": f" t{first}",
@@ -197,6 +206,8 @@ class FakeTextPools(FakePools):
         hold = max((len(s) for s in stop), default=1) - 1
 
         async def chunks():
+            if local_prefill:
+                await asyncio.sleep(self.first_token_s)
             sent = 0
             for i, token in enumerate(ids):
                 await asyncio.sleep(0)
