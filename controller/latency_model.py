@@ -98,30 +98,41 @@ def _faded(factor: float, toward: float, fade: float) -> float:
 
 @dataclass
 class InstanceCorrection:
-    """One instance's correction for one phase. Until the instance has `min_own` observations
-    of its own it uses its accelerator type's, which every instance of the type feeds: a new
-    replica, or a decode instance's first local prefills, start from what its type has shown."""
+    """One instance's correction for one phase: its accelerator type's, which every instance of
+    the type feeds, times what the instance itself shows over its type, once it has `min_own`
+    observations. A new replica, or a decode instance's first local prefills, so start from what
+    its type has shown, and an instance keeps following its type between observations of its own:
+    learned apart, a decode instance's local-prefill correction came from three prefills made while
+    every engine was still slow and stayed there, since the prefill instance then looked faster and
+    took every short prompt (16-token prompts moved their KV to the decode engine that would have
+    given their first token sooner; `tests/controller/test_registry.py`)."""
 
     shared: Correction
     own: Correction = field(default_factory=Correction)
+    """The instance over its type: 1 where it runs as its type does."""
     min_own: int = 3
 
     @property
     def current(self) -> Correction:
-        return self.own if self.own.observations >= self.min_own else self.shared
+        if self.own.observations < self.min_own:
+            return self.shared
+        s, o = self.shared, self.own
+        return Correction(fixed=s._bounded(math.log(s.fixed * o.fixed)),
+                          per_token=s._bounded(math.log(s.per_token * o.per_token)), observations=o.observations)
 
     def observe(self, fixed_ms: float, token_ms: float, observed_ms: float) -> None:
-        self.own.observe(fixed_ms, token_ms, observed_ms)
+        """The type learns first, and the instance what its type's corrected prediction still misses,
+        so that the two together move no further than the observation (each learning it whole, a
+        lone instance's prediction overshot it)."""
         self.shared.observe(fixed_ms, token_ms, observed_ms)
+        self.own.observe(self.shared.fixed * fixed_ms, self.shared.per_token * token_ms, observed_ms)
 
     def decay_to(self, now_s: float) -> None:
-        """An instance's own slowness fades toward its type's factors where the type runs faster than
-        the profile: an instance left idle fading to the profile would look slower than its busy
-        siblings, and get no requests to show otherwise (seen on two CPU engines: one served 90% of
-        the requests, the other idled at the profile's prediction). Where the type runs slower, to
-        the profile, as any slowness does."""
+        """Slowness fades: the type's toward its profile, an instance's own toward its type, so that an
+        instance left idle is predicted as its busy siblings are, not at the profile (seen on two CPU
+        engines: one served 90% of the requests, the other idled at the profile's prediction)."""
         self.shared.decay_to(now_s)
-        self.own.decay_to(now_s, toward=(min(self.shared.fixed, 1.0), min(self.shared.per_token, 1.0)))
+        self.own.decay_to(now_s)
 
 
 def prefill_stall_ms(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int, fixed_ms: np.ndarray | float,

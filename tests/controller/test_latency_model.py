@@ -84,9 +84,9 @@ def test_an_engine_measured_steadily_is_predicted_at_its_measured_pace_between_o
     assert math.isclose(c.ms(*profile_parts(1000)), 2.0 * sum(profile_parts(1000)), rel_tol=0.02)
 
 
-def test_where_the_type_runs_slower_than_its_profile_an_idle_instances_slowness_fades_to_the_profile():
+def test_an_idle_instances_slowness_fades_toward_its_type_and_the_types_toward_the_profile():
     c = InstanceCorrection(Correction(fixed=1.5, per_token=0.5), Correction(fixed=3.0, per_token=3.0, observations=5))
     c.decay_to(0.0)
     c.decay_to(c.own.fade_after_s + c.own.half_life_s)
-    assert math.isclose(c.own.fixed, 3.0 ** 0.5)  # half of its slowness gone, as toward the profile
-    assert math.isclose(c.own.per_token, 0.5 * 6.0 ** 0.5)  # half gone toward its type's speed
+    assert math.isclose(c.current.fixed, (1.5 * 3.0) ** 0.5)  # half of each's slowness gone
+    assert math.isclose(c.current.per_token, 0.5 * 3.0 ** 0.5)  # the type's speed kept, half the instance's slowness gone

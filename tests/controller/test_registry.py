@@ -215,4 +215,4 @@ def test_an_idle_instances_slowness_fades_toward_its_types_speed_not_the_profile
         add(reg, "p2", "prefill", accelerator="FAST", now_s=t * 0.5)
     view = reg.view("prefill")
     busy_ms, idle_ms = view.prefill_base_ms + 100 * view.prefill_ms_per_token
-    assert busy_ms < 0.6 * FAST.prefill_ms(100, 0) and math.isclose(idle_ms, busy_ms, rel_tol=0.01)
+    assert busy_ms < 0.6 * FAST.prefill_ms(100, 0) and math.isclose(idle_ms, busy_ms, rel_tol=0.05)

@@ -135,6 +135,29 @@ def test_a_short_prompt_is_prefilled_on_the_decode_instance_when_that_beats_the_
     assert never.prefill is not None
 
 
+def test_a_decode_instance_whose_local_prefills_were_seen_while_its_type_was_slow_follows_the_type_since():
+    """Its three local prefills ran as the profile predicts; then the prefill instance of the same type
+    shows the type at 0.3x. The decode instance's local prefill is predicted at 0.3x too, so a short
+    prompt stays where it decodes (learned apart, the decode instance kept the profile's time and
+    every short prompt moved its KV)."""
+    cfg = RoutingConfig(local_prefill_max_tokens=64)
+    reg = registry()
+    add(reg, "p", "prefill")
+    add(reg, "d", "decode")
+    for i in range(3):
+        book(reg, f"local{i}", 20, decode="d")  # observed as predicted
+        reg.release(f"local{i}")
+    for i in range(20):
+        book(reg, f"r{i}", 100, prefill="p", decode="d")
+        reg.prefill_done(f"r{i}", 0.3 * reg.instances["p"].profile.prefill_ms(100, 0), now_s=0.0)
+        reg.release(f"r{i}")
+    decode, prefill = reg.view("decode"), reg.view("prefill")
+    local_ms, remote_ms = (v.prefill_base_ms[0] + 16 * v.prefill_ms_per_token[0] for v in (decode, prefill))
+    assert math.isclose(local_ms, remote_ms, rel_tol=0.05)
+    short = route(reg, request(16), cfg)
+    assert short.outcome is Outcome.ROUTED and short.prefill is None and "local prefill" in short.reason
+
+
 def test_local_prefill_is_refused_where_its_stall_would_break_a_running_requests_tpot():
     cfg = RoutingConfig(local_prefill_max_tokens=64, intra_node_kv_gbps=1, inter_node_kv_gbps=1)
     reg = registry()
