@@ -40,8 +40,9 @@ DISAGGREGATED_LOCAL_MAX_TOKENS = 64
 one step, stalling every request decoding there for all of it."""
 
 
-def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float) -> np.ndarray | float:
-    return tokens * (kv_bytes_per_token * 8 / (gbps * 1e6))  # one array operation for per-instance tokens
+def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float, setup_ms: float = 0.0
+                ) -> np.ndarray | float:
+    return setup_ms + tokens * (kv_bytes_per_token * 8 / (gbps * 1e6))  # one array operation for per-instance tokens
 
 
 def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
@@ -197,7 +198,7 @@ def _kv_arrival(moved: np.ndarray | int, new: np.ndarray | int, prefill: PoolVie
     ready = prefill.open_prefill_base_ms + prefill.prefill_ms_per_token * new
     ready[prefill.last_seen_s < live_after_s] = np.inf
     best = int(ready.argmin())
-    cross = float(ready[best]) + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    cross = float(ready[best]) + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps, cfg.kv_transfer_setup_ms)
     if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:  # a transfer costs the same anywhere
         return float(ready[best]), cross, lambda d: best
     # The fastest prefill instance of each node (rows are grouped by node).
@@ -205,7 +206,7 @@ def _kv_arrival(moved: np.ndarray | int, new: np.ndarray | int, prefill: PoolVie
     by_node = np.full(max(prefill.max_node, decode.max_node) + 1, np.inf)
     by_node[nodes] = np.minimum.reduceat(ready, starts)
     same_ready = by_node[decode.node]
-    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps, cfg.kv_transfer_setup_ms)
     use_same = same < cross
 
     def pick(d: int) -> int:
@@ -289,7 +290,7 @@ def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: 
     best, second = int(top[0]), int(top[1]) if len(top) > 1 else len(view)
     cross_pick = np.where(rows == best, second, best)
     cross_ready = padded[cross_pick]
-    cross = cross_ready + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps)
+    cross = cross_ready + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps, cfg.kv_transfer_setup_ms)
     if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:
         return cross_ready, cross, lambda d: int(cross_pick[d])
     # The two fastest instances of each node (rows are grouped by node): the first that is not d.
@@ -301,7 +302,7 @@ def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: 
     following = np.where(sizes > 1, order[np.minimum(starts + 1, len(view) - 1)], len(view))
     same_pick = np.where(first[group] == rows, following[group], first[group])
     same_ready = padded[same_pick]
-    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps)
+    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps, cfg.kv_transfer_setup_ms)
     use_same = same < cross
     pick = np.where(use_same, same_pick, cross_pick)
     return np.where(use_same, same_ready, cross_ready), np.minimum(same, cross), lambda d: int(pick[d])

@@ -94,6 +94,14 @@ class RoutingConfig(BaseModel):
     inter_node_kv_gbps: float = Field(10.0, gt=0)
     """The same between nodes; set it lower when that network is slow and the router weighs
     same-node pairs accordingly."""
+    kv_transfer_setup_ms: float = Field(15.0, ge=0)
+    """What moving a prompt's KV costs beyond its bytes over the link, before the decode instance
+    goes on: the transfer opened, the last layers handed over after the prefill, the decode engine
+    loading them at its next step. The default is this project's CPU engines' (a 16-token prompt's
+    KV was exposed 17-19 ms after its prefill, `pdserve bench kv`). Without it a short prompt's
+    paths differ by well under a millisecond of bytes, and whichever engine the latency model had
+    last seen faster took it: every short prompt moved its KV although the decode engine would have
+    had its first token about 10 ms sooner."""
     kv_reserve_tokens: int = Field(256, ge=0)
     """Output tokens of KV room a decode instance must have free for a new request (at most
     its max_tokens), beyond its prompt."""

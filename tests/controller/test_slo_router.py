@@ -158,6 +158,21 @@ def test_a_decode_instance_whose_local_prefills_were_seen_while_its_type_was_slo
     assert short.outcome is Outcome.ROUTED and short.prefill is None and "local prefill" in short.reason
 
 
+def test_a_short_prompt_stays_where_it_decodes_unless_the_prefill_instance_is_sooner_by_more_than_a_transfers_setup():
+    reg = registry()
+    add(reg, "p", "prefill")
+    add(reg, "d", "decode")
+    own = reg.instances["p"].prefill_fix.own  # the prefill instance is seen 10% faster than its type
+    own.fixed, own.per_token, own.observations = 0.9, 0.9, 5
+    add(reg, "p", "prefill")  # its next report
+    cfg = RoutingConfig(local_prefill_max_tokens=64)  # its 16-token prefill 8.4 ms sooner, the setup 15 ms
+    assert route(reg, request(16), cfg).prefill is None
+    assert route(reg, request(16), cfg.model_copy(update={"kv_transfer_setup_ms": 0})).prefill.replica_id == "p"
+    own.fixed, own.per_token = 0.7, 0.7
+    add(reg, "p", "prefill")  # 25 ms sooner: worth the move
+    assert route(reg, request(16), cfg).prefill.replica_id == "p"
+
+
 def test_local_prefill_is_refused_where_its_stall_would_break_a_running_requests_tpot():
     cfg = RoutingConfig(local_prefill_max_tokens=64, intra_node_kv_gbps=1, inter_node_kv_gbps=1)
     reg = registry()
