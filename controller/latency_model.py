@@ -104,8 +104,8 @@ class InstanceCorrection:
     its type has shown, and an instance keeps following its type between observations of its own:
     learned apart, a decode instance's local-prefill correction came from three prefills made while
     every engine was still slow and stayed there, since the prefill instance then looked faster and
-    took every short prompt (16-token prompts moved their KV to the decode engine that would have
-    given their first token sooner; `tests/controller/test_registry.py`)."""
+    took every short prompt, which then moved its KV although the decode engine would have given
+    its first token sooner (`tests/controller/test_slo_router.py`)."""
 
     shared: Correction
     own: Correction = field(default_factory=Correction)

@@ -83,10 +83,9 @@ async def disaggregated_answer(pools: dict[str, Any], req: GenerateRequest, deci
 async def _timed(call: Awaitable[dict], dispatched_s: float) -> dict:
     """The prefill call's answer with its `call_ms`: from its dispatch to its answer at the ingress.
     The controller learns a prefill's time from it, as it learns a local prefill's from the engine
-    call to its first token here: the engine's own `prefill_ms` leaves out the hops and a local
-    prefill's ingress TTFT adds tokenizing and routing, and measured so the two paths were set
-    against each other off by those (16-token prompts went to the prefill engine although the
-    decode engine had their first token about 10 ms sooner)."""
+    call to its first token here, so that it sets the two paths against each other alike: the
+    engine's own `prefill_ms` leaves out the hops, and a local prefill's TTFT since the request
+    arrived adds tokenizing and routing."""
     answer = await call
     return {**answer, "call_ms": (time.perf_counter() - dispatched_s) * 1e3}
 
