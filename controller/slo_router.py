@@ -114,6 +114,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     else:  # a short prompt prefilled where it decodes skips the transfer and the hop to a prefill instance
         local = local_ttft + (step - in_flight) <= remote_going  # when each answer's second token comes
         ttft = np.where(local, local_ttft, remote_ttft)
+    both_ways = local_ttft is not None and remote_going is not None
     meets &= ttft <= slo.ttft_ms * headroom
 
     note = "" if spare_decoding else "best effort, decoding answers not spared: "
@@ -148,6 +149,9 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
     if adaptive:
         reason += _stall_note(decode, p if p is not None else d, n - cached)
+    if both_ways and np.isfinite(local_ttft[d]) and np.isfinite(remote_going[d]):
+        reason += (f"; second token at {local_ttft[d] + step[d] - in_flight[d]:.0f} ms prefilled here, "
+                   f"{remote_going[d]:.0f} ms with the KV moved")
     return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached,
                     decode_cached_tokens=held)
 

@@ -166,7 +166,9 @@ def test_a_short_prompt_stays_where_it_decodes_unless_the_prefill_instance_is_so
     own.fixed, own.per_token, own.observations = 0.9, 0.9, 5
     add(reg, "p", "prefill")  # its next report
     cfg = RoutingConfig(local_prefill_max_tokens=64)  # its 16-token prefill 8.4 ms sooner, the setup 15 ms
-    assert route(reg, request(16), cfg).prefill is None
+    here = route(reg, request(16), cfg)
+    # Both ways logged: 84 ms prefill and a 22 ms step; 75.6 + 15 ms setup + the bytes, and the step.
+    assert here.prefill is None and "second token at 106 ms prefilled here, 113 ms with the KV moved" in here.reason
     assert route(reg, request(16), cfg.model_copy(update={"kv_transfer_setup_ms": 0})).prefill.replica_id == "p"
     own.fixed, own.per_token = 0.7, 0.7
     add(reg, "p", "prefill")  # 25 ms sooner: worth the move
