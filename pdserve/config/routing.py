@@ -101,7 +101,7 @@ class RoutingConfig(BaseModel):
     KV was exposed 17-19 ms after its prefill, `pdserve bench kv`). Without it a short prompt's
     paths differ by well under a millisecond of bytes, and whichever engine the latency model had
     last seen faster took it: every short prompt moved its KV although the decode engine would have
-    had its first token about 10 ms sooner."""
+    had its first token sooner (README, "short prompts kept where they decode")."""
     kv_reserve_tokens: int = Field(256, ge=0)
     """Output tokens of KV room a decode instance must have free for a new request (at most
     its max_tokens), beyond its prompt."""
