@@ -23,8 +23,9 @@ class PrefillServer(EngineServer):
         answer is one token long; with `dest_tp` ranks there, each rank's share of the heads to the
         rank's receiver) but for the whole blocks of the first `skip_tokens`, which `dest`
         is expected to hold in its prefix cache, and sample the first token. Returns its `token_ids` and `text`,
-        vLLM's `finish_reason` ("stop": the answer ended there; "length": it may go on), and the
-        prefill's timings (and the first token's `logprobs` when asked for). `replica_id` is read by the router (see exact_router) and names this replica."""
+        vLLM's `finish_reason` ("stop": the answer ended there; "length": it may go on), its KV transfer's
+        report (and the first token's `logprobs` when asked for); the prefill's own time goes on its span
+        (the controller learns it as the ingress saw it: `deployments/disaggregated._timed`). `replica_id` is read by the router (see exact_router) and names this replica."""
         attrs = {"pdserve.prompt_tokens": len(req.prompt_token_ids), "pdserve.kv_dest": dest or ""}
         with self.serving("prefill", req, attrs, prefills=True) as (span, progress):
             kv = params.for_prefill(req.request_id, dest, lease_ms, telemetry.inject(span).get("traceparent", ""),
@@ -44,7 +45,7 @@ class PrefillServer(EngineServer):
                 raise EngineFailure(f"prefill of {req.request_id} ended with {reason}")
             prefill_ms = (time.perf_counter() - start) * 1e3
             span.set_attribute("pdserve.prefill_ms", prefill_ms)
-            return {"prefill_ms": prefill_ms, "kv_transfer": final.kv_transfer_params, "token_ids": token_ids,
+            return {"kv_transfer": final.kv_transfer_params, "token_ids": token_ids,
                     "text": text, "finish_reason": final.outputs[0].finish_reason,
                     "cached_tokens": final.num_cached_tokens,
                     "logprobs": logprobs if req.sampling.logprobs is not None else None}

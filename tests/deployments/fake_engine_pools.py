@@ -145,7 +145,7 @@ class FakePools:
         await asyncio.sleep(self.first_token_s)
         self._kv.setdefault(req.request_id, asyncio.Event()).set()
         first = req.prompt_token_ids[-1] + 1  # the answer's first token, as the decode replicas count
-        return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [first], "text": f" t{first}",
+        return {"kv_transfer": None, "token_ids": [first], "text": f" t{first}",
                 "finish_reason": "length"}
 
     async def _discard_kv(self, transfer_id: str, src_tp: int = 1, *, replica_id: str) -> None:

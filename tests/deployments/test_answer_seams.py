@@ -77,8 +77,7 @@ def test_the_controller_learns_the_prefills_time_from_the_engine_call_once_the_f
     assert told_at_first == [[]]  # the client had its first token before the controller was called
     ((_, ms),) = controller.told
     # From the engine call's dispatch to its first token at the ingress on both paths, so that the
-    # controller sets them against each other alike: not the routing before it, nor (on the KV path)
-    # the prefill replica's own 1 ms, which leaves its hops out.
+    # controller sets them against each other alike: not the routing before it.
     assert 200 <= ms < 1000
 
 

@@ -130,7 +130,7 @@ class FakeEnginePool:
     async def _prefill(req: GenerateRequest, kv_addr: str | None, lease_ms: int, skip_tokens: int = 0,
                        dest_tp: int = 1, **_: Any) -> dict:
         seed_as_vllm_does(req.sampling)
-        return {"prefill_ms": 1.0, "kv_transfer": None, "token_ids": [99], "text": " first",
+        return {"kv_transfer": None, "token_ids": [99], "text": " first",
                 "finish_reason": "length"}
 
     @staticmethod
