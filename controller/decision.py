@@ -11,6 +11,7 @@ class Outcome(Enum):
     REJECTED = "rejected"  # no pair is predicted to meet the request's objectives: retry later (429)
     OVERLOADED = "overloaded"  # every instance of a pool is full or out of KV room: retry later (429)
     UNAVAILABLE = "unavailable"  # a pool has no live instance (503)
+    HELD = "held"  # no instance can prefill it now sparing its decoding answers, its TTFT leaves time: ask again
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class RouteRequest:
     session_id: str = ""
     """The conversation it is a turn of ("": none): its previous turn's instances hold its prefix
     before their cache events say so (`sessions.py`)."""
+    held_ms: float = 0.0
+    """How long its ingress has held it already (`Outcome.HELD`): spent out of its TTFT objective."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,7 @@ class Decision:
     predicted_ttft_ms: float = 0.0
     predicted_tpot_ms: float = 0.0
     retry_after_s: float = 1.0
-    """For a refusal: when a retry has a fair chance."""
+    """For a refusal: when a retry has a fair chance; for a held request: when to ask again."""
     cached_tokens: int = 0
     """Prompt tokens the instance that prefills it is predicted to hold in its prefix cache."""
     decode_cached_tokens: int = 0

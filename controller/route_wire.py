@@ -44,7 +44,8 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int = MAX_FRAME_BY
 def request_to_wire(req: RouteRequest) -> dict[str, Any]:
     return {"request_id": req.request_id, "prompt_tokens": req.prompt_tokens, "max_tokens": req.max_tokens,
             "slo": [req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority], "lifetime_s": req.lifetime_s,
-            "ingress_id": req.ingress_id, "prefix_hashes": list(req.prefix_hashes), "session_id": req.session_id}
+            "ingress_id": req.ingress_id, "prefix_hashes": list(req.prefix_hashes), "session_id": req.session_id,
+            "held_ms": req.held_ms}
 
 
 def request_from_wire(d: Any) -> RouteRequest:
@@ -54,7 +55,7 @@ def request_from_wire(d: Any) -> RouteRequest:
                             SLO(_number(ttft_ms), _number(tpot_ms), _typed(priority, int)),
                             lifetime_s=_number(d["lifetime_s"]), ingress_id=_typed(d["ingress_id"], str),
                             prefix_hashes=tuple(_typed(h, int) for h in _typed(d["prefix_hashes"], list)),
-                            session_id=_typed(d["session_id"], str))
+                            session_id=_typed(d["session_id"], str), held_ms=_number(d["held_ms"]))
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"not a route request: {exc!r}") from None
 

@@ -177,16 +177,19 @@ class Controller:
             self.sessions.remember(req.session_id, req.prefix_hashes, [t.replica_id for t in decision.targets()], now)
             if self.window is not None:
                 self.window.arrived(now, req.prompt_tokens)
-        log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
-                 req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value, decision.reason)
+        if decision.outcome is not Outcome.HELD or not req.held_ms:  # a hold is logged once, and how it ended
+            log.info("route %s (%d prompt tokens, ttft %.0f ms, tpot %.0f ms, priority %d): %s, %s", req.request_id,
+                     req.prompt_tokens, req.slo.ttft_ms, req.slo.tpot_ms, req.slo.priority, decision.outcome.value,
+                     decision.reason)
         return decision
 
     def _choose_slo(self, req: RouteRequest, prefill: PoolView | None, decode: PoolView,
                     pools: tuple[str | None, str], live_after: float, now: float, resuming: bool) -> Decision:
         """`choose_slo`, with a probe after a long spell of refusals, and room kept for a starved kind."""
         cached = self._cached(*pools, req, now)
+        # An answer already streaming is not held: its client would see its tokens stop.
         decision = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
-                              self.best_effort or resuming, **cached)
+                              self.best_effort or resuming, hold=not resuming, **cached)
         idle_s = now - self._routed_at_s
         if (decision.outcome is Outcome.REJECTED and 0 < self.routing.probe_after_s <= idle_s
                 and decision.predicted_ttft_ms <= PROBE_WITHIN * req.slo.ttft_ms
@@ -210,7 +213,7 @@ class Controller:
         else:
             prefill = prefill.closed(slot)
         elsewhere = choose_slo(req, prefill, decode, live_after, self.routing, self.kv_bytes_per_token,
-                               self.best_effort, **cached)
+                               self.best_effort, hold=True, **cached)
         return replace(elsewhere, reason=f"{room.describe()}; {elsewhere.reason}")
 
     def _room(self, starved: Starved, prefill: PoolView | None, decode: PoolView, pools: tuple[str | None, str],

@@ -21,7 +21,9 @@ or each answer's mean over the steps it has left). So under TPOT-tight load an i
 decodes running prefills little and the pool splits into prefilling and decoding instances by
 itself; under loose objectives it serves as colocated. An answer whose KV moves onto an instance
 that has prompts queued starts after them, so it goes there only if its TPOT objective absorbs that
-wait, and only when that is soonest.
+wait, and only when that is soonest. A prompt that no instance can prefill sparing its decoding
+answers is held at the ingress while its TTFT objective allows (served best effort), as it would
+wait in a prefill instance's queue.
 """
 
 from __future__ import annotations
@@ -53,14 +55,15 @@ def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
 def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
                cfg: RoutingConfig, kv_bytes_per_token: int, best_effort: bool = False,
                spare_decoding: bool = True, prefill_cached: np.ndarray | None = None,
-               decode_cached: np.ndarray | None = None) -> Decision:
+               decode_cached: np.ndarray | None = None, hold: bool = False) -> Decision:
     """The pair for `req`; `prefill` None means colocated (every instance prefills its own),
     `prefill` the very view `decode` is means adaptive (every instance does both).
     Instances that last reported before `live_after_s` are out of routing. `spare_decoding`
     False (adaptive, best effort when no instance can prefill without it): an instance may
     prefill whatever that does to the answers decoding there. `prefill_cached`/`decode_cached`:
     per instance of each view, the prompt's leading tokens its prefix cache holds, which a
-    prefill there does not compute (None: nothing cached).
+    prefill there does not compute (None: nothing cached). `hold`: a request that would be served
+    best effort only by not sparing decoding answers may be held instead (`hold_recheck_ms`).
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
@@ -69,6 +72,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     d_new, p_new = _uncached(n, decode_cached), _uncached(n, prefill_cached)
     step = decode.step_base_ms + decode.step_ms_per_token * n  # the next decode step with the request added
     headroom = priority_headroom(slo.priority, cfg)
+    ttft_limit = slo.ttft_ms * headroom - req.held_ms
     roomy = (decode.last_seen_s >= live_after_s) & (
         decode.open_kv_tokens >= n + min(req.max_tokens, cfg.kv_reserve_tokens))
     meets = roomy & (step <= decode.tpot_floor_ms) & (step <= slo.tpot_ms * headroom)
@@ -115,7 +119,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         local = local_ttft + (step - in_flight) <= remote_going  # when each answer's second token comes
         ttft = np.where(local, local_ttft, remote_ttft)
     both_ways = local_ttft is not None and remote_going is not None
-    meets &= ttft <= slo.ttft_ms * headroom
+    meets &= ttft <= ttft_limit
 
     note = "" if spare_decoding else "best effort, decoding answers not spared: "
     # Soonest first token. On a tie an answer goes where answers already decode and no prompt is
@@ -130,10 +134,12 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
             d = int(np.where(roomy, ttft, np.inf).argmin())
             if best_effort and adaptive and spare_decoding and not np.isfinite(ttft[d]):
                 # Every instance that could prefill it has answers decoding that its chunks would slow
-                # past their TPOT: served anyway, where it is soonest.
-                return choose_slo(req, prefill, decode, live_after_s, cfg, kv_bytes_per_token, True, False)
+                # past their TPOT: held while its TTFT allows, then served anyway, where it is soonest.
+                unspared = choose_slo(req, prefill, decode, live_after_s, cfg, kv_bytes_per_token, True, False,
+                                      prefill_cached, decode_cached)
+                return _held(req, unspared, ttft_limit, cfg.hold_recheck_ms) if hold else unspared
             if not best_effort or not np.isfinite(ttft[d]):
-                return _refused(req, roomy, ttft, step, headroom, _pool_name(prefill, decode))
+                return _refused(req, roomy, ttft, step, headroom, _pool_name(prefill, decode), ttft_limit)
             note = "best effort, objectives not met" + ("" if spare_decoding else ", decoding answers not spared") + ": "
         else:
             return refusal
@@ -145,7 +151,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
     where += f", {cached} prompt tokens cached" if cached else ""
     where += f", {held} held by the decode instance are not moved" if held else ""
-    reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
+    waited = f"held {req.held_ms:.0f} ms, " if req.held_ms else ""
+    reason = (f"{waited}{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
     if adaptive:
         reason += _stall_note(decode, p if p is not None else d, n - cached)
@@ -320,11 +327,26 @@ def _target(view: PoolView, i: int) -> Target:
     return Target(view.replica_ids[i], view.kv_addrs[i], int(view.load[i]), view.pools[i], int(view.tp_size[i]))
 
 
+def _held(req: RouteRequest, unspared: Decision, ttft_limit_ms: float, recheck_ms: float) -> Decision:
+    """`unspared` (served next to the answers decoding where it is prefilled), or held while its
+    TTFT objective leaves room for one more recheck before that route's first token: its prompt
+    waits for an instance to free up as it would in a prefill instance's queue, and the answers
+    keep their TPOT."""
+    if (unspared.outcome is not Outcome.ROUTED or recheck_ms <= 0
+            or unspared.predicted_ttft_ms + recheck_ms > min(ttft_limit_ms, req.lifetime_s * 1000.0)):
+        return unspared
+    return Decision(Outcome.HELD, reason=(
+        f"held: no instance can prefill it sparing the answers decoding there; {ttft_limit_ms:.0f} ms of its "
+        f"ttft objective left after {req.held_ms:.0f} ms held, {unspared.predicted_ttft_ms:.0f} ms to its first "
+        f"token next to them"), predicted_ttft_ms=unspared.predicted_ttft_ms,
+        predicted_tpot_ms=unspared.predicted_tpot_ms, retry_after_s=recheck_ms / 1000.0)
+
+
 def _refused(req: RouteRequest, roomy: np.ndarray, ttft: np.ndarray, step: np.ndarray, headroom: float,
-             pool: str) -> Decision:
+             pool: str, ttft_limit: float) -> Decision:
     best_ttft = float(np.min(np.where(roomy, ttft, np.inf)))
     best_step = float(np.min(np.where(roomy, step, np.inf)))
-    ttft_limit, tpot_limit = req.slo.ttft_ms * headroom, req.slo.tpot_ms * headroom
+    tpot_limit = req.slo.tpot_ms * headroom
     # Roughly when the queues ahead will have drained enough for the TTFT objective.
     retry_after_s = min(30.0, max(1.0, (best_ttft - ttft_limit) / 1000.0))
     return Decision(Outcome.REJECTED, reason=(

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
+from dataclasses import replace
 from typing import Any, Protocol
 
 from opentelemetry import trace
@@ -244,13 +245,15 @@ class Frontend:
     async def _route(self, req: GenerateRequest, resuming: bool, lifetime_s: float) -> Decision:
         """The controller's pair for `req`. Overload and unmeetable objectives are refused at once,
         unless the request is already streaming to its client (`resuming`, routed best effort),
-        which waits for room; no live instance, or no answer from the controller (restarting),
-        is waited out for up to `route_wait_s`."""
+        which waits for room; a request the controller holds asks again when it says (it bounds
+        the hold by the request's TTFT objective); no live instance, or no answer from the
+        controller (restarting), is waited out for up to `route_wait_s`."""
         hashes = tuple(block_hashes(req.prompt_token_ids)) if self.cfg.routing.prefix_aware else ()
         route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
                              lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id, prefix_hashes=hashes,
                              session_id=req.session_id)
-        give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
+        asked_s = time.monotonic()
+        give_up_s = asked_s + self.cfg.ingress.route_wait_s
         while True:
             try:
                 decision = await asyncio.wait_for(self.routes.choose(route, resuming),
@@ -259,6 +262,12 @@ class Frontend:
                 decision = Decision(Outcome.UNAVAILABLE, reason=f"the controller did not answer ({type(exc).__name__})")
             if decision.outcome is Outcome.ROUTED:
                 return decision
+            if decision.outcome is Outcome.HELD:
+                await asyncio.sleep(decision.retry_after_s)
+                held_s = time.monotonic() - asked_s
+                route = replace(route, held_ms=held_s * 1000.0, lifetime_s=max(lifetime_s - held_s, 0.0))
+                give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
+                continue
             busy = decision.outcome in (Outcome.REJECTED, Outcome.OVERLOADED)
             wait_s = decision.retry_after_s if busy else ROUTE_POLL_S
             if (busy and not resuming) or time.monotonic() + wait_s > give_up_s:

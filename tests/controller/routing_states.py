@@ -28,16 +28,16 @@ def add(reg: Registry, rid: str, pool: str, *, node: str = "n1", accelerator: st
 
 
 def book(reg: Registry, request_id: str, prompt_tokens: int, *, prefill: str | None = None,
-         decode: str | None = None, tpot_ms: float = 1000.0, max_tokens: int = 10) -> None:
+         decode: str | None = None, tpot_ms: float = 1000.0, max_tokens: int = 10, now_s: float = 0.0) -> None:
     """Book a request the controller routed earlier (its prompt queued on `prefill`, its
     sequence running on `decode`)."""
     def target(rid: str | None) -> Target | None:
         return Target(rid, reg.instances[rid].report.kv_addr, 0, reg.instances[rid].report.pool) if rid else None
 
     req = RouteRequest(request_id, prompt_tokens, max_tokens, SLO(ttft_ms=1e6, tpot_ms=tpot_ms))
-    reg.assign(req, Decision(Outcome.ROUTED, target(prefill), target(decode)), now_s=0.0)
+    reg.assign(req, Decision(Outcome.ROUTED, target(prefill), target(decode)), now_s=now_s)
     if prefill is None and decode is not None:  # already prefilled there, as predicted: now decoding
-        reg.prefill_done(request_id, sum(reg.instances[decode].assignments[request_id].predicted_prefill_ms), now_s=0.0)
+        reg.prefill_done(request_id, sum(reg.instances[decode].assignments[request_id].predicted_prefill_ms), now_s=now_s)
 
 
 def request(prompt_tokens: int, ttft_ms: float = 5000, tpot_ms: float = 100, priority: int = 0,

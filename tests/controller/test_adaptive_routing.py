@@ -2,6 +2,7 @@
 router choosing per request where its prompt is prefilled and where it decodes."""
 
 import math
+from dataclasses import replace
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import SLO, Decision, Outcome, RouteRequest, Target
@@ -196,6 +197,31 @@ def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbo
     assert d.outcome is Outcome.ROUTED and d.prefill.replica_id == "b" and d.decode.replica_id == "a"
     assert math.isclose(d.predicted_ttft_ms, 520 + 16 * 24.5)
     assert d.reason.startswith("best effort, decoding answers not spared: prefill b")
+
+
+def test_best_effort_holds_a_prompt_no_instance_can_prefill_sparing_its_neighbours_while_its_ttft_allows():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b", accelerator="FAST")
+    book(reg, "ra", 100, decode="a", tpot_ms=50)
+    book(reg, "rb", 100, decode="b", tpot_ms=50)
+    view = reg.view("adaptive")
+
+    def ask(held_ms, cfg=CFG, lifetime_s=600.0):
+        req = replace(request(1000, ttft_ms=5000), held_ms=held_ms, lifetime_s=lifetime_s)
+        return choose_slo(req, view, view, -reg.ttl_s, cfg, KV_BYTES, best_effort=True, hold=True)
+
+    # Served next to the answers its first token would come in 912 ms: 5000 - 912 - 200 ms of the
+    # objective can go to waiting for an instance to spare them, one 200-ms recheck at a time.
+    d = ask(0.0)
+    assert d.outcome is Outcome.HELD and d.retry_after_s == 0.2 and math.isclose(d.predicted_ttft_ms, 912)
+    assert ask(3887.0).outcome is Outcome.HELD
+    late = ask(3889.0)
+    assert late.outcome is Outcome.ROUTED and late.prefill.replica_id == "b" and late.decode.replica_id == "a"
+    assert late.reason.startswith("held 3889 ms, best effort, decoding answers not spared: prefill b")
+    # Not past its deadline, and never with holding off.
+    assert ask(0.0, lifetime_s=1.0).outcome is Outcome.ROUTED
+    assert ask(0.0, cfg=RoutingConfig(hold_recheck_ms=0)).outcome is Outcome.ROUTED
 
 
 def test_best_effort_does_not_move_an_answer_behind_a_queue_its_tpot_cannot_absorb():

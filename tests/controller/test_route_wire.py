@@ -22,7 +22,8 @@ from pdserve.controller.route_wire import (
 )
 
 REQ = RouteRequest("r-1", 812, 64, SLO(ttft_ms=750.0, tpot_ms=42.5, priority=3), lifetime_s=17.5,
-                   ingress_id="ing-2", prefix_hashes=(2**63 - 1, -5, 0), session_id="chat-9")
+                   ingress_id="ing-2", prefix_hashes=(2**63 - 1, -5, 0), session_id="chat-9",
+                   held_ms=1250.5)
 DECISION = Decision(Outcome.ROUTED, Target("p-1", "", 2, "prefill", 4), Target("d-1", "10.0.0.2:5601", 5, "decode", 2),
                     "prefill p-1 -> d-1", 412.5, 38.25, 1.0, cached_tokens=128, decode_cached_tokens=64)
 
@@ -41,6 +42,8 @@ async def test_a_route_request_and_a_decision_cross_the_wire_whole():
     assert decision_from_wire((await read_frame(reader))["decision"]) == DECISION
     refusal = Decision(Outcome.REJECTED, reason="no pair", predicted_ttft_ms=math.inf, retry_after_s=2.5)
     assert decision_from_wire(decision_to_wire(refusal)) == refusal
+    held = Decision(Outcome.HELD, reason="held", predicted_ttft_ms=9000.0, retry_after_s=0.2)
+    assert decision_from_wire(decision_to_wire(held)) == held
 
 
 @pytest.mark.parametrize("broken", [
@@ -50,7 +53,8 @@ async def test_a_route_request_and_a_decision_cross_the_wire_whole():
     lambda d: d.__setitem__("slo", [750.0, "fast", 0]),
     lambda d: d.__setitem__("slo", [750.0]),
     lambda d: d.__setitem__("prefix_hashes", [1, 2.5]),
-], ids=["missing", "string_count", "bool_count", "string_objective", "short_slo", "float_hash"])
+    lambda d: d.__setitem__("held_ms", "long"),
+], ids=["missing", "string_count", "bool_count", "string_objective", "short_slo", "float_hash", "string_held"])
 def test_a_route_request_with_a_wrong_or_missing_field_is_refused(broken):
     d = request_to_wire(REQ)
     broken(d)

@@ -1,14 +1,17 @@
 """The controller's shell around the pure routing decision: probing predictions that have
-refused every request for a while; the engines' pushed metrics it keeps for the ingress."""
+refused every request for a while; holding requests, logged once; the engines' pushed metrics it
+keeps for the ingress."""
 
 import asyncio
+import logging
 import time
+from dataclasses import replace
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import Outcome
 from pdserve.controller.server import Controller
 
-from .routing_states import SLOW, add, request
+from .routing_states import SLOW, add, book, request
 
 
 def controller(probe_after_s: float = 5.0) -> Controller:
@@ -47,6 +50,24 @@ def test_requests_routed_recently_leave_refusals_alone():
     c = controller()
     assert choose(c, ttft_ms=60_000).outcome is Outcome.ROUTED
     assert choose(c, ttft_ms=800).outcome is Outcome.REJECTED
+
+
+def test_a_held_request_is_logged_when_first_held_and_when_served_and_an_answer_resuming_is_never_held(caplog):
+    c = Controller("adaptive", RoutingConfig(profiles={"default": SLOW}), kv_bytes_per_token=1000, best_effort=True)
+    now = time.monotonic()
+    for rid in ("a", "b"):
+        add(c.registry, rid, "adaptive", prefill_chunk_tokens=64, now_s=now)
+        book(c.registry, f"r{rid}", 100, decode=rid, tpot_ms=50, now_s=now)  # no room for a 1000-token prompt's chunks
+    caplog.set_level(logging.INFO, logger="pdserve.controller")
+    first = asyncio.run(c.choose(request(1000)))
+    again = asyncio.run(c.choose(replace(request(1000), held_ms=200.0)))
+    assert first.outcome is Outcome.HELD and again.outcome is Outcome.HELD
+    resumed = asyncio.run(c.choose(request(1000), resuming=True))
+    assert resumed.outcome is Outcome.ROUTED and "decoding answers not spared" in resumed.reason
+    served = asyncio.run(c.choose(replace(request(1000), held_ms=4900.0)))
+    assert served.outcome is Outcome.ROUTED and served.reason.startswith("held 4900 ms, best effort")
+    routes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("route ")]
+    assert [m.split(": ")[1].split(",")[0] for m in routes] == ["held", "routed", "routed"]
 
 
 def test_engine_metrics_are_those_live_replicas_pushed_last_and_a_gone_replicas_are_dropped():

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 from pdserve.config.routing import RoutingConfig
 from pdserve.controller.decision import SLO, Outcome, RouteRequest
@@ -109,6 +110,18 @@ def test_a_prompt_predicted_to_miss_its_ttft_is_rejected_with_a_retry_hint_or_se
     assert 2.5 <= d.retry_after_s <= 2.6
     served = route(reg, request(1000, ttft_ms=1000), best_effort=True)
     assert served.outcome is Outcome.ROUTED and served.reason.startswith("best effort")
+
+
+def test_time_held_at_the_ingress_is_spent_out_of_the_ttft_objective():
+    reg = registry()
+    add(reg, "p1", "prefill")
+    add(reg, "d1", "decode")
+    fresh = route(reg, request(1000, ttft_ms=5000))
+    assert fresh.outcome is Outcome.ROUTED
+    left_ms = 5000 - fresh.predicted_ttft_ms
+    assert route(reg, replace(request(1000, ttft_ms=5000), held_ms=left_ms - 1)).outcome is Outcome.ROUTED
+    late = route(reg, replace(request(1000, ttft_ms=5000), held_ms=left_ms + 1))
+    assert late.outcome is Outcome.REJECTED and f"/{fresh.predicted_ttft_ms - 1:.0f} ms" in late.reason
 
 
 def test_lower_priorities_are_rejected_first():

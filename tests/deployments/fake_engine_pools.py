@@ -12,7 +12,7 @@ from typing import Any
 from ray.exceptions import ActorDiedError
 
 from pdserve.config.cluster import parse_config
-from pdserve.controller.decision import Decision, Outcome, Target
+from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
 from pdserve.deployments.frontend import Frontend
 from pdserve.errors import ReplicaGone
 from pdserve.prefill.requests import GenerateChunk, Sampling
@@ -36,6 +36,8 @@ class FakeController:
         """How long each choose call takes."""
         self.routes: list[tuple[int, int, bool]] = []
         """(prompt tokens, max tokens, resuming) of every choose call."""
+        self.asked: list[RouteRequest] = []
+        """The route request of every choose call."""
         self.lost: list[str] = []
         self.released: list[tuple[str, int]] = []
         self.choose = FakeRemoteMethod(self._choose)
@@ -47,6 +49,7 @@ class FakeController:
 
     async def _choose(self, route, resuming: bool) -> Decision:
         self.routes.append((route.prompt_tokens, route.max_tokens, resuming))
+        self.asked.append(route)
         await asyncio.sleep(self.route_s)
         answer = self.decisions.pop(0) if len(self.decisions) > 1 else self.decisions[0]
         if isinstance(answer, Exception):

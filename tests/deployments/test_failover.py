@@ -7,6 +7,7 @@ test_answer_seams.py. Real replicas dying under load: tests/deployments/test_fau
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -194,6 +195,20 @@ def test_an_answer_resumed_while_the_pool_is_full_waits_for_room_instead_of_fail
     chunks, error = collect(frontend(model_path, controller, pools), max_tokens=4)
     assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(4)
     assert [resuming for _, _, resuming in controller.routes] == [False, True, True, True]
+
+
+def test_a_held_request_asks_again_when_told_saying_how_long_it_was_held_for_longer_than_the_route_wait(model_path):
+    held = Decision(Outcome.HELD, reason="held: no instance can prefill it sparing its answers", retry_after_s=0.2)
+    controller = FakeController(held, held, held, routed(None, "d1"))
+    chunks, error = collect(frontend(model_path, controller, FakePools(), route_wait_s=0.3), max_tokens=3)
+    assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(3)
+    asked = controller.asked
+    assert len(asked) == 4 and asked[0].held_ms == 0.0
+    waits_ms = [b.held_ms - a.held_ms for a, b in zip(asked, asked[1:], strict=False)]
+    assert all(w >= 200 for w in waits_ms), waits_ms  # it waited as told, 600 ms in all, past the 300 ms route wait
+    # What is left of its deadline shrinks by the time held, so its bookings expire when it does.
+    assert all(math.isclose(a.lifetime_s - b.lifetime_s, w / 1000, abs_tol=1e-3)
+               for a, b, w in zip(asked, asked[1:], waits_ms, strict=False))
 
 
 class FakeSnapshotController(FakeController):
