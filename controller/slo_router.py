@@ -21,9 +21,11 @@ or each answer's mean over the steps it has left). So under TPOT-tight load an i
 decodes running prefills little and the pool splits into prefilling and decoding instances by
 itself; under loose objectives it serves as colocated. An answer whose KV moves onto an instance
 that has prompts queued starts after them, so it goes there only if its TPOT objective absorbs that
-wait, and only when that is soonest. A prompt that no instance can prefill sparing its decoding
-answers is held at the ingress while its TTFT objective allows (served best effort), as it would
-wait in a prefill instance's queue.
+wait, and only when that is soonest.
+
+Served best effort, a request no pair serves within its objectives (or, adaptive, whose prompt no
+instance can prefill sparing its decoding answers) is held at its ingress while its TTFT objective
+leaves time for its first token, as it would wait in a prefill instance's queue, and served then.
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     prefill whatever that does to the answers decoding there. `prefill_cached`/`decode_cached`:
     per instance of each view, the prompt's leading tokens its prefix cache holds, which a
     prefill there does not compute (None: nothing cached). `hold`: a request that would be served
-    best effort only by not sparing decoding answers may be held instead (`hold_recheck_ms`).
+    best effort (objectives not met, or decoding answers not spared) is held instead while its TTFT
+    objective allows (`hold_recheck_ms`).
 
     The common case (some pair meets the objectives) runs as few array operations as it
     can; why a request cannot be served is worked out only when it cannot."""
@@ -134,10 +137,9 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
             d = int(np.where(roomy, ttft, np.inf).argmin())
             if best_effort and adaptive and spare_decoding and not np.isfinite(ttft[d]):
                 # Every instance that could prefill it has answers decoding that its chunks would slow
-                # past their TPOT: held while its TTFT allows, then served anyway, where it is soonest.
-                unspared = choose_slo(req, prefill, decode, live_after_s, cfg, kv_bytes_per_token, True, False,
-                                      prefill_cached, decode_cached)
-                return _held(req, unspared, ttft_limit, cfg.hold_recheck_ms) if hold else unspared
+                # past their TPOT: served anyway, where it is soonest (held first, while its TTFT allows).
+                return choose_slo(req, prefill, decode, live_after_s, cfg, kv_bytes_per_token, True, False,
+                                  prefill_cached, decode_cached, hold)
             if not best_effort or not np.isfinite(ttft[d]):
                 return _refused(req, roomy, ttft, step, headroom, _pool_name(prefill, decode), ttft_limit)
             note = "best effort, objectives not met" + ("" if spare_decoding else ", decoding answers not spared") + ": "
@@ -151,14 +153,22 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     where = f"prefill {pre.replica_id} (load {pre.load})" if pre else "local prefill"
     where += f", {cached} prompt tokens cached" if cached else ""
     where += f", {held} held by the decode instance are not moved" if held else ""
-    waited = f"held {req.held_ms:.0f} ms, " if req.held_ms else ""
-    reason = (f"{waited}{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
+    reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
     if adaptive:
         reason += _stall_note(decode, p if p is not None else d, n - cached)
     if both_ways and np.isfinite(local_ttft[d]) and np.isfinite(remote_going[d]):
         reason += (f"; second token at {local_ttft[d] + step[d] - in_flight[d]:.0f} ms prefilled here, "
                    f"{remote_going[d]:.0f} ms with the KV moved")
+    limit_ms = min(ttft_limit, req.lifetime_s * 1000.0)
+    if hold and note and 0 < cfg.hold_recheck_ms <= limit_ms - ttft[d]:
+        # Served best effort, it would slow answers decoding or miss its own TPOT; its TTFT objective
+        # leaves time for what runs to drain, as it would wait in a prefill instance's queue.
+        return Decision(Outcome.HELD, reason=f"held ({req.held_ms:.0f} ms so far, {limit_ms:.0f} ms of its ttft "
+                        f"objective left), served now: {reason}", predicted_ttft_ms=float(ttft[d]),
+                        predicted_tpot_ms=float(step[d]), retry_after_s=cfg.hold_recheck_ms / 1000.0)
+    if req.held_ms:
+        reason = f"held {req.held_ms:.0f} ms, {reason}"
     return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached,
                     decode_cached_tokens=held)
 
@@ -325,21 +335,6 @@ def _pool_name(prefill: PoolView | None, decode: PoolView) -> str:
 
 def _target(view: PoolView, i: int) -> Target:
     return Target(view.replica_ids[i], view.kv_addrs[i], int(view.load[i]), view.pools[i], int(view.tp_size[i]))
-
-
-def _held(req: RouteRequest, unspared: Decision, ttft_limit_ms: float, recheck_ms: float) -> Decision:
-    """`unspared` (served next to the answers decoding where it is prefilled), or held while its
-    TTFT objective leaves room for one more recheck before that route's first token: its prompt
-    waits for an instance to free up as it would in a prefill instance's queue, and the answers
-    keep their TPOT."""
-    if (unspared.outcome is not Outcome.ROUTED or recheck_ms <= 0
-            or unspared.predicted_ttft_ms + recheck_ms > min(ttft_limit_ms, req.lifetime_s * 1000.0)):
-        return unspared
-    return Decision(Outcome.HELD, reason=(
-        f"held: no instance can prefill it sparing the answers decoding there; {ttft_limit_ms:.0f} ms of its "
-        f"ttft objective left after {req.held_ms:.0f} ms held, {unspared.predicted_ttft_ms:.0f} ms to its first "
-        f"token next to them"), predicted_ttft_ms=unspared.predicted_ttft_ms,
-        predicted_tpot_ms=unspared.predicted_tpot_ms, retry_after_s=recheck_ms / 1000.0)
 
 
 def _refused(req: RouteRequest, roomy: np.ndarray, ttft: np.ndarray, step: np.ndarray, headroom: float,

@@ -261,6 +261,8 @@ class Frontend:
             except (TimeoutError, RayActorError) as exc:
                 decision = Decision(Outcome.UNAVAILABLE, reason=f"the controller did not answer ({type(exc).__name__})")
             if decision.outcome is Outcome.ROUTED:
+                if route.held_ms:
+                    self.metrics.held_s.observe(route.held_ms / 1e3)
                 return decision
             if decision.outcome is Outcome.HELD:
                 await asyncio.sleep(decision.retry_after_s)

@@ -111,11 +111,11 @@ class RoutingConfig(BaseModel):
     meets it with every stall booked there spread over its tokens: its max_tokens, at most this
     many (an answer may stop early, and then absorbs less). 0: every step within the objective."""
     hold_recheck_ms: float = Field(200.0, ge=0)
-    """Adaptive mode, objectives served best effort: a prompt that no instance can prefill without
-    pushing the answers decoding there past their TPOT objectives is held at its ingress, which asks
-    again this often, for as long as its TTFT objective leaves room for its predicted first token
-    (a prompt queued at a prefill instance waits the same way); then it is served next to those
-    answers. 0: served next to them at once."""
+    """With `slo.on_unmeetable: best_effort`: a request that no pair is predicted to serve within its
+    objectives (a step past its TPOT, or, adaptive, its prompt's chunks slowing the answers decoding
+    where it would be prefilled past theirs) is held at its ingress, which asks again this often,
+    while its TTFT objective leaves room for its predicted first token (a prompt queued at a prefill
+    instance waits the same way); then it is served on the best pair. 0: served at once."""
     ttl_s: float = Field(3.0, gt=0)
     """An instance silent this long gets no new requests until it reports again."""
     channel: Literal["socket", "serve_handle"] = "socket"

@@ -112,6 +112,24 @@ def test_a_prompt_predicted_to_miss_its_ttft_is_rejected_with_a_retry_hint_or_se
     assert served.outcome is Outcome.ROUTED and served.reason.startswith("best effort")
 
 
+def test_best_effort_holds_a_request_past_its_tpot_while_its_ttft_allows_but_not_one_already_past_its_ttft():
+    reg = registry()
+    add(reg, "p", "prefill", accelerator="FAST")
+    add(reg, "d", "decode", max_ongoing=32)
+    for i in range(10):
+        book(reg, f"running-{i}", 100, decode="d")
+    view = reg.view("prefill"), reg.view("decode")
+    # A step of 11 sequences is predicted at 52 ms, past a 40-ms TPOT; its prompt's first token at 520 ms.
+    held = choose_slo(request(1000, ttft_ms=5000, tpot_ms=40), *view, -reg.ttl_s, CFG, KV_BYTES, True, hold=True)
+    assert held.outcome is Outcome.HELD and held.retry_after_s == 0.2
+    assert held.reason.startswith("held (0 ms so far, 5000 ms of its ttft objective left), served now: best effort")
+    late = choose_slo(request(1000, ttft_ms=600, tpot_ms=40), *view, -reg.ttl_s, CFG, KV_BYTES, True, hold=True)
+    assert late.outcome is Outcome.ROUTED and late.reason.startswith("best effort, objectives not met")
+    # Holding is for best effort only: otherwise it is refused at once.
+    assert choose_slo(request(1000, ttft_ms=5000, tpot_ms=40), *view, -reg.ttl_s, CFG, KV_BYTES,
+                      hold=True).outcome is Outcome.REJECTED
+
+
 def test_time_held_at_the_ingress_is_spent_out_of_the_ttft_objective():
     reg = registry()
     add(reg, "p1", "prefill")

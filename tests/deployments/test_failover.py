@@ -200,8 +200,11 @@ def test_an_answer_resumed_while_the_pool_is_full_waits_for_room_instead_of_fail
 def test_a_held_request_asks_again_when_told_saying_how_long_it_was_held_for_longer_than_the_route_wait(model_path):
     held = Decision(Outcome.HELD, reason="held: no instance can prefill it sparing its answers", retry_after_s=0.2)
     controller = FakeController(held, held, held, routed(None, "d1"))
-    chunks, error = collect(frontend(model_path, controller, FakePools(), route_wait_s=0.3), max_tokens=3)
+    fe = frontend(model_path, controller, FakePools(), route_wait_s=0.3)
+    chunks, error = collect(fe, max_tokens=3)
     assert error is None and [t for c in chunks for t in c.token_ids] == unbroken(3)
+    assert fe.metrics.registry.get_sample_value("pdserve_route_held_seconds_count") == 1
+    assert fe.metrics.registry.get_sample_value("pdserve_route_held_seconds_sum") >= 0.6
     asked = controller.asked
     assert len(asked) == 4 and asked[0].held_ms == 0.0
     waits_ms = [b.held_ms - a.held_ms for a, b in zip(asked, asked[1:], strict=False)]
