@@ -11,7 +11,7 @@ class Outcome(Enum):
     REJECTED = "rejected"  # no pair is predicted to meet the request's objectives: retry later (429)
     OVERLOADED = "overloaded"  # every instance of a pool is full or out of KV room: retry later (429)
     UNAVAILABLE = "unavailable"  # a pool has no live instance (503)
-    HELD = "held"  # no instance can prefill it now sparing its decoding answers, its TTFT leaves time: ask again
+    HELD = "held"  # best effort: served now it would miss its objectives, its TTFT leaves time to wait: ask again
 
 
 @dataclass(frozen=True)

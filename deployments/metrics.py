@@ -33,8 +33,8 @@ class IngressMetrics:
         self.route_calls = Counter("pdserve_route_calls", "Route calls to the controller, by path: its routing "
                                    "channel (socket) or Serve's handle", ["path"], registry=r)
         self.held_s = Histogram("pdserve_route_held_seconds", "How long requests were held before being routed "
-                                "(adaptive: until an instance could prefill them sparing its decoding answers, or "
-                                "their TTFT objective ran short)", buckets=_LATENCY_BUCKETS_S, registry=r)
+                                "(best effort: until a pair could serve them within their objectives, or their TTFT "
+                                "objective ran short)", buckets=_LATENCY_BUCKETS_S, registry=r)
         self.replica_losses = Counter("pdserve_replica_losses", "Requests whose replica died, by phase and what followed",
                                       ["phase", "result"], registry=r)
         self.queue_depth = Gauge("pdserve_queue_depth", "Requests routed to an instance and not finished",
