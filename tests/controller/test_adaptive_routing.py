@@ -185,13 +185,18 @@ def test_a_prompt_no_instance_can_prefill_within_its_neighbours_tpot_is_refused_
     assert short.outcome is Outcome.ROUTED and short.prefill is None
 
 
-def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbours_where_it_is_soonest():
+def answers_tight_on_both():
+    """a and b (3x faster prefills) each decoding an answer that no 1000-token prompt's chunks spare."""
     reg = registry()
     engine(reg, "a")
     engine(reg, "b", accelerator="FAST")
     book(reg, "ra", 100, decode="a", tpot_ms=50)
     book(reg, "rb", 100, decode="b", tpot_ms=50)
-    view = reg.view("adaptive")
+    return reg, reg.view("adaptive")
+
+
+def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbours_where_it_is_soonest():
+    reg, view = answers_tight_on_both()
     d = choose_slo(request(1000), view, view, -reg.ttl_s, CFG, KV_BYTES, best_effort=True)
     # b prefills 3x faster: 20 + 500 ms and 16 chunk steps of its batch (24.5 ms each)
     assert d.outcome is Outcome.ROUTED and d.prefill.replica_id == "b" and d.decode.replica_id == "a"
@@ -200,12 +205,7 @@ def test_best_effort_serves_a_prompt_no_instance_can_prefill_sparing_its_neighbo
 
 
 def test_best_effort_holds_a_prompt_no_instance_can_prefill_sparing_its_neighbours_while_its_ttft_allows():
-    reg = registry()
-    engine(reg, "a")
-    engine(reg, "b", accelerator="FAST")
-    book(reg, "ra", 100, decode="a", tpot_ms=50)
-    book(reg, "rb", 100, decode="b", tpot_ms=50)
-    view = reg.view("adaptive")
+    reg, view = answers_tight_on_both()
 
     def ask(held_ms, cfg=CFG, lifetime_s=600.0):
         req = replace(request(1000, ttft_ms=5000), held_ms=held_ms, lifetime_s=lifetime_s)
