@@ -13,24 +13,23 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing, contextmanager
-from dataclasses import replace
 from typing import Any, Protocol
 
 from opentelemetry import trace
-from ray.exceptions import RayActorError
 
 from pdserve import telemetry
 from pdserve.config.cluster import ClusterConfig
-from pdserve.controller.decision import Decision, Outcome, RouteRequest
+from pdserve.controller.decision import Decision, RouteRequest
 from pdserve.controller.prefix_index import block_hashes
 from pdserve.deployments.api_keys import ENV_VAR, ApiKeys
 from pdserve.deployments.disaggregated import disaggregated_answer
 from pdserve.deployments.engine_metrics import render_engine_metrics
-from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream, refusal
+from pdserve.deployments.failover import AnswerRun, ResumedText, decode_stream
 from pdserve.deployments.instance_view import InstanceView
 from pdserve.deployments.metrics import IngressMetrics
 from pdserve.deployments.request_builder import RequestBuilder
 from pdserve.deployments.route_channel import RouteChannel, route_channel_secret
+from pdserve.deployments.route_waits import ROUTE_POLL_S, route_waiting
 from pdserve.deployments.tool_parsing import ToolParsing
 from pdserve.errors import (
     InvalidRequest,
@@ -47,8 +46,6 @@ log = logging.getLogger("pdserve.ingress")
 
 ENGINE_METRICS_WAIT_S = 2.0
 """How long a /metrics scrape waits for the engine replicas' own metrics (from the controller)."""
-ROUTE_POLL_S = 0.25
-"""How often a request waiting for a live instance asks the controller again."""
 
 
 class FrontendAPI(Protocol):
@@ -243,38 +240,15 @@ class Frontend:
                 self.controller.release.remote(attempt.request_id, run.tpot_ms(), run.tokens - sent_before)
 
     async def _route(self, req: GenerateRequest, resuming: bool, lifetime_s: float) -> Decision:
-        """The controller's pair for `req`. Overload and unmeetable objectives are refused at once,
-        unless the request is already streaming to its client (`resuming`, routed best effort),
-        which waits for room; a request the controller holds asks again when it says (it bounds
-        the hold by the request's TTFT objective); no live instance, or no answer from the
-        controller (restarting), is waited out for up to `route_wait_s`."""
+        """The controller's pair for `req`, waited for as `route_waiting` says."""
         hashes = tuple(block_hashes(req.prompt_token_ids)) if self.cfg.routing.prefix_aware else ()
         route = RouteRequest(req.request_id, len(req.prompt_token_ids), req.sampling.max_tokens or 1, req.slo,
                              lifetime_s=max(lifetime_s, 0.0), ingress_id=self.ingress_id, prefix_hashes=hashes,
                              session_id=req.session_id)
-        asked_s = time.monotonic()
-        give_up_s = asked_s + self.cfg.ingress.route_wait_s
-        while True:
-            try:
-                decision = await asyncio.wait_for(self.routes.choose(route, resuming),
-                                                  max(give_up_s - time.monotonic(), ROUTE_POLL_S))
-            except (TimeoutError, RayActorError) as exc:
-                decision = Decision(Outcome.UNAVAILABLE, reason=f"the controller did not answer ({type(exc).__name__})")
-            if decision.outcome is Outcome.ROUTED:
-                if route.held_ms:
-                    self.metrics.held_s.observe(route.held_ms / 1e3)
-                return decision
-            if decision.outcome is Outcome.HELD:
-                await asyncio.sleep(decision.retry_after_s)
-                held_s = time.monotonic() - asked_s
-                route = replace(route, held_ms=held_s * 1000.0, lifetime_s=max(lifetime_s - held_s, 0.0))
-                give_up_s = time.monotonic() + self.cfg.ingress.route_wait_s
-                continue
-            busy = decision.outcome in (Outcome.REJECTED, Outcome.OVERLOADED)
-            wait_s = decision.retry_after_s if busy else ROUTE_POLL_S
-            if (busy and not resuming) or time.monotonic() + wait_s > give_up_s:
-                raise refusal(decision)
-            await asyncio.sleep(wait_s)
+        decision, held_s = await route_waiting(self.routes.choose, route, resuming, self.cfg.ingress.route_wait_s)
+        if held_s:
+            self.metrics.held_s.observe(held_s)
+        return decision
 
     async def _forget_replica(self, lost: ReplicaLost) -> None:
         """Take the dead replica out of routing now rather than when its reports stop (`ttl_s`),
