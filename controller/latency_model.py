@@ -152,3 +152,9 @@ def chunk_of(tokens: np.ndarray | int, chunk_tokens: np.ndarray | int) -> np.nda
     """The prompt tokens one step prefills of a `tokens`-token prompt, in chunks of `chunk_tokens`
     (0: the whole prompt in one step)."""
     return np.where(np.asarray(chunk_tokens) > 0, np.minimum(chunk_tokens, tokens), tokens)
+
+
+def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float, setup_ms: float = 0.0
+                ) -> np.ndarray | float:
+    """How long moving `tokens` tokens of KV takes over a link of `gbps`, `setup_ms` included."""
+    return setup_ms + tokens * (kv_bytes_per_token * 8 / (gbps * 1e6))  # one array operation for per-instance tokens

@@ -35,8 +35,16 @@ from collections.abc import Callable
 import numpy as np
 
 from pdserve.config.routing import RoutingConfig
+from pdserve.controller.adaptive_pool import (
+    behind_queue,
+    chunked_prefill_ms,
+    kv_arrival_elsewhere,
+    prefill_fits,
+    shuts_last_clear,
+    stall_note,
+)
 from pdserve.controller.decision import Decision, Outcome, RouteRequest, Target
-from pdserve.controller.latency_model import chunk_of, chunks_of, prefill_stall_ms
+from pdserve.controller.latency_model import transfer_ms
 from pdserve.controller.pool_view import PoolView
 
 DISAGGREGATED_LOCAL_MAX_TOKENS = 64
@@ -44,9 +52,7 @@ DISAGGREGATED_LOCAL_MAX_TOKENS = 64
 one step, stalling every request decoding there for all of it."""
 
 
-def transfer_ms(tokens: np.ndarray | int, kv_bytes_per_token: int, gbps: float, setup_ms: float = 0.0
-                ) -> np.ndarray | float:
-    return setup_ms + tokens * (kv_bytes_per_token * 8 / (gbps * 1e6))  # one array operation for per-instance tokens
+
 
 
 def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
@@ -92,8 +98,8 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     busy = np.isfinite(decode.tpot_floor_ms)  # answers decoding there
     in_flight = np.where(busy, step, 0.0)
     if local_allowed and adaptive:
-        fits = _prefill_fits(d_new, decode) if spare_decoding else True
-        local_ttft = np.where(local_ok & fits, _chunked_prefill_ms(d_new, decode) + in_flight, np.inf)
+        fits = prefill_fits(d_new, decode) if spare_decoding else True
+        local_ttft = np.where(local_ok & fits, chunked_prefill_ms(d_new, decode) + in_flight, np.inf)
     elif local_allowed:  # prefilling here stalls the running requests for one step: keep it within their TPOT
         stall = decode.prefill_base_ms + decode.prefill_ms_per_token * d_new
         spared = stall <= decode.tpot_floor_ms if prefill is not None else True
@@ -101,7 +107,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     remote_ttft, remote_going, pick_prefill = None, None, None
     if prefill is not None:
         if adaptive:
-            first, arrival, pick_prefill = _kv_arrival_elsewhere(d_new, p_new, prefill, live_after_s, cfg,
+            first, arrival, pick_prefill = kv_arrival_elsewhere(d_new, p_new, prefill, live_after_s, cfg,
                                                                  kv_bytes_per_token, spare_decoding)
         else:
             first, arrival, pick_prefill = _kv_arrival(d_new, p_new, prefill, live_after_s, decode, cfg,
@@ -111,7 +117,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
         if adaptive:
             # Its own answer, spared even in best effort (which spares no neighbour): moved behind a
             # long queue it would miss its TPOT by seconds however soon its first token.
-            absorbs, wait = _behind_queue(req, decode, arrival, step, headroom, cfg)
+            absorbs, wait = behind_queue(req, decode, arrival, step, headroom, cfg)
             remote_ttft = np.where(absorbs, remote_ttft, np.inf)
             remote_going = np.where(np.isfinite(remote_ttft), remote_going + wait, np.inf)
     if local_ttft is None:
@@ -130,7 +136,11 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     # instance: a split onto an idle instance would move KV and take two engines for nothing, and
     # one onto an instance that prefills too would add the KV's wait to its answer for nothing.
     preference = np.where(local, 1, np.where(busy & (decode.queued_stall_ms <= 0), 2, 0))
-    d = int(np.lexsort((-preference, np.where(meets, ttft, np.inf)))[0]) if len(decode) else 0
+    # Before the soonest: an answer that would shut the pool's last instance free of answers to prompts
+    # like its own goes where answers already decode, when one meets its objectives.
+    shuts = shuts_last_clear(req, decode, busy, step, headroom, cfg, live_after_s) if adaptive else False
+    ranked = np.where(meets, ttft, np.inf)
+    d = int(np.lexsort((-preference, ranked, np.where(meets, shuts, 2)))[0]) if len(decode) else 0
     if not len(decode) or not meets[d]:
         refusal = _why_not(req, prefill, decode, live_after_s, roomy, local_allowed, cfg)
         if refusal is None:
@@ -156,21 +166,53 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     reason = (f"{note}{where} -> {dec.replica_id} (load {dec.load}): ttft {ttft[d]:.0f}/{slo.ttft_ms:.0f} ms, "
               f"tpot {step[d]:.0f}/{slo.tpot_ms:.0f} ms")
     if adaptive:
-        reason += _stall_note(decode, p if p is not None else d, n - cached)
+        reason += stall_note(decode, p if p is not None else d, n - cached)
+    soonest = int(ranked.argmin()) if len(decode) else d
+    if soonest != d and np.isfinite(ranked[d]) and ranked[soonest] < ranked[d]:
+        reason += (f"; {decode.replica_ids[soonest]} kept free of answers for prompts like it (ttft "
+                   f"{ranked[soonest]:.0f} ms there, where its answer would take none of their chunks)")
     if both_ways and np.isfinite(local_ttft[d]) and np.isfinite(remote_going[d]):
         reason += (f"; second token at {local_ttft[d] + step[d] - in_flight[d]:.0f} ms prefilled here, "
                    f"{remote_going[d]:.0f} ms with the KV moved")
-    limit_ms = min(ttft_limit, req.lifetime_s * 1000.0)
-    if hold and note and 0 < cfg.hold_recheck_ms <= limit_ms - ttft[d]:
-        # Served best effort, it would slow answers decoding or miss its own TPOT; its TTFT objective
-        # leaves time for what runs to drain, as it would wait in a prefill instance's queue.
-        return Decision(Outcome.HELD, reason=f"held ({req.held_ms:.0f} ms so far, {limit_ms:.0f} ms of its ttft "
-                        f"objective left), served now: {reason}", predicted_ttft_ms=float(ttft[d]),
-                        predicted_tpot_ms=float(step[d]), retry_after_s=cfg.hold_recheck_ms / 1000.0)
+    if hold and note and cfg.hold_recheck_ms > 0:
+        why_held = _hold(req, ttft_limit, float(ttft[d]), float(step[d]), cfg,
+                         _harms_others(decode, d, p, n - cached, float(step[d]), adaptive))
+        if why_held:
+            return Decision(Outcome.HELD, reason=f"{why_held}, served now: {reason}", predicted_ttft_ms=float(ttft[d]),
+                            predicted_tpot_ms=float(step[d]), retry_after_s=cfg.hold_recheck_ms / 1000.0)
     if req.held_ms:
         reason = f"held {req.held_ms:.0f} ms, {reason}"
     return Decision(Outcome.ROUTED, pre, dec, reason, float(ttft[d]), float(step[d]), cached_tokens=cached,
                     decode_cached_tokens=held)
+
+
+def _hold(req: RouteRequest, ttft_limit_ms: float, ttft_ms: float, step_ms: float, cfg: RoutingConfig,
+          harms_others: bool) -> str:
+    """Why a request that would be served best effort is held instead ("": it is served now).
+    While its TTFT objective leaves room for one more recheck it waits for what runs to drain, as it
+    would in a prefill instance's queue. Past that its own objectives are lost; served now it would
+    take down the requests decoding where it goes as well, so, where it would, it waits on, up to
+    `late_hold_max_s` past its objective and while its deadline still leaves time for its answer."""
+    recheck_ms = cfg.hold_recheck_ms
+    limit_ms = min(ttft_limit_ms, req.lifetime_s * 1000.0)
+    if recheck_ms <= limit_ms - ttft_ms:
+        return f"held ({req.held_ms:.0f} ms so far, {limit_ms:.0f} ms of its ttft objective left)"
+    if not harms_others:
+        return ""
+    answer_ms = step_ms * req.max_tokens
+    late_ms = min(ttft_limit_ms + cfg.late_hold_max_s * 1000.0, req.lifetime_s * 1000.0 - answer_ms)
+    if recheck_ms <= late_ms - ttft_ms:
+        return (f"held past its ttft objective ({req.held_ms:.0f} ms so far, {late_ms:.0f} ms of its late hold "
+                f"left), as it would slow the requests decoding where it goes past their tpot")
+    return ""
+
+
+def _harms_others(decode: PoolView, d: int, p: int | None, tokens: int, step_ms: float, adaptive: bool) -> bool:
+    """Whether a route pushes the requests decoding where it goes past their TPOT objectives: its
+    step in d's batch, or, adaptive, its `tokens` of prompt chunks where it is prefilled."""
+    if step_ms > decode.tpot_floor_ms[d]:
+        return True
+    return adaptive and not bool(prefill_fits(tokens, decode)[p if p is not None else d])
 
 
 def _why_not(req: RouteRequest, prefill: PoolView | None, decode: PoolView, live_after_s: float,
@@ -240,93 +282,16 @@ def _kv_arrival(moved: np.ndarray | int, new: np.ndarray | int, prefill: PoolVie
     return np.where(use_same, same_ready, float(ready[best])), np.minimum(same, cross), pick
 
 
-def _chunked_prefill_ms(n: np.ndarray | int, view: PoolView) -> np.ndarray:
-    """When each instance would have `n` prompt tokens (per instance) prefilled, behind its queue: chunk
-    by chunk, each chunk in a step with the requests decoding there (none: the chunk alone)."""
-    chunk = chunk_of(n, view.prefill_chunk_tokens)
-    steps = -(-n // chunk)
-    decoding = np.isfinite(view.tpot_floor_ms)
-    return view.prefill_base_ms + view.prefill_ms_per_token * n + np.where(decoding, steps * view.step_base_ms, 0.0)
 
 
-def _prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
-    """Whether each instance can prefill `n` prompt tokens (per instance) without pushing the requests decoding
-    there past their TPOT objectives: each of their steps carries one chunk meanwhile. It can when
-    every such step stays within the tightest objective, or when every answer's objective, a mean
-    over its tokens, absorbs the stall of the chunks that ride its steps left on top of what is
-    booked there already (a chunk's stall is predicted as a prefill of its length, fixed cost
-    included, on the safe side; unchunked, the whole prompt's on every answer)."""
-    chunk = chunk_of(n, view.prefill_chunk_tokens)
-    each_step = view.step_base_ms + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= view.tpot_floor_ms
-    stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
-    absorbed = np.where(view.prefill_chunk_tokens > 0, chunks_of(n, view.prefill_chunk_tokens) <= view.absorbable_chunks,
-                        stall <= view.tpot_slack_ms)
-    return each_step | absorbed
 
 
-def _behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float, step: np.ndarray, headroom: float,
-                  cfg: RoutingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """For an answer whose KV moves onto each instance (landing `arrival` ms from now): how long it waits
-    there for its first step, and whether its TPOT objective absorbs that wait, by the same two rules
-    as `_prefill_fits`. A moved answer reaches its engine once its prompt is prefilled elsewhere and
-    joins the waiting queue behind the prompts queued there; vLLM admits waiting requests first come
-    first served, and each admitted prompt's chunks fill the steps' token budget, so it starts when
-    they are prefilled (answers moved onto an engine with a long queue waited 7-19 s on the project's
-    CPU engines). The queue drains in about its chunks' compute (the decode part of those steps left
-    out)."""
-    wait = np.maximum(view.queued_stall_ms - arrival, 0.0)
-    limit = req.slo.tpot_ms * headroom
-    answer_tokens = min(req.max_tokens, cfg.tpot_amortize_max_tokens)
-    absorbs = (wait + step <= limit) | (wait <= (limit - step) * max(answer_tokens - 1, 0))
-    return absorbs, wait
 
 
-def _stall_note(view: PoolView, i: int, tokens: int) -> str:
-    """The chunks' stall on the answers decoding where a prompt is prefilled, against the least room
-    those answers have for it, and the chunks they take ("" where none decode)."""
-    if not np.isfinite(view.tpot_slack_ms[i]):
-        return ""
-    stall = prefill_stall_ms(tokens, view.prefill_chunk_tokens[i], view.prefill_fixed_ms[i], view.prefill_ms_per_token[i])
-    note = f"; its chunks stall the answers decoding there {float(stall):.0f} ms, room {view.tpot_slack_ms[i]:.0f} ms"
-    if view.prefill_chunk_tokens[i] > 0 and np.isfinite(view.absorbable_chunks[i]):
-        note += f", {int(chunks_of(tokens, view.prefill_chunk_tokens[i]))} chunks where they take {view.absorbable_chunks[i]:.0f}"
-    return note
 
 
-def _kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,
-                          kv_bytes_per_token: int, spare_decoding: bool) -> tuple[np.ndarray | float,
-                                                                                 np.ndarray | float,
-                                                                                 Callable[[int], int]]:
-    """`_kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
-    instance whose prefill has the first token, and then the KV there, soonest; an instance
-    whose decoding requests a prefill would push past their TPOT prefills nothing (unless
-    not `spare_decoding`)."""
-    if not len(view):
-        return np.inf, np.inf, lambda d: 0
-    fits = _prefill_fits(new, view) if spare_decoding else True
-    ready = np.where(view.open & (view.last_seen_s >= live_after_s) & fits, _chunked_prefill_ms(new, view), np.inf)
-    rows = np.arange(len(view))
-    padded = np.r_[ready, np.inf]  # index len(view): "no other instance"
-    top = np.argsort(ready, kind="stable")[:2]
-    best, second = int(top[0]), int(top[1]) if len(top) > 1 else len(view)
-    cross_pick = np.where(rows == best, second, best)
-    cross_ready = padded[cross_pick]
-    cross = cross_ready + transfer_ms(moved, kv_bytes_per_token, cfg.inter_node_kv_gbps, cfg.kv_transfer_setup_ms)
-    if cfg.inter_node_kv_gbps >= cfg.intra_node_kv_gbps:
-        return cross_ready, cross, lambda d: int(cross_pick[d])
-    # The two fastest instances of each node (rows are grouped by node): the first that is not d.
-    starts = view.node_starts
-    sizes = np.diff(np.r_[starts, len(view)])
-    group = np.repeat(np.arange(len(starts)), sizes)
-    order = np.lexsort((ready, group))
-    first = order[starts]
-    following = np.where(sizes > 1, order[np.minimum(starts + 1, len(view) - 1)], len(view))
-    same_pick = np.where(first[group] == rows, following[group], first[group])
-    same_ready = padded[same_pick]
-    same = same_ready + transfer_ms(moved, kv_bytes_per_token, cfg.intra_node_kv_gbps, cfg.kv_transfer_setup_ms)
-    use_same = same < cross
-    pick = np.where(use_same, same_pick, cross_pick)
-    return np.where(use_same, same_ready, cross_ready), np.minimum(same, cross), lambda d: int(pick[d])
+
+
 
 
 def _pool_name(prefill: PoolView | None, decode: PoolView) -> str:

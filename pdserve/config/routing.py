@@ -116,6 +116,12 @@ class RoutingConfig(BaseModel):
     where it would be prefilled past theirs) is held at its ingress, which asks again this often,
     while its TTFT objective leaves room for its predicted first token (a prompt queued at a prefill
     instance waits the same way); then it is served on the best pair. 0: served at once."""
+    late_hold_max_s: float = Field(30.0, ge=0)
+    """With `hold_recheck_ms`: how long past its TTFT objective a held request may wait on when
+    served it would push the requests decoding where it goes past their TPOT objectives (its step in
+    their batch, or, adaptive, its prompt's chunks beside them). Its own objectives are lost by then;
+    served at once it would take them down too, as a prompt in a disaggregated prefill queue does
+    not. It waits while its deadline leaves time for its answer, then is served. 0: served at once."""
     ttl_s: float = Field(3.0, gt=0)
     """An instance silent this long gets no new requests until it reports again."""
     channel: Literal["socket", "serve_handle"] = "socket"

@@ -68,6 +68,23 @@ def test_on_a_tie_an_answer_stays_whole_on_an_idle_instance_rather_than_moving_w
     assert d.prefill is None and d.decode.replica_id == "b" and math.isclose(d.predicted_ttft_ms, 1560)
 
 
+def test_an_answer_that_would_take_no_prompt_like_its_own_leaves_the_last_instance_free_of_answers_free():
+    placed = {}
+    for tpot_ms, max_tokens in ((100, 10), (1000, 200)):
+        reg = registry()
+        engine(reg, "a")
+        engine(reg, "b")
+        book(reg, "running", 100, decode="a", tpot_ms=1000, max_tokens=200)
+        book(reg, "queued", 600, prefill="a")  # drained (1500 ms) before a KV prefilled on b could land
+        d = route(reg, request(1000, ttft_ms=10_000, tpot_ms=tpot_ms, max_tokens=max_tokens))
+        assert math.isclose(d.predicted_ttft_ms, 1560)  # b prefills it either way
+        placed[tpot_ms] = d.prefill.replica_id if d.prefill else None, d.decode.replica_id
+    # On b its 10-token answer would have (100 - 27) x 9 = 657 ms of room, and a prompt like its own
+    # stalls it 16 x 60 + 1500 = 2460 ms: b would take no such prompt while it decodes, so it decodes on
+    # a. A long answer with a loose TPOT takes such prompts: it stays whole on b, its KV not moved.
+    assert placed == {100: ("b", "a"), 1000: (None, "b")}
+
+
 def test_an_answer_moves_onto_an_instance_with_prompts_queued_only_if_its_tpot_absorbs_the_wait_behind_them():
     placed = {}
     for queued_tokens, max_tokens in ((1000, 200), (1000, 10), (600, 10)):
@@ -216,12 +233,33 @@ def test_best_effort_holds_a_prompt_no_instance_can_prefill_sparing_its_neighbou
     d = ask(0.0)
     assert d.outcome is Outcome.HELD and d.retry_after_s == 0.2 and math.isclose(d.predicted_ttft_ms, 912)
     assert ask(3887.0).outcome is Outcome.HELD
+    # Past its objective, it would still slow the answers beside its chunks: held on, late_hold_max_s at most.
     late = ask(3889.0)
-    assert late.outcome is Outcome.ROUTED and late.prefill.replica_id == "b" and late.decode.replica_id == "a"
-    assert late.reason.startswith("held 3889 ms, best effort, decoding answers not spared: prefill b")
-    # Not past its deadline, and never with holding off.
+    assert late.outcome is Outcome.HELD and late.reason.startswith(
+        "held past its ttft objective (3889 ms so far, 31111 ms of its late hold left), as it would slow")
+    assert ask(33887.0).outcome is Outcome.HELD
+    served = ask(33889.0)
+    assert served.outcome is Outcome.ROUTED and served.prefill.replica_id == "b" and served.decode.replica_id == "a"
+    assert served.reason.startswith("held 33889 ms, best effort, objectives not met, decoding answers not spared: prefill b")
+    assert ask(3889.0, cfg=RoutingConfig(late_hold_max_s=0)).outcome is Outcome.ROUTED
+    # Not past its deadline, nor past the time its answer needs before it, and never with holding off.
     assert ask(0.0, lifetime_s=1.0).outcome is Outcome.ROUTED
+    answer_s = served.predicted_tpot_ms * 50 / 1000
+    assert ask(3889.0, lifetime_s=answer_s + 4.0).outcome is Outcome.HELD
+    assert ask(3889.0, lifetime_s=answer_s + 1.0).outcome is Outcome.ROUTED
     assert ask(0.0, cfg=RoutingConfig(hold_recheck_ms=0)).outcome is Outcome.ROUTED
+
+
+def test_best_effort_serves_a_prompt_past_its_ttft_objective_at_once_where_it_spares_the_answers_decoding():
+    reg = registry()
+    engine(reg, "a")
+    engine(reg, "b")
+    book(reg, "ra", 100, decode="a", tpot_ms=50)  # a cannot prefill it sparing its answer; b can
+    view = reg.view("adaptive")
+    # Its first token, prefilled on idle b, comes at 1560 ms, past what is left of its TTFT objective.
+    d = choose_slo(replace(request(1000, ttft_ms=5000), held_ms=4000.0), view, view, -reg.ttl_s, CFG, KV_BYTES,
+                   best_effort=True, hold=True)
+    assert d.outcome is Outcome.ROUTED and d.reason.startswith("held 4000 ms, best effort, objectives not met: ")
 
 
 def test_best_effort_does_not_move_an_answer_behind_a_queue_its_tpot_cannot_absorb():

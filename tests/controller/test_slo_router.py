@@ -130,6 +130,26 @@ def test_best_effort_holds_a_request_past_its_tpot_while_its_ttft_allows_but_not
                       hold=True).outcome is Outcome.REJECTED
 
 
+def test_best_effort_holds_a_request_past_its_ttft_on_while_its_step_would_push_the_running_requests_past_theirs():
+    reg = registry()
+    add(reg, "p", "prefill", accelerator="FAST")
+    add(reg, "d", "decode", max_ongoing=32)
+    for i in range(10):
+        book(reg, f"running-{i}", 100, decode="d", tpot_ms=50)
+    view = reg.view("prefill"), reg.view("decode")
+
+    def ask(held_ms, cfg=CFG):
+        req = replace(request(1000, ttft_ms=600, tpot_ms=60), held_ms=held_ms)
+        return choose_slo(req, *view, -reg.ttl_s, cfg, KV_BYTES, True, hold=True)
+
+    # Its first token at 520 ms leaves no recheck in a 600-ms objective, but its step (52 ms) would take
+    # the ten running requests past their 50 ms: held up to late_hold_max_s (30 s) past the objective.
+    assert ask(0.0).reason.startswith("held past its ttft objective (0 ms so far, 30600 ms of its late hold left)")
+    assert ask(29879.0).outcome is Outcome.HELD
+    assert ask(29881.0).outcome is Outcome.ROUTED
+    assert ask(0.0, CFG.model_copy(update={"late_hold_max_s": 0})).outcome is Outcome.ROUTED
+
+
 def test_time_held_at_the_ingress_is_spent_out_of_the_ttft_objective():
     reg = registry()
     add(reg, "p1", "prefill")
