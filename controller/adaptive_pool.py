@@ -45,7 +45,7 @@ def prefill_fits(n: np.ndarray | int, view: PoolView) -> np.ndarray:
 
 
 def shuts_last_clear(req: RouteRequest, view: PoolView, busy: np.ndarray, step: np.ndarray, headroom: float,
-                      cfg: RoutingConfig, live_after_s: float) -> np.ndarray:
+                     cfg: RoutingConfig, live_after_s: float) -> np.ndarray:
     """Per instance, whether decoding the request there would leave the pool no live instance free of
     answers while its answer could not take the chunks of `CLEAR_FOR_PROMPTS` prompts like its own
     within its TPOT objective (by `prefill_fits`' two rules, over its own steps). Such a prompt is
@@ -65,7 +65,7 @@ def shuts_last_clear(req: RouteRequest, view: PoolView, busy: np.ndarray, step: 
 
 
 def behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float, step: np.ndarray, headroom: float,
-                  cfg: RoutingConfig) -> tuple[np.ndarray, np.ndarray]:
+                 cfg: RoutingConfig) -> tuple[np.ndarray, np.ndarray]:
     """For an answer whose KV moves onto each instance (landing `arrival` ms from now): how long it waits
     there for its first step, and whether its TPOT objective absorbs that wait, by the same two rules
     as `prefill_fits`. A moved answer reaches its engine once its prompt is prefilled elsewhere and
@@ -93,11 +93,10 @@ def stall_note(view: PoolView, i: int, tokens: int) -> str:
     return note
 
 
-def kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float, cfg: RoutingConfig,
-                          kv_bytes_per_token: int, spare_decoding: bool) -> tuple[np.ndarray | float,
-                                                                                 np.ndarray | float,
-                                                                                 Callable[[int], int]]:
-    """`_kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
+def kv_arrival_elsewhere(moved: np.ndarray | int, new: np.ndarray | int, view: PoolView, live_after_s: float,
+                         cfg: RoutingConfig, kv_bytes_per_token: int, spare_decoding: bool
+                         ) -> tuple[np.ndarray | float, np.ndarray | float, Callable[[int], int]]:
+    """`slo_router._kv_arrival` within one pool (adaptive): for each instance as the decoding one, the other
     instance whose prefill has the first token, and then the KV there, soonest; an instance
     whose decoding requests a prefill would push past their TPOT prefills nothing (unless
     not `spare_decoding`)."""

@@ -25,7 +25,9 @@ wait, and only when that is soonest.
 
 Served best effort, a request no pair serves within its objectives (or, adaptive, whose prompt no
 instance can prefill sparing its decoding answers) is held at its ingress while its TTFT objective
-leaves time for its first token, as it would wait in a prefill instance's queue, and served then.
+leaves time for its first token, as it would wait in a prefill instance's queue, and served then;
+past that, held on for a while yet if served it would push the requests decoding where it goes
+past their TPOT objectives.
 """
 
 from __future__ import annotations
@@ -50,9 +52,6 @@ from pdserve.controller.pool_view import PoolView
 DISAGGREGATED_LOCAL_MAX_TOKENS = 64
 """`local_prefill_max_tokens` unset, in disaggregated mode: a decode engine prefills a prompt in
 one step, stalling every request decoding there for all of it."""
-
-
-
 
 
 def priority_headroom(priority: int, cfg: RoutingConfig) -> float:
@@ -108,7 +107,7 @@ def choose_slo(req: RouteRequest, prefill: PoolView | None, decode: PoolView, li
     if prefill is not None:
         if adaptive:
             first, arrival, pick_prefill = kv_arrival_elsewhere(d_new, p_new, prefill, live_after_s, cfg,
-                                                                 kv_bytes_per_token, spare_decoding)
+                                                                kv_bytes_per_token, spare_decoding)
         else:
             first, arrival, pick_prefill = _kv_arrival(d_new, p_new, prefill, live_after_s, decode, cfg,
                                                        kv_bytes_per_token)
