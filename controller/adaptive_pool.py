@@ -56,12 +56,10 @@ def shuts_last_clear(req: RouteRequest, view: PoolView, busy: np.ndarray, step: 
     clear = ~busy & view.open & (view.last_seen_s >= live_after_s)
     if clear.sum() != 1:
         return np.zeros(len(view), bool)
-    n, limit = req.prompt_tokens, req.slo.tpot_ms * headroom
-    chunk = chunk_of(n, view.prefill_chunk_tokens)
-    each_step = step + view.prefill_fixed_ms + view.prefill_ms_per_token * chunk <= limit
-    room = (limit - step) * max(min(req.max_tokens, cfg.tpot_amortize_max_tokens) - 1, 0)
+    n = req.prompt_tokens
+    chunk_ms = view.prefill_fixed_ms + view.prefill_ms_per_token * chunk_of(n, view.prefill_chunk_tokens)
     stall = prefill_stall_ms(n, view.prefill_chunk_tokens, view.prefill_fixed_ms, view.prefill_ms_per_token)
-    return clear & ~(each_step | (CLEAR_FOR_PROMPTS * stall <= room))
+    return clear & ~_own_answer_absorbs(req, step, chunk_ms, CLEAR_FOR_PROMPTS * stall, headroom, cfg)
 
 
 def behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float, step: np.ndarray, headroom: float,
@@ -75,10 +73,17 @@ def behind_queue(req: RouteRequest, view: PoolView, arrival: np.ndarray | float,
     CPU engines). The queue drains in about its chunks' compute (the decode part of those steps left
     out)."""
     wait = np.maximum(view.queued_stall_ms - arrival, 0.0)
+    return _own_answer_absorbs(req, step, wait, wait, headroom, cfg), wait
+
+
+def _own_answer_absorbs(req: RouteRequest, step: np.ndarray, step_ms: np.ndarray, total_ms: np.ndarray,
+                        headroom: float, cfg: RoutingConfig) -> np.ndarray:
+    """Whether the request's own answer, at steps of `step` ms, keeps its TPOT objective with a delay
+    of `step_ms` added to one step, or with `total_ms` in all spread over its tokens (its max_tokens,
+    at most `tpot_amortize_max_tokens`): `prefill_fits`' two rules, for the answer being routed."""
     limit = req.slo.tpot_ms * headroom
-    answer_tokens = min(req.max_tokens, cfg.tpot_amortize_max_tokens)
-    absorbs = (wait + step <= limit) | (wait <= (limit - step) * max(answer_tokens - 1, 0))
-    return absorbs, wait
+    room = (limit - step) * max(min(req.max_tokens, cfg.tpot_amortize_max_tokens) - 1, 0)
+    return (step + step_ms <= limit) | (total_ms <= room)
 
 
 def stall_note(view: PoolView, i: int, tokens: int) -> str:
